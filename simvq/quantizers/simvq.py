@@ -1,0 +1,164 @@
+"""SimVQ: a frozen random codebook ``C`` reparameterised by one learned linear layer.
+
+The codes in use are ``C W^T + b`` (the paper writes ``CW``; the official code adds the bias). Every
+gradient step on ``W`` moves the whole codebook, which is what keeps all codes in use.
+
+Faithful to the official implementation by default:
+- ``C`` is ``(K, d)`` drawn from ``Normal(0, d**-0.5)``, frozen, and saved in the state dict;
+- ``W, b`` is ``nn.Linear(d, d)`` with PyTorch's default initialisation;
+- plain squared-L2 search against ``C W^T + b``;
+- loss ``0.25 * mean((z - sg(q))^2) + 1.0 * mean((sg(z) - q)^2)``, straight-through gradient.
+State-dict keys match the official ones (``embedding.weight``, ``embedding_proj.weight``,
+``embedding_proj.bias``), so official weights load with ``load_state_dict``.
+
+Speed: the search runs under ``no_grad`` against the full effective codebook; the selected codes are then
+recomputed as ``transform(C[idx])``, so the backward pass costs O(N d^2) instead of O(K d^2) and never
+touches the N x K distance matrix. The gradients equal the official formulation's, since only the selected
+rows of ``C W^T + b`` receive gradient there too.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from simvq.quantizers.base import (
+    Quantizer,
+    TokenResult,
+    _check_weight,
+    rotation_trick,
+    straight_through,
+    vq_loss_terms,
+)
+from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, nearest_code
+
+TRANSFORMS = ("linear", "mlp")
+
+
+def _build_transform(transform, in_dim: int, out_dim: int, bias: bool, hidden_dim: int | None) -> nn.Module:
+    if isinstance(transform, nn.Module):
+        return transform
+    if transform == "linear":
+        return nn.Linear(in_dim, out_dim, bias=bias)
+    if transform == "mlp":
+        hidden = hidden_dim if hidden_dim is not None else 4 * out_dim
+        if not isinstance(hidden, int) or hidden < 1:
+            raise ValueError(f"hidden_dim must be a positive integer, got {hidden_dim!r}")
+        return nn.Sequential(nn.Linear(in_dim, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, out_dim, bias=bias))
+    raise ValueError(f"transform must be one of {TRANSFORMS} or an nn.Module, got {transform!r}")
+
+
+class SimVQ(Quantizer):
+    """SimVQ quantizer (arXiv 2411.02038).
+
+    Args:
+        dim: feature (code) dimension ``d``.
+        codebook_size: number of codes ``K``.
+        frozen_codebook_dim: width of the frozen ``C`` (default ``dim``); the transform maps it to ``dim``.
+        bias: whether the linear transform has a bias (official: True).
+        transform: ``"linear"`` (official), ``"mlp"`` (Linear-GELU-Linear, the non-linear
+            reparameterisation) or any ``nn.Module`` that maps ``(N, frozen_codebook_dim)`` rows to
+            ``(N, dim)`` row by row.
+        hidden_dim: hidden width of the ``"mlp"`` transform (default ``4 * dim``).
+        learnable_codebook: train ``C`` together with the transform (the paper shows ``C`` then dominates
+            and usage collapses; provided for that comparison).
+        rotation_trick: pass gradients to the input with the rotation trick instead of straight-through.
+        commitment_weight: weight of ``mean((z - sg(q))^2)`` (official 0.25).
+        codebook_weight: weight of ``mean((sg(z) - q)^2)`` (official 1.0).
+        channel_first, check_finite: see :class:`~simvq.quantizers.base.Quantizer`.
+        search_chunk_elements: memory bound of the nearest-code search, in fp32 distances.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        codebook_size: int,
+        frozen_codebook_dim: int | None = None,
+        bias: bool = True,
+        transform: str | nn.Module = "linear",
+        hidden_dim: int | None = None,
+        learnable_codebook: bool = False,
+        rotation_trick: bool = False,
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+        channel_first: bool = True,
+        check_finite: bool = True,
+        search_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        super().__init__(dim=dim, codebook_size=codebook_size, channel_first=channel_first, check_finite=check_finite)
+        cdim = dim if frozen_codebook_dim is None else frozen_codebook_dim
+        if not isinstance(cdim, int) or cdim < 1:
+            raise ValueError(f"frozen_codebook_dim must be a positive integer, got {frozen_codebook_dim!r}")
+        if search_chunk_elements < 1:
+            raise ValueError(f"search_chunk_elements must be >= 1, got {search_chunk_elements}")
+        self.frozen_codebook_dim = cdim
+        self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
+        self.codebook_weight = _check_weight("codebook_weight", codebook_weight)
+        self.use_rotation_trick = bool(rotation_trick)
+        self.learnable_codebook = bool(learnable_codebook)
+        self.search_chunk_elements = int(search_chunk_elements)
+        self.embedding = nn.Embedding(codebook_size, cdim)
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=cdim**-0.5)
+        self.embedding.weight.requires_grad_(self.learnable_codebook)
+        self.embedding_proj = _build_transform(transform, cdim, dim, bias, hidden_dim)
+        self.transform_name = transform if isinstance(transform, str) else type(transform).__name__
+
+    @property
+    def frozen_codebook(self) -> torch.Tensor:
+        """The random matrix ``C``, ``(K, frozen_codebook_dim)``."""
+        return self.embedding.weight
+
+    def _transform(self, rows: torch.Tensor) -> torch.Tensor:
+        out = self.embedding_proj(rows)
+        if out.dim() != 2 or out.shape[1] != self.dim:
+            raise ValueError(f"transform must map (N, {self.frozen_codebook_dim}) to (N, {self.dim}), got {tuple(out.shape)}")
+        return out
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """Effective codes ``transform(C)``, ``(K, dim)``, recomputed from the current weights."""
+        with torch.autocast(device_type=self.embedding.weight.device.type, enabled=False):
+            return self._transform(self.embedding.weight.float())
+
+    def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=self.embedding.weight.device.type, enabled=False):
+            return self._transform(self.embedding.weight[indices].float())
+
+    def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
+        with torch.no_grad():
+            indices = nearest_code(z, self.codebook, max_chunk_elements=self.search_chunk_elements)
+        q = self.codes_from_indices(indices)  # (N, dim) fp32, differentiable in W, b (and C if learnable)
+        commitment, codebook = vq_loss_terms(z, q)
+        loss = self.commitment_weight * commitment + self.codebook_weight * codebook
+        z32 = z.float()
+        out = rotation_trick(z32, q.detach()) if self.use_rotation_trick else straight_through(z32, q.detach())
+        return TokenResult(out, indices, loss, commitment, codebook, torch.zeros_like(loss))
+
+    @torch.no_grad()
+    def fold(self):
+        """An equivalent frozen-codebook :class:`VectorQuantizer` with ``transform(C)`` baked in.
+
+        Same indices and codes as this quantizer; no transform is evaluated at inference time.
+        """
+        from simvq.quantizers.vq import VectorQuantizer
+
+        folded = VectorQuantizer(
+            dim=self.dim,
+            codebook_size=self.codebook_size,
+            learnable_codebook=False,
+            commitment_weight=self.commitment_weight,
+            codebook_weight=self.codebook_weight,
+            channel_first=self.channel_first,
+            check_finite=self.check_finite,
+            search_chunk_elements=self.search_chunk_elements,
+        ).to(self.embedding.weight.device)
+        folded.embedding.weight.copy_(self.codebook)
+        return folded
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, frozen_codebook_dim={self.frozen_codebook_dim}, transform={self.transform_name}, "
+            f"learnable_codebook={self.learnable_codebook}, rotation_trick={self.use_rotation_trick}, "
+            f"commitment_weight={self.commitment_weight}, codebook_weight={self.codebook_weight}"
+        )
