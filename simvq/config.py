@@ -1,0 +1,589 @@
+"""Run configuration: YAML presets, ``key.sub=value`` overrides, and validation against a schema.
+
+A config is a nested dict with the top-level sections ``modality``, ``seed``, ``model``, ``quantizer``,
+``loss``, ``data``, ``optim`` and ``trainer``. :func:`resolve_config` validates it and fills every default,
+so the dict a model directory stores is complete and a run can be reproduced from it alone.
+
+The schema is a set of dataclasses, one per section. ``optim`` and ``trainer`` are shared by every
+modality; ``model``, ``loss`` and ``data`` come from the modality's entry in :data:`MODALITIES`, so an audio
+modality adds its own sections with :func:`register_modality` without touching the shared ones. The
+``quantizer`` section is ``name`` plus the keyword arguments of that quantizer class (``dim`` is filled from
+the model).
+
+Presets live inside the package (``simvq/configs/<modality>/<name>.yaml``), so ``image/photos-small`` works
+whether simvq is installed or run from a checkout; :func:`load_config` also accepts a path to any YAML file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+TOP_LEVEL_KEYS = ("modality", "seed", "model", "quantizer", "loss", "data", "optim", "trainer")
+CONTRACT_QUANTIZERS = ("simvq", "vq", "ema_vq", "factorized_vq", "lc_vq", "fsq", "lfq", "residual")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+
+
+# ----- shared sections --------------------------------------------------------------------------------
+@dataclass
+class OptimConfig:
+    """Optimiser settings shared by every modality (the official recipe's values are the defaults).
+
+    ``lr`` and ``betas`` drive Adam for the generator (encoder, quantizer, decoder); ``disc_lr`` the
+    discriminator (``None``: same as ``lr``). The learning rate is constant after an optional linear
+    warm-up of ``warmup_steps``. ``grad_clip`` clips the global gradient norm of each optimiser.
+    ``ema_decay`` keeps an exponential moving average of all trainable weights (``None`` disables it);
+    with ``ema_warmup`` the effective decay is ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, as in
+    taming-transformers' LitEma, so short runs are not dominated by the random initialisation.
+    """
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    weight_decay: float = 0.0
+    disc_lr: Optional[float] = None
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = None
+    ema_decay: Optional[float] = 0.999
+    ema_warmup: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    """How long and where to train, and what to log.
+
+    A *step* is one batch: one generator update (and one discriminator update once the GAN is on).
+    ``max_steps`` / ``max_epochs`` / ``max_minutes`` stop the run, whichever comes first (``max_epochs`` is
+    converted to steps from the training-set size and the global batch). ``accelerator``, ``devices``,
+    ``num_nodes``, ``strategy`` and ``precision`` go to the Lightning Trainer unchanged (``strategy: ddp``
+    for several GPUs or nodes). ``checkpoint_every`` writes ``last.ckpt`` every so many steps (and always at
+    the end); ``sample_every`` writes a reconstruction grid (0: only at the end); ``eval_every`` runs the
+    evaluation set with EMA weights (0: never during training). ``loggers`` picks from ``csv`` and
+    ``tensorboard``.
+    """
+
+    max_steps: Optional[int] = None
+    max_epochs: Optional[float] = None
+    max_minutes: Optional[float] = None
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    log_every: int = 50
+    checkpoint_every: int = 1000
+    sample_every: int = 0
+    eval_every: int = 0
+    num_samples: int = 8
+    loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
+    deterministic: bool = False
+
+
+# ----- image sections ---------------------------------------------------------------------------------
+@dataclass
+class ImageModelConfig:
+    """The image tokenizer (Open-MAGVIT2-style CNN, REFERENCE §2, :mod:`simvq.models.image`).
+
+    ``preset`` names an entry of ``simvq.models.image.IMAGE_PRESETS`` (``official-128``, ``small-rgb-32``,
+    ``small-grey-32``); keys given next to it override the preset; unset keys take the official values.
+    ``ch * ch_mult[i]`` channels at level ``i``; ``len(ch_mult) - 1`` stride-2 downsamplings;
+    ``z_channels`` is the code dimension (the quantizer's ``dim``). The resolved config stores every key.
+    """
+
+    preset: Optional[str] = None
+    in_channels: Optional[int] = None
+    out_channels: Optional[int] = None
+    ch: Optional[int] = None
+    ch_mult: Optional[list[int]] = None
+    num_res_blocks: Optional[int] = None
+    z_channels: Optional[int] = None
+    norm_groups: Optional[int] = None
+
+
+def _finalize_image(cfg: dict) -> dict:
+    """Expand the model section (preset + overrides + official defaults) into every keyword."""
+    from simvq.models.image import resolve_model_config
+
+    cfg["model"] = resolve_model_config({k: v for k, v in cfg["model"].items() if v is not None})
+    return cfg
+
+
+@dataclass
+class ImageLossConfig:
+    """Image tokenizer loss: ``l1 + perceptual + gan (non-saturating) + quantizer``, PatchGAN with hinge.
+
+    ``perceptual_weights`` is a local file with the backbone weights of the perceptual loss (nothing is
+    downloaded); with ``perceptual_weight: 0`` no backbone is needed. ``gan_weight`` is fixed (no adaptive
+    weight); the generator's GAN term and the discriminator updates start at ``gan_start_step``.
+    ``gan_weight: 0`` trains without a discriminator.
+    """
+
+    l1_weight: float = 1.0
+    l2_weight: float = 0.0
+    perceptual_weight: float = 1.0
+    perceptual_net: str = "vgg"
+    perceptual_weights: Optional[str] = None
+    gan_weight: float = 0.1
+    gan_start_step: int = 0
+    disc_channels: int = 64
+    disc_layers: int = 3
+    quantizer_weight: float = 1.0
+
+
+@dataclass
+class ImageDataConfig:
+    """Image data (see :mod:`simvq.data.images`); ``batch_size`` is per device (global = x devices x nodes).
+
+    ``dataset``: ``photos`` (colour photos shipped with scikit-image / scikit-learn, random crops at
+    ``scales``, eval photos ``eval_sources`` held out), ``fashion_mnist`` (IDX files under ``path``,
+    default ``/usr/share/datasets/fashion-mnist``; 28x28 padded to 32), ``digits`` (scikit-learn 8x8
+    digits upsampled to ``image_size``; for tests) or ``folder`` (any nested folder of JPEG/PNG files,
+    ImageNet layout: resize the short side to ``image_size``, random crop for training, centre crop for
+    evaluation; ``eval_path`` is the validation folder, otherwise ``eval_fraction`` of the files is held out).
+    """
+
+    dataset: str = "photos"
+    path: Optional[str] = None
+    eval_path: Optional[str] = None
+    image_size: int = 32
+    channels: int = 3
+    scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    eval_sources: list[str] = field(default_factory=lambda: ["chelsea", "flower"])
+    eval_stride: Optional[int] = None
+    eval_fraction: float = 0.1
+    train_limit: Optional[int] = None
+    eval_limit: Optional[int] = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int = 0
+    verify_images: bool = True
+
+
+@dataclass
+class ModalitySchema:
+    """The modality-specific sections of a config. ``model`` may also be a zero-argument callable that
+    returns the dataclass, so a modality can defer importing its model code until validation."""
+
+    model: Any
+    loss: Any
+    data: Any
+    finalize: Optional[Callable[[dict], dict]] = None
+
+
+MODALITIES: dict[str, ModalitySchema] = {
+    "image": ModalitySchema(
+        model=ImageModelConfig, loss=ImageLossConfig, data=ImageDataConfig, finalize=_finalize_image
+    ),
+}
+
+
+def register_modality(name: str, *, model, loss, data, finalize=None) -> None:
+    """Add (or replace) the ``model``/``loss``/``data`` schema dataclasses of a modality.
+
+    ``finalize(config) -> config`` runs after validation (e.g. to expand a model preset into every key).
+    """
+    MODALITIES[name] = ModalitySchema(model=model, loss=loss, data=data, finalize=finalize)
+
+
+def _schema_class(obj):
+    if dataclasses.is_dataclass(obj) and isinstance(obj, type):
+        return obj
+    return obj()
+
+
+# ----- validation -------------------------------------------------------------------------------------
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(hint))
+        return f"{origin.__name__}[{args}]"
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value, hint, where: str):
+    """Check ``value`` against the annotation ``hint``; returns the value (ints accepted as floats)."""
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except TypeError as err:
+                errors.append(err)
+        raise TypeError(f"{where} must be {_type_name(hint)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise TypeError(f"{where} must be {_type_name(hint)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where} must be a list ({_type_name(hint)}), got {value!r}")
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{where} must be a string, got {value!r}")
+        return value
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise TypeError(f"{where} must be {_type_name(hint)}, got {value!r}")
+    return value
+
+
+def _validate_section(section: str, raw, schema) -> dict:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TypeError(f"config section '{section}' must be a mapping, got {type(raw).__name__}: {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {', '.join(repr(f'{section}.{k}') for k in unknown)}; "
+            f"valid keys in '{section}': {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(schema)
+    out = {}
+    for name, f in fields.items():
+        if name in raw:
+            out[name] = _coerce(copy.deepcopy(raw[name]), hints[name], f"{section}.{name}")
+        elif f.default is not dataclasses.MISSING:
+            out[name] = copy.deepcopy(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[name] = f.default_factory()  # type: ignore[misc]
+        else:
+            raise ValueError(f"config key '{section}.{name}' is required")
+    return out
+
+
+def _quantizer_signature(name: str):
+    """Keyword parameters of the quantizer class called ``name``, or None when it cannot be looked up."""
+    try:
+        from simvq.quantizers import factory  # written by the baselines engineer
+    except ImportError:
+        factory = None
+    registry = None
+    if factory is not None:
+        for attr in ("QUANTIZERS", "REGISTRY", "QUANTIZER_CLASSES"):
+            registry = getattr(factory, attr, None)
+            if isinstance(registry, dict):
+                break
+            registry = None
+    if registry is None:
+        from simvq.quantizers import SimVQ, VectorQuantizer
+
+        registry = {"simvq": SimVQ, "vq": VectorQuantizer}
+    if name not in registry:
+        return None, sorted(registry)
+    import inspect
+
+    params = inspect.signature(registry[name].__init__).parameters
+    return {k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD}, sorted(registry)
+
+
+def _validate_quantizer(raw) -> dict:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TypeError(f"config section 'quantizer' must be a mapping, got {raw!r}")
+    raw = copy.deepcopy(raw)
+    raw.setdefault("name", "simvq")
+    name = raw["name"]
+    if not isinstance(name, str):
+        raise TypeError(f"quantizer.name must be a string, got {name!r}")
+    params, known = _quantizer_signature(name)
+    if params is None:
+        if name not in CONTRACT_QUANTIZERS or "fsq" in known:
+            raise ValueError(f"unknown quantizer.name {name!r}; valid names: {', '.join(known)}")
+        # the factory that knows this family is not installed yet; it reports bad keywords when it builds
+        return raw
+    unknown = sorted(set(raw) - params - {"name"})
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {', '.join(repr('quantizer.' + k) for k in unknown)} for quantizer {name!r}; "
+            f"valid keys: name, {', '.join(sorted(params - {'dim'}))}"
+        )
+    if "dim" in raw:
+        raise ValueError("quantizer.dim is filled from the model (model.z_channels); remove it from the config")
+    return raw
+
+
+def resolve_config(config: dict) -> dict:
+    """Validate ``config`` and return a complete copy with every default filled in.
+
+    Raises ValueError naming the offending key (and listing the valid ones) or TypeError for wrong types.
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"a config must be a mapping of sections, got {type(config).__name__}")
+    unknown = sorted(set(config) - set(TOP_LEVEL_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown top-level key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(TOP_LEVEL_KEYS)}"
+        )
+    modality = config.get("modality", "image")
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; valid modalities: {', '.join(sorted(MODALITIES))}")
+    seed = config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise TypeError(f"seed must be a non-negative integer, got {seed!r}")
+    schema = MODALITIES[modality]
+    out = {
+        "modality": modality,
+        "seed": seed,
+        "model": _validate_section("model", config.get("model"), _schema_class(schema.model)),
+        "quantizer": _validate_quantizer(config.get("quantizer")),
+        "loss": _validate_section("loss", config.get("loss"), _schema_class(schema.loss)),
+        "data": _validate_section("data", config.get("data"), _schema_class(schema.data)),
+        "optim": _validate_section("optim", config.get("optim"), OptimConfig),
+        "trainer": _validate_section("trainer", config.get("trainer"), TrainerConfig),
+    }
+    if schema.finalize is not None:
+        out = schema.finalize(out)
+    _check_values(out)
+    return out
+
+
+def _positive(cfg: dict, key: str, section: str, allow_none: bool = True, allow_zero: bool = False) -> None:
+    v = cfg[section][key]
+    if v is None and allow_none:
+        return
+    if v is None or v < 0 or (v == 0 and not allow_zero):
+        raise ValueError(f"{section}.{key} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+
+
+def _check_values(cfg: dict) -> None:
+    o, t = cfg["optim"], cfg["trainer"]
+    _positive(cfg, "lr", "optim", allow_none=False)
+    _positive(cfg, "disc_lr", "optim")
+    _positive(cfg, "weight_decay", "optim", allow_none=False, allow_zero=True)
+    _positive(cfg, "warmup_steps", "optim", allow_none=False, allow_zero=True)
+    _positive(cfg, "grad_clip", "optim")
+    if len(o["betas"]) != 2 or not all(0 <= b < 1 for b in o["betas"]):
+        raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o['betas']!r}")
+    if o["ema_decay"] is not None and not 0 < o["ema_decay"] < 1:
+        raise ValueError(f"optim.ema_decay must lie in (0, 1) or be null to disable EMA, got {o['ema_decay']!r}")
+    for key in ("max_steps", "max_epochs", "max_minutes"):
+        _positive(cfg, key, "trainer")
+    for key in ("log_every",):
+        _positive(cfg, key, "trainer", allow_none=False)
+    for key in ("checkpoint_every", "sample_every", "eval_every", "num_samples"):
+        _positive(cfg, key, "trainer", allow_none=False, allow_zero=True)
+    if t["precision"] not in PRECISIONS:
+        raise ValueError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {t['precision']!r}")
+    bad = sorted(set(t["loggers"]) - {"csv", "tensorboard"})
+    if bad:
+        raise ValueError(f"trainer.loggers may contain 'csv' and 'tensorboard', got {bad}")
+    if cfg["modality"] == "image":
+        d, m, loss = cfg["data"], cfg["model"], cfg["loss"]
+        datasets = ("photos", "fashion_mnist", "digits", "folder")
+        if d["dataset"] not in datasets:
+            raise ValueError(f"data.dataset must be one of {', '.join(datasets)}, got {d['dataset']!r}")
+        if d["dataset"] == "folder" and not d["path"]:
+            raise ValueError("data.dataset 'folder' needs data.path (a folder of JPEG/PNG images)")
+        if d["channels"] not in (1, 3):
+            raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB), got {d['channels']!r}")
+        if d["channels"] != m["in_channels"]:
+            raise ValueError(
+                f"data.channels ({d['channels']}) and model.in_channels ({m['in_channels']}) must match"
+            )
+        for key in ("image_size", "batch_size", "eval_batch_size"):
+            _positive(cfg, key, "data", allow_none=False)
+        _positive(cfg, "num_workers", "data", allow_none=False, allow_zero=True)
+        if not 0 < d["eval_fraction"] < 1:
+            raise ValueError(f"data.eval_fraction must lie in (0, 1), got {d['eval_fraction']!r}")
+        if not d["scales"] or any(s < 1 for s in d["scales"]):
+            raise ValueError(f"data.scales must be a non-empty list of numbers >= 1, got {d['scales']!r}")
+        factor = 2 ** (len(m["ch_mult"]) - 1)
+        if d["image_size"] % factor:
+            raise ValueError(
+                f"data.image_size ({d['image_size']}) must be divisible by the model's downsampling factor "
+                f"{factor} (2 ** (len(model.ch_mult) - 1))"
+            )
+        for key in ("l1_weight", "l2_weight", "perceptual_weight", "gan_weight", "quantizer_weight", "gan_start_step"):
+            _positive(cfg, key, "loss", allow_none=False, allow_zero=True)
+
+
+# ----- loading, presets, overrides --------------------------------------------------------------------
+def list_presets() -> list[str]:
+    """Names of the shipped presets, e.g. ``image/photos-small``."""
+    return sorted(str(p.relative_to(PRESET_DIR).with_suffix("")) for p in PRESET_DIR.glob("*/*.yaml"))
+
+
+def find_config(name_or_path: str | Path) -> Path:
+    """A YAML path for a preset name (``image/photos-small``) or a file path."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{str(name_or_path).removesuffix('.yaml')}.yaml"
+    if preset.is_file():
+        return preset
+    # configs/image/x.yaml given relative to a checkout: fall back to the packaged copy
+    parts = Path(str(name_or_path)).parts
+    if len(parts) >= 2 and parts[-2] in {p.name for p in PRESET_DIR.iterdir() if p.is_dir()}:
+        packaged = PRESET_DIR / parts[-2] / Path(parts[-1]).with_suffix(".yaml").name
+        if packaged.is_file():
+            return packaged
+    raise FileNotFoundError(
+        f"no config file or preset called {str(name_or_path)!r}; give a YAML path or one of: "
+        f"{', '.join(list_presets())}"
+    )
+
+
+def load_yaml(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"optim.lr=2e-4"`` -> (["optim", "lr"], 0.0002); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like key.sub=value (e.g. optim.lr=2e-4)")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {text!r}: the key must be dotted names like trainer.max_steps")
+    parsed = yaml.safe_load(value) if value.strip() else None
+    # YAML reads 1e-4 as a string (it wants 1.0e-4); numbers are what people mean
+    if isinstance(parsed, str):
+        try:
+            parsed = float(parsed) if any(c in parsed.lower() for c in ".e") and parsed.strip() else parsed
+        except ValueError:
+            pass
+    return key.split("."), parsed
+
+
+def apply_overrides(config: dict, overrides: list[str] | None) -> dict:
+    """A copy of ``config`` with each ``key.sub=value`` applied (validation happens in resolve_config)."""
+    out = copy.deepcopy(config)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = out
+        for i, k in enumerate(keys[:-1]):
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, dict):
+                raise ValueError(f"override {text!r}: {'.'.join(keys[: i + 1])} is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return out
+
+
+def _fix_yaml_floats(obj):
+    # YAML 1.1 parses "1e-4" as a string; every such value in our schema is a number
+    if isinstance(obj, dict):
+        return {k: _fix_yaml_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_fix_yaml_floats(v) for v in obj]
+    if isinstance(obj, str):
+        try:
+            if any(c in obj.lower() for c in "e") and obj.strip()[0] in "+-.0123456789":
+                return float(obj)
+        except (ValueError, IndexError):
+            return obj
+    return obj
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> dict:
+    """Load a preset name, a YAML path or a dict, apply overrides, validate, fill defaults."""
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        raw = load_yaml(find_config(source))
+    raw = _fix_yaml_floats(raw)
+    return resolve_config(apply_overrides(raw, overrides))
+
+
+def save_config(config: dict, path: str | Path) -> None:
+    """Write ``config`` as YAML (atomic: temp file + rename, so a crash never leaves half a file)."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            yaml.safe_dump(config, fh, sort_keys=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def config_hash(config: dict) -> str:
+    """A short hash of what fixes the meaning of tokens: modality, model and quantizer sections."""
+    key = {k: config.get(k) for k in ("modality", "model", "quantizer")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def get(config: dict, dotted: str, default=None):
+    """``get(cfg, "trainer.max_steps")`` -> the value, or ``default`` when a key is missing."""
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+__all__ = [
+    "ImageDataConfig",
+    "ImageLossConfig",
+    "ImageModelConfig",
+    "MODALITIES",
+    "OptimConfig",
+    "TrainerConfig",
+    "apply_overrides",
+    "config_hash",
+    "find_config",
+    "list_presets",
+    "load_config",
+    "parse_override",
+    "register_modality",
+    "resolve_config",
+    "save_config",
+]
+
