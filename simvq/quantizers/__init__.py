@@ -4,6 +4,13 @@ from simvq.quantizers.base import Quantizer, QuantizerOutput, TokenResult, rotat
 from simvq.quantizers.search import nearest_code
 from simvq.quantizers.simvq import SimVQ
 from simvq.quantizers.vq import VectorQuantizer
+from simvq.quantizers.ema import EMAVectorQuantizer
+from simvq.quantizers.factorized import FactorizedVectorQuantizer
+from simvq.quantizers.fsq import FSQ
+from simvq.quantizers.lc import LCVectorQuantizer, kmeans_init
+from simvq.quantizers.lfq import LFQ
+from simvq.quantizers.residual import ResidualQuantizer
+from simvq.quantizers.factory import QUANTIZERS, build_quantizer, fsq_levels_for
 
 __all__ = [
     "Quantizer",
@@ -11,6 +18,16 @@ __all__ = [
     "TokenResult",
     "SimVQ",
     "VectorQuantizer",
+    "EMAVectorQuantizer",
+    "FactorizedVectorQuantizer",
+    "FSQ",
+    "LCVectorQuantizer",
+    "LFQ",
+    "ResidualQuantizer",
+    "QUANTIZERS",
+    "build_quantizer",
+    "fsq_levels_for",
+    "kmeans_init",
     "nearest_code",
     "rotation_trick",
     "straight_through",

@@ -1,0 +1,128 @@
+"""Finite Scalar Quantization (Mentzer et al. 2023, "FSQ: VQ-VAE Made Simple", arXiv 2309.15505).
+
+Each of the ``len(levels)`` channels is bounded with ``tanh`` and rounded to one of ``levels[i]`` integers;
+the implicit codebook is the grid of all combinations, ``prod(levels)`` codes, so no code can die and there
+is no loss term. Channel ``i`` takes the integer values ``-(L_i // 2) .. (L_i - 1) - L_i // 2`` (symmetric
+for odd ``L_i``, one more negative value for even ``L_i``), divided by ``L_i // 2`` so the codes lie in
+``[-1, 1]``. Indices are the mixed-radix number of the per-channel level indices, channel 0 least
+significant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from simvq.quantizers.base import Quantizer, TokenResult, straight_through
+
+# Shrinks the tanh range a little so that the outermost integers are reached but never exceeded after
+# rounding (the paper's ``eps = 1e-3``).
+_BOUND_EPS = 1e-3
+
+
+def _check_levels(levels) -> list[int]:
+    if isinstance(levels, (str, bytes)) or not isinstance(levels, Sequence) or len(levels) == 0:
+        raise ValueError(f"levels must be a non-empty list of integers >= 2 (e.g. [8, 5, 5, 5]), got {levels!r}")
+    out = []
+    for level in levels:
+        if not isinstance(level, int) or isinstance(level, bool) or level < 2:
+            raise ValueError(f"every FSQ level must be an integer >= 2 (e.g. [8, 5, 5, 5]), got {list(levels)!r}")
+        out.append(level)
+    return out
+
+
+class FSQ(Quantizer):
+    """Finite scalar quantizer with an implicit ``prod(levels)``-code grid.
+
+    Args:
+        levels: number of values per channel, e.g. ``[8, 5, 5, 5]`` (1000 codes); see
+            :func:`simvq.quantizers.factory.fsq_levels_for` for the paper's recommended sets.
+        dim: input channel size; when it differs from ``len(levels)``, linear projections
+            ``dim -> len(levels)`` before and ``len(levels) -> dim`` after the rounding are added.
+            Default ``len(levels)`` (no projections, as in the paper).
+        channel_first, check_finite: see :class:`~simvq.quantizers.base.Quantizer`.
+
+    Output: ``quantized`` has the input's shape; ``loss`` and all its parts are zero.
+    """
+
+    def __init__(
+        self,
+        *,
+        levels: Sequence[int] = (8, 5, 5, 5),
+        dim: int | None = None,
+        channel_first: bool = True,
+        check_finite: bool = True,
+    ) -> None:
+        levels = _check_levels(levels)
+        num_channels = len(levels)
+        dim = num_channels if dim is None else dim
+        super().__init__(
+            dim=dim, codebook_size=math.prod(levels), channel_first=channel_first, check_finite=check_finite
+        )
+        self.levels = levels
+        self.num_channels = num_channels
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.float32), persistent=False)
+        # mixed-radix place values (1, L0, L0*L1, ...) for the index of each channel
+        basis = [math.prod(levels[:i]) for i in range(num_channels)]
+        self.register_buffer("_basis", torch.tensor(basis, dtype=torch.long), persistent=False)
+        needs_projection = dim != num_channels
+        self.project_in = nn.Linear(dim, num_channels) if needs_projection else nn.Identity()
+        self.project_out = nn.Linear(num_channels, dim) if needs_projection else nn.Identity()
+
+    # ----- the scalar quantizer in the len(levels)-channel space ----------------------------------------
+    def bound(self, z: torch.Tensor) -> torch.Tensor:
+        """Squash ``(N, len(levels))`` values into ``(-L//2 - 0.5, (L-1) - L//2 + 0.5)`` per channel.
+
+        For even ``L`` the grid is not symmetric about 0, so the tanh is shifted by ``atanh(0.5 / half)``
+        and the output moved down by 0.5: ``round`` then yields ``L`` integers, one more below 0 than above.
+        """
+        half = (self._levels - 1) * (1 - _BOUND_EPS) / 2
+        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
+        shift = torch.atanh(offset / half)
+        return torch.tanh(z + shift) * half - offset
+
+    def _half_width(self) -> torch.Tensor:
+        return torch.div(self._levels, 2, rounding_mode="floor")
+
+    def quantize_grid(self, z: torch.Tensor) -> torch.Tensor:
+        """Bounded, rounded (straight-through) and normalised codes for ``(N, len(levels))`` values."""
+        bounded = self.bound(z)
+        return straight_through(bounded, bounded.round()) / self._half_width()
+
+    def grid_codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(N, len(levels))`` normalised grid codes -> ``(N,)`` int64 indices (mixed radix)."""
+        half = self._half_width()
+        digits = (codes * half + half).round().long()  # per-channel level index in [0, L)
+        return (digits * self._basis).sum(dim=-1)
+
+    def indices_to_grid_codes(self, indices: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` indices -> ``(N, len(levels))`` normalised grid codes (the inverse of the above)."""
+        digits = torch.div(indices.long().unsqueeze(-1), self._basis, rounding_mode="floor") % self._levels.long()
+        half = self._half_width()
+        return (digits.float() - half) / half
+
+    # ----- Quantizer interface ----------------------------------------------------------------------
+    @property
+    def codebook(self) -> torch.Tensor:
+        """All ``prod(levels)`` implicit codes in index order, projected to ``dim``: ``(K, dim)``."""
+        indices = torch.arange(self.codebook_size, device=self._basis.device)
+        return self.codes_from_indices(indices)
+
+    def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=self._basis.device.type, enabled=False):
+            return self.project_out(self.indices_to_grid_codes(indices))
+
+    def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
+        # fp32 throughout: rounding boundaries must not move under bf16/fp16 autocast
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            codes = self.quantize_grid(self.project_in(z.float()))
+            indices = self.grid_codes_to_indices(codes.detach())
+            out = self.project_out(codes)
+        zero = out.new_zeros(())
+        return TokenResult(out, indices, zero, zero, zero, zero)
+
+    def extra_repr(self) -> str:
+        return f"levels={self.levels}, {super().extra_repr()}"

@@ -1,0 +1,133 @@
+"""VQGAN-LC (Zhu et al. 2024, "Scaling the Codebook Size of VQGAN to 100,000 with a Utilization Rate of 99%").
+
+The codebook is a *frozen* set of feature vectors, in the paper the k-means centroids of a pretrained
+vision encoder's patch features, mapped into the latent space by one learned linear projector. The codes in
+use are ``P(C) = C P^T + b``; the plain VQ loss trains ``P`` (codebook term) and the encoder (commitment).
+
+This is structurally SimVQ with an informed instead of a random frozen matrix, so it reuses
+:class:`~simvq.quantizers.simvq.SimVQ` (search, loss, decoding) and only changes how ``C`` is made.
+Use :func:`kmeans_init` to build ``init_features`` from your own encoder's features.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, nearest_code
+from simvq.quantizers.simvq import SimVQ
+
+
+@torch.no_grad()
+def kmeans_init(features: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+    """k-means centroids (Lloyd's algorithm) of ``features``, for an LC codebook.
+
+    Args:
+        features: ``(N, D)`` floating-point feature vectors, ``N >= k``.
+        k: number of centroids.
+        iters: Lloyd iterations after the initial pick (0 returns the k random distinct rows).
+        seed: seed of the initial pick and of re-seeding empty clusters (reproducible on any device).
+
+    Returns:
+        ``(k, D)`` fp32 centroids on ``features.device``. An empty cluster is re-seeded with a random
+        feature vector, so every centroid stays a meaningful code.
+    """
+    if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
+        raise ValueError(
+            f"features must be a floating-point (N, D) tensor, got "
+            f"{getattr(features, 'dtype', type(features).__name__)} of shape {tuple(getattr(features, 'shape', ()))}"
+        )
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    if features.shape[0] < k:
+        raise ValueError(f"k-means needs at least k={k} feature vectors, got {features.shape[0]}; pass more features")
+    if not isinstance(iters, int) or isinstance(iters, bool) or iters < 0:
+        raise ValueError(f"iters must be an integer >= 0, got {iters!r}")
+    x = features.detach().float()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("features contain NaN or Inf; clean them before running k-means")
+    generator = torch.Generator().manual_seed(int(seed))  # CPU generator: same picks on every device
+    picks = torch.randperm(x.shape[0], generator=generator)[:k].to(x.device)
+    centroids = x[picks].clone()
+    for _ in range(iters):
+        assign = nearest_code(x, centroids)
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        filled = counts > 0
+        centroids[filled] = sums[filled] / counts[filled].unsqueeze(1).float()
+        empty = (~filled).nonzero().squeeze(1)
+        if empty.numel():
+            reseed = torch.randint(x.shape[0], (empty.numel(),), generator=generator).to(x.device)
+            centroids[empty] = x[reseed]
+    return centroids
+
+
+class LCVectorQuantizer(SimVQ):
+    """Frozen feature codebook + learned linear projector (VQGAN-LC).
+
+    Args:
+        dim: latent (code) dimension.
+        codebook_size: number of codes ``K``; inferred from ``init_features`` when omitted.
+        init_features: ``(K, feature_dim)`` frozen codebook, e.g. ``kmeans_init(encoder_features, K)``.
+            When omitted (documented fallback), ``C`` is random ``Normal(0, feature_dim**-0.5)`` features
+            and the quantizer equals SimVQ with a ``feature_dim``-wide frozen matrix.
+        feature_dim: width of the features (default: ``init_features.shape[1]``, else ``dim``).
+        bias: projector bias.
+        commitment_weight, codebook_weight: the two named loss weights (0.25, 1.0).
+        rotation_trick, channel_first, check_finite, search_chunk_elements: as for :class:`SimVQ`.
+
+    State-dict keys: ``embedding.weight`` (``C``, frozen, saved), ``embedding_proj.weight`` / ``.bias``
+    (the projector). :attr:`codebook` is ``(K, dim)``, the projected features.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        codebook_size: int | None = None,
+        init_features: torch.Tensor | None = None,
+        feature_dim: int | None = None,
+        bias: bool = True,
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+        rotation_trick: bool = False,
+        channel_first: bool = True,
+        check_finite: bool = True,
+        search_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        if init_features is not None:
+            if not isinstance(init_features, torch.Tensor) or init_features.dim() != 2:
+                raise ValueError(
+                    f"init_features must be a (K, feature_dim) tensor, got shape "
+                    f"{tuple(getattr(init_features, 'shape', ()))}"
+                )
+            if not init_features.is_floating_point() or not bool(torch.isfinite(init_features).all()):
+                raise ValueError("init_features must be finite floating-point values")
+            num, width = init_features.shape
+            if codebook_size is not None and codebook_size != num:
+                raise ValueError(
+                    f"codebook_size={codebook_size} does not match init_features with {num} rows; "
+                    "omit codebook_size or pass matching features"
+                )
+            if feature_dim is not None and feature_dim != width:
+                raise ValueError(f"feature_dim={feature_dim} does not match init_features width {width}")
+            codebook_size, feature_dim = num, width
+        if codebook_size is None:
+            raise ValueError("LCVectorQuantizer needs codebook_size or init_features (K, feature_dim)")
+        super().__init__(
+            dim=dim,
+            codebook_size=codebook_size,
+            frozen_codebook_dim=dim if feature_dim is None else feature_dim,
+            bias=bias,
+            transform="linear",
+            learnable_codebook=False,
+            rotation_trick=rotation_trick,
+            commitment_weight=commitment_weight,
+            codebook_weight=codebook_weight,
+            channel_first=channel_first,
+            check_finite=check_finite,
+            search_chunk_elements=search_chunk_elements,
+        )
+        self.feature_dim = self.frozen_codebook_dim
+        if init_features is not None:
+            with torch.no_grad():
+                self.embedding.weight.copy_(init_features)
