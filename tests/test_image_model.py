@@ -162,3 +162,59 @@ def test_bad_inputs_give_clear_errors():
         build_tokenizer({"modality": "image", "model": {"preset": "small-rgb-32"}, "quantizer": {"name": "simvq", "codebook_size": 8, "dim": 3}})
     with pytest.raises(ValueError, match="modality"):
         build_tokenizer({"modality": "video", "model": {}, "quantizer": {"name": "simvq"}})
+
+
+# ----- discriminator and GAN losses -----------------------------------------------------------------------
+from simvq.losses import adversarial as adv  # noqa: E402
+from simvq.models.discriminators import NLayerDiscriminator  # noqa: E402
+
+
+def test_patchgan_shapes_parameter_count_and_init():
+    torch.manual_seed(0)
+    d = NLayerDiscriminator()
+    # pix2pix reports 2.765 M parameters for this discriminator; by hand:
+    hand = (3 * 64 * 16 + 64) + (64 * 128 * 16 + 2 * 128) + (128 * 256 * 16 + 2 * 256) + (256 * 512 * 16 + 2 * 512) + (512 * 16 + 1)
+    assert sum(p.numel() for p in d.parameters()) == hand == 2_765_633
+    with torch.no_grad():
+        assert d(torch.zeros(2, 3, 128, 128)).shape == (2, 1, 14, 14)
+        assert d(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 2, 2)
+    convs = [m for m in d.modules() if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in d.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(convs) == 5 and len(bns) == 2 + 1
+    big = convs[3].weight  # 2M draws: tight bounds on N(0, 0.02)
+    assert abs(big.mean().item()) < 1e-3 and abs(big.std().item() - 0.02) < 5e-4
+    w = torch.cat([b.weight for b in bns])
+    assert abs(w.mean().item() - 1) < 0.01 and 0.01 < w.std().item() < 0.03
+    assert all(bool((b.bias == 0).all()) for b in bns)
+    # official key layout loss.discriminator.main.{i}
+    keys = set(d.state_dict())
+    assert {"main.0.weight", "main.0.bias", "main.2.weight", "main.3.weight", "main.3.running_mean", "main.11.bias"} <= keys
+    assert "main.2.bias" not in keys  # conv before BatchNorm has no bias
+    grey = NLayerDiscriminator(in_channels=1, ndf=16, n_layers=2)
+    assert grey(torch.zeros(2, 1, 32, 32)).shape == (2, 1, 6, 6)
+    with pytest.raises(ValueError, match="n_layers"):
+        NLayerDiscriminator(n_layers=0)
+
+
+def test_hinge_and_non_saturating_hand_values():
+    real = torch.tensor([2.0, 0.5, -1.0])
+    fake = torch.tensor([-2.0, 0.0, 1.0])
+    # relu(1 - real) = [0, .5, 2] -> 5/6; relu(1 + fake) = [0, 1, 2] -> 1
+    assert adv.hinge_d_loss(real, fake).item() == pytest.approx(0.5 * (5 / 6 + 1))
+    assert adv.discriminator_loss("hinge", real, fake).item() == pytest.approx(11 / 12)
+    assert adv.hinge_g_loss(fake).item() == pytest.approx(1 / 3)
+    import math
+
+    logits = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]]], [[[1.0, 3.0], [-2.0, 2.0]]]])  # (2, 1, 2, 2)
+    # official: per-image mean logit (0 and 1) then softplus(-m)
+    expected = 0.5 * (math.log(2) + math.log1p(math.exp(-1)))
+    assert adv.generator_loss("non_saturating", logits).item() == pytest.approx(expected, rel=1e-6)
+    per_logit = sum(math.log1p(math.exp(-v)) for v in [0, 0, 0, 0, 1, 3, -2, 2]) / 8
+    assert adv.vanilla_g_loss(logits).item() == pytest.approx(per_logit, rel=1e-6)
+    assert adv.vanilla_d_loss(real, fake).item() == pytest.approx(
+        0.5 * (sum(math.log1p(math.exp(-v)) for v in [2, 0.5, -1]) / 3 + sum(math.log1p(math.exp(v)) for v in [-2, 0, 1]) / 3), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="hinge"):
+        adv.discriminator_loss("wgan", real, fake)
+    with pytest.raises(ValueError, match="non_saturating"):
+        adv.generator_loss("nope", fake)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simvq.quantizers import build_quantizer
 from simvq.quantizers.base import Quantizer, QuantizerOutput
 
 #: Model settings (the ``model`` section of a config, without ``preset``). Image size is a data setting:
@@ -376,19 +377,6 @@ def resolve_model_config(model_cfg: dict) -> dict:
     return full
 
 
-def _build_quantizer(name: str, **kwargs) -> Quantizer:
-    try:
-        from simvq.quantizers import build_quantizer
-    except ImportError:  # the factory is not in this tree yet: only the two core families are reachable
-        from simvq.quantizers import SimVQ, VectorQuantizer
-
-        core = {"simvq": SimVQ, "vq": VectorQuantizer}
-        if name not in core:
-            raise ValueError(f"unknown quantizer {name!r}; available here: {sorted(core)}") from None
-        return core[name](**kwargs)
-    return build_quantizer(name, **kwargs)
-
-
 def build_image_tokenizer(model_cfg: dict, quantizer_cfg: dict) -> ImageTokenizer:
     """Build an :class:`ImageTokenizer` from the ``model`` and ``quantizer`` config sections.
 
@@ -406,5 +394,5 @@ def build_image_tokenizer(model_cfg: dict, quantizer_cfg: dict) -> ImageTokenize
             f"quantizer.dim={dim} differs from model.z_channels={model['z_channels']}; drop quantizer.dim "
             "(it is filled from the model) or make them equal"
         )
-    quantizer = _build_quantizer(name, dim=model["z_channels"], **qcfg)
+    quantizer = build_quantizer(name, dim=model["z_channels"], **qcfg)
     return ImageTokenizer(quantizer=quantizer, **model)
