@@ -50,7 +50,9 @@ class TokenResult(NamedTuple):
 
 def straight_through(z: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """Forward value ``q``, gradient of the identity to ``z``: ``z + sg(q - z)``."""
-    return z + (q - z).detach()
+    # written as sg(q) + (z - sg(z)): z - z is exactly 0 for finite z, so the forward value is q bit for
+    # bit, whereas z + (q - z) rounds and drifts from the code (decode_indices would then disagree)
+    return q.detach() + (z - z.detach())
 
 
 def rotation_trick(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -69,8 +71,9 @@ def rotation_trick(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch
     # R z = z - 2 w (w.z) + 2 v (u.z); every coefficient vector is a constant
     rotated = z - 2 * w * (w * z).sum(-1, keepdim=True) + 2 * v * (u * z).sum(-1, keepdim=True)
     out = rotated * (q_norm / z_norm).detach()
-    # the algebra gives exactly q up to rounding; make the forward value bit-exact
-    return out + (q - out).detach()
+    # the algebra gives exactly q up to rounding; make the forward value bit-exact (out + sg(q - out) would
+    # round again, so add a zero that carries the gradient instead)
+    return q.detach() + (out - out.detach())
 
 
 def vq_loss_terms(z: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
