@@ -23,6 +23,30 @@ def _build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict = {}
 
 
+# ----- convert ---------------------------------------------------------------------------------------------
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source", required=True, choices=["official"], help="checkpoint format to read")
+    p.add_argument("checkpoint", help="official SimVQ Lightning .ckpt file")
+    p.add_argument("out_dir", help="model directory to write (config.yaml + model.safetensors)")
+    p.add_argument("--no-ema", action="store_true", help="take the raw weights instead of the EMA weights")
+    p.add_argument("--force", action="store_true", help="replace a model already in OUT_DIR")
+
+
+def _convert_run(args: argparse.Namespace) -> int:
+    from simvq.checkpoints import convert_official, read_model_metadata
+
+    try:
+        out = convert_official(args.checkpoint, args.out_dir, use_ema=not args.no_ema, overwrite=args.force)
+    except FileExistsError as err:
+        raise ValueError(str(err)) from err
+    meta = read_model_metadata(out)
+    print(f"wrote {out} ({meta.get('modality')} tokenizer, {meta.get('weights')} weights from {meta.get('source_file')})")
+    return 0
+
+
+COMMANDS["convert"] = ("Convert an official SimVQ checkpoint into a simvq model directory.", _convert_arguments, _convert_run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
