@@ -120,8 +120,10 @@ def _finalize_image(cfg: dict) -> dict:
 class ImageLossConfig:
     """Image tokenizer loss: ``l1 + perceptual + gan (non-saturating) + quantizer``, PatchGAN with hinge.
 
-    ``perceptual_weights`` is a local file with the backbone weights of the perceptual loss (nothing is
-    downloaded); with ``perceptual_weight: 0`` no backbone is needed. ``gan_weight`` is fixed (no adaptive
+    ``perceptual_weights`` is a local file with torchvision's VGG16 weights for LPIPS (nothing is
+    downloaded; also read from ``SIMVQ_LPIPS_VGG_WEIGHTS``). Without it, ``perceptual_fallback:
+    multiscale-ssim`` trains with the labelled offline stand-in (``error`` refuses to); with
+    ``perceptual_weight: 0`` no perceptual term is computed. ``gan_weight`` is fixed (no adaptive
     weight); the generator's GAN term and the discriminator updates start at ``gan_start_step``.
     ``gan_weight: 0`` trains without a discriminator.
     """
@@ -131,7 +133,10 @@ class ImageLossConfig:
     perceptual_weight: float = 1.0
     perceptual_net: str = "vgg"
     perceptual_weights: Optional[str] = None
+    perceptual_fallback: str = "multiscale-ssim"
     gan_weight: float = 0.1
+    gen_gan_loss: str = "non_saturating"
+    disc_loss: str = "hinge"
     gan_start_step: int = 0
     disc_channels: int = 64
     disc_layers: int = 3
@@ -333,6 +338,8 @@ def _validate_quantizer(raw) -> dict:
             raise ValueError(f"unknown quantizer.name {name!r}; valid names: {', '.join(known)}")
         # the factory that knows this family is not installed yet; it reports bad keywords when it builds
         return raw
+    if name == "fsq":
+        params = params | {"codebook_size"}  # build_quantizer maps it to the recommended levels
     unknown = sorted(set(raw) - params - {"name"})
     if unknown:
         raise ValueError(

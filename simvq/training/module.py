@@ -1,0 +1,332 @@
+"""The LightningModule shared by every modality: manual GAN optimisation, EMA, usage logging, exact resume."""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import contextmanager
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from simvq.training.ema import EMA
+from simvq.training.tasks import Task, get_task
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rng_state() -> dict:
+    """Every RNG a training step could touch, in types ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except RuntimeError:  # a different number of GPUs: the data order does not depend on it
+            pass
+
+
+@contextmanager
+def preserved_usage(model):
+    """Run a block (samples, evaluation) without counting its codes in the training usage window."""
+    usage = getattr(getattr(model, "quantize", None), "usage", None)
+    saved = usage.counts.clone() if usage is not None else None
+    try:
+        yield
+    finally:
+        if usage is not None:
+            usage.counts.copy_(saved)
+
+
+class TokenizerModule(L.LightningModule):
+    """Trains a tokenizer (and its discriminator) for any registered modality.
+
+    A *step* is one batch: a generator update, then a discriminator update when the GAN is active. The
+    step counter, EMA, usage counters, optimiser states, RNG states and the logged history are all in the
+    checkpoint, and the data order is a function of the step (see :mod:`simvq.data`), so a resumed run
+    continues exactly where the interrupted one stopped.
+
+    Args:
+        config: a resolved config (:func:`simvq.config.resolve_config`).
+        task: the modality's :class:`~simvq.training.tasks.Task` (default: from ``config["modality"]``).
+        train_set, eval_set: data sets (built by the task when omitted).
+        max_steps: stop after this many steps (None: no step limit).
+        max_minutes: stop after this much training time in this process (None: no limit).
+    """
+
+    def __init__(
+        self,
+        config: dict,
+        *,
+        task: Task | None = None,
+        train_set=None,
+        eval_set=None,
+        max_steps: int | None = None,
+        max_minutes: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.config = config
+        self.task = task if task is not None else get_task(config)
+        self.model = self.task.build_model()
+        self.discriminator = self.task.build_discriminator()
+        # frozen loss networks are kept out of the module tree: not in checkpoints, not wrapped by DDP
+        self._loss_modules = [self.task.build_loss_modules()]
+        optim = config["optim"]
+        self.ema = (
+            EMA(self.model, decay=optim["ema_decay"], warmup=optim["ema_warmup"]) if optim["ema_decay"] is not None else None
+        )
+        if train_set is None or eval_set is None:
+            built = self.task.build_datasets()
+            train_set = built[0] if train_set is None else train_set
+            eval_set = built[1] if eval_set is None else eval_set
+        self.train_set, self.eval_set = train_set, eval_set
+        self.max_steps = max_steps
+        self.max_minutes = max_minutes
+        self.step = 0
+        self.history: list[dict] = []
+        self.diverged = False
+        self.diverged_reason = ""
+        self.steps_this_run = 0
+        self._window: dict[str, torch.Tensor] = {}
+        self._window_count = 0
+        self._fit_start = time.perf_counter()
+        self._train_time = 0.0
+
+    # ----- Lightning hooks ---------------------------------------------------------------------------
+    @property
+    def loss_modules(self):
+        return self._loss_modules[0]
+
+    def setup(self, stage: str) -> None:
+        if self.loss_modules is not None:
+            self.loss_modules.to(self.device)
+
+    def on_fit_start(self) -> None:
+        if self.loss_modules is not None:
+            self.loss_modules.to(self.device)
+        self._fit_start = time.perf_counter()
+
+    def configure_optimizers(self):
+        o = self.config["optim"]
+        gen = [p for p in self.model.parameters() if p.requires_grad]
+        opt_g = torch.optim.Adam(gen, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+        if self.discriminator is None:
+            return opt_g
+        disc_lr = o["disc_lr"] if o["disc_lr"] is not None else o["lr"]
+        opt_d = torch.optim.Adam(
+            self.discriminator.parameters(), lr=disc_lr, betas=tuple(o["betas"]), weight_decay=o["weight_decay"]
+        )
+        return [opt_g, opt_d]
+
+    def train_dataloader(self):
+        from simvq.data import train_loader
+
+        d = self.config["data"]
+        return train_loader(
+            self.train_set,
+            batch_size=d["batch_size"],
+            seed=self.config["seed"],
+            rank=self.global_rank,
+            world_size=self.trainer.world_size if self._trainer is not None else 1,
+            start_step=self.step,  # restored from the checkpoint before Lightning asks for the loader
+            num_workers=d["num_workers"],
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["simvq"] = {
+            "step": self.step,
+            "history": self.history,
+            "config": self.config,
+            "rng": rng_state(),
+            "train_time_s": self._train_time + (time.perf_counter() - self._fit_start),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("simvq")
+        if state is None:
+            raise ValueError("this checkpoint was not written by simvq training (no 'simvq' entry); cannot resume it")
+        from simvq.config import config_hash
+
+        if config_hash(state["config"]) != config_hash(self.config):
+            raise ValueError(
+                "the checkpoint in this run folder was trained with a different model/quantizer config; "
+                "use a new out_dir, or pass resume=False after moving the old run away"
+            )
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        self._train_time = float(state.get("train_time_s", 0.0))
+        set_rng_state(state["rng"])
+
+    # ----- training ----------------------------------------------------------------------------------
+    def _set_lr(self, optimizers) -> None:
+        o = self.config["optim"]
+        warm = o["warmup_steps"]
+        factor = min(1.0, (self.step + 1) / warm) if warm > 0 else 1.0
+        base = [o["lr"], o["disc_lr"] if o["disc_lr"] is not None else o["lr"]]
+        for opt, lr in zip(optimizers, base):
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
+
+    def _any_rank(self, *flags: bool) -> list[bool]:
+        """Element-wise OR of boolean flags over all ranks (so every rank takes the same branch)."""
+        if _world_size() == 1:
+            return list(flags)
+        t = torch.tensor([float(f) for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v > 0) for v in t.tolist()]
+
+    def _clip(self, opt) -> None:
+        clip = self.config["optim"]["grad_clip"]
+        if clip is not None:
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def training_step(self, batch, batch_idx):
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        opt_g = opts[0]
+        self._set_lr(opts)
+        x = self.task.model_input(batch)
+        step = self.step
+
+        error = ""
+        try:
+            x_hat, quant = self.model(x)
+            g_loss, logs = self.task.generator_loss(
+                x=x, x_hat=x_hat, quant=quant, discriminator=self.discriminator, loss_modules=self.loss_modules, step=step
+            )
+            if not bool(torch.isfinite(g_loss)):
+                error = f"generator loss is {float(g_loss)} at step {step}"
+        except ValueError as err:  # the quantizer refuses NaN/Inf features
+            if "NaN" not in str(err) and "Inf" not in str(err):
+                raise
+            error = f"step {step}: {err}"
+        (bad,) = self._any_rank(bool(error))
+        if bad:
+            self._diverge(error or f"another rank reported a non-finite loss at step {step}")
+            return None
+
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(g_loss)
+        self._clip(opt_g)
+        opt_g.step()
+
+        if self.discriminator is not None and self.task.gan_active(step):
+            opt_d = opts[1]
+            d_loss, d_logs = self.task.discriminator_loss(
+                x=x, x_hat=x_hat.detach(), discriminator=self.discriminator, step=step
+            )
+            opt_d.zero_grad(set_to_none=True)
+            self.manual_backward(d_loss)
+            self._clip(opt_d)
+            opt_d.step()
+            logs.update(d_logs)
+
+        if self.ema is not None:
+            self.ema.update(self.model)
+        self.step += 1
+        self.steps_this_run += 1
+        for k, v in logs.items():
+            self._window[k] = self._window.get(k, 0.0) + v
+        self._window_count += 1
+
+        last = self.max_steps is not None and self.step >= self.max_steps
+        out_of_time = (
+            self.max_minutes is not None and time.perf_counter() - self._fit_start >= 60.0 * self.max_minutes
+        )
+        if self.step % self.config["trainer"]["log_every"] == 0 or last or out_of_time:
+            self._log_window()
+        # every rank must agree to stop at the same step (the wall clock differs slightly between ranks)
+        last, out_of_time = self._any_rank(last, out_of_time)
+        if last or out_of_time:
+            self.trainer.should_stop = True
+        return None
+
+    def _diverge(self, reason: str) -> None:
+        self.diverged = True
+        self.diverged_reason = reason
+        self.trainer.should_stop = True
+        entry = {"step": self.step, "diverged": True, "reason": reason}
+        self.history.append(entry)
+
+    def _log_window(self) -> None:
+        if self._window_count == 0:
+            return
+        keys = sorted(self._window)
+        means = torch.stack([self._window[k] / self._window_count for k in keys])
+        if _world_size() > 1:
+            dist.all_reduce(means, op=dist.ReduceOp.SUM)
+            means = means / _world_size()
+        entry: dict = {"step": self.step}
+        entry.update({k: float(v) for k, v in zip(keys, means.tolist())})
+        usage = self.model.quantize.usage.compute()  # summed over ranks under DDP
+        entry.update(usage.as_dict())
+        self.model.quantize.usage.reset()
+        entry["lr"] = float(self.optimizers()[0].param_groups[0]["lr"]) if isinstance(self.optimizers(), list) else float(
+            self.optimizers().param_groups[0]["lr"]
+        )
+        elapsed = self._train_time + (time.perf_counter() - self._fit_start)
+        entry["time_s"] = elapsed
+        self.history.append(entry)
+        self._window, self._window_count = {}, 0
+        if self.global_rank == 0:
+            metrics = {f"train/{k}": v for k, v in entry.items() if k != "step" and isinstance(v, (int, float))}
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.step)
+
+    # ----- EMA weights ------------------------------------------------------------------------------
+    @contextmanager
+    def ema_weights(self):
+        """Run a block with the EMA weights (the live ones when EMA is off)."""
+        if self.ema is None:
+            yield self.model
+        else:
+            with self.ema.swapped(self.model):
+                yield self.model
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tokenizer's weights for the model directory: EMA averages when EMA is on."""
+        if self.ema is None:
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return self.ema.averaged_state_dict(self.model)
+
+    @torch.no_grad()
+    def reconstruct_samples(self, batch: torch.Tensor):
+        """``(x, x_hat)`` for a batch, with EMA weights, without touching the usage window."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.ema_weights(), preserved_usage(self.model):
+                x = batch.to(self.device)
+                x_hat, _ = self.task.reconstruct(self.model, x)
+        finally:
+            self.model.train(was_training)
+        return x, x_hat
+
+
+def finite_state(state: dict[str, torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+
+
+__all__ = ["TokenizerModule", "finite_state", "preserved_usage", "rng_state", "set_rng_state"]

@@ -1,0 +1,280 @@
+"""``train(config, out_dir=...)``: one entry point for the CLI, ``simvq compare`` and library users."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("simvq.training")
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        model_dir: ``out_dir/model`` (config.yaml + model.safetensors with EMA weights); None when the run
+            diverged before any finite weights could be exported.
+        history: one dict per logging window (``step``, the loss terms, ``utilization``, ``perplexity``,
+            ``dead_codes``, ``lr``, ``time_s``); a resumed run includes the interrupted run's entries.
+        wall_time_s: wall-clock seconds of this call, setup included.
+        steps_per_s: training steps per second in this call (setup excluded).
+        peak_memory_mb: peak accelerator memory (CUDA) or the process's peak resident memory (CPU).
+        diverged: a NaN/Inf loss stopped the run (``diverged_reason`` says where).
+        steps: steps completed in total (including those before a resume).
+        run_dir, checkpoint, samples: the run folder, its ``last.ckpt`` and the grids written.
+    """
+
+    model_dir: Path | None
+    history: list[dict]
+    wall_time_s: float
+    steps_per_s: float
+    peak_memory_mb: float
+    diverged: bool
+    steps: int = 0
+    run_dir: Path | None = None
+    checkpoint: Path | None = None
+    samples: list[Path] = field(default_factory=list)
+    diverged_reason: str = ""
+    config: dict = field(default_factory=dict)
+
+    def final(self, key: str, default=None):
+        """The last logged value of ``key`` (e.g. ``final("utilization")``)."""
+        for entry in reversed(self.history):
+            if key in entry:
+                return entry[key]
+        return default
+
+
+def _strategy(name: str):
+    if name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
+        from lightning.pytorch.strategies import DDPStrategy
+
+        start = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}[name]
+        # broadcast_buffers=False: each rank keeps its own usage counts (CodebookUsage sums them across ranks
+        # when asked); the default would overwrite them with rank 0's every forward pass.
+        # find_unused_parameters=True: the generator and the discriminator are updated by separate backward
+        # passes, each of which leaves the other network's parameters unused.
+        return DDPStrategy(find_unused_parameters=True, broadcast_buffers=False, start_method=start)
+    return name
+
+
+def _peek_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(
+            f"cannot read checkpoint {path} ({err}); move it away to start afresh, or pass resume=False with a new out_dir"
+        ) from err
+    if "simvq" not in ckpt:
+        raise ValueError(f"{path} was not written by simvq training; cannot resume from it")
+    return ckpt["simvq"]
+
+
+def _peak_memory_mb(device_type: str) -> float:
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    except (ImportError, OSError):
+        return float("nan")
+
+
+def export_model_dir(state_dict: dict, config: dict, directory: Path, *, metadata: dict | None = None) -> Path:
+    """Write ``config.yaml`` + ``model.safetensors`` through :mod:`simvq.checkpoints` (atomic writes)."""
+    from simvq.checkpoints import save_model_dir
+
+    return Path(save_model_dir(directory, state_dict, config, metadata=metadata))
+
+
+def train(
+    config,
+    *,
+    out_dir,
+    max_steps: int | None = None,
+    max_minutes: float | None = None,
+    progress: bool = True,
+    resume: bool = True,
+    overrides: list[str] | None = None,
+) -> TrainResult:
+    """Train the tokenizer a config describes and export it to ``out_dir/model``.
+
+    Args:
+        config: a config dict, a preset name (``"image/photos-small"``) or a YAML path.
+        out_dir: run folder: ``checkpoints/last.ckpt``, ``logs/`` (CSV), ``tb/`` (TensorBoard), ``samples/``
+            (reconstruction grids), ``config.yaml`` and the exported ``model/``.
+        max_steps, max_minutes: override ``trainer.max_steps`` / ``trainer.max_minutes``.
+        progress: show a progress bar and the model summary (off: quiet, minimal callbacks).
+        resume: continue from ``out_dir/checkpoints/last.ckpt`` when it exists. With ``resume=False`` an
+            existing checkpoint is an error (nothing is overwritten).
+        overrides: ``key.sub=value`` strings applied to ``config`` first.
+
+    Returns:
+        :class:`TrainResult`. A NaN/Inf loss stops the run with ``diverged=True`` instead of raising.
+    """
+    import lightning as L
+
+    from simvq.config import load_config, save_config
+    from simvq.training.callbacks import AtomicCheckpointIO, PeriodicCheckpoint, SampleGrids, StepProgress
+    from simvq.training.module import TokenizerModule, finite_state
+    from simvq.training.tasks import get_task
+
+    wall0 = time.perf_counter()
+    config = load_config(config, overrides)
+    tcfg = config["trainer"]
+    if max_steps is not None:
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        tcfg["max_steps"] = max_steps
+    if max_minutes is not None:
+        if not max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0, got {max_minutes!r}")
+        tcfg["max_minutes"] = float(max_minutes)
+    if tcfg["max_steps"] is None and tcfg["max_epochs"] is None and tcfg["max_minutes"] is None:
+        raise ValueError("set trainer.max_steps, trainer.max_epochs or trainer.max_minutes, or the run never ends")
+
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoints" / "last.ckpt"
+    resume_from = None
+    if ckpt_path.exists():
+        if not resume:
+            raise FileExistsError(
+                f"{out_dir} already holds a training run ({ckpt_path}); pass resume=True to continue it or "
+                "choose another out_dir (nothing was overwritten)"
+            )
+        resume_from = ckpt_path
+        done = int(_peek_checkpoint(ckpt_path)["step"])
+    else:
+        done = 0
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    L.seed_everything(config["seed"], workers=True, verbose=False)
+    task = get_task(config)
+    module = TokenizerModule(config, task=task, max_minutes=tcfg["max_minutes"])
+
+    loggers = []
+    if "csv" in tcfg["loggers"]:
+        from lightning.pytorch.loggers import CSVLogger
+
+        loggers.append(CSVLogger(out_dir, name="logs", version=""))
+    if "tensorboard" in tcfg["loggers"]:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(out_dir, name="tb", version="", default_hp_metric=False))
+    samples = SampleGrids(out_dir / "samples", every=tcfg["sample_every"], num_samples=tcfg["num_samples"])
+    callbacks = [PeriodicCheckpoint(ckpt_path, every=tcfg["checkpoint_every"]), samples]
+
+    quiet = _QuietLightning(enabled=not progress)
+    with warnings.catch_warnings(), quiet:
+        warnings.filterwarnings("ignore", message=".*treespec.*")  # Lightning vs newer torch, harmless
+        # expected with an endless step-indexed loader and our own stopping rule
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
+        warnings.filterwarnings("ignore", message=".*Your `IterableDataset` has `__len__` defined.*")
+        warnings.filterwarnings("ignore", message=".*The number of training batches.*")
+        trainer = L.Trainer(
+            accelerator=tcfg["accelerator"],
+            devices=tcfg["devices"],
+            num_nodes=tcfg["num_nodes"],
+            strategy=_strategy(tcfg["strategy"]),
+            precision=tcfg["precision"],
+            max_epochs=-1,
+            max_steps=-1,
+            logger=loggers or False,
+            callbacks=callbacks,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=progress,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            use_distributed_sampler=False,
+            deterministic=tcfg["deterministic"],
+            default_root_dir=out_dir,
+            plugins=[AtomicCheckpointIO()],
+            log_every_n_steps=1,
+        )
+        steps = tcfg["max_steps"]
+        if tcfg["max_epochs"] is not None:
+            global_batch = config["data"]["batch_size"] * trainer.world_size
+            epoch_steps = math.ceil(tcfg["max_epochs"] * len(module.train_set) / global_batch)
+            steps = epoch_steps if steps is None else min(steps, epoch_steps)
+        module.max_steps = steps
+        if progress:
+            trainer.callbacks.append(StepProgress(steps))
+        if trainer.global_rank == 0:
+            save_config(config, out_dir / "config.yaml")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        fit_t0 = time.perf_counter()
+        if steps is not None and done >= steps:
+            log.info("run in %s already reached step %d; exporting without training", out_dir, done)
+            _restore_weights_only(module, ckpt_path)
+        else:
+            trainer.fit(module, ckpt_path=resume_from, weights_only=True)
+        fit_time = time.perf_counter() - fit_t0
+
+    model_dir = None
+    if trainer.global_rank == 0:
+        state = module.export_state_dict()
+        if finite_state(state):
+            meta = {"weights": "ema" if module.ema is not None else "live", "steps": str(module.step)}
+            model_dir = export_model_dir({k: v.cpu() for k, v in state.items()}, config, out_dir / "model", metadata=meta)
+        else:
+            log.error("weights are not finite after divergence; no model exported (last good checkpoint: %s)", ckpt_path)
+    if module.diverged:
+        log.warning("training diverged: %s", module.diverged_reason)
+    device_type = module.device.type
+    return TrainResult(
+        model_dir=model_dir,
+        history=module.history,
+        wall_time_s=time.perf_counter() - wall0,
+        steps_per_s=module.steps_this_run / fit_time if fit_time > 0 and module.steps_this_run else 0.0,
+        peak_memory_mb=_peak_memory_mb(device_type),
+        diverged=module.diverged,
+        steps=module.step,
+        run_dir=out_dir,
+        checkpoint=ckpt_path if ckpt_path.exists() else None,
+        samples=list(samples.written),
+        diverged_reason=module.diverged_reason,
+        config=config,
+    )
+
+
+class _QuietLightning:
+    """Silence Lightning's info lines (device summary, tips) for quiet runs such as ``simvq compare``."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.saved: list[tuple[logging.Logger, int]] = []
+
+    def __enter__(self):
+        if self.enabled:
+            for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+                lg = logging.getLogger(name)
+                self.saved.append((lg, lg.level))
+                lg.setLevel(logging.WARNING)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for lg, level in self.saved:
+            lg.setLevel(level)
+        self.saved.clear()
+
+
+def _restore_weights_only(module, ckpt_path: Path) -> None:
+    """Load a finished run's weights (model, EMA) and bookkeeping without starting the Trainer."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    module.load_state_dict(ckpt["state_dict"])
+    module.on_load_checkpoint(ckpt)
+
+
+__all__ = ["TrainResult", "train"]
+
