@@ -223,6 +223,12 @@ class _InertObject:
         self.__dict__.setdefault("_items_list", []).extend(values)
 
 
+def _last_line(err: BaseException) -> str:
+    """The informative line of torch's long weights-only error messages."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not ln.startswith("Check the documentation")]
+    return lines[-1] if lines else type(err).__name__
+
+
 def _torch_load_restricted(path: Path):
     """``torch.load(weights_only=True)``; when the file names classes outside the allowlist (Lightning
     checkpoints pickle hyper-parameter objects), retry with each such class replaced by an inert stub.
@@ -238,7 +244,7 @@ def _torch_load_restricted(path: Path):
 
     if not hasattr(serialization, "get_unsafe_globals_in_checkpoint"):
         raise ValueError(
-            f"{path} holds non-tensor objects that torch.load(weights_only=True) refuses ({first_error}); this torch "
+            f"{path} holds non-tensor objects that torch.load(weights_only=True) refuses ({_last_line(first_error)}); this torch "
             "version cannot list them for a restricted load. Re-save only the weights on a trusted machine: "
             "torch.save({'state_dict': torch.load(path, weights_only=False)['state_dict']}, 'weights.ckpt')"
         ) from first_error
@@ -246,8 +252,8 @@ def _torch_load_restricted(path: Path):
         names = serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as err:  # not a zip checkpoint (legacy format) or unreadable
         raise ValueError(
-            f"{path}: torch.load(weights_only=True) failed ({first_error}) and the file's objects could not be "
-            f"listed ({err}); re-save the state_dict alone on a trusted machine"
+            f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): torch.load(weights_only=True) "
+            f"failed ({_last_line(first_error)}) and its objects could not be listed ({err})"
         ) from err
     log.warning(
         "%s names %d object type(s) outside torch's weights-only allowlist (%s); loading them as inert stubs "
@@ -262,8 +268,8 @@ def _torch_load_restricted(path: Path):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(
-            f"{path} could not be read even with stubs for its non-tensor objects ({err}); re-save the state_dict "
-            "alone on a trusted machine"
+            f"{path} could not be read even with stubs for its non-tensor objects ({_last_line(err)}); re-save the "
+            "state_dict alone on a trusted machine"
         ) from err
 
 
