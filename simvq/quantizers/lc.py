@@ -17,15 +17,38 @@ from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, nearest_code
 from simvq.quantizers.simvq import SimVQ
 
 
+KMEANS_INITS = ("kmeans++", "random")
+
+
+def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Arthur & Vassilvitskii 2007: each next seed drawn with probability proportional to D(x)^2."""
+    first = int(torch.randint(x.shape[0], (1,), generator=generator))
+    centroids = [x[first]]
+    min_sq = (x - x[first]).pow(2).sum(1)
+    for _ in range(1, k):
+        weights = min_sq.cpu().double()
+        if float(weights.sum()) <= 0:  # fewer distinct points than k: any point will do
+            weights = torch.ones_like(weights)
+        pick = int(torch.multinomial(weights, 1, generator=generator))
+        centroids.append(x[pick])
+        min_sq = torch.minimum(min_sq, (x - x[pick]).pow(2).sum(1))
+    return torch.stack(centroids)
+
+
 @torch.no_grad()
-def kmeans_init(features: torch.Tensor, k: int, iters: int = 10, seed: int = 0) -> torch.Tensor:
+def kmeans_init(
+    features: torch.Tensor, k: int, iters: int = 10, seed: int = 0, init: str = "kmeans++"
+) -> torch.Tensor:
     """k-means centroids (Lloyd's algorithm) of ``features``, for an LC codebook.
 
     Args:
         features: ``(N, D)`` floating-point feature vectors, ``N >= k``.
         k: number of centroids.
-        iters: Lloyd iterations after the initial pick (0 returns the k random distinct rows).
-        seed: seed of the initial pick and of re-seeding empty clusters (reproducible on any device).
+        iters: Lloyd iterations after the seeding (0 returns the seeds).
+        seed: seed of the seeding and of re-seeding empty clusters (reproducible on any device).
+        init: ``"kmeans++"`` (D^2 seeding, as scikit-learn; k sequential steps of O(N D) each) or
+            ``"random"`` (k distinct random rows; instant, but Lloyd may then stop in a poorer local
+            minimum; use it for very large k on a CPU).
 
     Returns:
         ``(k, D)`` fp32 centroids on ``features.device``. An empty cluster is re-seeded with a random
@@ -45,9 +68,13 @@ def kmeans_init(features: torch.Tensor, k: int, iters: int = 10, seed: int = 0) 
     x = features.detach().float()
     if not bool(torch.isfinite(x).all()):
         raise ValueError("features contain NaN or Inf; clean them before running k-means")
+    if init not in KMEANS_INITS:
+        raise ValueError(f"init must be one of {KMEANS_INITS}, got {init!r}")
     generator = torch.Generator().manual_seed(int(seed))  # CPU generator: same picks on every device
-    picks = torch.randperm(x.shape[0], generator=generator)[:k].to(x.device)
-    centroids = x[picks].clone()
+    if init == "kmeans++":
+        centroids = _kmeans_plus_plus(x, k, generator)
+    else:
+        centroids = x[torch.randperm(x.shape[0], generator=generator)[:k].to(x.device)].clone()
     for _ in range(iters):
         assign = nearest_code(x, centroids)
         counts = torch.bincount(assign, minlength=k)
