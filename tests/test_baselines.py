@@ -407,7 +407,11 @@ def test_lc_frozen_features_and_trained_projector():
     assert torch.equal(out.indices, dist.argmin(dim=1))
     out.loss.backward()
     assert q.embedding_proj.weight.grad.abs().sum() > 0 and q.embedding.weight.grad is None
+    # official loss weights: 1.0 * commitment + 0.33 * codebook
+    torch.testing.assert_close(out.loss, 1.0 * out.commitment_loss + 0.33 * out.codebook_loss)
     assert LCVectorQuantizer(dim=5, codebook_size=9).frozen_codebook.shape == (9, 5)  # random fallback
+    big = LCVectorQuantizer(dim=400, codebook_size=4, feature_dim=300)
+    assert abs(float(big.embedding_proj.weight.detach().std()) - 400**-0.5) < 0.002  # official projector init
     with pytest.raises(ValueError, match="does not match"):
         LCVectorQuantizer(dim=5, codebook_size=10, init_features=feats)
     with pytest.raises(ValueError, match="codebook_size or init_features"):

@@ -3,6 +3,8 @@
 The codebook is a *frozen* set of feature vectors, in the paper the k-means centroids of a pretrained
 vision encoder's patch features, mapped into the latent space by one learned linear projector. The codes in
 use are ``P(C) = C P^T + b``; the plain VQ loss trains ``P`` (codebook term) and the encoder (commitment).
+Defaults follow the official code: projector weight drawn ``Normal(0, dim**-0.5)`` (bias: PyTorch default),
+loss ``1.0 * commitment + 0.33 * codebook``.
 
 This is structurally SimVQ with an informed instead of a random frozen matrix, so it reuses
 :class:`~simvq.quantizers.simvq.SimVQ` (search, loss, decoding) and only changes how ``C`` is made.
@@ -99,7 +101,7 @@ class LCVectorQuantizer(SimVQ):
             and the quantizer equals SimVQ with a ``feature_dim``-wide frozen matrix.
         feature_dim: width of the features (default: ``init_features.shape[1]``, else ``dim``).
         bias: projector bias.
-        commitment_weight, codebook_weight: the two named loss weights (0.25, 1.0).
+        commitment_weight, codebook_weight: the two named loss weights (official VQGAN-LC: 1.0, 0.33).
         rotation_trick, channel_first, check_finite, search_chunk_elements: as for :class:`SimVQ`.
 
     State-dict keys: ``embedding.weight`` (``C``, frozen, saved), ``embedding_proj.weight`` / ``.bias``
@@ -114,8 +116,8 @@ class LCVectorQuantizer(SimVQ):
         init_features: torch.Tensor | None = None,
         feature_dim: int | None = None,
         bias: bool = True,
-        commitment_weight: float = 0.25,
-        codebook_weight: float = 1.0,
+        commitment_weight: float = 1.0,
+        codebook_weight: float = 0.33,
         rotation_trick: bool = False,
         channel_first: bool = True,
         check_finite: bool = True,
@@ -155,6 +157,7 @@ class LCVectorQuantizer(SimVQ):
             search_chunk_elements=search_chunk_elements,
         )
         self.feature_dim = self.frozen_codebook_dim
-        if init_features is not None:
-            with torch.no_grad():
+        with torch.no_grad():
+            torch.nn.init.normal_(self.embedding_proj.weight, std=dim**-0.5)
+            if init_features is not None:
                 self.embedding.weight.copy_(init_features)
