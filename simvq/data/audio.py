@@ -198,7 +198,8 @@ class AudioDataConfig:
     """Audio data; ``batch_size`` is per device.
 
     ``dataset``: ``speech`` (the built-in synthetic speech corpus: ``path`` is its folder, built there with
-    espeak-ng when missing, default ``~/.cache/simvq/speech-<rate>``; train/eval held out by sentence) or
+    espeak-ng when missing, default ``~/.cache/simvq/speech-<rate>hz-<sentences>s-<voices>v-<eval_fraction>e``;
+    train/eval held out by sentence, ``eval_fraction`` of the sentences) or
     ``folder`` (any nested folder of wav/flac, e.g. LibriTTS ``train-clean-100``; ``eval_path`` is the
     evaluation folder, otherwise ``eval_fraction`` of the files, every n-th in sorted order, is held out).
     ``eval_dataset: pocketsphinx`` evaluates on Debian's real LibriVox clips instead.
@@ -224,8 +225,9 @@ class AudioDataConfig:
     corpus_voices_per_sentence: int = 4
 
 
-def default_corpus_dir(sample_rate: int) -> Path:
-    return Path("~/.cache/simvq").expanduser() / f"speech-{sample_rate}"
+def default_corpus_dir(sample_rate: int, sentences: int = 300, voices: int = 4, eval_fraction: float = 0.1) -> Path:
+    """Where the built-in corpus with these parameters is cached (one folder per parameter set)."""
+    return Path("~/.cache/simvq").expanduser() / f"speech-{sample_rate}hz-{sentences}s-{voices}v-{eval_fraction:g}e"
 
 
 def _every_nth_split(files: list[Path], fraction: float) -> tuple[list[Path], list[Path]]:
@@ -247,13 +249,10 @@ def audio_file_splits(data_cfg: dict) -> tuple[list[Path], list[Path]]:
     if dataset == "speech":
         from simvq.data.speech import ensure_speech_corpus, read_manifest
 
-        root = Path(d["path"]).expanduser() if d.get("path") else default_corpus_dir(rate)
-        ensure_speech_corpus(
-            root,
-            sample_rate=rate,
-            num_sentences=d.get("corpus_sentences", 300),
-            voices_per_sentence=d.get("corpus_voices_per_sentence", 4),
-        )
+        sentences, voices = d.get("corpus_sentences", 300), d.get("corpus_voices_per_sentence", 4)
+        fraction = d.get("eval_fraction", 0.1)
+        root = Path(d["path"]).expanduser() if d.get("path") else default_corpus_dir(rate, sentences, voices, fraction)
+        ensure_speech_corpus(root, sample_rate=rate, num_sentences=sentences, voices_per_sentence=voices, eval_fraction=fraction)
         rows = read_manifest(root)
         train = [root / r["path"] for r in rows if r["split"] == "train"]
         evals = [root / r["path"] for r in rows if r["split"] == "eval"]

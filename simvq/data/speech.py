@@ -247,7 +247,9 @@ def build_speech_corpus(
     n_eval = max(1, round(eval_fraction * num_sentences))
     eval_ids = set(rng.permutation(num_sentences)[:n_eval].tolist())
     pairs = [(a, v) for a in ACCENTS for v in VARIANTS]
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None, prefix=f".{out_dir.name}."))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # built beside the destination and renamed into place, so the corpus appears whole or not at all
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
         rows = []
         for sid, text in enumerate(sentences):
@@ -272,7 +274,7 @@ def build_speech_corpus(
         (staging / CORPUS_INFO).write_text(json.dumps(params, indent=1, sort_keys=True) + "\n")
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
-        os.replace(staging, out_dir)  # the corpus appears whole or not at all
+        os.replace(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -288,7 +290,7 @@ def read_manifest(root: str | Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def ensure_speech_corpus(root: str | Path, *, sample_rate: int, num_sentences: int = 300, voices_per_sentence: int = 4) -> Path:
+def ensure_speech_corpus(root: str | Path, *, sample_rate: int, num_sentences: int = 300, voices_per_sentence: int = 4, eval_fraction: float = 0.1) -> Path:
     """The corpus at ``root``, built first when the folder does not hold one yet."""
     root = Path(root).expanduser()
     if (root / MANIFEST).is_file():
@@ -302,7 +304,10 @@ def ensure_speech_corpus(root: str | Path, *, sample_rate: int, num_sentences: i
                 )
         return root / MANIFEST
     print(f"building the speech corpus in {root} (espeak-ng, {num_sentences} sentences) ...", flush=True)
-    return build_speech_corpus(root, sample_rate=sample_rate, num_sentences=num_sentences, voices_per_sentence=voices_per_sentence, progress=True)
+    return build_speech_corpus(
+        root, sample_rate=sample_rate, num_sentences=num_sentences, voices_per_sentence=voices_per_sentence,
+        eval_fraction=eval_fraction, progress=True,
+    )
 
 
 __all__ = ["ACCENTS", "VARIANTS", "build_speech_corpus", "ensure_speech_corpus", "find_engine", "make_sentences", "read_manifest"]

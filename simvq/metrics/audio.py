@@ -351,6 +351,32 @@ class AudioMetricAccumulator:
         return result
 
 
+class AudioBatchMetrics:
+    """The metric object :func:`simvq.evaluation.evaluate` drives for audio: ``update(x, x_hat)`` with batches
+    ``(B, 1, T)`` (every item scored on its own), ``compute() -> dict``. Codebook usage is counted by the
+    evaluation loop itself; this adds ``bitrate_bps`` when the codebook size is known.
+    """
+
+    def __init__(self, *, sample_rate: int, tokens_per_second: float | None = None, codebook_size: int | None = None,
+                 metrics=("pesq", "stoi", "dnsmos", "mel", "vuv_f1", "utmos"), utmos_checkpoint=None) -> None:
+        self.acc = AudioMetricAccumulator(sample_rate=sample_rate, metrics=metrics, utmos_checkpoint=utmos_checkpoint)
+        self.tokens_per_second = tokens_per_second
+        self.codebook_size = codebook_size
+
+    def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        if x.shape != x_hat.shape or x.dim() != 3:
+            raise ValueError(f"expected matching (B, 1, T) batches, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+        for i in range(x.shape[0]):
+            self.acc.update(x[i, 0], x_hat[i, 0])
+
+    def compute(self) -> dict:
+        out = self.acc.compute()
+        if self.tokens_per_second is not None and self.codebook_size:
+            out["tokens_per_second"] = self.tokens_per_second
+            out["bitrate_bps"] = self.tokens_per_second * math.log2(self.codebook_size)
+        return out
+
+
 def _as_1d(wave) -> np.ndarray:
     if isinstance(wave, torch.Tensor):
         wave = wave.detach().float().cpu().numpy()
@@ -396,6 +422,7 @@ def evaluate_audio_tokenizer(model, dataset, *, metrics=("pesq", "stoi", "dnsmos
 
 __all__ = [
     "ALL_METRICS",
+    "AudioBatchMetrics",
     "AudioMetricAccumulator",
     "DNSMOS",
     "crepe_vuv_available",

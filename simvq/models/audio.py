@@ -31,6 +31,8 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -550,8 +552,8 @@ class AudioTokenizer(nn.Module):
 
 def resolve_audio_model_config(model_cfg: Mapping | None) -> dict:
     """``model`` config section -> full keyword set: the preset's values overridden by explicit keys."""
-    model_cfg = dict(model_cfg or {})
-    preset = model_cfg.pop("preset", "official-24k")
+    model_cfg = {k: v for k, v in dict(model_cfg or {}).items() if v is not None}
+    preset = model_cfg.pop("preset", None) or "official-24k"
     if preset not in AUDIO_PRESETS:
         raise ValueError(f"unknown audio preset {preset!r}; choose one of {sorted(AUDIO_PRESETS)}")
     unknown = sorted(set(model_cfg) - set(AUDIO_MODEL_KEYS))
@@ -598,6 +600,69 @@ def _build_quantizer(name: str, **kwargs) -> Quantizer:
             raise ValueError(f"unknown quantizer {name!r}; available here: {sorted(core)}") from None
         return core[name](**kwargs)
     return build_quantizer(name, **kwargs)
+
+
+@dataclass
+class AudioModelConfig:
+    """The audio tokenizer (:mod:`simvq.models.audio`, REFERENCE §3).
+
+    ``preset`` names an entry of :data:`AUDIO_PRESETS` (``official-24k``, ``small-16k``, ``tiny-16k``; default
+    ``official-24k``); keys given next to it override the preset. ``ratios`` are EnCodec's decoder-order
+    strides (the encoder applies them reversed; hop = their product); ``dimension`` is the token dimension
+    (the quantizer's ``dim``); ``backbone_*`` size the Vocos decoder; ``n_fft`` is the ISTFT size of the head.
+    The resolved config stores every key.
+    """
+
+    preset: Optional[str] = None
+    sample_rate: Optional[int] = None
+    n_filters: Optional[int] = None
+    ratios: Optional[list[int]] = None
+    n_residual_layers: Optional[int] = None
+    dilation_base: Optional[int] = None
+    kernel_size: Optional[int] = None
+    last_kernel_size: Optional[int] = None
+    residual_kernel_size: Optional[int] = None
+    compress: Optional[int] = None
+    lstm_layers: Optional[int] = None
+    dimension: Optional[int] = None
+    backbone_dim: Optional[int] = None
+    backbone_intermediate_dim: Optional[int] = None
+    backbone_layers: Optional[int] = None
+    pos_net: Optional[bool] = None
+    n_fft: Optional[int] = None
+
+
+def finalize_audio_config(cfg: dict) -> dict:
+    """Expand the model preset, copy the model's rate into ``data.sample_rate`` and check the audio values."""
+    model = {k: v for k, v in cfg["model"].items() if v is not None}
+    preset = model.get("preset") or "official-24k"
+    model["preset"] = preset
+    resolved = resolve_audio_model_config(model)
+    cfg["model"] = {"preset": preset, **resolved}
+    rate = resolved["sample_rate"]
+    data = cfg["data"]
+    if data.get("sample_rate") not in (None, rate):
+        raise ValueError(f"data.sample_rate ({data['sample_rate']}) differs from model.sample_rate ({rate}); drop data.sample_rate")
+    data["sample_rate"] = rate
+    hop = math.prod(resolved["ratios"])
+    if (resolved["n_fft"] - hop) % 2 or resolved["n_fft"] < hop:
+        raise ValueError(f"model.n_fft ({resolved['n_fft']}) must be >= the hop ({hop}) with an even difference")
+    if resolved["pos_net"] and resolved["backbone_dim"] % 32:
+        raise ValueError(f"model.backbone_dim ({resolved['backbone_dim']}) must be a multiple of 32 with the pos-net")
+    for key in ("batch_size", "eval_batch_size", "corpus_sentences", "corpus_voices_per_sentence"):
+        if data[key] < 1:
+            raise ValueError(f"data.{key} must be >= 1, got {data[key]}")
+    if not data["segment_seconds"] > 0:
+        raise ValueError(f"data.segment_seconds must be > 0, got {data['segment_seconds']}")
+    if data["segment_seconds"] * rate < hop:
+        raise ValueError(f"data.segment_seconds is shorter than one token ({hop} samples at {rate} Hz)")
+    loss = cfg["loss"]
+    for key in ("mel_weight", "quantizer_weight", "gan_weight", "feature_matching_weight", "mrd_weight", "gan_start_step"):
+        if not loss[key] >= 0:
+            raise ValueError(f"loss.{key} must be >= 0, got {loss[key]!r}")
+    if any(p < 1 for p in loss["periods"]) or any(len(r) != 3 for r in loss["resolutions"]):
+        raise ValueError("loss.periods must be positive integers and loss.resolutions [n_fft, hop, win] triples")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -673,3 +738,30 @@ def convert_official_audio_state_dict(state_dict: Mapping, model: nn.Module, *, 
             "(official-24k) and quantizer.codebook_size against the checkpoint"
         )
     return converted
+
+
+def convert_official_state_dict(state_dict: Mapping, use_ema: bool = True) -> tuple[dict, dict]:
+    """An official audio checkpoint's ``state_dict`` -> ``(tokenizer state dict, full config)``.
+
+    The architecture is the ``official-24k`` preset; the codebook size comes from
+    ``quantize.embedding.weight``, and the quantizer is SimVQ when ``quantize.embedding_proj.*`` is present
+    (plain VQ otherwise). Used by :func:`simvq.checkpoints.convert_official`.
+    """
+    codebook = state_dict.get("quantize.embedding.weight")
+    if codebook is None or codebook.dim() != 2:
+        raise ValueError("official audio checkpoint lacks quantize.embedding.weight (K, d); it does not have the official layout")
+    k, d = (int(v) for v in codebook.shape)
+    name = "simvq" if "quantize.embedding_proj.weight" in state_dict else "vq"
+    config = {"modality": "audio", "model": {"preset": "official-24k", "dimension": d}, "quantizer": {"name": name, "codebook_size": k}}
+    try:
+        from simvq.config import resolve_config
+
+        config = resolve_config(config)
+    except ImportError:
+        pass
+    model = build_audio_tokenizer(config)
+    converted = convert_official_audio_state_dict(state_dict, model, use_ema=use_ema)
+    own = model.state_dict()
+    own.update(converted)
+    model.load_state_dict(own)
+    return model.state_dict(), config

@@ -11,13 +11,12 @@ Losses as Vocos/WavTokenizer/SimVQ compute them, each averaged over the sub-disc
 discriminator ``mean(relu(1 - D(x))) + mean(relu(1 + D(x_hat)))``; generator ``mean(relu(1 - D(x_hat)))``;
 feature matching ``sum over layers of mean |f(x) - f(x_hat)|``.
 The generator objective is ``mel_weight * logmel_L1 + quantizer_weight * vq_loss + gan terms``
-(:class:`AudioTokenizerLoss`, official weights 45 and 1000).
+(:func:`audio_generator_loss`, official weights 45 and 1000).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -182,93 +181,52 @@ class AudioLossConfig:
     mrd_channels: int = 64
 
 
-class AudioTokenizerLoss(nn.Module):
-    """Generator and discriminator objectives of the audio tokenizer.
+class AudioDiscriminator(nn.Module):
+    """The recipe's discriminators as one module: ``mpd`` (multi-period) and ``mrd`` (multi-resolution)."""
 
-    Attributes ``mpd`` and ``mrd`` are the discriminators (``discriminator_parameters()`` for their optimiser).
-    ``generator_loss(x, x_hat, qout, step)`` and ``discriminator_loss(x, x_hat, step)`` return
-    ``(loss, logs)`` with waveforms ``(B, 1, T)``.
-    """
-
-    def __init__(
-        self,
-        *,
-        sample_rate: int,
-        mel_weight: float = 45.0,
-        quantizer_weight: float = 1000.0,
-        gan_weight: float = 1.0,
-        feature_matching_weight: float = 1.0,
-        mrd_weight: float = 1.0,
-        gan_start_step: int = 0,
-        mel_n_fft: int = 1024,
-        mel_hop: int = 256,
-        mel_n_mels: int = 100,
-        periods=DEFAULT_PERIODS,
-        mpd_channels=(32, 128, 512, 1024),
-        resolutions=DEFAULT_RESOLUTIONS,
-        mrd_channels: int = 64,
-    ) -> None:
+    def __init__(self, *, periods=DEFAULT_PERIODS, mpd_channels=(32, 128, 512, 1024), resolutions=DEFAULT_RESOLUTIONS, mrd_channels: int = 64) -> None:
         super().__init__()
-        for name, value in (
-            ("mel_weight", mel_weight),
-            ("quantizer_weight", quantizer_weight),
-            ("gan_weight", gan_weight),
-            ("feature_matching_weight", feature_matching_weight),
-            ("mrd_weight", mrd_weight),
-            ("gan_start_step", gan_start_step),
-        ):
-            if not value >= 0:
-                raise ValueError(f"loss.{name} must be >= 0, got {value!r}")
-        self.mel_weight = float(mel_weight)
-        self.quantizer_weight = float(quantizer_weight)
-        self.gan_weight = float(gan_weight)
-        self.feature_matching_weight = float(feature_matching_weight)
-        self.mrd_weight = float(mrd_weight)
-        self.gan_start_step = int(gan_start_step)
-        self.mel_loss = MelReconstructionLoss(sample_rate=sample_rate, n_fft=mel_n_fft, hop_length=mel_hop, n_mels=mel_n_mels)
-        self.use_gan = self.gan_weight > 0 or self.feature_matching_weight > 0
-        if self.use_gan:
-            self.mpd = MultiPeriodDiscriminator(periods=periods, channels=mpd_channels)
-            self.mrd = MultiResolutionDiscriminator(resolutions=resolutions, channels=mrd_channels)
+        self.mpd = MultiPeriodDiscriminator(periods=periods, channels=mpd_channels)
+        self.mrd = MultiResolutionDiscriminator(resolutions=resolutions, channels=mrd_channels)
 
     @classmethod
-    def from_config(cls, loss_cfg: dict, *, sample_rate: int) -> "AudioTokenizerLoss":
-        cfg = dict(loss_cfg)
-        return cls(sample_rate=sample_rate, **cfg)
+    def from_loss_config(cls, loss: dict) -> "AudioDiscriminator":
+        return cls(periods=loss["periods"], mpd_channels=loss["mpd_channels"], resolutions=loss["resolutions"], mrd_channels=loss["mrd_channels"])
 
-    def discriminator_parameters(self):
-        if not self.use_gan:
-            return []
-        return [*self.mpd.parameters(), *self.mrd.parameters()]
 
-    def gan_active(self, step: int) -> bool:
-        return self.use_gan and step >= self.gan_start_step
+def uses_gan(loss: dict) -> bool:
+    """Whether the loss section asks for discriminators at all."""
+    return loss["gan_weight"] > 0 or loss["feature_matching_weight"] > 0
 
-    def generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, qout, step: int = 0) -> tuple[torch.Tensor, dict]:
-        mel = self.mel_loss(x_hat, x)
-        vq = qout.loss
-        total = self.mel_weight * mel + self.quantizer_weight * vq
-        logs = {"mel_loss": mel.detach(), "vq_loss": vq.detach(), "commitment_loss": qout.commitment_loss.detach(),
-                "codebook_loss": qout.codebook_loss.detach()}
-        if self.gan_active(step):
-            real_p, real_p_maps = self.mpd(x)
-            fake_p, fake_p_maps = self.mpd(x_hat)
-            real_r, real_r_maps = self.mrd(x)
-            fake_r, fake_r_maps = self.mrd(x_hat)
-            g_mp, g_mr = generator_adversarial_loss(fake_p), generator_adversarial_loss(fake_r)
-            fm_mp, fm_mr = feature_matching_loss(real_p_maps, fake_p_maps), feature_matching_loss(real_r_maps, fake_r_maps)
-            total = total + self.gan_weight * (g_mp + self.mrd_weight * g_mr)
-            total = total + self.feature_matching_weight * (fm_mp + self.mrd_weight * fm_mr)
-            logs.update(gen_mpd=g_mp.detach(), gen_mrd=g_mr.detach(), fm_mpd=fm_mp.detach(), fm_mrd=fm_mr.detach())
-        logs["total_loss"] = total.detach()
-        return total, logs
 
-    def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, dict]:
-        if not self.gan_active(step):
-            zero = x.new_zeros(())
-            return zero, {}
-        x, x_hat = x.detach(), x_hat.detach()
-        d_mp = discriminator_adversarial_loss(self.mpd(x)[0], self.mpd(x_hat)[0])
-        d_mr = discriminator_adversarial_loss(self.mrd(x)[0], self.mrd(x_hat)[0])
-        loss = d_mp + self.mrd_weight * d_mr
-        return loss, {"disc_mpd": d_mp.detach(), "disc_mrd": d_mr.detach(), "disc_loss": loss.detach()}
+def audio_generator_loss(*, x, x_hat, quant, mel_loss, discriminator, loss: dict, gan_active: bool):
+    """``(total, logs)``: ``mel_weight * logmel_L1 + quantizer_weight * quant.loss`` plus, when the GAN is active,
+    ``gan_weight * (G_mpd + mrd_weight * G_mrd) + feature_matching_weight * (FM_mpd + mrd_weight * FM_mrd)``.
+
+    ``x``, ``x_hat``: ``(B, 1, T)``; ``mel_loss``: a :class:`MelReconstructionLoss`; ``loss``: the loss section.
+    """
+    mel = mel_loss(x_hat, x)
+    vq = quant.loss.float()
+    total = loss["mel_weight"] * mel + loss["quantizer_weight"] * vq
+    logs = {"mel_loss": mel, "quant_loss": vq, "commitment": quant.commitment_loss, "codebook": quant.codebook_loss}
+    if gan_active and discriminator is not None:
+        real_p, real_p_maps = discriminator.mpd(x)
+        fake_p, fake_p_maps = discriminator.mpd(x_hat)
+        real_r, real_r_maps = discriminator.mrd(x)
+        fake_r, fake_r_maps = discriminator.mrd(x_hat)
+        g_mp, g_mr = generator_adversarial_loss(fake_p), generator_adversarial_loss(fake_r)
+        fm_mp, fm_mr = feature_matching_loss(real_p_maps, fake_p_maps), feature_matching_loss(real_r_maps, fake_r_maps)
+        total = total + loss["gan_weight"] * (g_mp + loss["mrd_weight"] * g_mr)
+        total = total + loss["feature_matching_weight"] * (fm_mp + loss["mrd_weight"] * fm_mr)
+        logs.update(gan_g_mpd=g_mp, gan_g_mrd=g_mr, fm_mpd=fm_mp, fm_mrd=fm_mr)
+    logs["loss"] = total
+    return total, {k: v.detach().float() for k, v in logs.items()}
+
+
+def audio_discriminator_loss(*, x, x_hat, discriminator, loss: dict):
+    """``(loss, logs)``: hinge losses of both discriminators on real ``x`` and (detached) ``x_hat``."""
+    x_hat = x_hat.detach()
+    d_mp = discriminator_adversarial_loss(discriminator.mpd(x)[0], discriminator.mpd(x_hat)[0])
+    d_mr = discriminator_adversarial_loss(discriminator.mrd(x)[0], discriminator.mrd(x_hat)[0])
+    total = d_mp + loss["mrd_weight"] * d_mr
+    return total, {"disc_mpd": d_mp.detach().float(), "disc_mrd": d_mr.detach().float(), "disc_loss": total.detach().float()}
