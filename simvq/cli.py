@@ -47,6 +47,215 @@ def _convert_run(args: argparse.Namespace) -> int:
 COMMANDS["convert"] = ("Convert an official SimVQ checkpoint into a simvq model directory.", _convert_arguments, _convert_run)
 
 
+# ----- train / eval / encode / decode (image-training engineer) ------------------------------------------
+def _is_rank_zero() -> bool:
+    import os
+
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="preset name (e.g. image/photos-small) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=2e-4 trainer.max_steps=500")
+    p.add_argument("--out", help="run folder (default runs/<config name>); an existing run there is resumed")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides trainer.max_steps)")
+    p.add_argument("--max-minutes", type=float, help="stop after this many minutes of training")
+    p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or model summary")
+    p.add_argument("--eval", action="store_true", help="evaluate the exported model on the evaluation split afterwards")
+
+
+def _train_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from simvq.training import train
+
+    out = args.out or str(Path("runs") / Path(str(args.config)).with_suffix("").name)
+    try:
+        result = train(
+            args.config,
+            out_dir=out,
+            overrides=args.overrides,
+            max_steps=args.max_steps,
+            max_minutes=args.max_minutes,
+            progress=not args.quiet,
+            resume=not args.no_resume,
+        )
+    except FileExistsError as err:
+        raise ValueError(str(err)) from err
+    if not _is_rank_zero():
+        return 0
+    util = result.final("utilization")
+    print(
+        f"trained {result.steps} steps in {result.wall_time_s:.1f} s ({result.steps_per_s:.2f} steps/s); "
+        f"last training-window utilisation {util if util is None else f'{100 * util:.1f}%'}; model: {result.model_dir}"
+    )
+    if result.diverged:
+        print(f"simvq train: training diverged: {result.diverged_reason}", file=sys.stderr)
+        return 1
+    if args.eval and result.model_dir is not None:
+        from simvq.evaluation import evaluate, format_result
+
+        print(format_result(evaluate(result.model_dir, out=Path(out) / "eval.json")))
+    return 0
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (config.yaml + model.safetensors)")
+    p.add_argument(
+        "--data",
+        help="evaluation data: an image folder, or photos / fashion_mnist / digits (default: the model's own evaluation split)",
+    )
+    p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE", help="changes to the data section, e.g. data.eval_limit=500")
+    p.add_argument("--batch-size", type=int, help="evaluation batch size (default data.eval_batch_size)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N items")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--out", help="write the metrics as JSON to this file")
+    p.add_argument("--usage-only", action="store_true", help="only codebook usage (skip the reconstruction metrics)")
+
+
+def _eval_run(args: argparse.Namespace) -> int:
+    from simvq.config import parse_override
+    from simvq.evaluation import evaluate, format_result
+
+    data: object = args.data
+    if args.overrides:
+        changes = {}
+        for text in args.overrides:
+            keys, value = parse_override(text)
+            if len(keys) != 2 or keys[0] != "data":
+                raise ValueError(f"eval overrides must be data.KEY=VALUE, got {text!r}")
+            changes[keys[1]] = value
+        if isinstance(data, str):
+            changes.update({"dataset": data} if data in ("photos", "fashion_mnist", "digits") else
+                           {"dataset": "folder", "path": data, "eval_path": data})
+        data = changes
+    result = evaluate(
+        args.model, data, batch_size=args.batch_size, device=args.device, limit=args.limit, out=args.out,
+        metrics=not args.usage_only, progress=True,
+    )
+    print(format_result(result))
+    return 0
+
+
+def _encode_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="token file to write (.npz)")
+    p.add_argument("--size", type=int, help="resize the short side to SIZE and centre-crop (default: keep each image's size)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+
+
+def _device(name):
+    import torch
+
+    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _image_model(directory):
+    from simvq.checkpoints import load_model_dir, load_tokenizer
+
+    _, config = load_model_dir(directory)
+    if config.get("modality", "image") != "image":
+        raise ValueError(f"{directory} holds a {config.get('modality')} model; encode/decode here handle image models")
+    return load_tokenizer(directory), config
+
+
+def _encode_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from simvq.config import config_hash
+    from simvq.data.images import list_images, load_image_file
+    from simvq.tokens import save_tokens
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ValueError(f"{out} exists; pass --force to replace it")
+    files: list[Path] = []
+    for item in args.images:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(list_images(path))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path} is neither an image file nor a folder")
+    device = _device(args.device)
+    model, config = _image_model(args.model)
+    model = model.to(device)
+    channels = model.in_channels
+    factor = model.downsample_factor
+    tokens, names = [], []
+    with torch.no_grad():
+        for f in files:
+            x = load_image_file(f, channels=channels, size=args.size)
+            if x.shape[1] % factor or x.shape[2] % factor:
+                raise ValueError(
+                    f"{f} is {x.shape[1]}x{x.shape[2]}: height and width must be multiples of {factor}; pass --size"
+                )
+            idx = model.encode(x[None].to(device)).indices[0].cpu()
+            tokens.append(idx)
+            names.append(f.name)
+    save_tokens(
+        out, tokens, names=names, modality="image", codebook_size=int(model.quantize.codebook_size),
+        config_hash=config_hash(config), extra={"channels": channels, "downsample_factor": factor},
+    )
+    print(f"encoded {len(files)} image(s) into {out} ({sum(t.numel() for t in tokens)} tokens)")
+    return 0
+
+
+def _decode_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (the one that encoded the tokens)")
+    p.add_argument("tokens", help="token file written by simvq encode")
+    p.add_argument("--out", required=True, help="folder for the decoded PNG images")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="replace existing PNG files in --out")
+
+
+def _decode_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from simvq.data.images import save_image_file
+    from simvq.tokens import check_compatible, load_tokens
+
+    tf = load_tokens(args.tokens)
+    model, config = _image_model(args.model)
+    check_compatible(tf, config, int(model.quantize.codebook_size))
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    targets, seen = [], set()
+    for i, name in enumerate(tf.names):
+        stem = Path(name).stem or f"image_{i}"
+        target = out / f"{stem}.png"
+        if target.name in seen:
+            target = out / f"{stem}_{i}.png"
+        seen.add(target.name)
+        if target.exists() and not args.force:
+            raise ValueError(f"{target} exists; pass --force to replace it or choose another --out")
+        targets.append(target)
+    out.mkdir(parents=True, exist_ok=True)
+    device = _device(args.device)
+    model = model.to(device)
+    with torch.no_grad():
+        for t, target in zip(tf.tokens, targets):
+            image = model.decode_indices(torch.as_tensor(t)[None].to(device))[0].clamp(-1, 1)
+            save_image_file(image, target)
+    print(f"decoded {len(targets)} image(s) into {out}")
+    return 0
+
+
+COMMANDS["train"] = ("Train a tokenizer from a config preset or YAML file.", _train_arguments, _train_run)
+COMMANDS["eval"] = ("Evaluate a model directory: codebook usage and reconstruction metrics.", _eval_arguments, _eval_run)
+COMMANDS["encode"] = ("Encode images into a token file (.npz).", _encode_arguments, _encode_run)
+COMMANDS["decode"] = ("Decode a token file back into PNG images.", _decode_arguments, _decode_run)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)

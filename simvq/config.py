@@ -67,7 +67,8 @@ class TrainerConfig:
     for several GPUs or nodes). ``checkpoint_every`` writes ``last.ckpt`` every so many steps (and always at
     the end); ``sample_every`` writes a reconstruction grid (0: only at the end); ``eval_every`` runs the
     evaluation set with EMA weights (0: never during training). ``loggers`` picks from ``csv`` and
-    ``tensorboard``.
+    ``tensorboard``. ``num_threads`` sets ``torch.set_num_threads`` for CPU training (None: torch's
+    default; 1 is often fastest on a CPU shared with other jobs).
     """
 
     max_steps: Optional[int] = None
@@ -85,6 +86,7 @@ class TrainerConfig:
     num_samples: int = 8
     loggers: list[str] = field(default_factory=lambda: ["csv", "tensorboard"])
     deterministic: bool = False
+    num_threads: Optional[int] = None
 
 
 # ----- image sections ---------------------------------------------------------------------------------
@@ -188,6 +190,32 @@ MODALITIES: dict[str, ModalitySchema] = {
         model=ImageModelConfig, loss=ImageLossConfig, data=ImageDataConfig, finalize=_finalize_image
     ),
 }
+
+
+def _audio_section(section: str):
+    """The audio schema dataclasses live beside the audio code; imported only when an audio config shows up."""
+
+    def load():
+        if section == "model":
+            from simvq.models.audio import AudioModelConfig as schema
+        elif section == "loss":
+            from simvq.models.audio_discriminators import AudioLossConfig as schema
+        else:
+            from simvq.data.audio import AudioDataConfig as schema
+        return schema
+
+    return load
+
+
+def _finalize_audio(cfg: dict) -> dict:
+    from simvq.models.audio import finalize_audio_config
+
+    return finalize_audio_config(cfg)
+
+
+MODALITIES["audio"] = ModalitySchema(
+    model=_audio_section("model"), loss=_audio_section("loss"), data=_audio_section("data"), finalize=_finalize_audio
+)
 
 
 def register_modality(name: str, *, model, loss, data, finalize=None) -> None:
@@ -407,6 +435,7 @@ def _check_values(cfg: dict) -> None:
         raise ValueError(f"optim.ema_decay must lie in (0, 1) or be null to disable EMA, got {o['ema_decay']!r}")
     for key in ("max_steps", "max_epochs", "max_minutes"):
         _positive(cfg, key, "trainer")
+    _positive(cfg, "num_threads", "trainer")
     for key in ("log_every",):
         _positive(cfg, key, "trainer", allow_none=False)
     for key in ("checkpoint_every", "sample_every", "eval_every", "num_samples"):

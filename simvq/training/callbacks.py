@@ -75,7 +75,9 @@ class SampleGrids(L.Callback):
             n = min(self.num_samples, len(ds))
             # spread over the evaluation set rather than the first few neighbours
             idx = torch.linspace(0, len(ds) - 1, n).round().long().tolist()
-            self._batch = torch.stack([ds[i] for i in idx])
+            # a task may batch items of different sizes its own way (audio: utterances of different lengths)
+            collate = getattr(pl_module.task, "collate_samples", None) or torch.stack
+            self._batch = collate([ds[i] for i in idx])
         return self._batch
 
     def _write(self, trainer, pl_module) -> None:

@@ -294,6 +294,7 @@ class TokenizerModule(L.LightningModule):
             metrics = {f"train/{k}": v for k, v in entry.items() if k != "step" and isinstance(v, (int, float))}
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=self.step)
+                logger.save()  # flush now: a killed run keeps its log
 
     # ----- EMA weights ------------------------------------------------------------------------------
     @contextmanager

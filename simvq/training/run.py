@@ -156,6 +156,8 @@ def train(
         done = 0
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    if tcfg["num_threads"] is not None:
+        torch.set_num_threads(tcfg["num_threads"])
     L.seed_everything(config["seed"], workers=True, verbose=False)
     task = get_task(config)
     module = TokenizerModule(config, task=task, max_minutes=tcfg["max_minutes"])
@@ -164,7 +166,8 @@ def train(
     if "csv" in tcfg["loggers"]:
         from lightning.pytorch.loggers import CSVLogger
 
-        loggers.append(CSVLogger(out_dir, name="logs", version=""))
+        # a new version folder per (resumed) segment: CSVLogger would otherwise replace the earlier rows
+        loggers.append(CSVLogger(out_dir, name="logs"))
     if "tensorboard" in tcfg["loggers"]:
         from lightning.pytorch.loggers import TensorBoardLogger
 

@@ -73,6 +73,10 @@ class Task:
         """Write a small comparison of originals and reconstructions; returns the file written."""
         raise NotImplementedError
 
+    def build_metrics(self, device):
+        """An object with ``update(x, x_hat)`` and ``compute() -> dict`` for :func:`simvq.evaluation.evaluate`."""
+        raise NotImplementedError
+
 
 class ImageTask(Task):
     """Images: L1 (+ L2) + perceptual + non-saturating GAN (fixed weight) + quantizer loss; PatchGAN, hinge."""
@@ -147,6 +151,11 @@ class ImageTask(Task):
             "logits_fake": logits_fake.detach().float().mean(),
         }
         return loss, logs
+
+    def build_metrics(self, device):
+        from simvq.metrics.image import ImageMetrics
+
+        return ImageMetrics(device=device)
 
     def save_samples(self, x: torch.Tensor, x_hat: torch.Tensor, path: Path) -> Path:
         path = Path(path).with_suffix(".png")

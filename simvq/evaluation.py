@@ -1,0 +1,219 @@
+"""Evaluate a tokenizer over a whole evaluation set: codebook usage and reconstruction quality.
+
+``evaluate(model_or_dir, data)`` resets the quantizer's usage counters, reconstructs every evaluation item
+(with the weights the model holds; exported model directories hold the EMA weights), and reports:
+
+- ``utilization`` (codes used at least once over the whole set / K), ``perplexity``, ``dead_codes``;
+- the modality's metrics (images: :class:`simvq.metrics.image.ImageMetrics`: PSNR in both conventions,
+  SSIM x100, LPIPS / rFID or their labelled proxies).
+
+The modality's :class:`~simvq.training.tasks.Task` provides the metric object, so audio evaluation plugs in
+without changing this module. Under ``torch.distributed`` each rank evaluates its shard and the usage counts
+are summed over ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def _load(model_or_dir, config):
+    if isinstance(model_or_dir, nn.Module):
+        if config is None:
+            config = getattr(model_or_dir, "config", None)
+        if config is None:
+            raise ValueError("evaluate() needs the model's config when given a module: pass config=...")
+        return model_or_dir, config, None
+    from simvq.checkpoints import load_model_dir, load_tokenizer
+
+    directory = Path(model_or_dir)
+    _, cfg = load_model_dir(directory)
+    return load_tokenizer(directory), cfg, directory
+
+
+def _eval_dataset(config: dict, data):
+    """An evaluation data set from ``data`` (see :func:`evaluate`) and the model's config."""
+    from torch.utils.data import DataLoader, Dataset
+
+    from simvq.config import resolve_config
+
+    if isinstance(data, (DataLoader, Dataset)):
+        return data, "given"
+    cfg = resolve_config({k: v for k, v in config.items()})
+    if data is None:
+        pass
+    elif isinstance(data, dict):
+        cfg["data"].update(data)
+    elif isinstance(data, (str, Path)):
+        text = str(data)
+        if text in ("photos", "fashion_mnist", "digits"):
+            cfg["data"]["dataset"] = text
+        else:
+            # a folder of images: evaluate every file (centre crops at the model's training size)
+            cfg["data"].update(dataset="folder", path=text, eval_path=text)
+    else:
+        raise TypeError(f"data must be None, a data-section dict, a folder, a data-set name or a DataLoader, got {type(data).__name__}")
+    cfg = resolve_config(cfg)
+    from simvq.data import build_datasets
+
+    if cfg["data"].get("dataset") == "folder" and cfg["data"].get("eval_path"):
+        from simvq.data.images import ImageFolder, list_images
+
+        d = cfg["data"]
+        files = list_images(d["eval_path"])
+        if d.get("eval_limit") is not None:
+            files = files[: d["eval_limit"]]
+        ds = ImageFolder(files, size=d["image_size"], channels=d["channels"], verify=d["verify_images"], name=str(d["eval_path"]))
+        return ds, f"folder {d['eval_path']}"
+    _, ds = build_datasets(cfg)
+    return ds, f"{cfg['data'].get('dataset')} (evaluation split)"
+
+
+@torch.no_grad()
+def evaluate(
+    model_or_dir,
+    data=None,
+    *,
+    config: dict | None = None,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    limit: int | None = None,
+    out: str | Path | None = None,
+    metrics: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Evaluate a tokenizer over a whole evaluation set and return a dict of metrics.
+
+    Args:
+        model_or_dir: a model directory (``config.yaml`` + ``model.safetensors``) or a tokenizer module (then
+            pass ``config``).
+        data: None (the evaluation split of the model's own ``data`` section), a dict of ``data`` keys to
+            change (e.g. ``{"dataset": "photos"}``), a data-set name, an image folder, a Dataset or a DataLoader.
+        batch_size: evaluation batch (default ``data.eval_batch_size``; the official PSNR convention uses 64).
+        device: default CUDA when available.
+        limit: evaluate only the first ``limit`` items.
+        out: write the result as JSON here (atomically).
+        metrics: False skips the reconstruction metrics (usage only; fast).
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    from simvq.data import eval_loader
+    from simvq.training.tasks import get_task
+
+    t0 = time.perf_counter()
+    model, config, directory = _load(model_or_dir, config)
+    task = get_task(config)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device)
+    was_training = model.training
+    model.eval()
+    dataset, description = _eval_dataset(config, data)
+    bs = batch_size or config.get("data", {}).get("eval_batch_size", 64)
+    if isinstance(dataset, DataLoader):
+        loader = dataset
+        if limit is not None:
+            raise ValueError("limit cannot be applied to a DataLoader; pass the Dataset instead")
+    else:
+        if limit is not None:
+            if limit < 1:
+                raise ValueError(f"limit must be >= 1, got {limit}")
+            dataset = Subset(dataset, range(min(limit, len(dataset))))
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        loader = eval_loader(dataset, batch_size=bs, rank=rank, world_size=world)
+
+    usage = model.quantize.usage
+    saved_counts = usage.counts.clone()
+    usage.reset()
+    metric = task.build_metrics(device) if metrics else None
+    n_items = 0
+    iterator = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(loader, desc="evaluate", unit="batch")
+    try:
+        for batch in iterator:
+            x = task.model_input(batch).to(device)
+            x_hat, _ = task.reconstruct(model, x)
+            if metric is not None:
+                metric.update(x, x_hat)
+            n_items += x.shape[0]
+        stats = usage.compute()
+    finally:
+        usage.counts.copy_(saved_counts)  # evaluation never changes a model's training tallies
+        model.train(was_training)
+    result: dict = {
+        "modality": config.get("modality", "image"),
+        "quantizer": config.get("quantizer", {}).get("name"),
+        "codebook_size": int(model.quantize.codebook_size),
+        "items": n_items,
+        "data": description,
+    }
+    result.update(stats.as_dict())
+    if metric is not None:
+        result.update(metric.compute())
+    result["eval_time_s"] = time.perf_counter() - t0
+    if directory is not None:
+        result["model_dir"] = str(directory)
+    if out is not None:
+        from simvq.checkpoints import save_file_atomic
+
+        save_file_atomic(out, json.dumps(result, indent=2, default=_json_default) + "\n")
+    return result
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    return str(obj)
+
+
+def format_table(results: dict | list[dict], keys: list[str] | None = None) -> str:
+    """A plain-text table of one or several evaluation results (one row each)."""
+    rows = [results] if isinstance(results, dict) else list(results)
+    if not rows:
+        return ""
+    if keys is None:
+        keys = []
+        for r in rows:
+            for k, v in r.items():
+                if k not in keys and isinstance(v, (int, float, str)) and k not in ("data", "model_dir"):
+                    keys.append(k)
+
+    def fmt(v):
+        if isinstance(v, float):
+            if math.isnan(v):
+                return "nan"
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    line = "  ".join(k.ljust(w) for k, w in zip(keys, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(c[i].ljust(widths[i]) for i in range(len(keys))) for c in cells]
+    return "\n".join([line, sep, *body])
+
+
+def format_result(result: dict) -> str:
+    """One evaluation result as ``key  value`` lines (easier to read than a wide table)."""
+    width = max(len(k) for k in result)
+    lines = []
+    for k, v in result.items():
+        if isinstance(v, float):
+            v = f"{v:.4f}" if abs(v) < 1e5 else f"{v:.0f}"
+        lines.append(f"{k.ljust(width)}  {v}")
+    return "\n".join(lines)
+
+
+__all__ = ["evaluate", "format_result", "format_table"]
