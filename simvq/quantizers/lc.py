@@ -23,18 +23,22 @@ KMEANS_INITS = ("kmeans++", "random")
 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Arthur & Vassilvitskii 2007: each next seed drawn with probability proportional to D(x)^2."""
-    first = int(torch.randint(x.shape[0], (1,), generator=generator))
-    centroids = [x[first]]
-    min_sq = (x - x[first]).pow(2).sum(1)
+    """Arthur & Vassilvitskii 2007: each next seed drawn with probability proportional to D(x)^2.
+
+    Sampling is by inverse CDF with uniforms from the CPU ``generator`` (same seeds on any device) and stays
+    on ``x.device`` without a host sync per step.
+    """
+    n = x.shape[0]
+    first = torch.randint(n, (1,), generator=generator).to(x.device)
+    centroids = [x.index_select(0, first)]
+    min_sq = (x - centroids[0]).pow(2).sum(1)
     for _ in range(1, k):
-        weights = min_sq.cpu().double()
-        if float(weights.sum()) <= 0:  # fewer distinct points than k: any point will do
-            weights = torch.ones_like(weights)
-        pick = int(torch.multinomial(weights, 1, generator=generator))
-        centroids.append(x[pick])
-        min_sq = torch.minimum(min_sq, (x - x[pick]).pow(2).sum(1))
-    return torch.stack(centroids)
+        cdf = torch.cumsum(min_sq.double(), 0)
+        u = torch.rand(1, generator=generator, dtype=torch.float64).to(x.device) * cdf[-1]
+        pick = torch.searchsorted(cdf, u, right=True).clamp_max(n - 1)  # all-zero weights: the last point
+        centroids.append(x.index_select(0, pick))
+        min_sq = torch.minimum(min_sq, (x - centroids[-1]).pow(2).sum(1))
+    return torch.cat(centroids)
 
 
 @torch.no_grad()
