@@ -140,7 +140,7 @@ def _eval_run(args: argparse.Namespace) -> int:
 
 def _encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("images", nargs="+", help="image (or, for an audio model, wav/flac) files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="token file to write (.npz)")
     p.add_argument("--size", type=int, help="resize the short side to SIZE and centre-crop (default: keep each image's size)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
@@ -174,6 +174,8 @@ def _encode_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to replace it")
+    if _model_modality(args.model) == "audio":
+        return _encode_audio(args, out)
     files: list[Path] = []
     for item in args.images:
         path = Path(item)
@@ -210,7 +212,7 @@ def _encode_run(args: argparse.Namespace) -> int:
 def _decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (the one that encoded the tokens)")
     p.add_argument("tokens", help="token file written by simvq encode")
-    p.add_argument("--out", required=True, help="folder for the decoded PNG images")
+    p.add_argument("--out", required=True, help="folder for the decoded PNG images (audio: a .wav file for one item, else a folder)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="replace existing PNG files in --out")
 
@@ -224,6 +226,8 @@ def _decode_run(args: argparse.Namespace) -> int:
     from simvq.tokens import check_compatible, load_tokens
 
     tf = load_tokens(args.tokens)
+    if _model_modality(args.model) == "audio":
+        return _decode_audio(args, tf)
     model, config = _image_model(args.model)
     check_compatible(tf, config, int(model.quantize.codebook_size))
     out = Path(args.out)
@@ -250,6 +254,68 @@ def _decode_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----- audio: encode / decode dispatch and `simvq data speech` (audio engineer) ------------------------------
+def _model_modality(directory) -> str:
+    from simvq.checkpoints import load_model_dir
+
+    _, config = load_model_dir(directory)
+    return config.get("modality", "image")
+
+
+def _encode_audio(args: argparse.Namespace, out) -> int:
+    from simvq.checkpoints import load_model_dir, load_tokenizer
+    from simvq.data.audio import encode_audio_files, list_audio_inputs
+
+    files = list_audio_inputs(args.images)
+    _, config = load_model_dir(args.model)
+    model = load_tokenizer(args.model).to(_device(args.device))
+    encode_audio_files(model, config, files, out)
+    print(f"encoded {len(files)} audio file(s) into {out} ({model.tokens_per_second:g} tokens/s, {model.bitrate / 1000:.3g} kbps)")
+    return 0
+
+
+def _decode_audio(args: argparse.Namespace, tf) -> int:
+    from simvq.checkpoints import load_model_dir, load_tokenizer
+    from simvq.data.audio import decode_audio_tokens
+    from simvq.tokens import check_compatible
+
+    _, config = load_model_dir(args.model)
+    model = load_tokenizer(args.model).to(_device(args.device))
+    check_compatible(tf, config, int(model.quantize.codebook_size))
+    written = decode_audio_tokens(model, tf, args.out, overwrite=args.force)
+    print(f"decoded {len(written)} audio file(s) at {model.sample_rate} Hz into {args.out}")
+    return 0
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("kind", choices=["speech"], help="speech: synthesise the built-in speech corpus with espeak-ng")
+    p.add_argument("--out", required=True, help="folder to build the corpus in (new or empty)")
+    p.add_argument("--sample-rate", type=int, default=16000, help="rate of the written 16-bit wav files (default 16000)")
+    p.add_argument("--sentences", type=int, default=300, help="number of distinct sentences (default 300)")
+    p.add_argument("--voices-per-sentence", type=int, default=4, help="voices speaking each sentence (default 4)")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="fraction of sentences held out for evaluation")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _data_run(args: argparse.Namespace) -> int:
+    from simvq.data.speech import build_speech_corpus, read_manifest
+
+    try:
+        manifest = build_speech_corpus(
+            args.out, sample_rate=args.sample_rate, num_sentences=args.sentences,
+            voices_per_sentence=args.voices_per_sentence, eval_fraction=args.eval_fraction, seed=args.seed, progress=True,
+        )
+    except FileExistsError as err:
+        raise ValueError(str(err)) from err
+    rows = read_manifest(manifest.parent)
+    for split in ("train", "eval"):
+        part = [r for r in rows if r["split"] == split]
+        print(f"{split}: {len(part)} clips, {sum(r['seconds'] for r in part) / 60:.1f} min")
+    print(f"wrote {manifest}")
+    return 0
+
+
+COMMANDS["data"] = ("Build a built-in data set (speech: an espeak-ng speech corpus).", _data_arguments, _data_run)
 COMMANDS["train"] = ("Train a tokenizer from a config preset or YAML file.", _train_arguments, _train_run)
 COMMANDS["eval"] = ("Evaluate a model directory: codebook usage and reconstruction metrics.", _eval_arguments, _eval_run)
 COMMANDS["encode"] = ("Encode images into a token file (.npz).", _encode_arguments, _encode_run)

@@ -293,6 +293,104 @@ def build_audio_datasets(data_cfg: dict, *, seed: int = 0) -> tuple[AudioTrainSe
     )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Encoding audio files to token files and back (used by `simvq encode` / `simvq decode`)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def encode_audio_files(model, config: dict, files: list[Path], out: str | Path, *, device=None) -> Path:
+    """Encode wav/flac ``files`` with an audio tokenizer into a token file (one ``(T',)`` sequence each).
+
+    Each file is read at the model's rate; the token file records every input's length in samples so that
+    decoding returns audio of the original length.
+    """
+    from simvq.config import config_hash
+    from simvq.tokens import save_tokens
+
+    device = device or next(model.parameters()).device
+    tokens, names, lengths = [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for f in files:
+                wave = read_audio(f, sample_rate=model.sample_rate)
+                x = torch.from_numpy(wave)[None, None].to(device)
+                tokens.append(model.encode(x).indices[0].cpu())
+                names.append(Path(f).name)
+                lengths.append(int(wave.shape[0]))
+    finally:
+        model.train(was_training)
+    return save_tokens(
+        out, tokens, names=names, modality="audio", codebook_size=int(model.quantize.codebook_size),
+        config_hash=config_hash(config),
+        extra={"sample_rate": int(model.sample_rate), "hop_length": int(model.hop_length), "lengths": lengths},
+    )
+
+
+def decode_audio_tokens(model, token_file, out: str | Path, *, device=None, overwrite: bool = False) -> list[Path]:
+    """Decode a token file into 16-bit PCM wav files at the model's rate.
+
+    ``out`` is a ``.wav`` path when the file holds one item, otherwise a folder (one ``<name>.wav`` per item).
+    Existing files are not replaced unless ``overwrite``.
+    """
+    import soundfile as sf
+
+    out = Path(out)
+    n = len(token_file.tokens)
+    if out.suffix.lower() == ".wav":
+        if n != 1:
+            raise ValueError(f"the token file holds {n} items; give a folder as --out to decode them all")
+        targets = [out]
+    else:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out} exists and is not a folder")
+        stems, targets = set(), []
+        for i, name in enumerate(token_file.names):
+            stem = Path(name).stem or f"audio_{i}"
+            stem = stem if stem not in stems else f"{stem}_{i}"
+            stems.add(stem)
+            targets.append(out / f"{stem}.wav")
+    for t in targets:
+        if t.exists() and not overwrite:
+            raise ValueError(f"{t} exists; pass --force to replace it or choose another --out")
+    lengths = token_file.extra.get("lengths") or [None] * n
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for t, target, length in zip(token_file.tokens, targets, lengths):
+                indices = torch.as_tensor(t, dtype=torch.long)
+                if indices.dim() != 1:
+                    raise ValueError(f"audio tokens must be 1-D sequences, got shape {tuple(indices.shape)}")
+                wave = model.decode_indices(indices[None].to(device))[0, 0].clamp(-1, 1).cpu().numpy()
+                if length is not None:
+                    wave = wave[:length]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                sf.write(str(target), wave, int(model.sample_rate), subtype="PCM_16")
+    finally:
+        model.train(was_training)
+    return targets
+
+
+def list_audio_inputs(items: list[str]) -> list[Path]:
+    """Files named on the command line, folders expanded to their wav/flac files (sorted, recursive)."""
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found, _ = scan_audio_folder(path)
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path} is neither an audio file nor a folder")
+    if not files:
+        raise ValueError(f"no wav/flac files found in {items}")
+    return files
+
+
 __all__ = [
     "AUDIO_EXTENSIONS",
     "AudioDataConfig",
@@ -300,6 +398,9 @@ __all__ = [
     "AudioTrainSet",
     "audio_file_splits",
     "build_audio_datasets",
+    "decode_audio_tokens",
+    "encode_audio_files",
+    "list_audio_inputs",
     "check_audio_file",
     "pocketsphinx_clips",
     "random_crop",
