@@ -95,6 +95,12 @@ def test_ssim_x100_equals_skimage_on_quantised_images():
     q = lambda t: (((t.numpy() + 1) / 2) * 255).astype(np.uint8).transpose(0, 2, 3, 1).astype(np.float32) / 255  # noqa: E731
     ref = np.mean([structural_similarity(q(x_hat)[i], q(x)[i], data_range=1.0, channel_axis=-1) for i in range(3)])
     assert got == pytest.approx(100 * ref, abs=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. inside Lightning's bf16 validation
+        m_amp = ImageMetrics(fid="proxy", lpips=None)
+        m_amp.update(x, x_hat)
+    m_ref = ImageMetrics(fid="proxy", lpips=None)
+    m_ref.update(x, x_hat)
+    assert m_amp.compute() == pytest.approx(m_ref.compute(), rel=1e-6)
     assert 0 < got < 100
     m2 = ImageMetrics(fid=None, lpips=None)
     m2.update(x, x)
@@ -294,6 +300,8 @@ def test_perceptual_loss_fallback_is_labelled_and_is_multiscale_ssim(monkeypatch
     ref = ((1 - sk(x, y)) + (1 - sk(x2, y2))) / 2
     assert got == pytest.approx(ref, abs=1e-5)
     assert float(loss(x, x)) == pytest.approx(0.0, abs=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed-precision training must not change the value
+        assert float(loss(x, y)) == pytest.approx(got, abs=1e-5)
     y.requires_grad_(True)
     multiscale_ssim_loss(x, y).backward()
     assert y.grad is not None and y.grad.abs().sum() > 0

@@ -244,9 +244,10 @@ class LPIPS(nn.Module):
         dtype = self.shift.dtype
         fx = self.backbone((x.to(dtype) - self.shift) / self.scale)
         fy = self.backbone((y.to(dtype) - self.shift) / self.scale)
-        total = x.new_zeros(x.shape[0], dtype=dtype)
+        total = x.new_zeros(x.shape[0], dtype=torch.float32)
         for k, (a, b) in enumerate(zip(fx, fy)):
-            diff = (normalize_channels(a) - normalize_channels(b)).pow(2)
+            # features may be bf16/fp16 under autocast; normalise and compare them in fp32
+            diff = (normalize_channels(a.float()) - normalize_channels(b.float())).pow(2)
             total = total + (diff * getattr(self, f"head{k}")).sum(dim=1).mean(dim=(1, 2))
         return total
 
@@ -268,8 +269,13 @@ def ssim_torch(
     """
     if x.shape[-1] < window or x.shape[-2] < window:
         raise ValueError(f"SSIM window {window} is larger than the image {tuple(x.shape[-2:])}")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        # variances are differences of near-equal moments: in bf16/fp16 they cancel to noise
+        return _ssim_fp32(x.float(), y.float(), data_range, window, sigma)
+
+
+def _ssim_fp32(x: torch.Tensor, y: torch.Tensor, data_range: float, window: int, sigma: float) -> torch.Tensor:
     c = x.shape[1]
-    x, y = x.float(), y.float()
     g = _gaussian_window(window, sigma, x.device, x.dtype)
     kh = g.view(1, 1, window, 1).expand(c, 1, window, 1)
     kw = g.view(1, 1, 1, window).expand(c, 1, 1, window)

@@ -88,7 +88,8 @@ class ImageMetrics:
     """Accumulates reconstruction metrics over an evaluation set; see the module docstring for conventions.
 
     ``update(x, x_hat)`` with originals and reconstructions ``(B, C, H, W)`` in ``[-1, 1]`` (any batch size);
-    ``compute()`` returns a dict of floats whose keys say what each number is:
+    ``compute()`` returns a dict of floats whose keys say what each number is (single process: under
+    torch.distributed, gather originals and reconstructions to one rank or evaluate on one rank):
     ``psnr_official_batch64``, ``psnr_per_image``, ``ssim_x100``, ``lpips_vgg`` / ``lpips_alex`` (when their
     weights exist), ``rfid`` or ``proxy_fid_random_conv``, ``num_images``. :attr:`notes` explains each key.
 
@@ -197,11 +198,19 @@ class ImageMetrics:
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
-        """Add a batch of originals ``x`` and reconstructions ``x_hat``, ``(B, C, H, W)`` in ``[-1, 1]``."""
+        """Add a batch of originals ``x`` and reconstructions ``x_hat``, ``(B, C, H, W)`` in ``[-1, 1]``.
+
+        Runs in fp32 even inside an autocast region (e.g. Lightning's mixed-precision validation), so the
+        values do not depend on the training precision.
+        """
         _check_pair(x, x_hat)
         if x.shape[0] == 0:
             return
         device = self._ensure_device(x)
+        with torch.autocast(device_type=device.type, enabled=False):
+            self._update(x, x_hat, device)
+
+    def _update(self, x: torch.Tensor, x_hat: torch.Tensor, device: torch.device) -> None:
         x = x.detach().float().clamp(-1, 1)
         x_hat = x_hat.detach().float().clamp(-1, 1)  # the official evaluation clamps reconstructions
 
