@@ -27,7 +27,6 @@ import copy
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from simvq.quantizers import build_quantizer
