@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from simvq.models.discriminators import NLayerDiscriminator
 from simvq.models.image import IMAGE_PRESETS, ImageTokenizer, build_image_tokenizer
 
 MODALITIES = ("image", "audio")
@@ -28,4 +29,4 @@ def build_tokenizer(config: dict):
     raise ValueError(f"unknown modality {modality!r}; choose one of {list(MODALITIES)}")
 
 
-__all__ = ["IMAGE_PRESETS", "ImageTokenizer", "build_image_tokenizer", "build_tokenizer"]
+__all__ = ["IMAGE_PRESETS", "ImageTokenizer", "NLayerDiscriminator", "build_image_tokenizer", "build_tokenizer"]
