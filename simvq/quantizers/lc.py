@@ -31,13 +31,18 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> to
     n = x.shape[0]
     first = torch.randint(n, (1,), generator=generator).to(x.device)
     centroids = [x.index_select(0, first)]
-    min_sq = (x - centroids[0]).pow(2).sum(1)
+    x_sq = x.pow(2).sum(1)
+
+    def sq_dist(c: torch.Tensor) -> torch.Tensor:  # ||x - c||^2 for one (1, D) centroid, via a mat-vec
+        return (x_sq - 2 * (x @ c[0]) + c.pow(2).sum()).clamp_min(0)
+
+    min_sq = sq_dist(centroids[0])
     for _ in range(1, k):
         cdf = torch.cumsum(min_sq.double(), 0)
         u = torch.rand(1, generator=generator, dtype=torch.float64).to(x.device) * cdf[-1]
         pick = torch.searchsorted(cdf, u, right=True).clamp_max(n - 1)  # all-zero weights: the last point
         centroids.append(x.index_select(0, pick))
-        min_sq = torch.minimum(min_sq, (x - centroids[-1]).pow(2).sum(1))
+        min_sq = torch.minimum(min_sq, sq_dist(centroids[-1]))
     return torch.cat(centroids)
 
 
