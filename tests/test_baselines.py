@@ -7,7 +7,6 @@ re-computations, scikit-learn's k-means, and a two-process gloo run against a on
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import tempfile
 
@@ -116,7 +115,8 @@ def test_factory_names_and_errors():
     assert fsq.levels == [8, 8, 8, 5, 5, 5] and fsq.codebook_size == 64000
     with pytest.raises(ValueError, match="pass only one"):
         build_quantizer("fsq", codebook_size=2**10, levels=[8, 8])
-    assert isinstance(build_quantizer("residual", dim=4, codebook_size=8, num_quantizers=2, quantizer="vq").levels[1], VectorQuantizer)
+    stack = build_quantizer("residual", dim=4, codebook_size=8, num_quantizers=2, quantizer="vq")
+    assert isinstance(stack.levels[1], VectorQuantizer)
 
 
 def test_fsq_levels_for_paper_table():
@@ -134,10 +134,10 @@ def test_fsq_levels_for_paper_table():
 # ----- FSQ ---------------------------------------------------------------------------------------
 def test_fsq_odd_level_rounding_by_hand():
     q = FSQ(levels=[3], channel_first=False)
-    # bound(z) = 0.999 * tanh(z); values round to -1, 0, 1 -> indices 0, 1, 2
+    # bound(z) = 1.001 * tanh(z); values round to -1, 0, 1 -> indices 0, 1, 2
     z = torch.tensor([[-5.0], [-0.6], [-0.4], [0.0], [0.4], [0.6], [5.0]])
     out = q(z)
-    # tanh(0.6) * 0.999 = 0.536 -> 1;  tanh(0.4) * 0.999 = 0.380 -> 0
+    # tanh(0.6) * 1.001 = 0.538 -> 1;  tanh(0.4) * 1.001 = 0.380 -> 0
     assert out.quantized.squeeze(-1).tolist() == [-1.0, -1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
     assert out.indices.tolist() == [0, 0, 1, 1, 1, 2, 2]
     assert float(out.loss) == 0.0
@@ -150,8 +150,20 @@ def test_fsq_even_level_offset_by_hand():
     out = q(torch.tensor([[-10.0], [0.0], [10.0]]))
     assert out.quantized.squeeze(-1).tolist() == [-1.0, 0.0, 0.5]
     assert out.indices.tolist() == [0, 2, 3]
-    # half = 1.5 * 0.999, shift = atanh(0.5 / half): bound(0) = tanh(shift) * half - 0.5 = 0
+    # half = 1.5 * 1.001, shift = atanh(0.5 / half): bound(0) = tanh(shift) * half - 0.5 = 0
     assert abs(float(q.bound(torch.zeros(1, 1)))) < 1e-6
+
+
+def test_fsq_two_levels_and_extremes_stay_on_the_grid():
+    q = FSQ(levels=[2, 7, 1000], channel_first=False)
+    z = torch.cat([torch.linspace(-30, 30, 301).unsqueeze(1).expand(-1, 3), torch.zeros(1, 3)])
+    out = q(z)
+    assert torch.isfinite(out.quantized).all()
+    # L = 2: values {-1, 0}; L = 7: {-1, -2/3, ..., 1}; L = 1000: (-500 .. 499) / 500
+    assert set(out.quantized[:, 0].tolist()) == {-1.0, 0.0}
+    assert torch.equal(out.quantized[[0, -2]], torch.tensor([[-1.0, -1.0, -1.0], [0.0, 1.0, 499 / 500]]))
+    assert out.quantized[-1].tolist() == [0.0, 0.0, 0.0]  # z = 0 -> the zero code in every channel
+    assert torch.equal(q.decode_indices(out.indices), out.quantized)
 
 
 def test_fsq_mixed_radix_hand_picked():
@@ -167,8 +179,9 @@ def test_fsq_mixed_radix_hand_picked():
     # inside the rounding interval of that integer level (bound never reaches the even grid's -L/2)
     half = torch.tensor([1.0, 2.0])
     target = 0.9 * codes * half
-    shift = torch.atanh(torch.tensor([0.0, 0.5]) / ((torch.tensor([3.0, 4.0]) - 1) * 0.999 / 2))
-    pre = torch.atanh((target + torch.tensor([0.0, 0.5])) / ((torch.tensor([3.0, 4.0]) - 1) * 0.999 / 2)) - shift
+    half_range = (torch.tensor([3.0, 4.0]) - 1) * 1.001 / 2
+    shift = torch.atanh(torch.tensor([0.0, 0.5]) / half_range)
+    pre = torch.atanh((target + torch.tensor([0.0, 0.5])) / half_range) - shift
     assert torch.equal(q(pre).indices, torch.arange(12))
 
 
@@ -176,7 +189,7 @@ def test_fsq_projections_and_invalid_levels():
     q = FSQ(levels=[8, 5, 5, 5], dim=32)
     assert q.codebook_size == 1000 and q.codebook.shape == (1000, 32)
     assert FSQ(levels=[8, 5, 5, 5]).dim == 4 and not list(FSQ(levels=[8, 5]).parameters())
-    for bad in ([], [1, 5], [8.0, 5], "855", [True, 3], None):
+    for bad in ([], [1, 5], [8.0, 5], "855", [True, 3], None, [1001]):
         with pytest.raises(ValueError, match="level"):
             FSQ(levels=bad)
     with pytest.raises(ValueError, match="dim"):
@@ -495,7 +508,7 @@ def test_residual_gradient_is_level_zero_straight_through():
 
 def test_residual_invalid_arguments():
     with pytest.raises(ValueError, match="same dim and codebook_size"):
-        ResidualQuantizer(quantizers=[VectorQuantizer(dim=4, codebook_size=8), VectorQuantizer(dim=4, codebook_size=16)])
+        ResidualQuantizer(quantizers=[VectorQuantizer(dim=4, codebook_size=k) for k in (8, 16)])
     with pytest.raises(TypeError, match="both quantizers and level keywords"):
         ResidualQuantizer(quantizers=[VectorQuantizer(dim=4, codebook_size=8)], codebook_size=8)
     with pytest.raises(ValueError, match="num_quantizers"):
@@ -505,4 +518,5 @@ def test_residual_invalid_arguments():
     with pytest.raises(ValueError, match="nested"):
         ResidualQuantizer(num_quantizers=2, quantizer="residual", dim=4, codebook_size=8)
     with pytest.raises(ValueError, match="indices must end with a dimension of 2"):
-        ResidualQuantizer(num_quantizers=2, quantizer="vq", dim=4, codebook_size=8).decode_indices(torch.zeros(3, dtype=torch.long))
+        stack = ResidualQuantizer(num_quantizers=2, quantizer="vq", dim=4, codebook_size=8)
+        stack.decode_indices(torch.zeros(3, dtype=torch.long))

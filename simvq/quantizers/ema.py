@@ -104,7 +104,8 @@ class EMAVectorQuantizer(Quantizer):
         out = straight_through(z.float(), q)
         if self.training:
             self._ema_update(z.detach().to(self.embedding.dtype), indices)
-        return TokenResult(out, indices, self.commitment_weight * commitment, commitment, codebook, torch.zeros_like(commitment))
+        loss = self.commitment_weight * commitment  # no codebook term: the EMA moves the codes
+        return TokenResult(out, indices, loss, commitment, codebook, torch.zeros_like(loss))
 
     @torch.no_grad()
     def _ema_update(self, z: torch.Tensor, indices: torch.Tensor) -> None:

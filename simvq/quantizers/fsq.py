@@ -18,9 +18,11 @@ from torch import nn
 
 from simvq.quantizers.base import Quantizer, TokenResult, straight_through
 
-# Shrinks the tanh range a little so that the outermost integers are reached but never exceeded after
-# rounding (the paper's ``eps = 1e-3``).
+# Widens the tanh range a little so that the outermost integers are reached after rounding. The paper
+# scales by ``(1 - eps)``, which makes ``atanh`` undefined for ``L = 2``; ``(1 + eps)`` rounds to the same
+# ``L`` integers for every ``2 <= L <= 1000`` (the overshoot ``eps * (L - 1) / 2`` stays below 0.5).
 _BOUND_EPS = 1e-3
+_MAX_LEVEL = 1000
 
 
 def _check_levels(levels) -> list[int]:
@@ -28,8 +30,10 @@ def _check_levels(levels) -> list[int]:
         raise ValueError(f"levels must be a non-empty list of integers >= 2 (e.g. [8, 5, 5, 5]), got {levels!r}")
     out = []
     for level in levels:
-        if not isinstance(level, int) or isinstance(level, bool) or level < 2:
-            raise ValueError(f"every FSQ level must be an integer >= 2 (e.g. [8, 5, 5, 5]), got {list(levels)!r}")
+        if not isinstance(level, int) or isinstance(level, bool) or not 2 <= level <= _MAX_LEVEL:
+            raise ValueError(
+                f"every FSQ level must be an integer in [2, {_MAX_LEVEL}] (e.g. [8, 5, 5, 5]), got {list(levels)!r}"
+            )
         out.append(level)
     return out
 
@@ -74,12 +78,13 @@ class FSQ(Quantizer):
 
     # ----- the scalar quantizer in the len(levels)-channel space ----------------------------------------
     def bound(self, z: torch.Tensor) -> torch.Tensor:
-        """Squash ``(N, len(levels))`` values into ``(-L//2 - 0.5, (L-1) - L//2 + 0.5)`` per channel.
+        """Squash ``(N, len(levels))`` values so that rounding yields the ``L`` integers ``-(L//2) .. L-1-L//2``.
 
-        For even ``L`` the grid is not symmetric about 0, so the tanh is shifted by ``atanh(0.5 / half)``
-        and the output moved down by 0.5: ``round`` then yields ``L`` integers, one more below 0 than above.
+        ``tanh(z + shift) * half - offset`` with ``half = (L - 1)(1 + eps) / 2``. For even ``L`` the grid is
+        not symmetric about 0, so the output is moved down by ``offset = 0.5`` and the tanh shifted by
+        ``atanh(offset / half)`` to keep ``bound(0) = 0``.
         """
-        half = (self._levels - 1) * (1 - _BOUND_EPS) / 2
+        half = (self._levels - 1) * (1 + _BOUND_EPS) / 2
         offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
         shift = torch.atanh(offset / half)
         return torch.tanh(z + shift) * half - offset

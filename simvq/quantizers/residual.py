@@ -60,7 +60,8 @@ class ResidualQuantizer(Quantizer):
         if quantizers is None:
             if not isinstance(num_quantizers, int) or isinstance(num_quantizers, bool) or num_quantizers < 1:
                 raise ValueError(
-                    f"num_quantizers must be a positive integer when quantizers are built by name, got {num_quantizers!r}"
+                    "num_quantizers must be a positive integer when the levels are built by name, "
+                    f"got {num_quantizers!r}"
                 )
             if quantizer == "residual":
                 raise ValueError("quantizer='residual' cannot be nested inside a ResidualQuantizer")
