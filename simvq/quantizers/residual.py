@@ -4,7 +4,8 @@ Level 0 quantizes the input, every further level quantizes what the previous lev
 output is the sum of the levels' codes. As in SoundStream / EnCodec, the residual handed to the next level
 is detached: the input receives the straight-through gradient of level 0 only (identity), and each level's
 losses train that level. Every level is any :class:`~simvq.quantizers.base.Quantizer` with the same
-``dim`` and ``codebook_size``.
+``dim`` and ``codebook_size``. (FSQ / LFQ levels work, but their fixed grids are not rescaled per level as
+in the "residual FSQ" variants, so deeper levels see residuals much smaller than their grid step.)
 """
 
 from __future__ import annotations
