@@ -115,6 +115,8 @@ def test_factory_names_and_errors():
     assert fsq.levels == [8, 8, 8, 5, 5, 5] and fsq.codebook_size == 64000
     with pytest.raises(ValueError, match="pass only one"):
         build_quantizer("fsq", codebook_size=2**10, levels=[8, 8])
+    with pytest.raises(TypeError, match="unknown argument.*'decay'"):  # level keywords are checked too
+        build_quantizer("residual", dim=4, codebook_size=8, num_quantizers=2, quantizer="vq", decay=0.9)
     stack = build_quantizer("residual", dim=4, codebook_size=8, num_quantizers=2, quantizer="vq")
     assert isinstance(stack.levels[1], VectorQuantizer)
 
