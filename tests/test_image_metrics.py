@@ -95,12 +95,6 @@ def test_ssim_x100_equals_skimage_on_quantised_images():
     q = lambda t: (((t.numpy() + 1) / 2) * 255).astype(np.uint8).transpose(0, 2, 3, 1).astype(np.float32) / 255  # noqa: E731
     ref = np.mean([structural_similarity(q(x_hat)[i], q(x)[i], data_range=1.0, channel_axis=-1) for i in range(3)])
     assert got == pytest.approx(100 * ref, abs=1e-4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. inside Lightning's bf16 validation
-        m_amp = ImageMetrics(fid="proxy", lpips=None)
-        m_amp.update(x, x_hat)
-    m_ref = ImageMetrics(fid="proxy", lpips=None)
-    m_ref.update(x, x_hat)
-    assert m_amp.compute() == pytest.approx(m_ref.compute(), rel=1e-6)
     assert 0 < got < 100
     m2 = ImageMetrics(fid=None, lpips=None)
     m2.update(x, x)
@@ -177,8 +171,9 @@ def test_proxy_fid_is_labelled_and_equals_scipy_frechet_distance(monkeypatch):
     x = torch.rand(160, 3, 16, 16, generator=gen) * 2 - 1
     x_hat = (0.6 * x + 0.2 * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
     m = ImageMetrics(lpips=None, ssim=False)
-    for i in range(0, 160, 80):
-        m.update(x[i : i + 80], x_hat[i : i + 80])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. inside Lightning's bf16 validation: no effect
+        for i in range(0, 160, 80):
+            m.update(x[i : i + 80], x_hat[i : i + 80])
     out = m.compute()
     assert "rfid" not in out and m.fid_key == "proxy_fid_random_conv"
     assert "not rFID" in m.notes["proxy_fid_random_conv"]
@@ -188,7 +183,7 @@ def test_proxy_fid_is_labelled_and_equals_scipy_frechet_distance(monkeypatch):
         f2 = net((x_hat + 1) / 2).double().numpy()
     ref = _frechet_scipy(f1, f2)
     assert ref > 0
-    assert out["proxy_fid_random_conv"] == pytest.approx(ref, rel=1e-3)
+    assert out["proxy_fid_random_conv"] == pytest.approx(ref, rel=1e-5)  # bf16 features would be ~2e-4 off
 
 
 # ----- LPIPS ----------------------------------------------------------------------------------------------
