@@ -120,11 +120,7 @@ def train(
     Returns:
         :class:`TrainResult`. A NaN/Inf loss stops the run with ``diverged=True`` instead of raising.
     """
-    import lightning as L
-
     from simvq.config import load_config, save_config
-    from simvq.training.callbacks import AtomicCheckpointIO, PeriodicCheckpoint, SampleGrids, StepProgress
-    from simvq.training.module import TokenizerModule, finite_state
     from simvq.training.tasks import get_task
 
     wall0 = time.perf_counter()
@@ -154,13 +150,23 @@ def train(
         done = int(_peek_checkpoint(ckpt_path)["step"])
     else:
         done = 0
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     if tcfg["num_threads"] is not None:
         torch.set_num_threads(tcfg["num_threads"])
-    L.seed_everything(config["seed"], workers=True, verbose=False)
+    # data errors (missing folder, no images) surface before the slow Lightning import
     task = get_task(config)
-    module = TokenizerModule(config, task=task, max_minutes=tcfg["max_minutes"])
+    train_set, eval_set = task.build_datasets()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    import lightning as L
+
+    from simvq.training.callbacks import AtomicCheckpointIO, PeriodicCheckpoint, SampleGrids, StepProgress
+    from simvq.training.module import TokenizerModule, finite_state
+
+    L.seed_everything(config["seed"], workers=True, verbose=False)
+    module = TokenizerModule(
+        config, task=task, train_set=train_set, eval_set=eval_set, max_minutes=tcfg["max_minutes"]
+    )
 
     loggers = []
     if "csv" in tcfg["loggers"]:
