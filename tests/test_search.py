@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from simvq.quantizers.search import _chunk_sizes, nearest_code
+from simvq.quantizers.search import REDUCE_BLOCK, _chunk_sizes, _row_min, nearest_code
 
 
 def naive_argmin(z: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +33,7 @@ def assert_matches_reference(got: torch.Tensor, z: torch.Tensor, codebook: torch
         (37, 5, 2, 2**25),
         (300, 257, 16, 2**25),  # default budget, one chunk
         (20, 33, 16, 1),  # budget 1: one token x one code per step
-        (300, 257, 16, 7),  # odd token chunk, code chunking
+        (30, 57, 16, 7),  # odd token chunk (7), one code per step
         (300, 257, 16, 1000),  # several code chunks per token chunk, ragged last chunk
         (1000, 257, 16, 1000),  # token chunks of 333 (ragged) x code chunks of 3 (ragged)
         (1000, 64, 8, 64 * 3),  # whole rows of codes, ragged token chunks
@@ -71,6 +71,36 @@ def test_exact_ties_lowest_index_wins(budget):
     ref, _ = naive_argmin(z, base)
     assert torch.equal(got, ref)
     assert int(got.max()) < 6
+
+
+@pytest.mark.parametrize("budget", [2**25, 700, 1000, 5])
+def test_exact_ties_across_reduction_blocks(budget):
+    # 100 distinct codes repeated three times: K = 300 spans several REDUCE_BLOCK blocks plus a ragged tail;
+    # budget 700 gives code chunks of 100 (one block + a tail), 1000 gives chunks of 142
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(100, 8, generator=g)
+    codebook = torch.cat([base, base, base])
+    pick = torch.randint(0, 100, (7,), generator=g)
+    z = base[pick] + 0.01 * torch.randn(7, 8, generator=g)
+    got = nearest_code(z, codebook, max_chunk_elements=budget)
+    assert torch.equal(got, naive_argmin(z, base)[0])
+
+
+@pytest.mark.parametrize("width", [1, REDUCE_BLOCK - 1, REDUCE_BLOCK, 3 * REDUCE_BLOCK, 3 * REDUCE_BLOCK + 5])
+def test_row_min_equals_min_with_lowest_index(width):
+    g = torch.Generator().manual_seed(width)
+    # small integers make many exact ties, inside a block, across blocks and between blocks and the tail
+    dist = torch.randint(0, 4, (50, width), generator=g).float()
+    val, idx = _row_min(dist)
+    ref_val = dist.min(dim=1).values
+    first = torch.tensor([int((row == m).nonzero()[0]) for row, m in zip(dist, ref_val)])
+    assert torch.equal(val, ref_val)
+    assert torch.equal(idx, first)
+    # works on the non-contiguous views the search passes in (a slice of a wider buffer)
+    buffer = torch.full((50, width + 7), -1.0)
+    buffer[:, :width] = dist
+    val2, idx2 = _row_min(buffer[:, :width])
+    assert torch.equal(val2, ref_val) and torch.equal(idx2, first)
 
 
 def test_ties_between_distinct_codes_equidistant_from_token():
