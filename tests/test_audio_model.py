@@ -196,3 +196,23 @@ def test_official_preset_matches_published_geometry():
     gammas = torch.stack([b.gamma.detach() for b in model.decoder.backbone.convnext])
     assert gammas.shape == (12, 768)
     torch.testing.assert_close(gammas, torch.full((12, 768), 1 / 12))
+
+
+def test_convert_official_checkpoint_file_to_model_dir(tmp_path):
+    """A Lightning .ckpt in the official layout -> `convert_official` -> model dir with the same tokens/audio.
+
+    The architecture is read from the tensor shapes, so a small official-layout model converts as well.
+    """
+    from simvq.checkpoints import convert_official, load_tokenizer
+
+    source = tiny(codebook_size=16).eval()
+    torch.save({"state_dict": _to_official_layout(source), "epoch": 3}, tmp_path / "official.ckpt")
+    out = convert_official(tmp_path / "official.ckpt", tmp_path / "model", use_ema=False)
+    model = load_tokenizer(out)
+    assert model.encoder.ratios == [2, 4, 5, 8] and model.quantize.codebook_size == 16
+    x = torch.rand(1, 1, 320 * 5) * 2 - 1
+    with torch.no_grad():
+        a, qa = source(x)
+        b, qb = model(x)
+    assert torch.equal(qa.indices, qb.indices)
+    torch.testing.assert_close(a, b)

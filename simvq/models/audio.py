@@ -740,19 +740,51 @@ def convert_official_audio_state_dict(state_dict: Mapping, model: nn.Module, *, 
     return converted
 
 
+def infer_official_audio_model(state_dict: Mapping) -> dict:
+    """The ``model`` section of an official-layout audio state dict, read from tensor shapes.
+
+    Widths, depths, strides (the strided convs have kernel ``2 * ratio``), LSTM depth, backbone size and the
+    head's ``n_fft`` come from the tensors; the sample rate is not stored and is taken as the official 24 kHz.
+    """
+
+    def shape(key: str) -> tuple:
+        for k in (key, key.replace("weight_v", "weight")):
+            if k in state_dict:
+                return tuple(state_dict[k].shape)
+        raise ValueError(f"official audio checkpoint lacks {key!r}; it does not have the official layout")
+
+    model: dict = {"preset": "official-24k", "sample_rate": 24000}
+    model["n_filters"] = shape("encoder.model.0.conv.conv.weight_v")[0]
+    convs = sorted(
+        {int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.model.") and k.endswith(".conv.conv.weight_v") and k.count(".") == 5}
+    )
+    strided = [i for i in convs if i > 0 and shape(f"encoder.model.{i}.conv.conv.weight_v")[2] % 2 == 0]
+    model["ratios"] = [shape(f"encoder.model.{i}.conv.conv.weight_v")[2] // 2 for i in reversed(strided)]
+    lstm = {int(k.split("_l")[-1]) for k in state_dict if k.startswith("encoder.model.") and ".lstm.weight_ih_l" in k}
+    model["lstm_layers"] = len(lstm)
+    model["dimension"] = shape("backbone.embed.weight")[1]
+    model["backbone_dim"] = shape("backbone.embed.weight")[0]
+    model["backbone_intermediate_dim"] = shape("backbone.convnext.0.pwconv1.weight")[0]
+    model["backbone_layers"] = len({k.split(".")[2] for k in state_dict if k.startswith("backbone.convnext.")})
+    model["pos_net"] = any(k.startswith("backbone.pos_net.") for k in state_dict)
+    model["n_fft"] = shape("head.out.weight")[0] - 2
+    return model
+
+
 def convert_official_state_dict(state_dict: Mapping, use_ema: bool = True) -> tuple[dict, dict]:
     """An official audio checkpoint's ``state_dict`` -> ``(tokenizer state dict, full config)``.
 
-    The architecture is the ``official-24k`` preset; the codebook size comes from
-    ``quantize.embedding.weight``, and the quantizer is SimVQ when ``quantize.embedding_proj.*`` is present
-    (plain VQ otherwise). Used by :func:`simvq.checkpoints.convert_official`.
+    The architecture is read from the tensor shapes (:func:`infer_official_audio_model`; the released models
+    are ``official-24k``); the codebook size comes from ``quantize.embedding.weight``, and the quantizer is
+    SimVQ when ``quantize.embedding_proj.*`` is present (plain VQ otherwise). Used by
+    :func:`simvq.checkpoints.convert_official`.
     """
     codebook = state_dict.get("quantize.embedding.weight")
     if codebook is None or codebook.dim() != 2:
         raise ValueError("official audio checkpoint lacks quantize.embedding.weight (K, d); it does not have the official layout")
-    k, d = (int(v) for v in codebook.shape)
+    k = int(codebook.shape[0])
     name = "simvq" if "quantize.embedding_proj.weight" in state_dict else "vq"
-    config = {"modality": "audio", "model": {"preset": "official-24k", "dimension": d}, "quantizer": {"name": name, "codebook_size": k}}
+    config = {"modality": "audio", "model": infer_official_audio_model(state_dict), "quantizer": {"name": name, "codebook_size": k}}
     try:
         from simvq.config import resolve_config
 

@@ -92,8 +92,9 @@ class ResolutionDiscriminator(nn.Module):
     def spectrogram(self, x: torch.Tensor) -> torch.Tensor:
         n_fft, hop, win = self.resolution
         with torch.autocast(device_type=x.device.type, enabled=False):
-            # window=None is a rectangular window: what Vocos uses here
-            spec = torch.stft(x[:, 0].float(), n_fft=n_fft, hop_length=hop, win_length=win, center=True, return_complex=True)
+            # a rectangular window, as Vocos uses here (its torch.stft call passes window=None)
+            window = torch.ones(win, device=x.device)
+            spec = torch.stft(x[:, 0].float(), n_fft=n_fft, hop_length=hop, win_length=win, window=window, center=True, return_complex=True)
         return spec.abs().unsqueeze(1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
