@@ -322,6 +322,25 @@ COMMANDS["encode"] = ("Encode images into a token file (.npz).", _encode_argumen
 COMMANDS["decode"] = ("Decode a token file back into PNG images.", _decode_arguments, _decode_run)
 
 
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    from simvq.compare.command import add_arguments
+
+    add_arguments(parser)
+
+
+def _compare_run(args: argparse.Namespace) -> int:
+    from simvq.compare.command import run
+
+    return run(args)
+
+
+COMMANDS["compare"] = (
+    "Compare SimVQ with other quantizers (same model, data, steps, seeds) and write a report.",
+    _compare_arguments,
+    _compare_run,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)

@@ -377,7 +377,8 @@ def _convert(module: nn.Module, *, transform: str, learnable_codebook: bool):
         new = _simvq_from_codebook(
             module.codebook,
             commitment_weight=module.commitment_weight,
-            codebook_weight=module.codebook_weight,
+            # an EMA codebook has no codebook term; SimVQ needs one, since it is what trains W
+            codebook_weight=getattr(module, "codebook_weight", 1.0),
             channel_first=module.channel_first,
             rotation_trick=getattr(module, "use_rotation_trick", False),
             check_finite=module.check_finite,

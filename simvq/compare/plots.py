@@ -1,0 +1,237 @@
+"""PNG figures of the comparison (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(variants: list[str]) -> dict:
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    return {v: cmap(i % 10) for i, v in enumerate(variants)}
+
+
+def _save(fig, path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=80, bbox_inches="tight")
+    _plt().close(fig)
+    tmp.replace(path)
+    return f"{path.parent.name}/{path.name}"
+
+
+def _main_runs(records: list[dict]) -> list[dict]:
+    return [r for r in records if r.get("kind", "compare") == "compare" and r.get("status") == "ok"]
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[list[float]]]:
+    """Common steps and the per-seed values of a history key at those steps."""
+    per_seed = []
+    for r in records:
+        pts = {h["step"]: h[key] for h in r.get("history", []) if key in h and "step" in h}
+        per_seed.append(pts)
+    steps = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
+    return steps, [[p[s] for s in steps] for p in per_seed]
+
+
+def utilization_over_steps(results: dict, records: list[dict], path: Path) -> str | None:
+    runs = _main_runs(records)
+    sizes = sorted({r["requested_size"] for r in runs})
+    variants = [v for v in results["spec"]["quantizers"] if any(r["variant"] == v for r in runs)]
+    if not runs or not sizes:
+        return None
+    plt = _plt()
+    colors = _colors(results["spec"]["quantizers"])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for v in variants:
+            recs = [r for r in runs if r["variant"] == v and r["requested_size"] == size]
+            steps, vals = _series(recs, "utilization")
+            if not steps:
+                continue
+            t = torch.tensor(vals, dtype=torch.float64) * 100
+            ax.plot(steps, t.mean(0).tolist(), label=recs[0]["label"], color=colors[v])
+            if t.shape[0] > 1:
+                ax.fill_between(steps, t.min(0).values.tolist(), t.max(0).values.tolist(), color=colors[v], alpha=0.2)
+        ax.set_title(f"K = {size}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("codes used in the logging window (%)")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle("Utilisation during training (line: mean over seeds, band: min-max)")
+    return _save(fig, path)
+
+
+def codebook_scaling(results: dict, path: Path) -> str | None:
+    summary = results["summary"]
+    if not summary:
+        return None
+    plt = _plt()
+    colors = _colors(results["spec"]["quantizers"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax, scale, ylabel in (
+        ("utilization", axes[0], 100.0, "held-out utilisation (%)"),
+        ("psnr_official_batch64", axes[1], 1.0, "held-out PSNR (dB, batch-64)"),
+    ):
+        for v in results["spec"]["quantizers"]:
+            pts = sorted(
+                (e["codebook_size"], e["metrics"][key]) for e in summary if e["variant"] == v and key in e["metrics"]
+            )
+            if not pts:
+                continue
+            label = next(e["label"] for e in summary if e["variant"] == v)
+            xs = [p[0] for p in pts]
+            ys = [p[1]["mean"] * scale for p in pts]
+            err = [(p[1]["std"] or 0.0) * scale for p in pts]
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, color=colors[v])
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("codebook size K")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0, 102)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Codebook-size scaling (mean ± std over seeds)")
+    return _save(fig, path)
+
+
+def code_usage(results: dict, records: list[dict], path: Path) -> str | None:
+    runs = _main_runs(records)
+    if not runs:
+        return None
+    size = max(r["requested_size"] for r in runs)
+    seed = min(r["seed"] for r in runs)
+    chosen = []
+    for v in results["spec"]["quantizers"]:
+        rec = next((r for r in runs if r["variant"] == v and r["requested_size"] == size and r["seed"] == seed), None)
+        if rec and rec.get("usage_counts") and Path(rec["usage_counts"]).is_file():
+            chosen.append((rec, torch.load(rec["usage_counts"], weights_only=True)))
+    if not chosen:
+        return None
+    plt = _plt()
+    colors = _colors(results["spec"]["quantizers"])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for rec, counts in chosen:
+        c = counts.double().sort(descending=True).values
+        frac = (c / c.sum().clamp_min(1)).clamp_min(1e-12)
+        ranks = torch.arange(1, c.numel() + 1)
+        ax.plot(ranks.tolist(), frac.tolist(), label=f"{rec['label']} (K={rec['codebook_size']})", color=colors[rec["variant"]])
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=1e-7)
+    ax.set_xlabel("code rank (most used first)")
+    ax.set_ylabel("share of held-out tokens")
+    ax.set_title(f"Sorted code usage, K = {size}, seed {seed} (unused codes drop off the bottom)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _to_image(x: torch.Tensor):
+    x = ((x.float().clamp(-1, 1) + 1) / 2).cpu()
+    return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
+
+
+def reconstructions(results: dict, records: list[dict], path: Path, count: int = 6) -> str | None:
+    runs = _main_runs(records)
+    if not runs:
+        return None
+    size = max(r["requested_size"] for r in runs)
+    seed = min(r["seed"] for r in runs)
+    rows = []
+    for v in results["spec"]["quantizers"]:
+        rec = next((r for r in runs if r["variant"] == v and r["requested_size"] == size and r["seed"] == seed), None)
+        if rec and rec.get("reconstructions") and Path(rec["reconstructions"]).is_file():
+            rows.append((rec["label"], torch.load(rec["reconstructions"], weights_only=True)))
+    if not rows:
+        return None
+    originals = rows[0][1]["original"][:count]
+    grid = [("original", originals)] + [(label, d["reconstruction"][:count]) for label, d in rows]
+    plt = _plt()
+    n = originals.shape[0]
+    fig, axes = plt.subplots(len(grid), n, figsize=(1.3 * n + 1.2, 1.3 * len(grid)), squeeze=False)
+    for i, (label, imgs) in enumerate(grid):
+        for j in range(n):
+            ax = axes[i][j]
+            img = _to_image(imgs[j])
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"Held-out reconstructions, K = {size}, seed {seed}", fontsize=9)
+    return _save(fig, path)
+
+
+def loss_curves(results: dict, records: list[dict], path: Path) -> str | None:
+    runs = _main_runs(records)
+    if not runs:
+        return None
+    size = max(r["requested_size"] for r in runs)
+    plt = _plt()
+    colors = _colors(results["spec"]["quantizers"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax, title in (("l1", axes[0], "reconstruction L1 (train)"), ("commitment", axes[1], "commitment loss (train)")):
+        for v in results["spec"]["quantizers"]:
+            recs = [r for r in runs if r["variant"] == v and r["requested_size"] == size]
+            steps, vals = _series(recs, key)
+            if not steps:
+                continue
+            t = torch.tensor(vals, dtype=torch.float64)
+            ax.plot(steps, t.mean(0).tolist(), label=recs[0]["label"], color=colors[v])
+        ax.set_title(f"{title}, K = {size}")
+        ax.set_xlabel("training step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def retrofit_figure(retrofit: dict | None, path: Path) -> str | None:
+    if not retrofit:
+        return None
+    rows = [("VQ before", retrofit["before"]), ("retrofit -> SimVQ", retrofit["after"]), ("VQ trained on", retrofit["control"])]
+    if not all("utilization" in r.get("eval", {}) and "psnr_official_batch64" in r.get("eval", {}) for _, r in rows):
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = [n for n, _ in rows]
+    axes[0].bar(names, [100 * r["eval"]["utilization"] for _, r in rows], color=["#999", "#1f77b4", "#ff7f0e"])
+    axes[0].set_ylabel("held-out utilisation (%)")
+    axes[0].set_ylim(0, 102)
+    axes[1].bar(names, [r["eval"]["psnr_official_batch64"] for _, r in rows], color=["#999", "#1f77b4", "#ff7f0e"])
+    axes[1].set_ylabel("PSNR (dB, batch-64)")
+    lo = min(r["eval"]["psnr_official_batch64"] for _, r in rows)
+    axes[1].set_ylim(max(0, lo - 3), None)
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"Retrofit of a trained plain-VQ model, K = {retrofit['size']}")
+    return _save(fig, path)
+
+
+def make_all(results: dict, records: list[dict], retrofit: dict | None, folder: Path) -> dict:
+    """Every figure that the available data allows; returns ``{name: relative path}`` for the report."""
+    folder = Path(folder)
+    return {
+        "utilization_over_steps": utilization_over_steps(results, records, folder / "utilization_over_steps.png"),
+        "codebook_scaling": codebook_scaling(results, folder / "codebook_scaling.png"),
+        "code_usage": code_usage(results, records, folder / "code_usage.png"),
+        "reconstructions": reconstructions(results, records, folder / "reconstructions.png"),
+        "loss_curves": loss_curves(results, records, folder / "loss_curves.png"),
+        "retrofit": retrofit_figure(retrofit, folder / "retrofit.png"),
+    }
+
+
+__all__ = ["make_all"]

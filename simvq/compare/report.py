@@ -1,0 +1,476 @@
+"""The comparison report: ``results.json``, ``report.md``, ``report.html`` and a verdict computed from the numbers.
+
+Every figure over seeds is given as ``mean ± sample standard deviation`` (and min-max in results.json);
+with one seed the spread is shown as ``n/a``. Comparisons in the verdict say whether a difference is larger
+than the seed spread (the sum of both standard deviations) or within it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+#: SimVQ paper, Table (ImageNet-1k 128x128, 50k validation images; REFERENCE.md §2). Published figures, at
+#: a scale this CPU comparison does not reach: shown beside ours, never mixed with them.
+PUBLISHED_IMAGENET = [
+    # method, K, utilisation %, rFID, LPIPS, PSNR, SSIM x100
+    ("VQGAN", 65536, 1.4, 3.74, 0.17, 22.20, 70.6),
+    ("VQGAN (EMA)", 65536, 4.5, 3.23, 0.15, 22.89, 72.3),
+    ("VQGAN-FC (low-dim factorised)", 65536, 100.0, 2.63, 0.13, 23.79, 77.5),
+    ("FSQ", 64000, 100.0, 2.80, 0.13, 23.63, 75.8),
+    ("LFQ", 65536, 100.0, 2.88, 0.13, 23.60, 77.2),
+    ("VQGAN-LC", 65536, 100.0, 2.40, 0.13, 23.98, 77.3),
+    ("SimVQ", 1024, 100.0, 3.67, 0.16, 22.34, 70.8),
+    ("SimVQ", 8192, 100.0, 2.98, 0.14, 23.23, 74.7),
+    ("SimVQ", 65536, 100.0, 2.24, 0.12, 24.15, 78.4),
+    ("SimVQ", 262144, 100.0, 1.99, 0.11, 24.68, 80.3),
+]
+
+#: metrics summarised over seeds: (key in the summary, where it comes from, label, format)
+SUMMARY_METRICS = [
+    ("utilization", "eval", "utilisation (%)", "pct"),
+    ("perplexity", "eval", "perplexity", "0f"),
+    ("dead_codes", "eval", "dead codes", "0f"),
+    ("psnr_official_batch64", "eval", "PSNR (dB, batch-64)", "2f"),
+    ("psnr_per_image", "eval", "PSNR (dB, per image)", "2f"),
+    ("ssim_x100", "eval", "SSIM x100", "1f"),
+    ("lpips_vgg", "eval", "LPIPS (VGG)", "3f"),
+    ("lpips_alex", "eval", "LPIPS (AlexNet)", "3f"),
+    ("rfid", "eval", "rFID", "2f"),
+    ("proxy_fid_random_conv", "eval", "proxy FID (random conv, not rFID)", "3f"),
+    ("train_utilization", "history", "train utilisation, last window (%)", "pct"),
+    ("final_l1", "history", "final train L1", "4f"),
+    ("final_commitment", "history", "final commitment loss", "4f"),
+    ("final_codebook", "history", "final codebook loss", "4f"),
+    ("steps_per_s", "run", "steps/s", "1f"),
+    ("train_time_s", "run", "train wall time (s)", "0f"),
+    ("wall_time_s", "run", "run wall time incl. eval (s)", "0f"),
+    ("params_total", "run", "parameters", "0f"),
+    ("quantizer_params_trainable", "run", "trainable quantizer parameters", "0f"),
+    ("peak_memory_mb", "run", "peak memory (MB)", "0f"),
+]
+
+
+def _value(record: dict, key: str, source: str):
+    if source == "eval":
+        v = record.get("eval", {}).get(key)
+    elif source == "history":
+        hist = [h for h in record.get("history", []) if "step" in h and not h.get("diverged")]
+        name = {"train_utilization": "utilization", "final_l1": "l1", "final_commitment": "commitment",
+                "final_codebook": "codebook"}[key]
+        v = next((h[name] for h in reversed(hist) if name in h), None)
+    else:
+        v = record.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def stats(values: list[float]) -> dict:
+    """``mean``, sample ``std`` (None for one value), ``min``, ``max``, ``n`` and the values."""
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "min": None, "max": None, "values": []}
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"n": n, "mean": mean, "std": std, "min": min(values), "max": max(values), "values": list(values)}
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """One entry per (variant, requested size) of the main comparison, metrics aggregated over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        if r.get("kind", "compare") == "compare":
+            groups.setdefault((r["variant"], r["requested_size"]), []).append(r)
+    out = []
+    for (variant, size), recs in groups.items():
+        recs = sorted(recs, key=lambda r: r["seed"])
+        ok = [r for r in recs if r.get("status") == "ok"]
+        entry = {
+            "variant": variant,
+            "label": recs[0].get("label", variant),
+            "requested_size": size,
+            "codebook_size": recs[0]["codebook_size"],
+            "seeds": [r["seed"] for r in recs],
+            "diverged": [r["seed"] for r in recs if r.get("status") != "ok"],
+            "metrics": {},
+        }
+        for key, source, _, _ in SUMMARY_METRICS:
+            vals = [v for v in (_value(r, key, source) for r in ok) if v is not None]
+            if vals:
+                entry["metrics"][key] = stats(vals)
+        out.append(entry)
+    return out
+
+
+# ----- formatting ---------------------------------------------------------------------------------------
+def _fmt(v: float | None, kind: str) -> str:
+    if v is None:
+        return "n/a"
+    if kind == "pct":
+        return f"{100 * v:.1f}"
+    return f"{v:.{kind}}"
+
+
+def fmt_stat(s: dict | None, kind: str) -> str:
+    """``mean ± std`` in the metric's format (``mean`` alone with one seed)."""
+    if not s or s.get("mean") is None:
+        return "n/a"
+    if s.get("std") is None:
+        return _fmt(s["mean"], kind)
+    return f"{_fmt(s['mean'], kind)} ± {_fmt(s['std'], kind)}"
+
+
+def _get(summary: list[dict], variant: str, size: int) -> dict | None:
+    return next((e for e in summary if e["variant"] == variant and e["requested_size"] == size), None)
+
+
+def _m(entry: dict | None, key: str) -> dict | None:
+    return None if entry is None else entry["metrics"].get(key)
+
+
+def _beyond_spread(a: dict, b: dict) -> bool:
+    spread = (a.get("std") or 0.0) + (b.get("std") or 0.0)
+    return abs(a["mean"] - b["mean"]) > spread
+
+
+def _quality_key(summary: list[dict]) -> str:
+    return "psnr_official_batch64"
+
+
+def verdict(summary: list[dict], retrofit: dict | None, sizes: list[int]) -> list[str]:
+    """Sentences that state who wins on what, by how much, with the spread; all from the numbers."""
+    lines = []
+    q = _quality_key(summary)
+    for size in sizes:
+        rows = [e for e in summary if e["requested_size"] == size and _m(e, "utilization")]
+        if not rows:
+            continue
+        sim, vq = _get(summary, "simvq", size), _get(summary, "vq", size)
+        if _m(sim, "utilization") and _m(vq, "utilization"):
+            su, vu = _m(sim, "utilization"), _m(vq, "utilization")
+            lines.append(
+                f"K={size}: SimVQ uses {fmt_stat(su, 'pct')}% of its codes on held-out data, plain VQ "
+                f"{fmt_stat(vu, 'pct')}% ({100 * (su['mean'] - vu['mean']):+.1f} points"
+                f"{'' if _beyond_spread(su, vu) else ', within the seed spread'})."
+            )
+            if _m(sim, q) and _m(vq, q):
+                sp, vp = _m(sim, q), _m(vq, q)
+                lines.append(
+                    f"K={size}: PSNR {fmt_stat(sp, '2f')} dB for SimVQ against {fmt_stat(vp, '2f')} dB for plain VQ "
+                    f"({sp['mean'] - vp['mean']:+.2f} dB{'' if _beyond_spread(sp, vp) else ', within the seed spread'})."
+                )
+        best_u = max(rows, key=lambda e: e["metrics"]["utilization"]["mean"])
+        rows_q = [e for e in rows if _m(e, q)]
+        if rows_q:
+            best_q = max(rows_q, key=lambda e: e["metrics"][q]["mean"])
+            ranked = sorted(rows_q, key=lambda e: -e["metrics"][q]["mean"])
+            second = ranked[1] if len(ranked) > 1 else None
+            text = f"K={size}: best PSNR {best_q['label']} ({fmt_stat(best_q['metrics'][q], '2f')} dB)"
+            if second is not None:
+                gap = best_q["metrics"][q]["mean"] - second["metrics"][q]["mean"]
+                text += (
+                    f", {gap:.2f} dB ahead of {second['label']}"
+                    f"{'' if _beyond_spread(best_q['metrics'][q], second['metrics'][q]) else ' (within the seed spread)'}"
+                )
+            text += f"; highest utilisation {best_u['label']} ({fmt_stat(best_u['metrics']['utilization'], 'pct')}%)."
+            lines.append(text)
+        collapsed = [e["label"] for e in rows if e["metrics"]["utilization"]["mean"] < 0.1]
+        if collapsed:
+            lines.append(f"K={size}: collapsed (under 10% of codes used): {', '.join(collapsed)}.")
+        for v, what in (("simvq_mlp", "the MLP transform"), ("simvq_learn_c", "learning C as well as W")):
+            e = _get(summary, v, size)
+            if e and _m(e, "utilization") and _m(sim, "utilization"):
+                du = e["metrics"]["utilization"]["mean"] - sim["metrics"]["utilization"]["mean"]
+                dq = (e["metrics"][q]["mean"] - sim["metrics"][q]["mean"]) if _m(e, q) and _m(sim, q) else None
+                lines.append(
+                    f"K={size}: {what} changes SimVQ's utilisation by {100 * du:+.1f} points"
+                    + (f" and PSNR by {dq:+.2f} dB" if dq is not None else "")
+                    + f" ({e['label']}: {fmt_stat(e['metrics']['utilization'], 'pct')}%)."
+                )
+        if _m(sim, "steps_per_s") and _m(vq, "steps_per_s") and _m(sim, "quantizer_params_trainable") and _m(vq, "quantizer_params_trainable"):
+            ratio = sim["metrics"]["steps_per_s"]["mean"] / vq["metrics"]["steps_per_s"]["mean"]
+            lines.append(
+                f"K={size}: cost: SimVQ trains {sim['metrics']['quantizer_params_trainable']['mean']:.0f} quantizer "
+                f"parameters (VQ: {vq['metrics']['quantizer_params_trainable']['mean']:.0f}) and runs at {ratio:.2f}x "
+                f"plain VQ's steps/s on this machine."
+            )
+    diverged = [f"{e['label']} K={e['requested_size']} seeds {e['diverged']}" for e in summary if e["diverged"]]
+    lines.append("Diverged runs (NaN/Inf): " + ("; ".join(diverged) if diverged else "none") + ".")
+    if retrofit:
+        b, a, c = retrofit["before"].get("eval", {}), retrofit["after"].get("eval", {}), retrofit["control"].get("eval", {})
+        if all(k in d for d in (a, b, c) for k in ("utilization", "psnr_official_batch64")):
+            lines.append(
+                f"Retrofit (K={retrofit['size']}): the trained plain-VQ model used {100 * b['utilization']:.1f}% of its "
+                f"codes at {b['psnr_official_batch64']:.2f} dB; swapped to SimVQ (outputs unchanged at the swap) and "
+                f"trained {retrofit['after'].get('steps', 0)} more steps it uses "
+                f"{100 * a['utilization']:.1f}% at {a['psnr_official_batch64']:.2f} dB, while plain VQ trained as long "
+                f"uses {100 * c['utilization']:.1f}% at {c['psnr_official_batch64']:.2f} dB (one seed)."
+            )
+    return lines
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _environment() -> dict:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _perceptual_key(summary: list[dict]) -> tuple[str, str] | None:
+    for key, label in (("rfid", "rFID"), ("lpips_vgg", "LPIPS (VGG)"), ("proxy_fid_random_conv", "proxy FID*")):
+        if any(key in e["metrics"] for e in summary):
+            return key, label
+    return None
+
+
+def write_report(spec, base: dict, records: list[dict], *, notes: list[str], retrofit: dict | None, out: Path,
+                 wall_time_s: float, reused: int) -> dict:
+    """Write ``results.json``, the plots, ``report.md`` and ``report.html`` into ``out``; return the results."""
+    from simvq.compare import plots
+    from simvq.compare.runner import VARIANTS
+
+    out = Path(out)
+    summary = summarise(records)
+    sizes = sorted({e["requested_size"] for e in summary})
+    lines = verdict(summary, retrofit, sizes)
+    results = {
+        "version": 1,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "spec": {
+            "quantizers": list(spec.quantizers),
+            "codebook_sizes": list(spec.codebook_sizes),
+            "seeds": list(spec.seeds),
+            "budget": spec.budget.text,
+            "data": spec.data,
+            "config": spec.config if not isinstance(spec.config, dict) else "(dict)",
+            "eval_limit": spec.eval_limit,
+        },
+        "base_config": base,
+        "environment": _environment(),
+        "wall_time_s": wall_time_s,
+        "reused_runs": reused,
+        "notes": list(notes),
+        "summary": summary,
+        "verdict": lines,
+        "retrofit": _retrofit_summary(retrofit),
+        "published_imagenet": [
+            dict(zip(("method", "codebook_size", "utilization_pct", "rfid", "lpips", "psnr", "ssim_x100"), row))
+            for row in PUBLISHED_IMAGENET
+        ],
+        "runs": [{k: v for k, v in r.items() if k not in ("reconstructions",)} for r in records],
+    }
+    from simvq.checkpoints import save_file_atomic
+
+    save_file_atomic(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
+    figures = plots.make_all(results, records, retrofit, out / "plots")
+    md = render_markdown(results, figures, VARIANTS)
+    save_file_atomic(out / "report.md", md)
+    save_file_atomic(out / "report.html", markdown_to_html(md, title="simvq compare report"))
+    return results
+
+
+def _retrofit_summary(retrofit: dict | None) -> dict | None:
+    if not retrofit:
+        return None
+
+    def pick(rec):
+        ev = rec.get("eval", {})
+        return {"key": rec.get("key"), "steps": rec.get("steps"), "status": rec.get("status"),
+                **{k: ev.get(k) for k in ("utilization", "perplexity", "dead_codes", "psnr_official_batch64", "ssim_x100")}}
+
+    before, after, control = pick(retrofit["before"]), pick(retrofit["after"]), pick(retrofit["control"])
+    for rec in (after, control):  # the continuations count their own steps; report totals
+        if rec["steps"] is not None and before["steps"] is not None:
+            rec["steps"] = before["steps"] + rec["steps"]
+    return {"codebook_size": retrofit["size"], "seed": retrofit["seed"], "replaced": retrofit.get("replaced"),
+            "before": before, "after_retrofit": after, "control_vq_trained_on": control}
+
+
+def render_markdown(results: dict, figures: dict, variants: dict) -> str:
+    spec, base, summary = results["spec"], results["base_config"], results["summary"]
+    m, d, o = base["model"], base["data"], base["optim"]
+    sizes = sorted({e["requested_size"] for e in summary})
+    order = [v for v in spec["quantizers"]]
+    out = ["# simvq compare: does SimVQ fix codebook collapse, and at what cost?", ""]
+    out += [
+        f"Generated {results['created']} by `simvq compare` in {results['wall_time_s'] / 60:.1f} min "
+        f"({results['reused_runs']} run(s) reused from an earlier invocation) on {results['environment']['platform']}, "
+        f"torch {results['environment']['torch']}, {results['environment']['cpu_count']} CPU(s)"
+        + (f", {results['environment']['cuda']}" if results["environment"]["cuda"] else "")
+        + ".",
+        "",
+        "## Verdict",
+        "",
+    ]
+    out += [f"- {line}" for line in results["verdict"]]
+    out += ["", "## Setup", ""]
+    pq = _perceptual_key(summary)
+    out += [
+        f"- Same model, data, steps and seeds for every quantizer; only the quantizer changes. Budget: {spec['budget']} "
+        f"per run; seeds {spec['seeds']}; codebook sizes {spec['codebook_sizes']}.",
+        f"- Model: Open-MAGVIT2-style CNN tokenizer, ch {m['ch']}, ch_mult {m['ch_mult']}, {m['num_res_blocks']} res "
+        f"block(s) per level, code dimension {m['z_channels']} (x{2 ** (len(m['ch_mult']) - 1)} down-sampling).",
+        f"- Data: `{d['dataset']}`{' at ' + str(d['path']) if d.get('path') else ''}, {d['image_size']}x{d['image_size']} "
+        f"images, {d['channels']} channel(s), batch {d['batch_size']}; evaluation on the held-out split"
+        f"{' (first ' + str(d['eval_limit']) + ' images)' if d.get('eval_limit') else ''}.",
+        f"- Loss: L1 x{base['loss']['l1_weight']}"
+        + (f" + perceptual x{base['loss']['perceptual_weight']}" if base["loss"]["perceptual_weight"] else " (no perceptual loss)")
+        + (f" + GAN x{base['loss']['gan_weight']}" if base["loss"]["gan_weight"] else " (no GAN)")
+        + f" + quantizer loss; Adam lr {o['lr']}, betas {o['betas']}, weight EMA {o['ema_decay']}.",
+        "- Utilisation = codes used at least once over the whole evaluation set / K. PSNR (batch-64) is the official "
+        "convention (MSE averaged over a batch of 64, then PSNR, averaged over batches); per-image PSNR reads higher.",
+    ]
+    if pq and pq[0] == "proxy_fid_random_conv":
+        out.append("- *proxy FID: Frechet distance of features of a fixed random conv net (no Inception weights "
+                   "on this machine); comparable between our runs only, not an rFID.")
+    out.append(
+        "- Figures are mean ± sample standard deviation over seeds. A difference smaller than the sum of both "
+        "spreads is reported as within the seed spread."
+    )
+    for note in results["notes"]:
+        out.append(f"- Note: {note}")
+    lc = [r.get("lc_codebook") for r in results["runs"] if r.get("lc_codebook")]
+    if lc:
+        out.append(f"- VQGAN-LC frozen codebook: {lc[0]}.")
+    out += ["", "## Results (ours)", ""]
+    header = ["quantizer", "K", "utilisation %", "perplexity", "dead codes", "PSNR dB", "SSIM x100"]
+    if pq:
+        header.append(pq[1])
+    header += ["steps/s", "quantizer params (trainable)", "diverged"]
+    rows = []
+    for size in sizes:
+        for v in order:
+            e = _get(summary, v, size)
+            if e is None:
+                continue
+            mt = e["metrics"]
+            row = [e["label"], str(e["codebook_size"]), fmt_stat(mt.get("utilization"), "pct"),
+                   fmt_stat(mt.get("perplexity"), "0f"), fmt_stat(mt.get("dead_codes"), "0f"),
+                   fmt_stat(mt.get("psnr_official_batch64"), "2f"), fmt_stat(mt.get("ssim_x100"), "1f")]
+            if pq:
+                row.append(fmt_stat(mt.get(pq[0]), "3f"))
+            row += [fmt_stat(mt.get("steps_per_s"), "1f"),
+                    _fmt(mt["quantizer_params_trainable"]["mean"], "0f") if "quantizer_params_trainable" in mt else "n/a",
+                    f"{len(e['diverged'])}/{len(e['seeds'])}"]
+            rows.append(row)
+    out.append(_table(header, rows))
+    out += ["", "Quantizers:", ""]
+    for v in order:
+        var = variants.get(v)
+        if var:
+            out.append(f"- **{var.label}** (`{v}`): {var.note}.")
+    if results.get("retrofit"):
+        r = results["retrofit"]
+        out += ["", "## Retrofit experiment", "",
+                f"A plain-VQ model (K={r['codebook_size']}, seed {r['seed']}) from the runs above, its quantizer "
+                "swapped by `simvq.retrofit(model)` for a SimVQ layer whose frozen C is the old codebook and whose W "
+                "starts at the identity (outputs unchanged at the swap), then trained on; the control trains the "
+                "same VQ model on for as many steps without the swap.", ""]
+        rr = []
+        for name, key in (("trained plain VQ (before)", "before"), ("retrofitted to SimVQ, trained on", "after_retrofit"),
+                          ("plain VQ trained on (control)", "control_vq_trained_on")):
+            x = r[key]
+            rr.append([name, str(x.get("steps")), _fmt(x.get("utilization"), "pct"), _fmt(x.get("perplexity"), "0f"),
+                       _fmt(x.get("psnr_official_batch64"), "2f"), _fmt(x.get("ssim_x100"), "1f")])
+        out.append(_table(["model", "total steps", "utilisation %", "perplexity", "PSNR dB", "SSIM x100"], rr))
+    out += ["", "## Figures", ""]
+    for key, caption in (
+        ("utilization_over_steps", "Codebook utilisation over training (per logging window of training tokens)"),
+        ("codebook_scaling", "Codebook-size scaling: held-out utilisation and PSNR against K (error bars: std over seeds)"),
+        ("code_usage", "Sorted code-usage histograms on the held-out set (largest K, first seed)"),
+        ("reconstructions", "Reconstructions side by side (largest K, first seed; top row: originals)"),
+        ("loss_curves", "Training losses"),
+        ("retrofit", "Retrofit experiment"),
+    ):
+        if figures.get(key):
+            out += [f"![{caption}]({figures[key]})", "", f"*{caption}.*", ""]
+    out += ["## Published figures (SimVQ paper, ImageNet-1k 128x128; another scale)", "",
+            "These are the paper's numbers for full-size models trained 50 epochs on ImageNet with perceptual and GAN "
+            "losses. They are not comparable in absolute value with the small CPU runs above; they show the same "
+            "pattern at scale.", ""]
+    out.append(_table(["method", "K", "utilisation %", "rFID", "LPIPS", "PSNR", "SSIM x100"],
+                      [[str(x) for x in row[:1]] + [f"{row[1]:,}"] + [f"{row[2]:g}", f"{row[3]:.2f}", f"{row[4]:.2f}",
+                                                                         f"{row[5]:.2f}", f"{row[6]:.1f}"]
+                       for row in PUBLISHED_IMAGENET]))
+    out += ["", "Raw numbers of every run, with training histories: `results.json`.", ""]
+    return "\n".join(out)
+
+
+# ----- a small Markdown -> HTML writer (the subset the report uses) -------------------------------------
+def _inline(text: str) -> str:
+    text = html.escape(text, quote=False)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+    text = re.sub(r"(?<![*\w])\*([^*]+)\*(?![*\w])", r"<em>\1</em>", text)
+    return text
+
+
+def markdown_to_html(md: str, *, title: str) -> str:
+    """Headings, paragraphs, bullet lists, pipe tables, images, code spans, bold and italics."""
+    body, lines, i = [], md.splitlines(), 0
+    while i < len(lines):
+        line = lines[i]
+        if not line.strip():
+            i += 1
+            continue
+        m = re.match(r"(#{1,6}) (.*)", line)
+        if m:
+            n = len(m.group(1))
+            body.append(f"<h{n}>{_inline(m.group(2))}</h{n}>")
+            i += 1
+            continue
+        m = re.fullmatch(r"!\[([^\]]*)\]\(([^)]+)\)", line.strip())
+        if m:
+            body.append(f'<p><img src="{html.escape(m.group(2))}" alt="{html.escape(m.group(1))}" style="max-width:100%"></p>')
+            i += 1
+            continue
+        if line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append([c.strip() for c in lines[i].strip().strip("|").split("|")])
+                i += 1
+            head, rest = rows[0], [r for r in rows[1:] if not all(set(c) <= set("-:") for c in r)]
+            t = ["<table>", "<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"]
+            t += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rest]
+            body.append("\n".join(t + ["</table>"]))
+            continue
+        if line.startswith("- "):
+            items = []
+            while i < len(lines) and lines[i].startswith("- "):
+                items.append(f"<li>{_inline(lines[i][2:])}</li>")
+                i += 1
+            body.append("<ul>\n" + "\n".join(items) + "\n</ul>")
+            continue
+        para = []
+        while i < len(lines) and lines[i].strip() and not re.match(r"(#{1,6} |\||- |!\[)", lines[i]):
+            para.append(lines[i])
+            i += 1
+        body.append(f"<p>{_inline(' '.join(para))}</p>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;line-height:1.45}"
+             "table{border-collapse:collapse;font-size:90%}td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}"
+             "td:first-child,th:first-child{text-align:left}code{background:#f3f3f3;padding:0 3px}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+__all__ = ["PUBLISHED_IMAGENET", "fmt_stat", "markdown_to_html", "render_markdown", "stats", "summarise", "verdict",
+           "write_report"]

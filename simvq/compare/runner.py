@@ -1,0 +1,852 @@
+"""Plan, check and run the comparison; every finished run is a JSON file, so a rerun trains nothing twice.
+
+A *run* is one (quantizer variant, codebook size, seed) trained with the same base config (model, data,
+optimiser, steps) through :func:`simvq.training.train` and evaluated on held-out data through
+:func:`simvq.evaluation.evaluate`. Runs are keyed by ``<variant>-K<size>-seed<seed>-<hash>`` where the hash
+covers the whole training config and the budget, so changing anything that changes a run's meaning makes
+new runs instead of silently reusing old ones.
+
+Output folder layout::
+
+    OUT/report.md, report.html, results.json, plots/*.png     the report (see simvq.compare.report)
+    OUT/runs/<key>.json                                        one finished run (metrics, history, costs)
+    OUT/work/<key>/                                            its training folder (checkpoint, model/)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("simvq.compare")
+
+#: the compare preset (a normal training config; its quantizer section is replaced per run)
+DEFAULT_CONFIG = "compare/default"
+DEFAULT_CODEBOOK_SIZES = (1024, 8192)
+DEFAULT_SEEDS = (0, 1)
+DEFAULT_BUDGET = "300"
+RESULT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One quantizer setting of the comparison.
+
+    Attributes:
+        key: the name used on the command line (``--quantizers simvq,vq``).
+        label: the name in tables and plots.
+        quantizer: the config's ``quantizer`` section without ``codebook_size``.
+        sizes: how a requested codebook size maps to the quantizer: ``"any"``, ``"fsq"`` (through
+            :func:`simvq.quantizers.factory.fsq_levels_for`) or ``"pow2"`` (LFQ: ``2**bits``).
+        note: one line for the report.
+    """
+
+    key: str
+    label: str
+    quantizer: dict
+    sizes: str = "any"
+    note: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    v.key: v
+    for v in (
+        Variant("simvq", "SimVQ", {"name": "simvq"}, note="frozen random C, learned linear W (official setting)"),
+        Variant("vq", "VQ", {"name": "vq"}, note="plain VQ-VAE codebook trained by the codebook loss"),
+        Variant("ema_vq", "EMA VQ", {"name": "ema_vq"}, note="codebook as an exponential moving average"),
+        Variant(
+            "factorized_vq",
+            "Factorised VQ",
+            {"name": "factorized_vq", "codebook_dim": 4},
+            note="low-dimensional (4-d) l2-normalised codebook between two projections (ViT-VQGAN)",
+        ),
+        Variant(
+            "lc_vq",
+            "VQGAN-LC",
+            {"name": "lc_vq"},
+            note="frozen codebook of k-means centroids of encoder features + learned projector",
+        ),
+        Variant("fsq", "FSQ", {"name": "fsq"}, sizes="fsq", note="finite scalar quantization, levels from the FSQ paper"),
+        Variant("lfq", "LFQ", {"name": "lfq"}, sizes="pow2", note="lookup-free quantization with entropy loss"),
+        Variant(
+            "simvq_mlp",
+            "SimVQ (MLP)",
+            {"name": "simvq", "transform": "mlp"},
+            note="non-linear reparameterisation: Linear-GELU-Linear instead of W",
+        ),
+        Variant(
+            "simvq_learn_c",
+            "SimVQ (C+W learned)",
+            {"name": "simvq", "learnable_codebook": True},
+            note="both C and W trained (the paper predicts C dominates and usage drops)",
+        ),
+    )
+}
+DEFAULT_QUANTIZERS = tuple(VARIANTS)
+
+#: --data names of the built-in data sets -> (config data.dataset, natural channels, image size)
+BUILTIN_DATA = {
+    "photos": ("photos", 3, 32),
+    "fashion": ("fashion_mnist", 1, 32),
+    "fashion_mnist": ("fashion_mnist", 1, 32),
+    "digits": ("digits", 1, 16),
+}
+
+
+# ----- arguments ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Budget:
+    """Training length of every run: ``steps`` each, or ``minutes`` in total split evenly across runs."""
+
+    steps: int | None = None
+    minutes: float | None = None
+
+    @property
+    def text(self) -> str:
+        return f"{self.steps} steps" if self.steps is not None else f"{self.minutes:g} minutes in total"
+
+
+def parse_budget(text) -> Budget:
+    """``"500"`` / ``500`` -> 500 steps per run; ``"5m"``, ``"5min"``, ``"90s"`` -> a total time budget."""
+    if isinstance(text, Budget):
+        return text
+    if isinstance(text, bool):
+        raise ValueError(f"budget must be a step count (e.g. 500) or a duration (e.g. 5m), got {text!r}")
+    if isinstance(text, int):
+        if text < 1:
+            raise ValueError(f"budget must be at least 1 step, got {text}")
+        return Budget(steps=text)
+    s = str(text).strip().lower()
+    m = re.fullmatch(r"(\d+)(?:\s*steps?)?", s)
+    if m:
+        return parse_budget(int(m.group(1)))
+    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(m|min|mins|minutes?|s|sec|secs|seconds?|h|hours?)", s)
+    if m:
+        value = float(m.group(1))
+        unit = m.group(2)[0]
+        minutes = value / 60 if unit == "s" else value * 60 if unit == "h" else value
+        if not minutes > 0:
+            raise ValueError(f"budget must be a positive duration, got {text!r}")
+        return Budget(minutes=minutes)
+    raise ValueError(
+        f"budget {text!r} is neither a step count (e.g. 500: steps per run) nor a duration (e.g. 5m or 90s: "
+        "total time, split across runs)"
+    )
+
+
+def _int_list(values, what: str) -> list[int]:
+    if isinstance(values, str):
+        values = [v for v in re.split(r"[,\s]+", values.strip()) if v]
+    out = []
+    for v in values:
+        try:
+            iv = int(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{what} must be whole numbers, got {v!r}") from None
+        if isinstance(v, float) and v != iv:
+            raise ValueError(f"{what} must be whole numbers, got {v!r}")
+        out.append(iv)
+    if not out:
+        raise ValueError(f"give at least one value for {what}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what} lists a value twice: {out}")
+    return out
+
+
+def _name_list(values) -> list[str]:
+    if isinstance(values, str):
+        values = [v for v in re.split(r"[,\s]+", values.strip()) if v]
+    names = [str(v) for v in values]
+    if not names:
+        raise ValueError(f"give at least one quantizer; choose from {', '.join(VARIANTS)}")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown quantizer(s) {', '.join(map(repr, unknown))}; choose from {', '.join(VARIANTS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a quantizer is listed twice: {names}")
+    return names
+
+
+@dataclass
+class CompareSpec:
+    """Everything that defines a comparison (validated by :meth:`check` before any training).
+
+    Args:
+        quantizers: variant keys (see :data:`VARIANTS`), a list or a comma-separated string.
+        codebook_sizes: requested sizes ``K``; FSQ maps each through ``fsq_levels_for`` (the closest
+            recommended grid, e.g. 1024 -> 1000 codes), LFQ needs powers of two.
+        seeds: training seeds; two or more give mean +- spread for every figure.
+        budget: steps per run (``"300"``) or a total duration (``"5m"``) split evenly across runs.
+        data: None (the preset's data), a built-in set (``photos``, ``fashion``, ``digits``), a folder of
+            images, or a folder holding Fashion-MNIST IDX files.
+        config: the base training config: a preset name, a YAML path or a dict (default
+            ``compare/default``); its ``quantizer`` section is replaced per run.
+        out: the report folder.
+        retrofit: run the retrofit experiment (needs ``vq`` among the quantizers).
+        eval_limit: evaluate on at most this many held-out images (None: the config's ``data.eval_limit``).
+        overrides: ``key.sub=value`` strings applied to the base config.
+    """
+
+    quantizers: list = field(default_factory=lambda: list(DEFAULT_QUANTIZERS))
+    codebook_sizes: list = field(default_factory=lambda: list(DEFAULT_CODEBOOK_SIZES))
+    seeds: list = field(default_factory=lambda: list(DEFAULT_SEEDS))
+    budget: Budget | str | int = DEFAULT_BUDGET
+    data: str | None = None
+    config: str | dict | None = None
+    out: str | Path = "compare-report"
+    retrofit: bool = True
+    eval_limit: int | None = None
+    overrides: list = field(default_factory=list)
+    quantizers_given: bool = False  # the user named the quantizers (then an unrepresentable size is an error)
+
+    def check(self) -> "CompareSpec":
+        """Validate and normalise every argument; raises ValueError / FileNotFoundError with the fix."""
+        self.quantizers = _name_list(self.quantizers)
+        self.codebook_sizes = _int_list(self.codebook_sizes, "codebook sizes")
+        if any(k < 2 for k in self.codebook_sizes):
+            raise ValueError(f"codebook sizes must be >= 2, got {self.codebook_sizes}")
+        self.seeds = _int_list(self.seeds, "seeds")
+        if any(s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be >= 0, got {self.seeds}")
+        self.budget = parse_budget(self.budget)
+        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 1):
+            raise ValueError(f"eval_limit must be a positive integer, got {self.eval_limit!r}")
+        self.out = Path(self.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise FileExistsError(f"--out {self.out} exists and is not a folder; choose another report folder")
+        return self
+
+
+def size_for(variant: Variant, requested: int) -> tuple[dict, int]:
+    """``(quantizer keywords for this size, actual codebook size)``; ValueError when it cannot be done."""
+    q = dict(variant.quantizer)
+    if variant.sizes == "fsq":
+        from simvq.quantizers.factory import fsq_levels_for
+
+        levels = fsq_levels_for(requested)  # ValueError lists the sizes it knows
+        q["levels"] = levels
+        return q, math.prod(levels)
+    if variant.sizes == "pow2" and requested & (requested - 1):
+        lower = 1 << (requested.bit_length() - 1)
+        raise ValueError(f"LFQ needs a power-of-two codebook size (2**bits); {requested} is not one, use {lower} or {lower * 2}")
+    q["codebook_size"] = requested
+    return q, requested
+
+
+def _data_section(data: str | None, base: dict, preset_is_default: bool) -> dict:
+    """The ``data`` (and channel) changes that ``--data`` implies."""
+    if data is None:
+        return {}
+    text = str(data)
+    if text in BUILTIN_DATA:
+        dataset, channels, size = BUILTIN_DATA[text]
+        change = {"dataset": dataset, "path": None, "eval_path": None}
+        if preset_is_default or dataset == "fashion_mnist":
+            change["image_size"] = size if preset_is_default else max(base["data"]["image_size"], size)
+        change["channels"] = channels if preset_is_default else base["model"]["in_channels"]
+        return change
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--data {text!r} is not a built-in data set ({', '.join(BUILTIN_DATA)}) and no such folder exists; "
+            "give an existing image folder, a folder of Fashion-MNIST IDX files, or a built-in name"
+        )
+    if not path.is_dir():
+        raise NotADirectoryError(f"--data {text!r} is a file; give a folder of images (JPEG/PNG) or of IDX files")
+    names = [p.name for p in path.iterdir()]
+    idx = any(re.fullmatch(r"train-images-idx3-ubyte(\.gz)?", n) for n in names)
+    channels = 3 if preset_is_default else base["model"]["in_channels"]
+    if idx:
+        if not any(re.fullmatch(r"t10k-images-idx3-ubyte(\.gz)?", n) for n in names):
+            raise FileNotFoundError(f"{path} holds train-images-idx3-ubyte but no t10k-images-idx3-ubyte (the held-out split)")
+        return {"dataset": "fashion_mnist", "path": str(path), "channels": 1 if preset_is_default else channels,
+                "image_size": max(32, base["data"]["image_size"])}
+    from simvq.data.images import list_images
+
+    if not list_images(path):  # raises for an empty folder with the reason
+        raise FileNotFoundError(f"no JPEG/PNG images under {path}")
+    return {"dataset": "folder", "path": str(path), "eval_path": None, "channels": channels}
+
+
+def base_config(spec: CompareSpec) -> dict:
+    """The resolved base training config (model, data, optimiser) shared by every run."""
+    from simvq.config import apply_overrides, find_config, load_config, load_yaml
+
+    preset_is_default = spec.config is None
+    source = DEFAULT_CONFIG if spec.config is None else spec.config
+    raw = copy.deepcopy(source) if isinstance(source, dict) else load_yaml(find_config(source))
+    raw = apply_overrides(raw, list(spec.overrides))
+    raw.setdefault("quantizer", {"name": "simvq"})
+    first = load_config(raw)
+    change = _data_section(spec.data, first, preset_is_default)
+    if change:
+        raw.setdefault("data", {})
+        raw["data"].update(change)
+        model = raw.setdefault("model", {})
+        if preset_is_default and "channels" in change:
+            model["in_channels"] = change["channels"]
+            model["out_channels"] = change["channels"]
+    if spec.eval_limit is not None:
+        raw.setdefault("data", {})["eval_limit"] = spec.eval_limit
+    trainer = raw.setdefault("trainer", {})
+    # the compare records its own history and report; per-run loggers and sample grids would only cost time
+    trainer.update(loggers=[], sample_every=0, eval_every=0)
+    return load_config(raw)
+
+
+@dataclass
+class PlannedRun:
+    """One training run of the plan."""
+
+    variant: str
+    requested_size: int
+    codebook_size: int
+    seed: int
+    config: dict
+    key: str = ""
+    kind: str = "compare"  # "compare", "retrofit" or "retrofit_control"
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def run_key(variant: str, size: int, seed: int, config: dict, budget: Budget, extra: str = "") -> str:
+    cfg = copy.deepcopy(config)
+    # the step/time limits come from the budget; the rest of the trainer section changes what is trained
+    cfg["trainer"].pop("max_steps", None)
+    cfg["trainer"].pop("max_minutes", None)
+    return f"{variant}-K{size}-seed{seed}-{_hash([RESULT_VERSION, cfg, budget.steps, budget.minutes, extra])}"
+
+
+def plan_runs(spec: CompareSpec, base: dict | None = None) -> tuple[list[PlannedRun], list[str]]:
+    """All runs of the comparison and notes on sizes a quantizer cannot take.
+
+    A size that FSQ or LFQ cannot represent is an error when the user named that quantizer, and is
+    skipped with a note when it came from the default list.
+    """
+    spec.check()
+    base = base_config(spec) if base is None else base
+    runs, notes = [], []
+    for name in spec.quantizers:
+        variant = VARIANTS[name]
+        for requested in spec.codebook_sizes:
+            try:
+                qcfg, actual = size_for(variant, requested)
+            except ValueError as err:
+                if spec.quantizers_given:
+                    raise ValueError(f"--quantizers {name} cannot run at codebook size {requested}: {err}") from None
+                notes.append(f"{variant.label} skipped at K={requested}: {err}")
+                continue
+            for seed in spec.seeds:
+                cfg = copy.deepcopy(base)
+                cfg["quantizer"] = dict(qcfg)
+                cfg["seed"] = seed
+                runs.append(PlannedRun(name, requested, actual, seed, cfg))
+    from simvq.config import resolve_config
+
+    from simvq.quantizers import build_quantizer
+
+    checked = set()
+    for r in runs:  # a bad quantizer keyword or size surfaces here, before anything trains
+        r.config = resolve_config(r.config)
+        q = dict(r.config["quantizer"])
+        sig = json.dumps(q, sort_keys=True, default=str)
+        if sig not in checked:  # the quantizer alone: cheap, and it is the only part that differs per run
+            checked.add(sig)
+            build_quantizer(q.pop("name"), dim=r.config["model"]["z_channels"], **q)
+        r.key = run_key(r.variant, r.requested_size, r.seed, r.config, spec.budget)
+    return runs, notes
+
+
+# ----- execution -------------------------------------------------------------------------------------
+def _atomic_json(path: Path, obj) -> None:
+    from simvq.checkpoints import save_file_atomic
+
+    save_file_atomic(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def load_run(path: Path) -> dict | None:
+    """A finished run's record, or None when the file is missing, unreadable or from another version."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("version") != RESULT_VERSION or record.get("status") not in ("ok", "diverged"):
+        return None
+    return record
+
+
+@contextmanager
+def initial_weights(state_dict: dict, *, strict: bool, modality: str = "image"):
+    """Make :func:`simvq.training.train` start from ``state_dict`` (used by the retrofit and VQGAN-LC runs).
+
+    ``train()`` builds its model from the config through the modality's task; this temporarily registers a
+    task that loads ``state_dict`` into the freshly built model (``strict=False``: only the given keys,
+    e.g. a frozen codebook). The EMA copy is made from the loaded weights; a resumed run then overwrites
+    them with its checkpoint, as it should.
+    """
+    from simvq.training import tasks
+
+    original = tasks.TASKS[modality]
+    if not isinstance(original, type):
+        raise TypeError("initial_weights needs the modality's task to be a Task class")
+
+    class _StartFrom(original):  # type: ignore[misc, valid-type]
+        def build_model(self):
+            model = super().build_model()
+            missing, unexpected = model.load_state_dict(state_dict, strict=False)
+            missing = [k for k in missing if not k.endswith("usage.counts")]
+            if unexpected or (strict and missing):
+                raise ValueError(f"initial weights do not fit the model: missing {missing}, unexpected {unexpected}")
+            return model
+
+    tasks.register_task(modality, _StartFrom)
+    try:
+        yield
+    finally:
+        tasks.register_task(modality, original)
+
+
+@contextmanager
+def _quiet_lightning():
+    names = ("lightning.pytorch", "lightning.fabric", "lightning")
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
+    for lg, _ in saved:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
+def _is_divergence(err: BaseException) -> bool:
+    text = str(err).lower()
+    return any(s in text for s in ("nan", " inf", "non-finite", "not finite"))
+
+
+def _encoder_features(model_dir: Path, config: dict, count: int) -> torch.Tensor:
+    """``(count, dim)`` encoder output vectors of a trained model on training images (for k-means)."""
+    from simvq.checkpoints import load_tokenizer
+    from simvq.data import build_datasets
+
+    model = load_tokenizer(model_dir).eval()
+    train_set, _ = build_datasets(config)
+    feats, seen, i = [], 0, 0
+    g = torch.Generator().manual_seed(int(config["seed"]))
+    order = torch.randperm(len(train_set), generator=g).tolist()
+    with torch.no_grad():
+        while seen < count and i < len(order):
+            batch = torch.stack([train_set[(j, j)] for j in order[i : i + 64]])
+            i += 64
+            z = model.encoder(batch)  # (B, dim, h, w)
+            flat = z.movedim(1, -1).reshape(-1, z.shape[1])
+            feats.append(flat)
+            seen += flat.shape[0]
+    return torch.cat(feats)[:count]
+
+
+def lc_codebook(run: PlannedRun, donor: dict | None) -> tuple[dict | None, str]:
+    """VQGAN-LC's frozen codebook: k-means centroids of encoder features, when a trained encoder exists.
+
+    The encoder is the SimVQ run's of the same size and seed (a trained encoder of this data, as VQGAN-LC
+    uses a pretrained backbone); without one the LC quantizer keeps its documented fallback, a random
+    frozen matrix.
+    """
+    if donor is None or not donor.get("model_dir") or not Path(donor["model_dir"]).is_dir():
+        return None, "random frozen matrix (no SimVQ encoder of the same size and seed to take features from)"
+    from simvq.quantizers.lc import kmeans_init
+
+    k = run.codebook_size
+    feats = _encoder_features(Path(donor["model_dir"]), run.config, max(4 * k, 8192))
+    # k-means++ seeding is k sequential passes: at large k, random seeding + Lloyd keeps CPU runs short
+    init = "kmeans++" if k <= 2048 else "random"
+    centroids = kmeans_init(feats, k, iters=10, seed=run.seed, init=init)
+    return (
+        {"quantize.embedding.weight": centroids},
+        f"k-means ({init} seeding, 10 Lloyd iterations) of {feats.shape[0]} encoder features of the trained "
+        "SimVQ run with the same K and seed",
+    )
+
+
+def _param_counts(model) -> dict:
+    q = model.quantize
+    return {
+        "params_total": int(sum(p.numel() for p in model.parameters())),
+        "params_trainable": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "quantizer_params": int(sum(p.numel() for p in q.parameters())),
+        "quantizer_params_trainable": int(sum(p.numel() for p in q.parameters() if p.requires_grad)),
+    }
+
+
+def _save_artifacts(model, config: dict, work: Path, count: int = 8) -> dict:
+    """Reconstructions of the first ``count`` held-out images and the per-code usage counts on the held-out
+    set (for the report's figures). The counts come from the quantizer's own CodebookUsage in an
+    encoder-only pass, since evaluate() reports only the aggregates."""
+    from simvq.data import build_datasets, eval_loader
+
+    _, eval_set = build_datasets(config)
+    n = min(count, len(eval_set))
+    x = torch.stack([eval_set[i] for i in range(n)])
+    usage = model.quantize.usage
+    with torch.no_grad():
+        x_hat, _ = model(x)
+        usage.reset()
+        for batch in eval_loader(eval_set, batch_size=config["data"]["eval_batch_size"]):
+            model.encode(batch)
+        counts = usage.compute().counts
+    recon, usage_path = work / "reconstructions.pt", work / "usage_counts.pt"
+    torch.save({"original": x, "reconstruction": x_hat.clamp(-1, 1)}, recon)
+    torch.save(counts, usage_path)
+    return {"reconstructions": str(recon), "usage_counts": str(usage_path)}
+
+
+HISTORY_KEYS = ("step", "loss", "l1", "quant_loss", "commitment", "codebook", "aux", "utilization", "perplexity",
+                "dead_codes", "time_s", "diverged", "reason")
+
+
+def execute_run(run: PlannedRun, *, out: Path, budget: Budget, max_minutes: float | None, progress,
+                init_state: dict | None = None, init_strict: bool = False, extra: dict | None = None,
+                lc_donor: dict | None = None, threads: int | None = None) -> dict:
+    """Train and evaluate one run; write ``out/runs/<key>.json`` and return the record.
+
+    ``lc_donor``: the finished SimVQ record whose encoder provides VQGAN-LC's k-means features.
+    ``threads``: torch CPU threads for this run (parallel workers use one each).
+    """
+    if threads is not None:
+        torch.set_num_threads(threads)
+    extra = dict(extra or {})
+    if run.variant == "lc_vq" and run.kind == "compare":
+        init_state, extra["lc_codebook"] = lc_codebook(run, lc_donor)
+    from simvq.checkpoints import load_tokenizer
+    from simvq.evaluation import evaluate
+    from simvq.training import train
+
+    work = out / "work" / run.key
+    record = {
+        "version": RESULT_VERSION,
+        "key": run.key,
+        "kind": run.kind,
+        "variant": run.variant,
+        "label": VARIANTS[run.variant].label if run.variant in VARIANTS else run.variant,
+        "requested_size": run.requested_size,
+        "codebook_size": run.codebook_size,
+        "seed": run.seed,
+        "quantizer": run.config["quantizer"],
+        "budget": budget.text,
+    }
+    record.update(extra)
+    t0 = time.perf_counter()
+    steps = budget.steps
+    with _quiet_lightning():
+        ctx = initial_weights(init_state, strict=init_strict, modality=run.config["modality"]) if init_state else _null()
+        try:
+            with ctx:
+                result = train(run.config, out_dir=work, max_steps=steps, max_minutes=max_minutes, progress=progress,
+                               resume=True)
+        except (ValueError, FloatingPointError, RuntimeError) as err:
+            if not _is_divergence(err):
+                raise
+            record.update(status="diverged", diverged=True, diverged_reason=str(err), model_dir=None,
+                          wall_time_s=time.perf_counter() - t0, history=[], eval={})
+            _atomic_json(out / "runs" / f"{run.key}.json", record)
+            return record
+    record.update(
+        steps=result.steps,
+        train_time_s=result.wall_time_s,
+        steps_per_s=result.steps_per_s,
+        peak_memory_mb=result.peak_memory_mb,
+        diverged=bool(result.diverged),
+        diverged_reason=result.diverged_reason,
+        history=[{k: h[k] for k in HISTORY_KEYS if k in h} for h in result.history],
+        model_dir=str(result.model_dir) if result.model_dir else None,
+    )
+    if result.model_dir is not None:
+        metrics = evaluate(result.model_dir, progress=False)
+        record["eval"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != "model_dir"}
+        model = load_tokenizer(result.model_dir).eval()
+        record.update(_param_counts(model))
+        record.update(_save_artifacts(model, run.config, work))
+    else:
+        record["eval"] = {}
+    record["wall_time_s"] = time.perf_counter() - t0
+    record["status"] = "diverged" if record["diverged"] else "ok"
+    _atomic_json(out / "runs" / f"{run.key}.json", record)
+    return record
+
+
+@contextmanager
+def _null():
+    yield
+
+
+class Progress:
+    """Lines on stderr: ``[3/38] SimVQ K=8192 seed 1: utilisation 97.1%, PSNR 24.3 dB, 14 s (about 6 min left)``."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.enabled = enabled
+        self.done = 0
+        self.trained_time = 0.0
+        self.trained = 0
+
+    def start(self, text: str) -> None:
+        if self.enabled:
+            print(f"  starting {text}", file=sys.stderr, flush=True)
+
+    def finish(self, text: str, seconds: float | None = None) -> None:
+        self.done += 1
+        if seconds is not None:
+            self.trained += 1
+            self.trained_time += seconds
+        if self.enabled:
+            eta = ""
+            if self.trained and self.done < self.total:
+                eta = f" (about {(self.total - self.done) * self.trained_time / self.trained / 60:.1f} min left)"
+            print(f"[{self.done}/{self.total}] {text}{eta}", file=sys.stderr, flush=True)
+
+
+def _summary_line(record: dict) -> str:
+    ev = record.get("eval", {})
+    if record.get("status") == "diverged":
+        return f"diverged: {record.get('diverged_reason', '')[:100]}"
+    util = ev.get("utilization")
+    psnr = ev.get("psnr_official_batch64")
+    return (
+        f"utilisation {util * 100:.1f}%, PSNR {psnr:.2f} dB, {record.get('wall_time_s', 0):.0f} s"
+        if util is not None and psnr is not None
+        else "no evaluation"
+    )
+
+
+def default_jobs() -> int:
+    """Parallel runs: one per two CPU cores... at least 1, at most 4; 1 on an accelerator."""
+    if torch.cuda.is_available():
+        return 1
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class _Scheduler:
+    """Runs ``execute_run`` calls inline (jobs=1) or in a pool of spawned worker processes (one thread each).
+
+    Tiny CPU models scale badly over threads but perfectly over processes, so two one-thread runs side by
+    side finish about twice as fast as one two-thread run.
+    """
+
+    def __init__(self, jobs: int, bar: Progress, progress: bool) -> None:
+        self.jobs = jobs
+        self.bar = bar
+        self.progress = progress
+        self.pool = None
+        if jobs > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+
+    def run_all(self, items: list[tuple[str, dict]]) -> list[dict]:
+        """``items``: (description, execute_run keyword arguments); returns the records in item order."""
+        if self.pool is None:
+            records = []
+            for text, kwargs in items:
+                self.bar.start(text)
+                t0 = time.perf_counter()
+                rec = execute_run(progress="steps" if self.progress else False, **kwargs)
+                self.bar.finish(f"{text}: {_summary_line(rec)}", time.perf_counter() - t0)
+                records.append(rec)
+            return records
+        from concurrent.futures import as_completed
+
+        futures = {}
+        for i, (text, kwargs) in enumerate(items):
+            futures[self.pool.submit(execute_run, progress=False, threads=1, **kwargs)] = (i, text, time.perf_counter())
+        if items:
+            self.bar.start(f"{len(items)} run(s) on {self.jobs} parallel workers")
+        records: list = [None] * len(items)
+        for fut in as_completed(futures):
+            i, text, t0 = futures[fut]
+            rec = fut.result()  # a worker's exception surfaces here with its traceback
+            records[i] = rec
+            self.bar.finish(f"{text}: {_summary_line(rec)}", (time.perf_counter() - t0) / self.jobs)
+        return records
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs: int | None = None, **kwargs) -> dict:
+    """Run (or resume) a comparison and write its report. Returns the ``results.json`` content.
+
+    Every argument is checked and the whole plan is built (configs resolved, models constructed on the meta
+    device) before the first run trains, so a bad quantizer name, an impossible size or a missing folder
+    fails in a second, not after an hour. Finished runs (``OUT/runs/<key>.json``) are reused.
+
+    Args:
+        spec: a :class:`CompareSpec` (or pass its fields as keywords).
+        progress: print one line per run (and a step bar within each run when ``jobs == 1``).
+        jobs: runs trained at the same time in separate processes (default :func:`default_jobs`).
+    """
+    from simvq.compare.report import write_report
+
+    spec = spec if spec is not None else CompareSpec(**kwargs)
+    spec.check()
+    jobs = default_jobs() if jobs is None else int(jobs)
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    base = base_config(spec)
+    runs, notes = plan_runs(spec, base)
+    out = Path(spec.out)
+    do_retrofit = spec.retrofit and "vq" in spec.quantizers
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    deadline = t_start + spec.budget.minutes * 60 if spec.budget.minutes else None
+    finished: dict[tuple, dict] = {}
+    pending = []
+    for run in runs:
+        rec = load_run(out / "runs" / f"{run.key}.json")
+        if rec is not None:
+            finished[(run.variant, run.requested_size, run.seed)] = rec
+        else:
+            pending.append(run)
+    reused = len(finished)
+    bar = Progress(len(runs) + (2 if do_retrofit else 0), progress)
+    bar.done = reused
+    if reused and progress:
+        print(f"reusing {reused} finished run(s) from {out / 'runs'}", file=sys.stderr)
+    scheduler = _Scheduler(min(jobs, max(1, len(pending))), bar, progress)
+    try:
+        # VQGAN-LC takes its k-means features from the trained SimVQ encoders: it runs in a second wave
+        waves = [[r for r in pending if r.variant != "lc_vq"], [r for r in pending if r.variant == "lc_vq"]]
+        left = len(pending) + (2 if do_retrofit else 0)
+        for wave in waves:
+            items = []
+            for run in wave:
+                kwargs = dict(run=run, out=out, budget=spec.budget, max_minutes=_time_slice(deadline, left, jobs))
+                if run.variant == "lc_vq":
+                    kwargs["lc_donor"] = finished.get(("simvq", run.requested_size, run.seed))
+                items.append((f"{VARIANTS[run.variant].label} K={run.codebook_size} seed {run.seed}", kwargs))
+            for run, rec in zip(wave, scheduler.run_all(items)):
+                finished[(run.variant, run.requested_size, run.seed)] = rec
+            left -= len(wave)
+        retro = None
+        if do_retrofit:
+            retro = run_retrofit_experiment(spec, base, finished, out=out, scheduler=scheduler,
+                                            max_minutes=_time_slice(deadline, 2, jobs))
+    finally:
+        scheduler.close()
+    records = [finished[(r.variant, r.requested_size, r.seed)] for r in runs]
+    results = write_report(spec, base, records, notes=notes, retrofit=retro, out=out,
+                           wall_time_s=time.perf_counter() - t_start, reused=reused)
+    if progress:
+        print(f"report written to {out / 'report.md'} ({(time.perf_counter() - t_start) / 60:.1f} min)", file=sys.stderr)
+    return results
+
+
+def _time_slice(deadline: float | None, runs_left: int, jobs: int = 1) -> float | None:
+    """Training minutes per run: what is left, split evenly over the runs still to do (80% training, the
+    rest for setup and evaluation), with ``jobs`` runs in parallel."""
+    if deadline is None:
+        return None
+    left = max(deadline - time.perf_counter(), 0.0) / 60
+    return max(0.8 * left * jobs / max(runs_left, 1), 0.05)
+
+
+def run_retrofit_experiment(spec: CompareSpec, base: dict, finished: dict, *, out: Path, scheduler: _Scheduler,
+                            max_minutes: float | None) -> dict | None:
+    """Retrofit the trained plain-VQ model (largest K, first seed) and train on; a VQ control trains on too.
+
+    Both continuations get the same budget as the original runs, so the retrofit's "after" numbers are
+    compared with plain VQ trained equally long, not only with the collapsed start.
+    """
+    from simvq.checkpoints import load_tokenizer
+    from simvq.config import resolve_config
+    from simvq.retrofit import retrofit
+
+    size = max(spec.codebook_sizes)
+    seed = spec.seeds[0]
+    source = finished.get(("vq", size, seed))
+    if source is None or not source.get("model_dir") or not Path(source["model_dir"]).is_dir():
+        return None
+    model = load_tokenizer(source["model_dir"])
+    vq_state = {k: v.clone() for k, v in model.state_dict().items()}
+    replaced = retrofit(model)
+    simvq_state = {k: v.clone() for k, v in model.state_dict().items()}
+    experiments, items, kinds = {}, [], []
+    for kind, qcfg, state in (
+        ("retrofit", {"name": "simvq", "codebook_size": size}, simvq_state),
+        ("retrofit_control", dict(source.get("quantizer") or {"name": "vq", "codebook_size": size}), vq_state),
+    ):
+        cfg = copy.deepcopy(base)
+        cfg["quantizer"] = qcfg
+        cfg["seed"] = seed
+        cfg = resolve_config(cfg)
+        key = run_key(kind, size, seed, cfg, spec.budget, extra=source["key"])
+        run = PlannedRun("simvq" if kind == "retrofit" else "vq", size, size, seed, cfg, key=key, kind=kind)
+        rec = load_run(out / "runs" / f"{key}.json")
+        if rec is not None:
+            experiments[kind] = rec
+            scheduler.bar.done += 1
+            continue
+        text = ("retrofitted VQ -> SimVQ, trained on" if kind == "retrofit" else "plain VQ trained on (control)") + f" K={size}"
+        kwargs = dict(run=run, out=out, budget=spec.budget, max_minutes=max_minutes, init_state=state, init_strict=True,
+                      extra={"retrofit_of": source["key"], "steps_before": source.get("steps"), "replaced": list(replaced)})
+        items.append((text, kwargs))
+        kinds.append(kind)
+    for kind, rec in zip(kinds, scheduler.run_all(items)):
+        experiments[kind] = rec
+    return {"size": size, "seed": seed, "before": source, "after": experiments["retrofit"],
+            "control": experiments["retrofit_control"], "replaced": list(replaced)}
+
+
+__all__ = [
+    "BUILTIN_DATA",
+    "Budget",
+    "CompareSpec",
+    "DEFAULT_BUDGET",
+    "DEFAULT_CODEBOOK_SIZES",
+    "DEFAULT_CONFIG",
+    "DEFAULT_QUANTIZERS",
+    "DEFAULT_SEEDS",
+    "PlannedRun",
+    "VARIANTS",
+    "Variant",
+    "base_config",
+    "execute_run",
+    "initial_weights",
+    "load_run",
+    "parse_budget",
+    "plan_runs",
+    "run_compare",
+    "default_jobs",
+    "lc_codebook",
+    "run_key",
+    "size_for",
+]

