@@ -1,0 +1,276 @@
+"""Speed and peak memory of SimVQ against vector-quantize-pytorch's SimVQ and a plain matmul.
+
+For every codebook size K it times one forward + backward pass over ``--tokens`` tokens of width ``--dim``:
+  ours     simvq.SimVQ (chunked fp32 search, gather-then-transform backward)
+  peer     vector_quantize_pytorch.SimVQ(rotation_trick=False) (torch.cdist over the full N x K matrix)
+  matmul   torch.mm of (N, d) @ (d, K): the search's FLOPs at the machine's plain matmul rate
+and, separately, the search alone (simvq.nearest_code) against the same torch.mm.
+
+Peak memory is the extra memory of the measured call over what the set-up (module, inputs) already holds:
+on CUDA ``torch.cuda.max_memory_allocated``; on CPU every case runs in a fresh subprocess and reads its
+peak resident set (VmHWM after a reset, else ``ru_maxrss``) minus the value after set-up, so a full N x K
+distance matrix shows.
+
+    python benchmarks/quantizer.py --device cpu --tokens 4096 --dim 128 --sizes 1024,8192,65536,262144
+
+Targets: >= 1.5x faster than the peer at K >= 65536; peak memory at K = 262144 <= 1/4 of the peer's;
+search >= 75% of the plain matmul rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+CASES = ("ours", "peer", "matmul", "search")
+
+
+def _proc_status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024  # reported in kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> float:
+    """Start a new peak-RSS window; returns the baseline in MiB.
+
+    Linux resets the high-water mark VmHWM to the current RSS when "5" is written to /proc/self/clear_refs,
+    so imports and set-up that peaked higher do not hide the measured call. Without it, fall back to
+    ru_maxrss (a lifetime peak: the growth it shows is then a lower bound).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_mib("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_rss_mib() -> float:
+    hwm = _proc_status_mib("VmHWM")
+    # ru_maxrss is in KiB on Linux
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _setup(case: str, num_codes: int, tokens: int, dim: int, device: torch.device):
+    """Build the module and inputs for one case; returns a zero-argument callable doing the measured work."""
+    gen = torch.Generator().manual_seed(0)
+    if case == "ours":
+        from simvq import SimVQ
+
+        quantizer = SimVQ(dim=dim, codebook_size=num_codes, channel_first=False).to(device)
+        z = torch.randn(1, tokens, dim, generator=gen).to(device).requires_grad_(True)
+
+        def step():
+            out = quantizer(z)
+            (out.quantized.sum() + out.loss).backward()
+
+        return step
+    if case == "peer":
+        from vector_quantize_pytorch import SimVQ as PeerSimVQ
+
+        quantizer = PeerSimVQ(dim=dim, codebook_size=num_codes, rotation_trick=False).to(device)
+        z = torch.randn(1, tokens, dim, generator=gen).to(device).requires_grad_(True)
+
+        def step():
+            quantized, _, loss = quantizer(z)
+            (quantized.sum() + loss).backward()
+
+        return step
+    if case == "matmul":
+        a = torch.randn(tokens, dim, generator=gen).to(device)
+        b = torch.randn(dim, num_codes, generator=gen).to(device)
+        return lambda: torch.mm(a, b)
+    if case == "search":
+        from simvq.quantizers.search import nearest_code
+
+        z = torch.randn(tokens, dim, generator=gen).to(device)
+        codebook = torch.randn(num_codes, dim, generator=gen).to(device)
+        return lambda: nearest_code(z, codebook)
+    raise ValueError(f"unknown case {case!r}; choose from {CASES}")
+
+
+def measure(case: str, num_codes: int, tokens: int, dim: int, device: torch.device, repeats: int) -> dict:
+    """Minimum wall time over ``repeats`` runs (after one warm-up) and the peak extra memory in MiB."""
+    step = _setup(case, num_codes, tokens, dim, device)
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        base = _reset_peak_rss()
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        if i > 0:  # the first run warms kernels and the allocator
+            times.append(time.perf_counter() - start)
+    if device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    else:
+        peak = _peak_rss_mib() - base
+    return {"case": case, "K": num_codes, "time_s": min(times), "peak_mib": peak}
+
+
+def _measure_in_subprocess(case: str, num_codes: int, args) -> dict | None:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--one-case",
+        case,
+        "--sizes",
+        str(num_codes),
+        "--tokens",
+        str(args.tokens),
+        "--dim",
+        str(args.dim),
+        "--device",
+        args.device,
+        "--repeats",
+        str(args.repeats),
+    ]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"  [{case} K={num_codes} failed: {proc.stderr.strip().splitlines()[-1:]}]", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _peer_available() -> str | None:
+    try:
+        import vector_quantize_pytorch  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - any import failure means the peer is skipped
+        return f"vector-quantize-pytorch not importable ({type(err).__name__}: {err}); peer columns skipped"
+    return None
+
+
+def _fmt(value, fmt: str, scale: float = 1.0) -> str:
+    return "-" if value is None else fmt.format(value * scale)
+
+
+def _fmt_ratio(num, den) -> str:
+    return f"{num / den:.2f}x" if num is not None and den else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens N per forward pass")
+    parser.add_argument("--dim", type=int, default=128, help="code dimension d")
+    parser.add_argument("--sizes", default="1024,8192,65536,262144", help="comma-separated codebook sizes K")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (minimum is reported)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--one-case", choices=CASES, help=argparse.SUPPRESS)  # internal: one case per process
+    args = parser.parse_args(argv)
+
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--sizes must be comma-separated integers, got {args.sizes!r}")
+    if not sizes or min(sizes) < 1 or args.tokens < 1 or args.dim < 1 or args.repeats < 1:
+        parser.error("--sizes, --tokens, --dim and --repeats must be positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but torch.cuda.is_available() is False")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    if args.one_case:
+        print(json.dumps(measure(args.one_case, sizes[0], args.tokens, args.dim, device, args.repeats)))
+        return 0
+
+    peer_note = _peer_available()
+    cases = [c for c in CASES if not (c == "peer" and peer_note)]
+    print(
+        f"device={args.device} threads={torch.get_num_threads()} tokens={args.tokens} dim={args.dim} "
+        f"repeats={args.repeats} torch={torch.__version__}"
+    )
+    if peer_note:
+        print(f"note: {peer_note}")
+    results: dict[tuple[str, int], dict | None] = {}
+    for k in sizes:
+        for case in cases:
+            if device.type == "cpu":
+                res = _measure_in_subprocess(case, k, args)
+            else:
+                res = measure(case, k, args.tokens, args.dim, device, args.repeats)
+                torch.cuda.empty_cache()
+            results[(case, k)] = res
+            if res:
+                print(f"  measured {case:7s} K={k:>7d}: {res['time_s'] * 1e3:9.1f} ms, peak +{res['peak_mib']:8.1f} MiB",
+                      flush=True)
+
+    def get(case, k, key):
+        res = results.get((case, k))
+        return res[key] if res else None
+
+    flops = {k: 2.0 * args.tokens * k * args.dim for k in sizes}
+    print()
+    print("forward + backward (time: minimum over repeats; memory: peak extra MiB during the call)")
+    header = (
+        "| K | ours ms | peer ms | time peer/ours | ours MiB | peer MiB | memory peer/ours | matmul GFLOP/s "
+        "| matmul time / ours time |"
+    )
+    print(header)
+    print("|" + "---|" * header.count(" | ") + "---|")
+    for k in sizes:
+        t_ours, t_peer, t_mm = get("ours", k, "time_s"), get("peer", k, "time_s"), get("matmul", k, "time_s")
+        m_ours, m_peer = get("ours", k, "peak_mib"), get("peer", k, "peak_mib")
+        cells = [
+            str(k),
+            _fmt(t_ours, "{:.1f}", 1e3),
+            _fmt(t_peer, "{:.1f}", 1e3),
+            _fmt_ratio(t_peer, t_ours),
+            _fmt(m_ours, "{:.0f}"),
+            _fmt(m_peer, "{:.0f}"),
+            # a peak below 1 MiB is measurement noise on CPU: floor the denominator there
+            _fmt_ratio(m_peer, None if m_ours is None else max(m_ours, 1.0)),
+            _fmt(flops[k] / t_mm / 1e9 if t_mm else None, "{:.1f}"),
+            _fmt(100 * t_mm / t_ours if t_mm and t_ours else None, "{:.0f}%"),
+        ]
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print("search alone: simvq.nearest_code vs torch.mm (N x d) @ (d x K) of the same FLOPs")
+    print("| K | nearest_code ms | GFLOP/s | torch.mm ms | GFLOP/s | search % of matmul rate | search MiB | matmul MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k in sizes:
+        t_s, t_mm = get("search", k, "time_s"), get("matmul", k, "time_s")
+        cells = [
+            str(k),
+            _fmt(t_s, "{:.1f}", 1e3),
+            _fmt(flops[k] / t_s / 1e9 if t_s else None, "{:.1f}"),
+            _fmt(t_mm, "{:.1f}", 1e3),
+            _fmt(flops[k] / t_mm / 1e9 if t_mm else None, "{:.1f}"),
+            _fmt(100 * t_mm / t_s if t_mm and t_s else None, "{:.0f}%"),
+            _fmt(get("search", k, "peak_mib"), "{:.0f}"),
+            _fmt(get("matmul", k, "peak_mib"), "{:.0f}"),
+        ]
+        print("| " + " | ".join(cells) + " |")
+    print()
+    print("targets: time peer/ours >= 1.5x at K >= 65536; memory peer/ours >= 4x at K = 262144; search >= 75% of matmul")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
