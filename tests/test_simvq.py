@@ -318,6 +318,18 @@ def test_rotation_trick_value_exact_gradient_differs():
     # |g| * |q| / |z|
     zn, qn = z.norm(dim=-1), outs[0].quantized.norm(dim=-1)
     torch.testing.assert_close(grads[1].norm(dim=-1), g.norm(dim=-1) * qn / zn, rtol=1e-4, atol=1e-5)
+    # explicit Jacobian in float64 (Fifty et al. 2024): J = (|q|/|z|) (I - 2 w w^T + 2 v u^T) with
+    # u = z/|z|, v = q/|q|, w = (u + v)/|u + v|; the input gradient is J^T g
+    zf, qf, gf = z.reshape(-1, 8).double(), outs[0].quantized.detach().reshape(-1, 8).double(), g.reshape(-1, 8).double()
+    u = zf / zf.norm(dim=1, keepdim=True)
+    v = qf / qf.norm(dim=1, keepdim=True)
+    w = (u + v) / (u + v).norm(dim=1, keepdim=True)
+    eye = torch.eye(8, dtype=torch.float64)
+    R = eye - 2 * w[:, :, None] * w[:, None, :] + 2 * v[:, :, None] * u[:, None, :]
+    torch.testing.assert_close(torch.einsum("nij,nj->ni", R, u), v)  # R maps u onto v
+    J = (qf.norm(dim=1) / zf.norm(dim=1))[:, None, None] * R
+    expected = torch.einsum("nij,ni->nj", J, gf)
+    torch.testing.assert_close(grads[1].reshape(-1, 8).double(), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_autocast_matches_fp32():
@@ -423,6 +435,8 @@ def test_decode_indices_errors():
         (dict(dim=4, codebook_size=8, codebook_weight=float("nan")), "codebook_weight"),
         (dict(dim=4, codebook_size=8, commitment_weight=float("inf")), "commitment_weight"),
         (dict(dim=4, codebook_size=8, frozen_codebook_dim=0), "frozen_codebook_dim"),
+        (dict(dim=4, codebook_size=8, frozen_codebook_dim=True), "frozen_codebook_dim"),
+        (dict(dim=4, codebook_size=8, transform="mlp", hidden_dim=True), "hidden_dim"),
         (dict(dim=4, codebook_size=8, transform="mlp", hidden_dim=0), "hidden_dim"),
         (dict(dim=4, codebook_size=8, search_chunk_elements=0), "search_chunk_elements"),
     ],

@@ -42,7 +42,7 @@ def _build_transform(transform, in_dim: int, out_dim: int, bias: bool, hidden_di
         return nn.Linear(in_dim, out_dim, bias=bias)
     if transform == "mlp":
         hidden = hidden_dim if hidden_dim is not None else 4 * out_dim
-        if not isinstance(hidden, int) or hidden < 1:
+        if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1:
             raise ValueError(f"hidden_dim must be a positive integer, got {hidden_dim!r}")
         return nn.Sequential(nn.Linear(in_dim, hidden, bias=bias), nn.GELU(), nn.Linear(hidden, out_dim, bias=bias))
     raise ValueError(f"transform must be one of {TRANSFORMS} or an nn.Module, got {transform!r}")
@@ -88,7 +88,7 @@ class SimVQ(Quantizer):
     ) -> None:
         super().__init__(dim=dim, codebook_size=codebook_size, channel_first=channel_first, check_finite=check_finite)
         cdim = dim if frozen_codebook_dim is None else frozen_codebook_dim
-        if not isinstance(cdim, int) or cdim < 1:
+        if not isinstance(cdim, int) or isinstance(cdim, bool) or cdim < 1:
             raise ValueError(f"frozen_codebook_dim must be a positive integer, got {frozen_codebook_dim!r}")
         if search_chunk_elements < 1:
             raise ValueError(f"search_chunk_elements must be >= 1, got {search_chunk_elements}")
