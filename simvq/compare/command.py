@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: %(default)s steps")
     parser.add_argument("--data", default=None,
                         help=f"built-in data set ({', '.join(sorted(BUILTIN_DATA))}), an image folder, or a folder of "
-                             "Fashion-MNIST IDX files (default: the config's data; the compare preset uses photos)")
+                             "Fashion-MNIST IDX files (default: the config's data; the compare preset uses fashion)")
     parser.add_argument("--config", default=None,
                         help=f"your model preset or YAML config (its quantizer section is replaced per run); "
                              f"default: {DEFAULT_CONFIG}")

@@ -37,7 +37,7 @@ log = logging.getLogger("simvq.compare")
 DEFAULT_CONFIG = "compare/default"
 DEFAULT_CODEBOOK_SIZES = (1024, 8192)
 DEFAULT_SEEDS = (0, 1)
-DEFAULT_BUDGET = "300"
+DEFAULT_BUDGET = "150"
 RESULT_VERSION = 1
 
 
@@ -506,13 +506,12 @@ def _param_counts(model) -> dict:
     }
 
 
-def _save_artifacts(model, config: dict, work: Path, count: int = 8) -> dict:
+def _save_artifacts(model, config: dict, eval_set, work: Path, count: int = 8) -> dict:
     """Reconstructions of the first ``count`` held-out images and the per-code usage counts on the held-out
     set (for the report's figures). The counts come from the quantizer's own CodebookUsage in an
     encoder-only pass, since evaluate() reports only the aggregates."""
-    from simvq.data import build_datasets, eval_loader
+    from simvq.data import eval_loader
 
-    _, eval_set = build_datasets(config)
     n = min(count, len(eval_set))
     x = torch.stack([eval_set[i] for i in range(n)])
     usage = model.quantize.usage
@@ -589,11 +588,14 @@ def execute_run(run: PlannedRun, *, out: Path, budget: Budget, max_minutes: floa
         model_dir=str(result.model_dir) if result.model_dir else None,
     )
     if result.model_dir is not None:
-        metrics = evaluate(result.model_dir, progress=False)
+        from simvq.data import build_datasets
+
+        _, eval_set = build_datasets(run.config)  # once, for the evaluation and the figures' artifacts
+        metrics = evaluate(result.model_dir, eval_set, progress=False)
         record["eval"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != "model_dir"}
         model = load_tokenizer(result.model_dir).eval()
         record.update(_param_counts(model))
-        record.update(_save_artifacts(model, run.config, work))
+        record.update(_save_artifacts(model, run.config, eval_set, work))
     else:
         record["eval"] = {}
     record["wall_time_s"] = time.perf_counter() - t0
@@ -694,7 +696,8 @@ class _Scheduler:
             i, text, t0 = futures[fut]
             rec = fut.result()  # a worker's exception surfaces here with its traceback
             records[i] = rec
-            self.bar.finish(f"{text}: {_summary_line(rec)}", (time.perf_counter() - t0) / self.jobs)
+            # a run's own wall time over the workers, not its time in the queue, predicts what is left
+            self.bar.finish(f"{text}: {_summary_line(rec)}", rec.get("wall_time_s", time.perf_counter() - t0) / self.jobs)
         return records
 
     def close(self) -> None:
