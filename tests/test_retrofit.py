@@ -106,8 +106,10 @@ def test_taming_style_identical_and_keeps_return_convention():
         y1, (zq1, loss1, (perplexity, encodings, idx1)) = model(x)
     assert idx1.shape == idx0.shape == (2 * 8 * 8,)
     assert torch.equal(idx0, idx1)
-    assert torch.equal(zq0, zq1)
-    assert torch.equal(y0, y1)
+    # taming's z + (z_q - z).detach() rounds (about 1 ulp of z); the library returns the code bit for bit
+    assert torch.equal(zq1, model.quantize.quantizer.decode_indices(idx1.reshape(2, 8, 8)))
+    torch.testing.assert_close(zq1, zq0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
     assert encodings is None and loss1.dim() == 0
     # perplexity by hand from the indices
     p = torch.bincount(idx1, minlength=48).float() / idx1.numel()
