@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from simvq.quantizers.base import Quantizer, TokenResult, _check_weight, straight_through, vq_loss_terms
-from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, nearest_code
+from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
 
 
 def _distributed() -> bool:
@@ -65,7 +65,7 @@ class EMAVectorQuantizer(Quantizer):
         init_codebook: torch.Tensor | None = None,
         channel_first: bool = True,
         check_finite: bool = True,
-        search_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        search_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         super().__init__(dim=dim, codebook_size=codebook_size, channel_first=channel_first, check_finite=check_finite)
         decay, eps = float(decay), float(eps)
@@ -73,13 +73,11 @@ class EMAVectorQuantizer(Quantizer):
             raise ValueError(f"decay must lie in [0, 1) (typically 0.99), got {decay}")
         if not (eps > 0 and math.isfinite(eps)):
             raise ValueError(f"eps must be a finite number > 0 (typically 1e-5), got {eps}")
-        if search_chunk_elements < 1:
-            raise ValueError(f"search_chunk_elements must be >= 1, got {search_chunk_elements}")
         self.decay = decay
         self.eps = eps
         self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
         self.dead_code_threshold = _check_weight("dead_code_threshold", dead_code_threshold)
-        self.search_chunk_elements = int(search_chunk_elements)
+        self.search_chunk_elements = check_chunk_elements(search_chunk_elements, "search_chunk_elements")
         if init_codebook is None:
             embedding = torch.randn(codebook_size, dim)
         else:

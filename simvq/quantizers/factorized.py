@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from simvq.quantizers.base import Quantizer, TokenResult, _check_weight, rotation_trick, straight_through, vq_loss_terms
-from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, nearest_code
+from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
 
 
 class FactorizedVectorQuantizer(Quantizer):
@@ -46,19 +46,17 @@ class FactorizedVectorQuantizer(Quantizer):
         codebook_weight: float = 1.0,
         channel_first: bool = True,
         check_finite: bool = True,
-        search_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        search_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         super().__init__(dim=dim, codebook_size=codebook_size, channel_first=channel_first, check_finite=check_finite)
         if not isinstance(codebook_dim, int) or isinstance(codebook_dim, bool) or codebook_dim < 1:
             raise ValueError(f"codebook_dim must be a positive integer (ViT-VQGAN uses 8), got {codebook_dim!r}")
-        if search_chunk_elements < 1:
-            raise ValueError(f"search_chunk_elements must be >= 1, got {search_chunk_elements}")
         self.codebook_dim = codebook_dim
         self.l2_normalize = bool(l2_normalize)
         self.use_rotation_trick = bool(rotation_trick)
         self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
         self.codebook_weight = _check_weight("codebook_weight", codebook_weight)
-        self.search_chunk_elements = int(search_chunk_elements)
+        self.search_chunk_elements = check_chunk_elements(search_chunk_elements, "search_chunk_elements")
         self.project_in = nn.Linear(dim, codebook_dim)
         self.embedding = nn.Embedding(codebook_size, codebook_dim)
         if not self.l2_normalize:

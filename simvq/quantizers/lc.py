@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, nearest_code
+from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
 from simvq.quantizers.simvq import SimVQ
 
 
@@ -130,7 +130,7 @@ class LCVectorQuantizer(SimVQ):
         rotation_trick: bool = False,
         channel_first: bool = True,
         check_finite: bool = True,
-        search_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        search_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         if init_features is not None:
             if not isinstance(init_features, torch.Tensor) or init_features.dim() != 2:

@@ -30,7 +30,7 @@ from simvq.quantizers.base import (
     straight_through,
     vq_loss_terms,
 )
-from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, nearest_code
+from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
 
 TRANSFORMS = ("linear", "mlp")
 
@@ -84,20 +84,18 @@ class SimVQ(Quantizer):
         codebook_weight: float = 1.0,
         channel_first: bool = True,
         check_finite: bool = True,
-        search_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        search_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         super().__init__(dim=dim, codebook_size=codebook_size, channel_first=channel_first, check_finite=check_finite)
         cdim = dim if frozen_codebook_dim is None else frozen_codebook_dim
         if not isinstance(cdim, int) or isinstance(cdim, bool) or cdim < 1:
             raise ValueError(f"frozen_codebook_dim must be a positive integer, got {frozen_codebook_dim!r}")
-        if search_chunk_elements < 1:
-            raise ValueError(f"search_chunk_elements must be >= 1, got {search_chunk_elements}")
         self.frozen_codebook_dim = cdim
         self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
         self.codebook_weight = _check_weight("codebook_weight", codebook_weight)
         self.use_rotation_trick = bool(rotation_trick)
         self.learnable_codebook = bool(learnable_codebook)
-        self.search_chunk_elements = int(search_chunk_elements)
+        self.search_chunk_elements = check_chunk_elements(search_chunk_elements, "search_chunk_elements")
         self.embedding = nn.Embedding(codebook_size, cdim)
         nn.init.normal_(self.embedding.weight, mean=0.0, std=cdim**-0.5)
         self.embedding.weight.requires_grad_(self.learnable_codebook)

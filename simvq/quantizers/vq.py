@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from simvq.quantizers.base import Quantizer, TokenResult, _check_weight, rotation_trick, straight_through, vq_loss_terms
-from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, nearest_code
+from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
 
 
 class VectorQuantizer(Quantizer):
@@ -37,16 +37,14 @@ class VectorQuantizer(Quantizer):
         codebook_weight: float = 1.0,
         channel_first: bool = True,
         check_finite: bool = True,
-        search_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        search_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
     ) -> None:
         super().__init__(dim=dim, codebook_size=codebook_size, channel_first=channel_first, check_finite=check_finite)
-        if search_chunk_elements < 1:
-            raise ValueError(f"search_chunk_elements must be >= 1, got {search_chunk_elements}")
         self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
         self.codebook_weight = _check_weight("codebook_weight", codebook_weight)
         self.use_rotation_trick = bool(rotation_trick)
         self.learnable_codebook = bool(learnable_codebook)
-        self.search_chunk_elements = int(search_chunk_elements)
+        self.search_chunk_elements = check_chunk_elements(search_chunk_elements, "search_chunk_elements")
         self.embedding = nn.Embedding(codebook_size, dim)
         with torch.no_grad():
             if init_codebook is None:
