@@ -84,10 +84,10 @@ def report(args) -> None:
         ax.plot([e["step"] for e in h], [100 * e["utilization"] for e in h], label=q)
     ax.set_xlabel("step")
     ax.set_ylabel("codes used in the window (%)")
-    ax.set_title("K = 4096, training windows of 20 steps x 8 s of speech")
+    ax.set_title(f"K = 4096, windows of {args.window} training steps")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(images / "audio_usage.png", dpi=90)
+    fig.savefig(images / f"audio_usage{args.tag}.png", dpi=90)
     plt.close(fig)
     # spectrograms: original vs each reconstruction for three evaluation utterances
     models = {q: load_tokenizer(out / q / "model") for q in runs}
@@ -109,7 +109,7 @@ def report(args) -> None:
                 if r == 0:
                     axes[r][c].set_title(name)
     fig.tight_layout()
-    fig.savefig(images / "audio_spectrograms.png", dpi=80)
+    fig.savefig(images / f"audio_spectrograms{args.tag}.png", dpi=80)
     plt.close(fig)
     (out / "report.json").write_text(json.dumps(rows, indent=1) + "\n")
 
@@ -127,6 +127,8 @@ def main() -> None:
     r = sub.add_parser("report")
     r.add_argument("--out", default="runs/audio-compare")
     r.add_argument("--images", default="docs/images")
+    r.add_argument("--tag", default="", help="suffix of the plot file names")
+    r.add_argument("--window", type=int, default=20, help="steps per logging window (for the plot title)")
     args = p.parse_args()
     train_one(args) if args.cmd == "train" else report(args)
 
