@@ -87,6 +87,7 @@ def evaluate(
     out: str | Path | None = None,
     metrics: bool = True,
     progress: bool = False,
+    distributed: bool = True,
 ) -> dict:
     """Evaluate a tokenizer over a whole evaluation set and return a dict of metrics.
 
@@ -100,6 +101,8 @@ def evaluate(
         limit: evaluate only the first ``limit`` items.
         out: write the result as JSON here (atomically).
         metrics: False skips the reconstruction metrics (usage only; fast).
+        distributed: under ``torch.distributed``, evaluate this rank's shard and sum the usage counts over
+            ranks (every rank must call); False evaluates the whole set in this process alone.
     """
     from torch.utils.data import DataLoader, Subset
 
@@ -125,7 +128,7 @@ def evaluate(
                 raise ValueError(f"limit must be >= 1, got {limit}")
             dataset = Subset(dataset, range(min(limit, len(dataset))))
         rank, world = 0, 1
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         loader = eval_loader(dataset, batch_size=bs, rank=rank, world_size=world)
 
@@ -146,7 +149,7 @@ def evaluate(
             if metric is not None:
                 metric.update(x, x_hat)
             n_items += x.shape[0]
-        stats = usage.compute()
+        stats = usage.compute(reduce=distributed)
     finally:
         usage.counts.copy_(saved_counts)  # evaluation never changes a model's training tallies
         model.train(was_training)

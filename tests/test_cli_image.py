@@ -110,15 +110,3 @@ def test_train_reports_config_errors_cleanly(tmp_path):
     missing = simvq("train", "--config", "image/digits-tiny", "--out", tmp_path / "run2", "data.dataset=folder",
                     f"data.path={tmp_path / 'nothing'}")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
-
-
-@pytest.mark.slow
-def test_train_cli_then_encode(tmp_path, images):
-    run = tmp_path / "run"
-    proc = simvq("train", "--config", "image/digits-tiny", "--out", run, "--max-steps", "6", "--quiet",
-                 "trainer.log_every=3", "trainer.num_threads=1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "trained 6 steps" in proc.stdout
-    assert (run / "model" / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
-    enc = simvq("encode", "--model", run / "model", images / "im0.png", "--out", tmp_path / "t.npz")
-    assert enc.returncode == 0, enc.stderr

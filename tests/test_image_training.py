@@ -15,6 +15,10 @@ from simvq.training import EMA, train
 TINY = ["trainer.num_threads=1", "trainer.loggers=[csv]"]
 
 
+def evals_util_of(result):
+    return next(h["eval_utilization"] for h in result.history if "eval_utilization" in h)
+
+
 def test_ema_update_matches_hand_computation():
     model = torch.nn.Linear(2, 1)
     with torch.no_grad():
@@ -49,12 +53,12 @@ def test_overfits_one_batch(tmp_path):
     from simvq.metrics.image import psnr_per_image
 
     overrides = TINY + ["data.train_limit=16", "optim.lr=3e-3", "loss.gan_weight=0", "trainer.log_every=10",
-                        "trainer.checkpoint_every=0"]
+                        "trainer.checkpoint_every=0", "trainer.eval_every=60", "data.eval_limit=64"]
     cfg = load_config("image/digits-tiny", overrides)
     train_set, _ = build_datasets(cfg)
     x = torch.stack([train_set[i] for i in range(16)])
     result = train(cfg, out_dir=tmp_path / "run", max_steps=60, progress=False)
-    l1 = [h["l1"] for h in result.history]
+    l1 = [h["l1"] for h in result.history if "l1" in h]
     assert len(l1) == 6 and not result.diverged
     assert l1[-1] < 0.4 * l1[0], l1
     model = load_tokenizer(result.model_dir)
@@ -65,8 +69,14 @@ def test_overfits_one_batch(tmp_path):
     # grids and logs were written in the run folder
     assert result.samples and result.samples[-1].suffix == ".png" and result.samples[-1].is_file()
     rows = list(csv.DictReader(open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv")))
+    assert [float(r["eval/utilization"]) for r in rows if r.get("eval/utilization")] == [evals_util_of(result)]
+    rows = [r for r in rows if r.get("train/utilization")]
     assert [int(r["step"]) for r in rows] == [10, 20, 30, 40, 50, 60]
     assert 0 < float(rows[-1]["train/utilization"]) <= 1
+    # the periodic evaluation ran once, on the 64 held-out images, with EMA weights
+    evals = [h for h in result.history if "eval_utilization" in h]
+    assert [h["step"] for h in evals] == [60] and evals[0]["eval_items"] == 64
+    assert evals[0]["eval_tokens"] == 64 * 64 and 0 < evals[0]["eval_utilization"] <= 1
 
 
 @pytest.mark.slow

@@ -96,6 +96,32 @@ class SampleGrids(L.Callback):
             self._write(trainer, pl_module)
 
 
+class PeriodicEval(L.Callback):
+    """Evaluates the EMA weights on the whole evaluation set every ``every`` steps (rank 0; the other ranks
+    wait). Results go to the history as ``eval_*`` keys and to the loggers as ``eval/*``."""
+
+    def __init__(self, *, every: int) -> None:
+        self.every = int(every)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every <= 0 or pl_module.step % self.every != 0 or pl_module.diverged:
+            return
+        if trainer.global_rank == 0:
+            from simvq.evaluation import evaluate
+
+            with pl_module.ema_weights():
+                result = evaluate(
+                    pl_module.model, pl_module.eval_set, config=pl_module.config, device=pl_module.device,
+                    distributed=False,
+                )
+            pl_module.model.train()
+            numbers = {k: float(v) for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            pl_module.history.append({"step": pl_module.step, **{f"eval_{k}": v for k, v in numbers.items()}})
+            for logger in pl_module.loggers:
+                logger.log_metrics({f"eval/{k}": v for k, v in numbers.items()}, step=pl_module.step)
+        trainer.strategy.barrier()
+
+
 class StepProgress(L.Callback):
     """A tqdm bar over steps (Lightning's bar counts optimiser steps, two per batch with a GAN)."""
 
@@ -124,4 +150,4 @@ class StepProgress(L.Callback):
             self.bar = None
 
 
-__all__ = ["AtomicCheckpointIO", "PeriodicCheckpoint", "SampleGrids", "StepProgress"]
+__all__ = ["AtomicCheckpointIO", "PeriodicCheckpoint", "PeriodicEval", "SampleGrids", "StepProgress"]

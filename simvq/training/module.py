@@ -255,10 +255,11 @@ class TokenizerModule(L.LightningModule):
         out_of_time = (
             self.max_minutes is not None and time.perf_counter() - self._fit_start >= 60.0 * self.max_minutes
         )
+        # every rank must agree to stop at the same step (the wall clock differs slightly between ranks),
+        # and to log at the same step (logging all-reduces)
+        last, out_of_time = self._any_rank(last, out_of_time)
         if self.step % self.config["trainer"]["log_every"] == 0 or last or out_of_time:
             self._log_window()
-        # every rank must agree to stop at the same step (the wall clock differs slightly between ranks)
-        last, out_of_time = self._any_rank(last, out_of_time)
         if last or out_of_time:
             self.trainer.should_stop = True
         return None

@@ -112,7 +112,8 @@ def train(
         out_dir: run folder: ``checkpoints/last.ckpt``, ``logs/`` (CSV), ``tb/`` (TensorBoard), ``samples/``
             (reconstruction grids), ``config.yaml`` and the exported ``model/``.
         max_steps, max_minutes: override ``trainer.max_steps`` / ``trainer.max_minutes``.
-        progress: show a progress bar and the model summary (off: quiet, minimal callbacks).
+        progress: show a progress bar and the model summary (off: quiet, minimal callbacks); ``"steps"``: the
+            step bar only (``simvq compare`` shows it within each of its many runs).
         resume: continue from ``out_dir/checkpoints/last.ckpt`` when it exists. With ``resume=False`` an
             existing checkpoint is an error (nothing is overwritten).
         overrides: ``key.sub=value`` strings applied to ``config`` first.
@@ -160,7 +161,13 @@ def train(
 
     import lightning as L
 
-    from simvq.training.callbacks import AtomicCheckpointIO, PeriodicCheckpoint, SampleGrids, StepProgress
+    from simvq.training.callbacks import (
+        AtomicCheckpointIO,
+        PeriodicCheckpoint,
+        PeriodicEval,
+        SampleGrids,
+        StepProgress,
+    )
     from simvq.training.module import TokenizerModule, finite_state
 
     L.seed_everything(config["seed"], workers=True, verbose=False)
@@ -179,9 +186,13 @@ def train(
 
         loggers.append(TensorBoardLogger(out_dir, name="tb", version="", default_hp_metric=False))
     samples = SampleGrids(out_dir / "samples", every=tcfg["sample_every"], num_samples=tcfg["num_samples"])
-    callbacks = [PeriodicCheckpoint(ckpt_path, every=tcfg["checkpoint_every"]), samples]
+    callbacks = [samples]
+    if tcfg["eval_every"] > 0:
+        callbacks.append(PeriodicEval(every=tcfg["eval_every"]))
+    # last, so a checkpoint written at step s already holds step s's evaluation in its history
+    callbacks.append(PeriodicCheckpoint(ckpt_path, every=tcfg["checkpoint_every"]))
 
-    quiet = _QuietLightning(enabled=not progress)
+    quiet = _QuietLightning(enabled=progress is not True)
     with warnings.catch_warnings(), quiet:
         warnings.filterwarnings("ignore", message=".*treespec.*")  # Lightning vs newer torch, harmless
         # expected with an endless step-indexed loader and our own stopping rule
@@ -201,7 +212,7 @@ def train(
             callbacks=callbacks,
             enable_checkpointing=False,
             enable_progress_bar=False,
-            enable_model_summary=progress,
+            enable_model_summary=progress is True,
             num_sanity_val_steps=0,
             limit_val_batches=0,
             use_distributed_sampler=False,
