@@ -232,6 +232,8 @@ def _environment() -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        # other processes on a shared machine slow every run: timings mean little without it
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -276,7 +278,8 @@ def write_report(spec, base: dict, records: list[dict], *, notes: list[str], ret
             dict(zip(("method", "codebook_size", "utilization_pct", "rfid", "lpips", "psnr", "ssim_x100"), row))
             for row in PUBLISHED_IMAGENET
         ],
-        "runs": [{k: v for k, v in r.items() if k not in ("reconstructions",)} for r in records],
+        "runs_wall_time_s_sum": sum(r.get("wall_time_s", 0.0) for r in records),
+        "runs": [_portable(r, out) for r in records],
     }
     from simvq.checkpoints import save_file_atomic
 
@@ -286,6 +289,18 @@ def write_report(spec, base: dict, records: list[dict], *, notes: list[str], ret
     save_file_atomic(out / "report.md", md)
     save_file_atomic(out / "report.html", markdown_to_html(md, title="simvq compare report"))
     return results
+
+
+def _portable(record: dict, out: Path) -> dict:
+    """A run record with its file paths relative to the report folder (the folder can move)."""
+    rec = dict(record)
+    for key in ("model_dir", "reconstructions", "usage_counts"):
+        if rec.get(key):
+            try:
+                rec[key] = str(Path(rec[key]).resolve().relative_to(Path(out).resolve()))
+            except ValueError:
+                pass
+    return rec
 
 
 def _retrofit_summary(retrofit: dict | None) -> dict | None:
@@ -313,7 +328,8 @@ def render_markdown(results: dict, figures: dict, variants: dict) -> str:
     out = ["# simvq compare: does SimVQ fix codebook collapse, and at what cost?", ""]
     out += [
         f"Generated {results['created']} by `simvq compare` in {results['wall_time_s'] / 60:.1f} min "
-        f"({results['reused_runs']} run(s) reused from an earlier invocation) on {results['environment']['platform']}, "
+        f"({results['reused_runs']} run(s) reused from an earlier invocation; the runs' own wall times add up to "
+        f"{results['runs_wall_time_s_sum'] / 60:.1f} min, run side by side) on {results['environment']['platform']}, "
         f"torch {results['environment']['torch']}, {results['environment']['cpu_count']} CPU(s)"
         + (f", {results['environment']['cuda']}" if results["environment"]["cuda"] else "")
         + ".",
