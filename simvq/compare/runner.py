@@ -304,6 +304,10 @@ def base_config(spec: CompareSpec) -> dict:
     trainer = raw.setdefault("trainer", {})
     # the compare records its own history and report; per-run loggers and sample grids would only cost time
     trainer.update(loggers=[], sample_every=0, eval_every=0)
+    # the budget alone decides how long each run trains (a preset's own step/epoch/time caps would not be
+    # the same for every run of a time budget, and would silently cut a step budget short)
+    budget = parse_budget(spec.budget)
+    trainer.update(max_steps=budget.steps, max_epochs=None, max_minutes=None)
     return load_config(raw)
 
 
