@@ -104,6 +104,15 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     # without resume an existing run is never overwritten
     with pytest.raises(FileExistsError, match="already holds a training run"):
         train("image/digits-tiny", out_dir=tmp_path / "split", max_steps=14, progress=False, resume=False, overrides=overrides)
+    # resuming with a different model is refused instead of silently mixing runs
+    saved = (tmp_path / "split" / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="different model/quantizer config"):
+        train("image/digits-tiny", out_dir=tmp_path / "split", max_steps=14, progress=False,
+              overrides=overrides + ["quantizer.codebook_size=32"])
+    assert (tmp_path / "split" / "config.yaml").read_text() == saved
+    # asking for no more steps than done exports without training
+    again = train("image/digits-tiny", out_dir=tmp_path / "split", max_steps=12, progress=False, overrides=overrides)
+    assert again.steps == 12 and again.history == rest.history
 
 
 @pytest.mark.slow

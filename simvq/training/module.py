@@ -108,7 +108,7 @@ class TokenizerModule(L.LightningModule):
         self.diverged = False
         self.diverged_reason = ""
         self.steps_this_run = 0
-        self._window: dict[str, torch.Tensor] = {}
+        self._window: dict[str, tuple] = {}
         self._window_count = 0
         self._fit_start = time.perf_counter()
         self._train_time = 0.0
@@ -248,7 +248,9 @@ class TokenizerModule(L.LightningModule):
         self.step += 1
         self.steps_this_run += 1
         for k, v in logs.items():
-            self._window[k] = self._window.get(k, 0.0) + v
+            # (sum, count) per key: terms such as the GAN losses start part-way through a window
+            total, count = self._window.get(k, (0.0, 0))
+            self._window[k] = (total + v, count + 1)
         self._window_count += 1
 
         last = self.max_steps is not None and self.step >= self.max_steps
@@ -275,7 +277,7 @@ class TokenizerModule(L.LightningModule):
         if self._window_count == 0:
             return
         keys = sorted(self._window)
-        means = torch.stack([self._window[k] / self._window_count for k in keys])
+        means = torch.stack([self._window[k][0] / self._window[k][1] for k in keys])
         if _world_size() > 1:
             dist.all_reduce(means, op=dist.ReduceOp.SUM)
             means = means / _world_size()

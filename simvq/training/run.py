@@ -148,7 +148,15 @@ def train(
                 "choose another out_dir (nothing was overwritten)"
             )
         resume_from = ckpt_path
-        done = int(_peek_checkpoint(ckpt_path)["step"])
+        previous = _peek_checkpoint(ckpt_path)
+        from simvq.config import config_hash
+
+        if config_hash(previous["config"]) != config_hash(config):
+            raise ValueError(
+                f"{out_dir} holds a run trained with a different model/quantizer config; use a new out_dir "
+                "(nothing was changed)"
+            )
+        done = int(previous["step"])
     else:
         done = 0
 
