@@ -50,6 +50,7 @@ SUMMARY_METRICS = [
     ("final_l1", "history", "final train L1", "4f"),
     ("final_commitment", "history", "final commitment loss", "4f"),
     ("final_codebook", "history", "final codebook loss", "4f"),
+    ("steps", "run", "training steps", "0f"),
     ("steps_per_s", "run", "steps/s", "1f"),
     ("train_time_s", "run", "train wall time (s)", "0f"),
     ("wall_time_s", "run", "run wall time incl. eval (s)", "0f"),
@@ -341,8 +342,12 @@ def render_markdown(results: dict, figures: dict, variants: dict) -> str:
     out += ["", "## Setup", ""]
     pq = _perceptual_key(summary)
     out += [
-        f"- Same model, data, steps and seeds for every quantizer; only the quantizer changes. Budget: {spec['budget']} "
-        f"per run; seeds {spec['seeds']}; codebook sizes {spec['codebook_sizes']}.",
+        (f"- Same model, data, steps and seeds for every quantizer; only the quantizer changes. Budget: {spec['budget']} "
+         f"per run; seeds {spec['seeds']}; codebook sizes {spec['codebook_sizes']}."
+         if "minutes" not in spec["budget"] else
+         f"- Same model, data and seeds for every quantizer; only the quantizer changes. Budget: {spec['budget']}, "
+         "split evenly across runs: every run trains for the same wall time, so faster quantizers take more steps "
+         f"(see the steps column); seeds {spec['seeds']}; codebook sizes {spec['codebook_sizes']}."),
         f"- Model: Open-MAGVIT2-style CNN tokenizer, ch {m['ch']}, ch_mult {m['ch_mult']}, {m['num_res_blocks']} res "
         f"block(s) per level, code dimension {m['z_channels']} (x{2 ** (len(m['ch_mult']) - 1)} down-sampling).",
         f"- Data: `{d['dataset']}`{' at ' + str(d['path']) if d.get('path') else ''}, {d['image_size']}x{d['image_size']} "
@@ -375,7 +380,7 @@ def render_markdown(results: dict, figures: dict, variants: dict) -> str:
     header = ["quantizer", "K", "utilisation %", "perplexity", "dead codes", "PSNR dB", "SSIM x100"]
     if pq:
         header.append(pq[1])
-    header += ["steps/s", "quantizer params (trainable)", "diverged"]
+    header += ["steps", "steps/s", "quantizer params (trainable)", "diverged"]
     rows = []
     for size in sizes:
         for v in order:
@@ -388,7 +393,7 @@ def render_markdown(results: dict, figures: dict, variants: dict) -> str:
                    fmt_stat(mt.get("psnr_official_batch64"), "2f"), fmt_stat(mt.get("ssim_x100"), "1f")]
             if pq:
                 row.append(fmt_stat(mt.get(pq[0]), "3f"))
-            row += [fmt_stat(mt.get("steps_per_s"), "1f"),
+            row += [fmt_stat(mt.get("steps"), "0f"), fmt_stat(mt.get("steps_per_s"), "1f"),
                     _fmt(mt["quantizer_params_trainable"]["mean"], "0f") if "quantizer_params_trainable" in mt else "n/a",
                     f"{len(e['diverged'])}/{len(e['seeds'])}"]
             rows.append(row)

@@ -116,7 +116,7 @@ class Budget:
 
     @property
     def text(self) -> str:
-        return f"{self.steps} steps" if self.steps is not None else f"{self.minutes:g} minutes in total"
+        return f"{self.steps} steps" if self.steps is not None else f"{self.minutes:.3g} minutes in total"
 
 
 def parse_budget(text) -> Budget:
