@@ -653,7 +653,7 @@ def _summary_line(record: dict) -> str:
 
 
 def default_jobs() -> int:
-    """Parallel runs: one per two CPU cores... at least 1, at most 4; 1 on an accelerator."""
+    """Parallel runs: one per CPU core, at most 4; 1 on an accelerator (one GPU trains one run at a time)."""
     if torch.cuda.is_available():
         return 1
     return max(1, min(4, os.cpu_count() or 1))
