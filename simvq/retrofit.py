@@ -38,7 +38,7 @@ import warnings
 import torch
 from torch import nn
 
-from simvq.quantizers.base import Quantizer, QuantizerOutput
+from simvq.quantizers.base import Quantizer
 from simvq.quantizers.simvq import SimVQ
 from simvq.quantizers.vq import VectorQuantizer
 
