@@ -133,7 +133,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_report_contents_and_resume(tmp_path, monkeypatch):
     out = tmp_path / "report"
     kwargs = dict(quantizers=["simvq", "vq"], codebook_sizes=[16], seeds=[0, 1], budget="2", data="digits",
-                  out=out, eval_limit=16, overrides=["trainer.log_every=1"])
+                  out=out, eval_limit=16, usage_images=40, overrides=["trainer.log_every=1"])
     results = run_compare(progress=False, jobs=1, **kwargs)
 
     for name in ("report.md", "report.html", "results.json"):
@@ -147,9 +147,14 @@ def test_report_contents_and_resume(tmp_path, monkeypatch):
         for key in ("utilization", "perplexity", "dead_codes", "psnr_official_batch64", "ssim_x100"):
             assert key in r["eval"]
         assert r["eval"]["items"] == 16
+        # utilisation is measured on its own, larger held-out set: 40 images x 8x8 tokens
+        assert r["usage_eval"]["images"] == 40 and r["usage_eval"]["tokens"] == 40 * 64
+        counts = torch.load(out / r["usage_counts"], weights_only=True)
+        assert counts.numel() == 16 and int(counts.sum()) == 40 * 64
+        assert r["usage_eval"]["utilization"] == pytest.approx(float((counts > 0).float().mean()))
     by = {(e["variant"]): e for e in stored["summary"]}
     sim_u = by["simvq"]["metrics"]["utilization"]
-    seeds_u = sorted(r["eval"]["utilization"] for r in stored["runs"] if r["variant"] == "simvq")
+    seeds_u = sorted(r["usage_eval"]["utilization"] for r in stored["runs"] if r["variant"] == "simvq")
     assert sorted(sim_u["values"]) == pytest.approx(seeds_u)
     assert sim_u["mean"] == pytest.approx(sum(seeds_u) / 2)
     # the verdict quotes the summary's numbers
@@ -162,7 +167,7 @@ def test_report_contents_and_resume(tmp_path, monkeypatch):
     assert retro["after_retrofit"]["steps"] == retro["control_vq_trained_on"]["steps"] == 4
     assert retro["before"]["steps"] == 2
     assert retro["before"]["utilization"] == next(
-        r["eval"]["utilization"] for r in stored["runs"] if r["variant"] == "vq" and r["seed"] == 0)
+        r["usage_eval"]["utilization"] for r in stored["runs"] if r["variant"] == "vq" and r["seed"] == 0)
     # the retrofitted run started from the VQ model: its frozen C is still the VQ codebook after training on
     from simvq.checkpoints import load_tokenizer
 
@@ -196,3 +201,8 @@ def test_report_contents_and_resume(tmp_path, monkeypatch):
     assert [r["key"] for r in again["runs"]] == [r["key"] for r in results["runs"]]
     assert again["summary"] == json.loads(json.dumps(results["summary"]))
     assert again["retrofit"] == json.loads(json.dumps(results["retrofit"]))
+
+    # asking for usage on more images re-measures the finished models, still without training
+    more = run_compare(progress=False, jobs=1, **{**kwargs, "usage_images": 80})
+    assert {r["usage_eval"]["images"] for r in more["runs"]} == {80}
+    assert [r["key"] for r in more["runs"]] == [r["key"] for r in results["runs"]]

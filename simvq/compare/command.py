@@ -45,9 +45,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "1 on a GPU)")
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="evaluate on at most this many held-out images (default: the config's data.eval_limit)")
+    parser.add_argument("--usage-images", default="2048",
+                        help="held-out images for utilisation, perplexity and dead codes ('all': the whole held-out "
+                             "split); more than the metrics use, since covering K codes needs many tokens "
+                             "(default: %(default)s)")
     parser.add_argument("--no-retrofit", action="store_true", help="skip the retrofit experiment")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--list", action="store_true", help="list the quantizer variants and exit")
+
+
+def _usage_images(text: str) -> int | None:
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--usage-images must be a positive integer or 'all', got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         retrofit=not args.no_retrofit,
         eval_limit=args.eval_limit,
+        usage_images=_usage_images(args.usage_images),
         overrides=args.overrides,
     )
     try:

@@ -201,8 +201,11 @@ def loss_curves(results: dict, records: list[dict], path: Path) -> str | None:
 def retrofit_figure(retrofit: dict | None, path: Path) -> str | None:
     if not retrofit:
         return None
+    from simvq.compare.report import merged_eval
+
     rows = [("VQ before", retrofit["before"]), ("retrofit -> SimVQ", retrofit["after"]), ("VQ trained on", retrofit["control"])]
-    if not all("utilization" in r.get("eval", {}) and "psnr_official_batch64" in r.get("eval", {}) for _, r in rows):
+    rows = [(name, {"eval": merged_eval(r)}) for name, r in rows]
+    if not all("utilization" in r["eval"] and "psnr_official_batch64" in r["eval"] for _, r in rows):
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))

@@ -60,9 +60,22 @@ SUMMARY_METRICS = [
 ]
 
 
+USAGE_KEYS = ("utilization", "perplexity", "dead_codes", "used_codes", "tokens")
+
+
+def merged_eval(record: dict) -> dict:
+    """A run's held-out numbers: reconstruction metrics from ``evaluate()``, usage from the larger usage pass."""
+    ev = dict(record.get("eval") or {})
+    usage = record.get("usage_eval")
+    if usage:
+        ev.update({k: usage[k] for k in USAGE_KEYS if k in usage})
+        ev["usage_images"] = usage.get("images")
+    return ev
+
+
 def _value(record: dict, key: str, source: str):
     if source == "eval":
-        v = record.get("eval", {}).get(key)
+        v = merged_eval(record).get(key)
     elif source == "history":
         hist = [h for h in record.get("history", []) if "step" in h and not h.get("diverged")]
         name = {"train_utilization": "utilization", "final_l1": "l1", "final_commitment": "commitment",
@@ -207,7 +220,7 @@ def verdict(summary: list[dict], retrofit: dict | None, sizes: list[int]) -> lis
     diverged = [f"{e['label']} K={e['requested_size']} seeds {e['diverged']}" for e in summary if e["diverged"]]
     lines.append("Diverged runs (NaN/Inf): " + ("; ".join(diverged) if diverged else "none") + ".")
     if retrofit:
-        b, a, c = retrofit["before"].get("eval", {}), retrofit["after"].get("eval", {}), retrofit["control"].get("eval", {})
+        b, a, c = (merged_eval(retrofit[k]) for k in ("before", "after", "control"))
         if all(k in d for d in (a, b, c) for k in ("utilization", "psnr_official_batch64")):
             lines.append(
                 f"Retrofit (K={retrofit['size']}): the trained plain-VQ model used {100 * b['utilization']:.1f}% of its "
@@ -236,6 +249,15 @@ def _environment() -> dict:
         # other processes on a shared machine slow every run: timings mean little without it
         "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+
+
+def _usage_set(runs: list[dict]) -> str:
+    sizes = sorted({(r["usage_eval"]["images"], r["usage_eval"]["tokens"]) for r in runs if r.get("usage_eval")})
+    if not sizes:
+        return "the evaluation set"
+    if len(sizes) == 1:
+        return f"{sizes[0][0]:,} held-out images ({sizes[0][1]:,} tokens)"
+    return "held-out images (" + ", ".join(f"{n:,}" for n, _ in sizes) + " depending on the run)"
 
 
 def _perceptual_key(summary: list[dict]) -> tuple[str, str] | None:
@@ -309,7 +331,7 @@ def _retrofit_summary(retrofit: dict | None) -> dict | None:
         return None
 
     def pick(rec):
-        ev = rec.get("eval", {})
+        ev = merged_eval(rec)
         return {"key": rec.get("key"), "steps": rec.get("steps"), "status": rec.get("status"),
                 **{k: ev.get(k) for k in ("utilization", "perplexity", "dead_codes", "psnr_official_batch64", "ssim_x100")}}
 
@@ -351,7 +373,7 @@ def render_markdown(results: dict, figures: dict, variants: dict) -> str:
         f"- Model: Open-MAGVIT2-style CNN tokenizer, ch {m['ch']}, ch_mult {m['ch_mult']}, {m['num_res_blocks']} res "
         f"block(s) per level, code dimension {m['z_channels']} (x{2 ** (len(m['ch_mult']) - 1)} down-sampling).",
         f"- Data: `{d['dataset']}`{' at ' + str(d['path']) if d.get('path') else ''}, {d['image_size']}x{d['image_size']} "
-        f"images, {d['channels']} channel(s), batch {d['batch_size']}; evaluation on the held-out split"
+        f"images, {d['channels']} channel(s), batch {d['batch_size']}; reconstruction metrics on the held-out split"
         f"{' (first ' + str(d['eval_limit']) + ' images)' if d.get('eval_limit') else ''}.",
         f"- Loss: L1 x{base['loss']['l1_weight']}"
         + (f" + perceptual x{base['loss']['perceptual_weight']}" if base["loss"]["perceptual_weight"] else "")
@@ -361,8 +383,10 @@ def render_markdown(results: dict, figures: dict, variants: dict) -> str:
            f" ({', '.join(x for x, w in (('no perceptual loss', base['loss']['perceptual_weight']), ('no GAN', base['loss']['gan_weight'])) if not w)}: "
            "cheaper, and not what the comparison measures)")
         + f"; Adam lr {o['lr']}, betas {o['betas']}; weight EMA {o['ema_decay'] if o['ema_decay'] else 'off'}.",
-        "- Utilisation = codes used at least once over the whole evaluation set / K. PSNR (batch-64) is the official "
-        "convention (MSE averaged over a batch of 64, then PSNR, averaged over batches); per-image PSNR reads higher.",
+        f"- Utilisation = codes used at least once over {_usage_set(results['runs'])} / K (perplexity and dead codes "
+        "over the same set): covering K codes needs many tokens, so this set is larger than the one for the "
+        "reconstruction metrics. PSNR (batch-64) is the official convention (MSE averaged over a batch of 64, then "
+        "PSNR, averaged over batches); per-image PSNR reads higher.",
     ]
     if pq and pq[0] == "proxy_fid_random_conv":
         out.append("- *proxy FID: Frechet distance of features of a fixed random conv net (no Inception weights "
@@ -497,5 +521,5 @@ def markdown_to_html(md: str, *, title: str) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-__all__ = ["PUBLISHED_IMAGENET", "fmt_stat", "markdown_to_html", "render_markdown", "stats", "summarise", "verdict",
+__all__ = ["PUBLISHED_IMAGENET", "fmt_stat", "merged_eval", "markdown_to_html", "render_markdown", "stats", "summarise", "verdict",
            "write_report"]

@@ -196,7 +196,9 @@ class CompareSpec:
             ``compare/default``); its ``quantizer`` section is replaced per run.
         out: the report folder.
         retrofit: run the retrofit experiment (needs ``vq`` among the quantizers).
-        eval_limit: evaluate on at most this many held-out images (None: the config's ``data.eval_limit``).
+        eval_limit: reconstruction metrics on at most this many held-out images (None: ``data.eval_limit``).
+        usage_images: utilisation, perplexity and dead codes on up to this many held-out images (None: the
+            whole held-out split); more than the metrics, since covering K codes needs many tokens.
         overrides: ``key.sub=value`` strings applied to the base config.
     """
 
@@ -209,6 +211,7 @@ class CompareSpec:
     out: str | Path = "compare-report"
     retrofit: bool = True
     eval_limit: int | None = None
+    usage_images: int | None = 2048
     overrides: list = field(default_factory=list)
     quantizers_given: bool = False  # the user named the quantizers (then an unrepresentable size is an error)
 
@@ -224,6 +227,8 @@ class CompareSpec:
         self.budget = parse_budget(self.budget)
         if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 1):
             raise ValueError(f"eval_limit must be a positive integer, got {self.eval_limit!r}")
+        if self.usage_images is not None and (not isinstance(self.usage_images, int) or self.usage_images < 1):
+            raise ValueError(f"usage_images must be a positive integer or None (all), got {self.usage_images!r}")
         self.out = Path(self.out)
         if self.out.exists() and not self.out.is_dir():
             raise FileExistsError(f"--out {self.out} exists and is not a folder; choose another report folder")
@@ -510,25 +515,55 @@ def _param_counts(model) -> dict:
     }
 
 
-def _save_artifacts(model, config: dict, eval_set, work: Path, count: int = 8) -> dict:
-    """Reconstructions of the first ``count`` held-out images and the per-code usage counts on the held-out
-    set (for the report's figures). The counts come from the quantizer's own CodebookUsage in an
-    encoder-only pass, since evaluate() reports only the aggregates."""
-    from simvq.data import eval_loader
-
+def _save_reconstructions(model, eval_set, work: Path, count: int = 8) -> dict:
+    """Reconstructions of the first ``count`` held-out images (for the report's side-by-side figure)."""
     n = min(count, len(eval_set))
     x = torch.stack([eval_set[i] for i in range(n)])
-    usage = model.quantize.usage
     with torch.no_grad():
         x_hat, _ = model(x)
-        usage.reset()
-        for batch in eval_loader(eval_set, batch_size=config["data"]["eval_batch_size"]):
-            model.encode(batch)
-        counts = usage.compute().counts
-    recon, usage_path = work / "reconstructions.pt", work / "usage_counts.pt"
+    recon = work / "reconstructions.pt"
     torch.save({"original": x, "reconstruction": x_hat.clamp(-1, 1)}, recon)
-    torch.save(counts, usage_path)
-    return {"reconstructions": str(recon), "usage_counts": str(usage_path)}
+    return {"reconstructions": str(recon)}
+
+
+def measure_usage(model_dir: str | Path, config: dict, images: int | None, work: Path) -> dict:
+    """Codebook usage over up to ``images`` held-out images, and the per-code counts for the figures.
+
+    Covering K codes needs many tokens (at K = 8192, 65,536 tokens are 8 per code, and a code drawn by 1 in
+    10,000 tokens is missed half the time), so utilisation is measured on a larger held-out set than the
+    reconstruction metrics, in an encoder-and-quantizer pass that costs a fraction of a full evaluation.
+    The counting is the quantizer's own CodebookUsage; ``evaluate()`` reports only the aggregates.
+    """
+    from simvq.checkpoints import load_tokenizer
+    from simvq.data import build_datasets, eval_loader
+
+    cfg = copy.deepcopy(config)
+    cfg["data"]["eval_limit"] = images
+    _, dataset = build_datasets(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_tokenizer(model_dir).eval().to(device)
+    usage = model.quantize.usage
+    usage.reset()
+    with torch.no_grad():
+        for batch in eval_loader(dataset, batch_size=cfg["data"]["eval_batch_size"]):
+            model.encode(batch.to(device))
+    stats = usage.compute()
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "usage_counts.pt"
+    torch.save(stats.counts.cpu(), path)
+    return {"usage_counts": str(path), "usage_eval": {**stats.as_dict(), "images": len(dataset)}}
+
+
+def ensure_usage(record: dict, config: dict, images: int | None, out: Path) -> dict:
+    """Add (or redo, when measured on another number of images) a finished run's usage measurement."""
+    if record.get("status") != "ok" or not record.get("model_dir") or not Path(record["model_dir"]).is_dir():
+        return record
+    if record.get("usage_eval") and record.get("usage_request", -1) == images:
+        return record
+    record.update(measure_usage(record["model_dir"], config, images, out / "work" / record["key"]))
+    record["usage_request"] = images
+    _atomic_json(out / "runs" / f"{record['key']}.json", record)
+    return record
 
 
 HISTORY_KEYS = ("step", "loss", "l1", "quant_loss", "commitment", "codebook", "aux", "utilization", "perplexity",
@@ -537,11 +572,12 @@ HISTORY_KEYS = ("step", "loss", "l1", "quant_loss", "commitment", "codebook", "a
 
 def execute_run(run: PlannedRun, *, out: Path, budget: Budget, max_minutes: float | None, progress,
                 init_state: dict | None = None, init_strict: bool = False, extra: dict | None = None,
-                lc_donor: dict | None = None, threads: int | None = None) -> dict:
+                lc_donor: dict | None = None, threads: int | None = None, usage_images: int | None = None) -> dict:
     """Train and evaluate one run; write ``out/runs/<key>.json`` and return the record.
 
     ``lc_donor``: the finished SimVQ record whose encoder provides VQGAN-LC's k-means features.
     ``threads``: torch CPU threads for this run (parallel workers use one each).
+    ``usage_images``: held-out images for the utilisation measurement (see :func:`measure_usage`).
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -599,7 +635,9 @@ def execute_run(run: PlannedRun, *, out: Path, budget: Budget, max_minutes: floa
         record["eval"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != "model_dir"}
         model = load_tokenizer(result.model_dir).eval()
         record.update(_param_counts(model))
-        record.update(_save_artifacts(model, run.config, eval_set, work))
+        record.update(_save_reconstructions(model, eval_set, work))
+        record.update(measure_usage(result.model_dir, run.config, usage_images, work))
+        record["usage_request"] = usage_images
     else:
         record["eval"] = {}
     record["wall_time_s"] = time.perf_counter() - t0
@@ -640,7 +678,9 @@ class Progress:
 
 
 def _summary_line(record: dict) -> str:
-    ev = record.get("eval", {})
+    from simvq.compare.report import merged_eval
+
+    ev = merged_eval(record)
     if record.get("status") == "diverged":
         return f"diverged: {record.get('diverged_reason', '')[:100]}"
     util = ev.get("utilization")
@@ -756,7 +796,8 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
         for wave in waves:
             items = []
             for run in wave:
-                kwargs = dict(run=run, out=out, budget=spec.budget, max_minutes=_time_slice(deadline, left, jobs))
+                kwargs = dict(run=run, out=out, budget=spec.budget, max_minutes=_time_slice(deadline, left, jobs),
+                              usage_images=spec.usage_images)
                 if run.variant == "lc_vq":
                     kwargs["lc_donor"] = finished.get(("simvq", run.requested_size, run.seed))
                 items.append((f"{VARIANTS[run.variant].label} K={run.codebook_size} seed {run.seed}", kwargs))
@@ -769,6 +810,14 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
                                             max_minutes=_time_slice(deadline, 2, jobs))
     finally:
         scheduler.close()
+    # runs reused from an earlier invocation may have measured usage on another number of images
+    for r in runs:
+        finished[(r.variant, r.requested_size, r.seed)] = ensure_usage(
+            finished[(r.variant, r.requested_size, r.seed)], r.config, spec.usage_images, out)
+    if retro:
+        for part in ("after", "control"):
+            retro[part] = ensure_usage(retro[part], base, spec.usage_images, out)  # only the data section is used
+        retro["before"] = finished[("vq", retro["size"], retro["seed"])]
     records = [finished[(r.variant, r.requested_size, r.seed)] for r in runs]
     results = write_report(spec, base, records, notes=notes, retrofit=retro, out=out,
                            wall_time_s=time.perf_counter() - t_start, reused=reused)
@@ -824,6 +873,7 @@ def run_retrofit_experiment(spec: CompareSpec, base: dict, finished: dict, *, ou
             continue
         text = ("retrofitted VQ -> SimVQ, trained on" if kind == "retrofit" else "plain VQ trained on (control)") + f" K={size}"
         kwargs = dict(run=run, out=out, budget=spec.budget, max_minutes=max_minutes, init_state=state, init_strict=True,
+                      usage_images=spec.usage_images,
                       extra={"retrofit_of": source["key"], "steps_before": source.get("steps"), "replaced": list(replaced)})
         items.append((text, kwargs))
         kinds.append(kind)
@@ -853,6 +903,8 @@ __all__ = [
     "plan_runs",
     "run_compare",
     "default_jobs",
+    "ensure_usage",
+    "measure_usage",
     "lc_codebook",
     "run_key",
     "size_for",
