@@ -216,3 +216,40 @@ def test_convert_official_checkpoint_file_to_model_dir(tmp_path):
         b, qb = model(x)
     assert torch.equal(qa.indices, qb.indices)
     torch.testing.assert_close(a, b)
+
+
+def test_encoder_init_gain_redraws_convs_variance_preserving_and_spreads_tokens():
+    # the effective weight of every encoder conv is exactly the N(0, gain^2 / fan_in) draw, with zero bias
+    torch.manual_seed(0)
+    enc = SEANetEncoder(n_filters=16, dimension=8, init_gain=1.0)
+    convs = [m.conv.conv for m in enc.modules() if isinstance(m, CausalConv1d)]
+    big = max(convs, key=lambda c: c.weight.numel())
+    fan_in = big.weight.shape[1] * big.weight.shape[2]
+    assert big.weight.std().item() == pytest.approx(1 / math.sqrt(fan_in), rel=0.05)
+    assert all(torch.count_nonzero(c.bias) == 0 for c in convs)
+    # PyTorch's default draw (weight variance 1 / (3 fan_in)) vs the redraw: the tokens' spread over frames
+    torch.manual_seed(0)
+    default = SEANetEncoder(n_filters=16, dimension=8)
+    torch.manual_seed(1)
+    t = torch.arange(32000) / 16000
+    x = (0.3 * torch.sin(2 * math.pi * 220 * t * (1 + t)) * torch.sin(2 * math.pi * 3 * t)).reshape(1, 1, -1)
+    with torch.no_grad():
+        spread_default = default(x)[0].std(dim=1).mean().item()
+        spread_gain = enc(x)[0].std(dim=1).mean().item()
+    assert spread_gain > 10 * spread_default
+    with pytest.raises(ValueError, match="init_gain"):
+        SEANetEncoder(n_filters=4, dimension=8, init_gain=-1.0)
+    with pytest.raises(ValueError, match="init_gain"):
+        SEANetEncoder(n_filters=4, dimension=8, init_gain=True)
+
+
+def test_encoder_init_gain_is_a_config_key_and_official_keeps_default_init():
+    assert AUDIO_PRESETS["official-24k"]["encoder_init_gain"] is None
+    torch.manual_seed(0)
+    a = tiny()
+    torch.manual_seed(0)
+    b = tiny(encoder_init_gain=None)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    c = tiny(encoder_init_gain=1.0)
+    conv = c.encoder.model[0].conv.conv
+    assert torch.count_nonzero(conv.bias) == 0

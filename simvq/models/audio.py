@@ -64,6 +64,7 @@ AUDIO_PRESETS: dict[str, dict] = {
         backbone_layers=12,
         pos_net=True,
         n_fft=1280,
+        encoder_init_gain=None,
     ),
     # 16 kHz, hop 320 -> 50 tokens/s; about 1/10 of the official compute, trains on a laptop CPU.
     "small-16k": dict(
@@ -83,6 +84,7 @@ AUDIO_PRESETS: dict[str, dict] = {
         backbone_layers=4,
         pos_net=True,
         n_fft=1280,
+        encoder_init_gain=None,
     ),
     # the smallest model that still has every part; for tests and smoke runs.
     "tiny-16k": dict(
@@ -102,6 +104,7 @@ AUDIO_PRESETS: dict[str, dict] = {
         backbone_layers=1,
         pos_net=True,
         n_fft=1280,
+        encoder_init_gain=None,
     ),
 }
 
@@ -214,6 +217,12 @@ class SEANetEncoder(nn.Module):
         lstm_layers: LSTM depth at the end (0 disables the LSTM).
         dimension: output feature size (the token dimension).
         pad_mode: padding mode of the causal convolutions.
+        init_gain: ``None`` (official) keeps PyTorch's default initialisation. A number redraws every conv
+            weight from ``N(0, init_gain**2 / fan_in)`` and zeroes the biases. Why: with the default draw
+            (weight variance ``1 / (3 fan_in)``) the time-varying part of the features shrinks about 2.5x per
+            stage while the bias-driven constant part does not, so at initialisation every frame gives almost
+            the same token and every frame picks the same code; ``init_gain=1.0`` keeps the tokens' spread
+            near the scale of a randomly initialised codebook (docs/audio.md).
     """
 
     def __init__(
@@ -231,8 +240,11 @@ class SEANetEncoder(nn.Module):
         lstm_layers: int = 2,
         dimension: int = 512,
         pad_mode: str = "reflect",
+        init_gain: float | None = None,
     ) -> None:
         super().__init__()
+        if init_gain is not None and not (isinstance(init_gain, (int, float)) and not isinstance(init_gain, bool) and 0 < init_gain < math.inf):
+            raise ValueError(f"init_gain must be a positive number or None (PyTorch's default initialisation), got {init_gain!r}")
         ratios = [int(r) for r in ratios]
         if not ratios or any(r < 1 for r in ratios):
             raise ValueError(f"ratios must be a non-empty list of positive integers, got {ratios}")
@@ -254,6 +266,21 @@ class SEANetEncoder(nn.Module):
             layers.append(SkipLSTM(width, lstm_layers))
         layers += [nn.ELU(), CausalConv1d(width, dimension, last_kernel_size, pad_mode=pad_mode)]
         self.model = nn.Sequential(*layers)
+        if init_gain is not None:
+            self._redraw_conv_weights(float(init_gain))
+
+    @torch.no_grad()
+    def _redraw_conv_weights(self, gain: float) -> None:
+        for module in self.modules():
+            if isinstance(module, CausalConv1d):
+                conv = module.conv.conv
+                direction = conv.parametrizations.weight.original1  # (C_out, C_in, k)
+                fan_in = direction.shape[1] * direction.shape[2]
+                weight = torch.randn_like(direction) * (gain / math.sqrt(fan_in))
+                direction.copy_(weight)
+                # weight norm: g = |v| per output channel, so the effective weight is exactly the draw
+                conv.parametrizations.weight.original0.copy_(weight.norm(dim=(1, 2), keepdim=True))
+                conv.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -438,6 +465,8 @@ class AudioTokenizer(nn.Module):
         sample_rate: the rate the model works at (inputs must already be at this rate).
         dimension: token dimension (encoder output = quantizer dim = backbone input).
         n_fft: ISTFT size of the head (hop = the encoder's hop).
+        encoder_init_gain: ``None`` (official) or the gain of the encoder's variance-preserving conv
+            initialisation (see :class:`SEANetEncoder` ``init_gain``); only affects a freshly built model.
         the other keywords: see :data:`AUDIO_PRESETS` / :class:`SEANetEncoder` / :class:`VocosBackbone`.
 
     Shapes: ``x`` is ``(B, 1, T)`` in [-1, 1]; ``forward(x) -> (x_hat (B, 1, T), QuantizerOutput)`` with
@@ -465,6 +494,7 @@ class AudioTokenizer(nn.Module):
         backbone_layers: int = 12,
         pos_net: bool = True,
         n_fft: int = 1280,
+        encoder_init_gain: float | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(quantizer, Quantizer):
@@ -487,6 +517,7 @@ class AudioTokenizer(nn.Module):
             compress=compress,
             lstm_layers=lstm_layers,
             dimension=dimension,
+            init_gain=encoder_init_gain,
         )
         self.hop_length = self.encoder.hop_length
         self.quantize = quantizer
@@ -609,8 +640,9 @@ class AudioModelConfig:
     ``preset`` names an entry of :data:`AUDIO_PRESETS` (``official-24k``, ``small-16k``, ``tiny-16k``; default
     ``official-24k``); keys given next to it override the preset. ``ratios`` are EnCodec's decoder-order
     strides (the encoder applies them reversed; hop = their product); ``dimension`` is the token dimension
-    (the quantizer's ``dim``); ``backbone_*`` size the Vocos decoder; ``n_fft`` is the ISTFT size of the head.
-    The resolved config stores every key.
+    (the quantizer's ``dim``); ``backbone_*`` size the Vocos decoder; ``n_fft`` is the ISTFT size of the head;
+    ``encoder_init_gain`` (default: PyTorch's initialisation, as official) redraws the encoder convs
+    variance-preserving at that gain. The resolved config stores every key.
     """
 
     preset: Optional[str] = None
@@ -630,6 +662,7 @@ class AudioModelConfig:
     backbone_layers: Optional[int] = None
     pos_net: Optional[bool] = None
     n_fft: Optional[int] = None
+    encoder_init_gain: Optional[float] = None
 
 
 def finalize_audio_config(cfg: dict) -> dict:
