@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from simvq.checkpoints import save_file_atomic
 
 FORMAT_VERSION = 1
 
@@ -82,19 +82,9 @@ def save_tokens(
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"token files end in .npz, got {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return save_file_atomic(path, buf.getvalue())
 
 
 def load_tokens(path: str | Path) -> TokenFile:
