@@ -89,6 +89,24 @@ def save_file_atomic(path: str | os.PathLike, data: bytes | str | Callable[[Path
     return Path(path)
 
 
+def local_weights_file(weights: str | os.PathLike | None, env_var: str, what: str) -> Path | None:
+    """A network-weights file from the argument, else from ``env_var``; None when neither is set.
+
+    Nothing is downloaded. A path that is given but missing is an error naming where it came from, so a
+    typo cannot silently switch a metric or loss to its offline stand-in.
+    """
+    source = "argument"
+    if weights is None:
+        weights = os.environ.get(env_var) or None
+        source = f"environment variable {env_var}"
+    if weights is None:
+        return None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found at {path} (from the {source})")
+    return path
+
+
 # ----- model directories ----------------------------------------------------------------------------------
 def _plain(obj):
     """Make a config YAML-safe: tuples -> lists, paths -> strings, numpy scalars -> Python numbers."""

@@ -128,16 +128,9 @@ def resolve_backbone_weights(net: str, weights: str | os.PathLike | None) -> Pat
     """
     if net not in NETS:
         raise ValueError(f"net must be one of {NETS}, got {net!r}")
-    source = "argument"
-    if weights is None:
-        weights = os.environ.get(BACKBONE_ENV[net]) or None
-        source = f"environment variable {BACKBONE_ENV[net]}"
-    if weights is None:
-        return None
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"LPIPS {net} backbone weights not found at {path} (from the {source})")
-    return path
+    from simvq.checkpoints import local_weights_file
+
+    return local_weights_file(weights, BACKBONE_ENV[net], f"LPIPS {net} backbone weights")
 
 
 def load_backbone_weights(module: BackboneFeatures, path: str | os.PathLike) -> None:

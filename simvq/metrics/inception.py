@@ -162,16 +162,9 @@ def resolve_fid_weights(weights: str | os.PathLike | None) -> Path | None:
 
     A path that is given but missing is an error, so that a typo cannot silently switch to the proxy.
     """
-    source = "argument"
-    if weights is None:
-        weights = os.environ.get(FID_WEIGHTS_ENV) or None
-        source = f"environment variable {FID_WEIGHTS_ENV}"
-    if weights is None:
-        return None
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"FID Inception weights not found at {path} (from the {source})")
-    return path
+    from simvq.checkpoints import local_weights_file
+
+    return local_weights_file(weights, FID_WEIGHTS_ENV, "FID Inception weights")
 
 
 class FIDInceptionV3(nn.Module):
