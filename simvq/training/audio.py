@@ -67,7 +67,8 @@ class AudioTask(Task):
         m = self.config["model"]
         tokens_per_second = m["sample_rate"] / float(np.prod(m["ratios"]))
         return AudioBatchMetrics(
-            sample_rate=m["sample_rate"], tokens_per_second=tokens_per_second, codebook_size=self.config["quantizer"].get("codebook_size")
+            sample_rate=m["sample_rate"], tokens_per_second=tokens_per_second, codebook_size=self.config["quantizer"].get("codebook_size"),
+            device=device,
         )
 
     def save_samples(self, x: torch.Tensor, x_hat: torch.Tensor, path: Path) -> Path:
