@@ -291,9 +291,11 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=["speech"], help="speech: synthesise the built-in speech corpus with espeak-ng")
     p.add_argument("--out", required=True, help="folder to build the corpus in (new or empty)")
     p.add_argument("--sample-rate", type=int, default=16000, help="rate of the written 16-bit wav files (default 16000)")
-    p.add_argument("--sentences", type=int, default=300, help="number of distinct sentences (default 300)")
-    p.add_argument("--voices-per-sentence", type=int, default=4, help="voices speaking each sentence (default 4)")
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="fraction of sentences held out for evaluation")
+    from simvq.data.speech import CORPUS_EVAL_FRACTION, CORPUS_SENTENCES, CORPUS_VOICES_PER_SENTENCE
+
+    p.add_argument("--sentences", type=int, default=CORPUS_SENTENCES, help=f"number of distinct sentences (default {CORPUS_SENTENCES})")
+    p.add_argument("--voices-per-sentence", type=int, default=CORPUS_VOICES_PER_SENTENCE, help=f"voices speaking each sentence (default {CORPUS_VOICES_PER_SENTENCE})")
+    p.add_argument("--eval-fraction", type=float, default=CORPUS_EVAL_FRACTION, help=f"fraction of sentences held out for evaluation (default {CORPUS_EVAL_FRACTION})")
     p.add_argument("--seed", type=int, default=0)
 
 

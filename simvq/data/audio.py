@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from simvq.data.speech import CORPUS_EVAL_FRACTION, CORPUS_SENTENCES, CORPUS_VOICES_PER_SENTENCE
+
 log = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
@@ -190,6 +192,7 @@ class AudioEvalSet(Dataset):
 # ----------------------------------------------------------------------------------------------------------
 
 AUDIO_DATASETS = ("speech", "folder")
+FOLDER_EVAL_FRACTION = 0.1
 EVAL_DATASETS = (None, "pocketsphinx")
 
 
@@ -202,6 +205,8 @@ class AudioDataConfig:
     train/eval held out by sentence, ``eval_fraction`` of the sentences) or
     ``folder`` (any nested folder of wav/flac, e.g. LibriTTS ``train-clean-100``; ``eval_path`` is the
     evaluation folder, otherwise ``eval_fraction`` of the files, every n-th in sorted order, is held out).
+    ``eval_fraction`` None means the data set's default: 0.3 of the built-in corpus's sentences, 0.1 of a
+    folder's files.
     ``eval_dataset: pocketsphinx`` evaluates on Debian's real LibriVox clips instead.
     ``sample_rate`` is filled from the model. ``segment_seconds``: training crop length (official 1 s).
     ``eval_max_seconds`` crops evaluation utterances (None: whole utterances).
@@ -212,7 +217,7 @@ class AudioDataConfig:
     path: Optional[str] = None
     eval_path: Optional[str] = None
     eval_dataset: Optional[str] = None
-    eval_fraction: float = 0.1
+    eval_fraction: Optional[float] = None
     sample_rate: Optional[int] = None
     segment_seconds: float = 1.0
     eval_max_seconds: Optional[float] = None
@@ -221,11 +226,16 @@ class AudioDataConfig:
     batch_size: int = 8
     eval_batch_size: int = 1
     num_workers: int = 0
-    corpus_sentences: int = 300
-    corpus_voices_per_sentence: int = 4
+    corpus_sentences: int = CORPUS_SENTENCES
+    corpus_voices_per_sentence: int = CORPUS_VOICES_PER_SENTENCE
 
 
-def default_corpus_dir(sample_rate: int, sentences: int = 300, voices: int = 4, eval_fraction: float = 0.1) -> Path:
+def default_corpus_dir(
+    sample_rate: int,
+    sentences: int = CORPUS_SENTENCES,
+    voices: int = CORPUS_VOICES_PER_SENTENCE,
+    eval_fraction: float = CORPUS_EVAL_FRACTION,
+) -> Path:
     """Where the built-in corpus with these parameters is cached (one folder per parameter set)."""
     return Path("~/.cache/simvq").expanduser() / f"speech-{sample_rate}hz-{sentences}s-{voices}v-{eval_fraction:g}e"
 
@@ -249,8 +259,10 @@ def audio_file_splits(data_cfg: dict) -> tuple[list[Path], list[Path]]:
     if dataset == "speech":
         from simvq.data.speech import ensure_speech_corpus, read_manifest
 
-        sentences, voices = d.get("corpus_sentences", 300), d.get("corpus_voices_per_sentence", 4)
-        fraction = d.get("eval_fraction", 0.1)
+        sentences = d.get("corpus_sentences", CORPUS_SENTENCES)
+        voices = d.get("corpus_voices_per_sentence", CORPUS_VOICES_PER_SENTENCE)
+        fraction = d.get("eval_fraction")
+        fraction = CORPUS_EVAL_FRACTION if fraction is None else fraction
         root = Path(d["path"]).expanduser() if d.get("path") else default_corpus_dir(rate, sentences, voices, fraction)
         ensure_speech_corpus(root, sample_rate=rate, num_sentences=sentences, voices_per_sentence=voices, eval_fraction=fraction)
         rows = read_manifest(root)
@@ -264,7 +276,8 @@ def audio_file_splits(data_cfg: dict) -> tuple[list[Path], list[Path]]:
             train = files
             evals, _ = scan_audio_folder(d["eval_path"])
         else:
-            train, evals = _every_nth_split(files, d.get("eval_fraction", 0.1))
+            fraction = d.get("eval_fraction")
+        train, evals = _every_nth_split(files, FOLDER_EVAL_FRACTION if fraction is None else fraction)
     else:
         raise ValueError(f"data.dataset must be one of {AUDIO_DATASETS}, got {dataset!r}")
     if d.get("eval_dataset") == "pocketsphinx":

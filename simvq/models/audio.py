@@ -685,6 +685,8 @@ def finalize_audio_config(cfg: dict) -> dict:
     for key in ("batch_size", "eval_batch_size", "corpus_sentences", "corpus_voices_per_sentence"):
         if data[key] < 1:
             raise ValueError(f"data.{key} must be >= 1, got {data[key]}")
+    if data["eval_fraction"] is not None and not 0 < data["eval_fraction"] < 1:
+        raise ValueError(f"data.eval_fraction must lie in (0, 1) or be null (the data set's default), got {data['eval_fraction']!r}")
     if not data["segment_seconds"] > 0:
         raise ValueError(f"data.segment_seconds must be > 0, got {data['segment_seconds']}")
     if data["segment_seconds"] * rate < hop:
