@@ -692,12 +692,40 @@ def finalize_audio_config(cfg: dict) -> dict:
     if data["segment_seconds"] * rate < hop:
         raise ValueError(f"data.segment_seconds is shorter than one token ({hop} samples at {rate} Hz)")
     loss = cfg["loss"]
-    for key in ("mel_weight", "quantizer_weight", "gan_weight", "feature_matching_weight", "mrd_weight", "gan_start_step"):
+    for key in ("mel_weight", "quantizer_weight", "gan_weight", "feature_matching_weight", "mrd_weight", "gan_start_step", "dac_weight"):
         if not loss[key] >= 0:
             raise ValueError(f"loss.{key} must be >= 0, got {loss[key]!r}")
     if any(p < 1 for p in loss["periods"]) or any(len(r) != 3 for r in loss["resolutions"]):
         raise ValueError("loss.periods must be positive integers and loss.resolutions [n_fft, hop, win] triples")
+    _check_dac_loss(loss)
     return cfg
+
+
+def _check_dac_loss(loss: dict) -> None:
+    """Check the DAC discriminator keys of the ``loss`` section (checked even when ``dac_weight`` is 0)."""
+    from simvq.models.audio_discriminators import dac_band_edges
+
+    if loss["dac_weight"] > 0 and not (loss["gan_weight"] > 0 or loss["feature_matching_weight"] > 0):
+        raise ValueError(
+            f"loss.dac_weight ({loss['dac_weight']}) adds a discriminator to the GAN, but the GAN is off "
+            "(loss.gan_weight and loss.feature_matching_weight are 0); turn the GAN on or set loss.dac_weight to 0"
+        )
+    if loss["dac_channels"] < 1:
+        raise ValueError(f"loss.dac_channels must be >= 1, got {loss['dac_channels']}")
+    if any(p < 1 for p in loss["dac_periods"]):
+        raise ValueError(f"loss.dac_periods must be positive integers (or [] for none), got {loss['dac_periods']}")
+    if not loss["dac_windows"] and not loss["dac_periods"]:
+        raise ValueError("loss.dac_windows and loss.dac_periods are both empty: the DAC discriminator would judge nothing")
+    for i, band in enumerate(loss["dac_bands"]):
+        if len(band) != 2 or not 0 <= band[0] < band[1] <= 1:
+            raise ValueError(f"loss.dac_bands[{i}] must be a pair [lo, hi] of fractions of the STFT bins with 0 <= lo < hi <= 1, got {band}")
+    if loss["dac_windows"] and not loss["dac_bands"]:
+        raise ValueError("loss.dac_bands must list at least one [lo, hi] band")
+    for window in loss["dac_windows"]:
+        try:
+            dac_band_edges(window, loss["dac_bands"])
+        except ValueError as err:
+            raise ValueError(f"loss.dac_windows: {err}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
