@@ -1,7 +1,8 @@
-"""The audio modality's training task: SEANet/Vocos tokenizer, log-mel + VQ + MPD/MRD GAN losses, speech data,
-PESQ/STOI/DNSMOS evaluation and spectrogram sample plots. Registers itself as ``modality: audio``.
+"""The audio modality's training task: SEANet/Vocos tokenizer, log-mel + VQ + MPD/MRD(/DAC) GAN losses, speech
+data, PESQ/STOI/DNSMOS/V-UV-F1 evaluation and spectrogram sample plots. Registers itself as ``modality: audio``.
 
-Loss (REFERENCE §3): ``45 * logmel_L1 + 1000 * VQ loss + (MPD + MRD hinge) + (MPD + MRD feature matching)``.
+Loss (REFERENCE §3): ``45 * logmel_L1 + 1000 * VQ loss + (MPD + MRD hinge) + (MPD + MRD feature matching)``,
+plus the DAC discriminator's least-squares and feature-matching terms when ``loss.dac_weight > 0``.
 The official recipe's NaN/Inf failures are handled by the shared loop's warm-up and gradient clipping,
 which the audio presets switch on.
 """
