@@ -1,4 +1,5 @@
-"""SimVQ vs plain VQ on the built-in speech corpus with the CPU audio preset (docs/audio.md).
+"""SimVQ against plain VQ (and the other quantizers) on the built-in speech corpus with the CPU audio preset
+(docs/audio.md).
 
     python scripts/audio_compare.py train --quantizer simvq --out runs/audio-compare   # one run per quantizer
     python scripts/audio_compare.py train --quantizer vq --out runs/audio-compare      # (can run side by side)
@@ -6,8 +7,9 @@
 
 ``train`` trains ``audio/speech-small`` with the given quantizer for a fixed number of steps (a time guard
 stops it early and the report says so), then evaluates the exported EMA model: codebook usage over every
-evaluation utterance, PESQ / STOI / DNSMOS / mel distance over the first ``--quality-limit`` utterances.
-``report`` prints a table and writes the plots (training utilisation, spectrograms).
+evaluation utterance, PESQ / STOI / DNSMOS / V/UV F1 / mel distance over the first ``--quality-limit``
+utterances. ``report`` prints a table of every run in ``--out`` and writes the plots (training utilisation,
+spectrograms of the runs named by ``--spectrograms``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 import torch
 
 CONFIG = "audio/speech-small"
+#: quantizers this script trains (the library's single-codebook quantizers; VQGAN-LC needs a trained donor)
+QUANTIZERS = ["simvq", "vq", "ema_vq", "factorized_vq", "fsq", "lfq"]
 
 
 def train_one(args) -> None:
@@ -62,15 +66,19 @@ def report(args) -> None:
     from simvq.losses.spectral import MelSpectrogram, safe_log
 
     out = Path(args.out)
-    runs = {q: json.loads((out / q / "compare.json").read_text()) for q in ("simvq", "vq") if (out / q / "compare.json").is_file()}
+    order = {q: i for i, q in enumerate(QUANTIZERS)}
+    found = sorted((d.name for d in out.iterdir() if (d / "compare.json").is_file()), key=lambda q: order.get(q, len(order)))
+    runs = {q: json.loads((out / q / "compare.json").read_text()) for q in found}
     keys = ["steps", "train_wall_time_s"]
     rows = []
     for q, r in runs.items():
         u, m = r.get("usage", {}), r.get("quality", {})
         rows.append({
             "quantizer": q, "steps": r["steps"], "train_min": r["train_wall_time_s"] / 60,
-            "util_%": 100 * u.get("utilization", float("nan")), "perplexity": u.get("perplexity"), "tokens": u.get("tokens"),
+            "util_%": 100 * u.get("utilization", float("nan")), "used_codes": u.get("used_codes"), "codebook_size": u.get("codebook_size"),
+            "perplexity": u.get("perplexity"), "tokens": u.get("tokens"), "quality_util_%": 100 * m.get("utilization", float("nan")),
             "pesq": m.get("pesq"), "stoi": m.get("stoi"), "dnsmos_ovrl": m.get("dnsmos_ovrl"), "dnsmos_p808": m.get("dnsmos_p808"),
+            "vuv_f1": m.get("vuv_f1"), "vuv_model": m.get("vuv_model"),
             "mel": m.get("mel_distance"), "utterances": m.get("utterances"), "kbps": (m.get("bitrate_bps") or 0) / 1000,
         })
     for row in rows:
@@ -90,8 +98,8 @@ def report(args) -> None:
     fig.savefig(images / f"audio_usage{args.tag}.png", dpi=90)
     plt.close(fig)
     # spectrograms: original vs each reconstruction for three evaluation utterances
-    models = {q: load_tokenizer(out / q / "model") for q in runs}
-    config = load_config(out / "simvq" / "config.yaml")
+    models = {q: load_tokenizer(out / q / "model") for q in args.spectrograms if q in runs}
+    config = load_config(out / next(iter(runs)) / "config.yaml")
     _, eval_set = build_datasets(config)
     mel = MelSpectrogram(sample_rate=16000, n_fft=1024, hop_length=256, n_mels=80)
     picks = [0, len(eval_set) // 2, len(eval_set) - 1]
@@ -118,7 +126,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train")
-    t.add_argument("--quantizer", choices=["simvq", "vq"], required=True)
+    t.add_argument("--quantizer", choices=QUANTIZERS, required=True)
     t.add_argument("--out", default="runs/audio-compare")
     t.add_argument("--max-steps", type=int, default=300)
     t.add_argument("--max-minutes", type=float, default=20.0)
@@ -129,6 +137,7 @@ def main() -> None:
     r.add_argument("--images", default="docs/images")
     r.add_argument("--tag", default="", help="suffix of the plot file names")
     r.add_argument("--window", type=int, default=20, help="steps per logging window (for the plot title)")
+    r.add_argument("--spectrograms", nargs="+", default=["simvq", "vq"], help="runs shown in the spectrogram figure")
     args = p.parse_args()
     train_one(args) if args.cmd == "train" else report(args)
 
