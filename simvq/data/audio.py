@@ -277,7 +277,7 @@ def audio_file_splits(data_cfg: dict) -> tuple[list[Path], list[Path]]:
             evals, _ = scan_audio_folder(d["eval_path"])
         else:
             fraction = d.get("eval_fraction")
-        train, evals = _every_nth_split(files, FOLDER_EVAL_FRACTION if fraction is None else fraction)
+            train, evals = _every_nth_split(files, FOLDER_EVAL_FRACTION if fraction is None else fraction)
     else:
         raise ValueError(f"data.dataset must be one of {AUDIO_DATASETS}, got {dataset!r}")
     if d.get("eval_dataset") == "pocketsphinx":
