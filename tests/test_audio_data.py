@@ -89,6 +89,14 @@ def test_folder_datasets_hold_out_every_nth_file(tmp_path):
     assert not set(train.files) & set(evals.files)
     with pytest.raises(ValueError, match="data.path"):
         build_audio_datasets({"dataset": "folder", "sample_rate": 16000})
+    # without eval_fraction a folder holds out every 10th file; with an evaluation folder, none
+    train, evals = build_audio_datasets({"dataset": "folder", "path": str(tmp_path), "sample_rate": 16000, "eval_fraction": None})
+    assert len(train) == 9 and len(evals) == 1
+    held = tmp_path / "held"
+    held.mkdir()
+    sf.write(held / "x.wav", _tone(0.4, 16000), 16000, subtype="PCM_16")
+    train, evals = build_audio_datasets({"dataset": "folder", "path": str(tmp_path), "eval_path": str(held), "sample_rate": 16000})
+    assert len(evals) == 1 and evals.files[0].name == "x.wav" and len(train) == 11  # the whole folder, nested file included
 
 
 def test_sentences_are_distinct_and_deterministic():
