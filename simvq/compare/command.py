@@ -6,11 +6,12 @@ import argparse
 import sys
 
 from simvq.compare.runner import (
+    BUILTIN_AUDIO_DATA,
     BUILTIN_DATA,
-    DEFAULT_BUDGET,
-    DEFAULT_CODEBOOK_SIZES,
+    DEFAULT,
+    DEFAULT_AUDIO_CONFIG,
     DEFAULT_CONFIG,
-    DEFAULT_SEEDS,
+    MODALITY_DEFAULTS,
     VARIANTS,
     CompareSpec,
     run_compare,
@@ -19,23 +20,36 @@ from simvq.compare.runner import (
 HELP = "Compare SimVQ with other quantizers (same model, data, steps, seeds) and write a report."
 
 
+def _defaults(key: str) -> str:
+    image, audio = MODALITY_DEFAULTS["image"][key], MODALITY_DEFAULTS["audio"][key]
+
+    def text(v):
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else "all" if v is None else str(v)
+
+    return f"images {text(image)}; audio {text(audio)}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantizers", default=None,
-                        help=f"comma-separated variants (default: all): {', '.join(VARIANTS)}")
-    parser.add_argument("--codebook-sizes", default=",".join(map(str, DEFAULT_CODEBOOK_SIZES)),
+                        help=f"comma-separated variants: {', '.join(VARIANTS)} (default: all for images; "
+                             f"{','.join(MODALITY_DEFAULTS['audio']['quantizers'])} for audio)")
+    parser.add_argument("--codebook-sizes", default=None,
                         help="comma-separated codebook sizes K (FSQ maps each to its recommended levels, LFQ needs "
-                             "powers of two; default: %(default)s)")
-    parser.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)),
-                        help="comma-separated training seeds; two or more give mean ± spread (default: %(default)s)")
-    parser.add_argument("--budget", default=DEFAULT_BUDGET,
+                             f"powers of two; default: {_defaults('codebook_sizes')})")
+    parser.add_argument("--seeds", default=None,
+                        help=f"comma-separated training seeds; two or more give mean ± spread (default: {_defaults('seeds')})")
+    parser.add_argument("--budget", default=None,
                         help="steps per run (e.g. 500) or a total time split across runs (e.g. 5m, 90s); "
-                             "default: %(default)s steps")
+                             f"default steps: {_defaults('budget')}")
     parser.add_argument("--data", default=None,
-                        help=f"built-in data set ({', '.join(sorted(BUILTIN_DATA))}), an image folder, or a folder of "
-                             "Fashion-MNIST IDX files (default: the config's data; the compare preset uses fashion)")
+                        help=f"built-in data set (images: {', '.join(sorted(BUILTIN_DATA))}; audio: "
+                             f"{', '.join(BUILTIN_AUDIO_DATA)}), a folder of images or of wav/flac files, or a folder of "
+                             "Fashion-MNIST IDX files (default: the config's data). Audio data selects the audio "
+                             f"preset {DEFAULT_AUDIO_CONFIG} when no --config is given")
     parser.add_argument("--config", default=None,
-                        help=f"your model preset or YAML config (its quantizer section is replaced per run); "
-                             f"default: {DEFAULT_CONFIG}")
+                        help=f"your model preset or YAML config (its quantizer section is replaced per run; its "
+                             f"modality, image or audio, decides the comparison's); default: {DEFAULT_CONFIG}, or "
+                             f"{DEFAULT_AUDIO_CONFIG} for audio data")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key of the base config, e.g. --set optim.lr=1e-3 (repeatable)")
     parser.add_argument("--out", default="compare-report", help="report folder (default: %(default)s); "
@@ -44,23 +58,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs trained side by side in separate processes (default: CPU cores, at most 4; "
                              "1 on a GPU)")
     parser.add_argument("--eval-limit", type=int, default=None,
-                        help="evaluate on at most this many held-out images (default: the config's data.eval_limit)")
-    parser.add_argument("--usage-images", default="2048",
-                        help="held-out images for utilisation, perplexity and dead codes ('all': the whole held-out "
-                             "split); more than the metrics use, since covering K codes needs many tokens "
-                             "(default: %(default)s)")
-    parser.add_argument("--no-retrofit", action="store_true", help="skip the retrofit experiment")
+                        help="quality metrics on at most this many held-out images or utterances (default: the "
+                             "config's data.eval_limit; for audio 30 when the config sets none: DNSMOS and CREPE are "
+                             "slow on a CPU)")
+    parser.add_argument("--usage-items", "--usage-images", dest="usage_items", default=None,
+                        help="held-out images or utterances for utilisation, perplexity and dead codes ('all': the "
+                             "whole held-out split); more than the quality metrics use, since covering K codes needs "
+                             f"many tokens (default: {_defaults('usage_items')})")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--retrofit", dest="retrofit", action="store_const", const=True, default=None,
+                       help="run the retrofit experiment (default for images)")
+    group.add_argument("--no-retrofit", dest="retrofit", action="store_const", const=False,
+                       help="skip the retrofit experiment (default for audio)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--list", action="store_true", help="list the quantizer variants and exit")
 
 
-def _usage_images(text: str) -> int | None:
+def _usage_items(text: str | None):
+    if text is None:
+        return DEFAULT
     if str(text).strip().lower() == "all":
         return None
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"--usage-images must be a positive integer or 'all', got {text!r}") from None
+        raise ValueError(f"--usage-items must be a positive integer or 'all', got {text!r}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -69,18 +91,21 @@ def run(args: argparse.Namespace) -> int:
         for key, v in VARIANTS.items():
             print(f"{key:<{width}}  {v.label}: {v.note}")
         return 0
+    def given(value):
+        return DEFAULT if value is None else value
+
     spec = CompareSpec(
-        quantizers=args.quantizers if args.quantizers is not None else list(VARIANTS),
+        quantizers=given(args.quantizers),
         quantizers_given=args.quantizers is not None,
-        codebook_sizes=args.codebook_sizes,
-        seeds=args.seeds,
-        budget=args.budget,
+        codebook_sizes=given(args.codebook_sizes),
+        seeds=given(args.seeds),
+        budget=given(args.budget),
         data=args.data,
         config=args.config,
         out=args.out,
-        retrofit=not args.no_retrofit,
+        retrofit=given(args.retrofit),
         eval_limit=args.eval_limit,
-        usage_images=_usage_images(args.usage_images),
+        usage_items=_usage_items(args.usage_items),
         overrides=args.overrides,
     )
     try:

@@ -74,17 +74,24 @@ def utilization_over_steps(results: dict, records: list[dict], path: Path) -> st
     return _save(fig, path)
 
 
+def _modality(results: dict) -> str:
+    return results.get("base_config", {}).get("modality", "image")
+
+
 def codebook_scaling(results: dict, path: Path) -> str | None:
     summary = results["summary"]
     if not summary:
         return None
     plt = _plt()
     colors = _colors(results["spec"]["quantizers"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, ax, scale, ylabel in (
-        ("utilization", axes[0], 100.0, "held-out utilisation (%)"),
-        ("psnr_official_batch64", axes[1], 1.0, "held-out PSNR (dB, batch-64)"),
-    ):
+    if _modality(results) == "audio":
+        panels = [("utilization", 100.0, "held-out utilisation (%)"), ("pesq", 1.0, "held-out PESQ (wide-band)"),
+                  ("mel_distance", 1.0, "held-out mel distance (lower is better)")]
+    else:
+        panels = [("utilization", 100.0, "held-out utilisation (%)"),
+                  ("psnr_official_batch64", 1.0, "held-out PSNR (dB, batch-64)")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
+    for (key, scale, ylabel), ax in zip(panels, axes):
         for v in results["spec"]["quantizers"]:
             pts = sorted(
                 (e["codebook_size"], e["metrics"][key]) for e in summary if e["variant"] == v and key in e["metrics"]
@@ -101,7 +108,7 @@ def codebook_scaling(results: dict, path: Path) -> str | None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].set_ylim(0, 102)
-    axes[1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7)
     fig.suptitle("Codebook-size scaling (mean ± std over seeds)")
     return _save(fig, path)
 
@@ -182,7 +189,8 @@ def loss_curves(results: dict, records: list[dict], path: Path) -> str | None:
     plt = _plt()
     colors = _colors(results["spec"]["quantizers"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for key, ax, title in (("l1", axes[0], "reconstruction L1 (train)"), ("commitment", axes[1], "commitment loss (train)")):
+    first = ("mel_loss", "log-mel L1 (train)") if _modality(results) == "audio" else ("l1", "reconstruction L1 (train)")
+    for key, title, ax in (first + (axes[0],), ("commitment", "commitment loss (train)", axes[1])):
         for v in results["spec"]["quantizers"]:
             recs = [r for r in runs if r["variant"] == v and r["requested_size"] == size]
             steps, vals = _series(recs, key)
@@ -198,14 +206,15 @@ def loss_curves(results: dict, records: list[dict], path: Path) -> str | None:
     return _save(fig, path)
 
 
-def retrofit_figure(retrofit: dict | None, path: Path) -> str | None:
+def retrofit_figure(retrofit: dict | None, path: Path, quality: tuple[str, str] = ("psnr_official_batch64", "PSNR (dB, batch-64)")) -> str | None:
     if not retrofit:
         return None
     from simvq.compare.report import merged_eval
 
+    key, ylabel = quality
     rows = [("VQ before", retrofit["before"]), ("retrofit -> SimVQ", retrofit["after"]), ("VQ trained on", retrofit["control"])]
     rows = [(name, {"eval": merged_eval(r)}) for name, r in rows]
-    if not all("utilization" in r["eval"] and "psnr_official_batch64" in r["eval"] for _, r in rows):
+    if not all("utilization" in r["eval"] and key in r["eval"] for _, r in rows):
         return None
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -213,10 +222,11 @@ def retrofit_figure(retrofit: dict | None, path: Path) -> str | None:
     axes[0].bar(names, [100 * r["eval"]["utilization"] for _, r in rows], color=["#999", "#1f77b4", "#ff7f0e"])
     axes[0].set_ylabel("held-out utilisation (%)")
     axes[0].set_ylim(0, 102)
-    axes[1].bar(names, [r["eval"]["psnr_official_batch64"] for _, r in rows], color=["#999", "#1f77b4", "#ff7f0e"])
-    axes[1].set_ylabel("PSNR (dB, batch-64)")
-    lo = min(r["eval"]["psnr_official_batch64"] for _, r in rows)
-    axes[1].set_ylim(max(0, lo - 3), None)
+    axes[1].bar(names, [r["eval"][key] for _, r in rows], color=["#999", "#1f77b4", "#ff7f0e"])
+    axes[1].set_ylabel(ylabel)
+    if key == "psnr_official_batch64":
+        lo = min(r["eval"][key] for _, r in rows)
+        axes[1].set_ylim(max(0, lo - 3), None)
     for ax in axes:
         ax.tick_params(axis="x", labelsize=8)
         ax.grid(alpha=0.3, axis="y")
@@ -224,9 +234,112 @@ def retrofit_figure(retrofit: dict | None, path: Path) -> str | None:
     return _save(fig, path)
 
 
+def _chosen_runs(results: dict, records: list[dict]) -> tuple[list[dict], int, int]:
+    """The runs of the largest K and first seed, in the order of ``--quantizers``."""
+    runs = _main_runs(records)
+    if not runs:
+        return [], 0, 0
+    size = max(r["requested_size"] for r in runs)
+    seed = min(r["seed"] for r in runs)
+    chosen = []
+    for v in results["spec"]["quantizers"]:
+        rec = next((r for r in runs if r["variant"] == v and r["requested_size"] == size and r["seed"] == seed), None)
+        if rec is not None:
+            chosen.append(rec)
+    return chosen, size, seed
+
+
+def spectrograms(results: dict, records: list[dict], path: Path) -> str | None:
+    """Log-mel spectrograms of held-out utterances: one row per utterance, the original and each quantizer."""
+    chosen, size, seed = _chosen_runs(results, records)
+    data = []
+    for rec in chosen:
+        if rec.get("reconstructions") and Path(rec["reconstructions"]).is_file():
+            data.append((rec["label"], torch.load(rec["reconstructions"], weights_only=True)))
+    if not data:
+        return None
+    from simvq.losses.spectral import MelSpectrogram, safe_log
+
+    first = data[0][1]
+    rate = int(first["sample_rate"])
+    mel = MelSpectrogram(sample_rate=rate, n_fft=1024, hop_length=256, n_mels=80)
+    columns = [("original", first["original"])] + [(label, d["reconstruction"]) for label, d in data]
+    n_rows = len(first["original"])
+    plt = _plt()
+    fig, axes = plt.subplots(n_rows, len(columns), figsize=(2.6 * len(columns) + 0.6, 2.0 * n_rows + 0.6), squeeze=False)
+    with torch.no_grad():
+        for i in range(n_rows):
+            ref = safe_log(mel(first["original"][i].float()[None]))[0]
+            vmin, vmax = float(ref.min()), float(ref.max())
+            for j, (label, waves) in enumerate(columns):
+                ax = axes[i][j]
+                spec = ref if j == 0 else safe_log(mel(waves[i].float()[None]))[0]
+                seconds = waves[i].shape[-1] / rate
+                ax.imshow(spec.numpy(), origin="lower", aspect="auto", vmin=vmin, vmax=vmax, cmap="magma",
+                          extent=(0, seconds, 0, spec.shape[0]))
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(label, fontsize=9)
+                if i == n_rows - 1:
+                    ax.set_xlabel("seconds", fontsize=8)
+                if j == 0:
+                    ax.set_ylabel(f"utterance {first['indices'][i]}", fontsize=8)
+                ax.tick_params(labelsize=7)
+    fig.suptitle(f"Held-out log-mel spectrograms (80 mel bands), K = {size}, seed {seed}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def quality_bars(results: dict, path: Path) -> str | None:
+    """Bars per quantizer (largest K): held-out utilisation, PESQ, STOI and mel distance (mean ± std over seeds)."""
+    summary = results["summary"]
+    if not summary:
+        return None
+    size = max(e["requested_size"] for e in summary)
+    entries = [e for v in results["spec"]["quantizers"] for e in summary if e["variant"] == v and e["requested_size"] == size]
+    panels = [("utilization", 100.0, "utilisation (%)"), ("pesq", 1.0, "PESQ (wide-band)"), ("stoi", 1.0, "STOI"),
+              ("mel_distance", 1.0, "mel distance (lower is better)")]
+    panels = [p for p in panels if any(p[0] in e["metrics"] for e in entries)]
+    if not entries or not panels:
+        return None
+    plt = _plt()
+    colors = _colors(results["spec"]["quantizers"])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.8), squeeze=False)
+    for (key, scale, ylabel), ax in zip(panels, axes[0]):
+        have = [e for e in entries if key in e["metrics"]]
+        labels = [e["label"] for e in have]
+        means = [e["metrics"][key]["mean"] * scale for e in have]
+        errs = [(e["metrics"][key]["std"] or 0.0) * scale for e in have]
+        ax.bar(labels, means, yerr=errs, capsize=3, color=[colors[e["variant"]] for e in have])
+        ax.set_title(ylabel, fontsize=9)
+        if key == "utilization":
+            ax.set_ylim(0, 102)
+        elif key == "pesq":
+            ax.set_ylim(1.0, max(1.5, max(means) * 1.05))  # PESQ starts at 1.0
+        else:
+            ax.set_ylim(0, max(means) * 1.15 if means and max(means) > 0 else 1)
+        ax.tick_params(axis="x", labelsize=7, rotation=45)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"Held-out results per quantizer, K = {size}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def make_all(results: dict, records: list[dict], retrofit: dict | None, folder: Path) -> dict:
     """Every figure that the available data allows; returns ``{name: relative path}`` for the report."""
     folder = Path(folder)
+    if _modality(results) == "audio":
+        sizes = {e["requested_size"] for e in results["summary"]}
+        return {
+            "utilization_over_steps": utilization_over_steps(results, records, folder / "utilization_over_steps.png"),
+            "quality": quality_bars(results, folder / "quality.png"),
+            "code_usage": code_usage(results, records, folder / "code_usage.png"),
+            "spectrograms": spectrograms(results, records, folder / "spectrograms.png"),
+            "loss_curves": loss_curves(results, records, folder / "loss_curves.png"),
+            # one K: the bars above say it all
+            "codebook_scaling": codebook_scaling(results, folder / "codebook_scaling.png") if len(sizes) > 1 else None,
+            "retrofit": retrofit_figure(retrofit, folder / "retrofit.png", ("mel_distance", "mel distance (lower is better)")),
+        }
     return {
         "utilization_over_steps": utilization_over_steps(results, records, folder / "utilization_over_steps.png"),
         "codebook_scaling": codebook_scaling(results, folder / "codebook_scaling.png"),

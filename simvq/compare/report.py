@@ -34,6 +34,19 @@ PUBLISHED_IMAGENET = [
     ("SimVQ", 262144, 100.0, 1.99, 0.11, 24.68, 80.3),
 ]
 
+#: SimVQ paper, audio table (LibriTTS test-clean / test-other, 24 kHz; REFERENCE.md §3). Published figures of
+#: full-size models trained on LibriTTS with GAN losses: shown beside ours, never mixed with them.
+PUBLISHED_LIBRITTS = [
+    # method, kbps, utilisation % (clean, other), UTMOS, PESQ, STOI, V/UV F1 (each: test-clean, test-other)
+    ("Encodec", 3.0, None, (2.31, 2.09), (2.05, 2.05), (0.90, 0.88), (0.92, 0.89)),
+    ("Vocos", 3.0, None, (3.53, 3.06), (2.40, 2.19), (0.92, 0.90), (0.94, 0.91)),
+    ("WavTokenizer", 0.9, (100.0, 100.0), (3.74, 3.43), (2.01, 2.26), (0.89, 0.89), (0.92, 0.92)),
+    ("SimVQ K=4096", 0.9, (100.0, 100.0), (4.00, 3.51), (2.33, 2.08), (0.91, 0.88), (0.94, 0.91)),
+    ("SimVQ K=8192", 0.975, (99.4, 99.4), (4.03, 3.52), (2.42, 2.15), (0.92, 0.88), (0.94, 0.92)),
+    ("SimVQ K=65,536", 1.2, (99.4, 99.0), (4.03, 3.52), (2.54, 2.26), (0.93, 0.90), (0.94, 0.92)),
+    ("SimVQ K=262,144", 1.35, (95.6, 94.7), (4.03, 3.53), (2.61, 2.31), (0.93, 0.90), (0.95, 0.93)),
+]
+
 #: metrics summarised over seeds: (key in the summary, where it comes from, label, format)
 SUMMARY_METRICS = [
     ("utilization", "eval", "utilisation (%)", "pct"),
@@ -46,8 +59,19 @@ SUMMARY_METRICS = [
     ("lpips_alex", "eval", "LPIPS (AlexNet)", "3f"),
     ("rfid", "eval", "rFID", "2f"),
     ("proxy_fid_random_conv", "eval", "proxy FID (random conv, not rFID)", "3f"),
+    ("pesq", "eval", "PESQ (wide-band)", "2f"),
+    ("stoi", "eval", "STOI", "3f"),
+    ("dnsmos_ovrl", "eval", "DNSMOS OVRL", "2f"),
+    ("dnsmos_sig", "eval", "DNSMOS SIG", "2f"),
+    ("dnsmos_bak", "eval", "DNSMOS BAK", "2f"),
+    ("dnsmos_p808", "eval", "DNSMOS P.808", "2f"),
+    ("vuv_f1", "eval", "V/UV F1", "3f"),
+    ("mel_distance", "eval", "mel distance (log-mel L1)", "3f"),
+    ("utmos", "eval", "UTMOS", "2f"),
+    ("bitrate_bps", "run", "bitrate (bit/s)", "0f"),
     ("train_utilization", "history", "train utilisation, last window (%)", "pct"),
     ("final_l1", "history", "final train L1", "4f"),
+    ("final_mel", "history", "final train mel loss", "4f"),
     ("final_commitment", "history", "final commitment loss", "4f"),
     ("final_codebook", "history", "final codebook loss", "4f"),
     ("steps", "run", "training steps", "0f"),
@@ -69,7 +93,10 @@ def merged_eval(record: dict) -> dict:
     usage = record.get("usage_eval")
     if usage:
         ev.update({k: usage[k] for k in USAGE_KEYS if k in usage})
-        ev["usage_images"] = usage.get("images")
+        if "images" in usage:
+            ev["usage_images"] = usage["images"]
+        else:
+            ev["usage_items"] = usage.get("items")
     return ev
 
 
@@ -79,7 +106,7 @@ def _value(record: dict, key: str, source: str):
     elif source == "history":
         hist = [h for h in record.get("history", []) if "step" in h and not h.get("diverged")]
         name = {"train_utilization": "utilization", "final_l1": "l1", "final_commitment": "commitment",
-                "final_codebook": "codebook"}[key]
+                "final_codebook": "codebook", "final_mel": "mel_loss"}[key]
         v = next((h[name] for h in reversed(hist) if name in h), None)
     else:
         v = record.get(key)
@@ -160,8 +187,10 @@ def _quality_key(summary: list[dict]) -> str:
     return "psnr_official_batch64"
 
 
-def verdict(summary: list[dict], retrofit: dict | None, sizes: list[int]) -> list[str]:
+def verdict(summary: list[dict], retrofit: dict | None, sizes: list[int], modality: str = "image") -> list[str]:
     """Sentences that state who wins on what, by how much, with the spread; all from the numbers."""
+    if modality == "audio":
+        return audio_verdict(summary, retrofit, sizes)
     lines = []
     q = _quality_key(summary)
     for size in sizes:
@@ -232,6 +261,111 @@ def verdict(summary: list[dict], retrofit: dict | None, sizes: list[int]) -> lis
     return lines
 
 
+#: audio quality metrics of the verdict: (key, label, format, higher is better)
+AUDIO_QUALITY = [
+    ("pesq", "PESQ", "2f", True),
+    ("stoi", "STOI", "3f", True),
+    ("mel_distance", "mel distance", "3f", False),
+    ("dnsmos_ovrl", "DNSMOS OVRL", "2f", True),
+    ("vuv_f1", "V/UV F1", "3f", True),
+]
+#: PESQ (wide-band) runs from 1.0 (its floor) to 4.64; below this every reconstruction is poor
+PESQ_LOW = 1.5
+
+
+def _spread_note(a: dict, b: dict) -> str:
+    """``", within the seed spread"`` when the difference is smaller than the summed spreads; nothing with
+    one seed (the verdict says once that one seed gives no spread)."""
+    if (a.get("n") or 0) < 2 and (b.get("n") or 0) < 2:
+        return ""
+    return "" if _beyond_spread(a, b) else ", within the seed spread"
+
+
+def audio_verdict(summary: list[dict], retrofit: dict | None, sizes: list[int]) -> list[str]:
+    """The audio verdict: utilisation and PESQ / STOI / mel distance / DNSMOS / V/UV F1, all from the numbers."""
+    lines = []
+    for size in sizes:
+        rows = [e for e in summary if e["requested_size"] == size and _m(e, "utilization")]
+        if not rows:
+            continue
+        sim, vq = _get(summary, "simvq", size), _get(summary, "vq", size)
+        if _m(sim, "utilization") and _m(vq, "utilization"):
+            su, vu = _m(sim, "utilization"), _m(vq, "utilization")
+            lines.append(
+                f"K={size}: SimVQ uses {fmt_stat(su, 'pct')}% of its codes on held-out speech, plain VQ "
+                f"{fmt_stat(vu, 'pct')}% ({100 * (su['mean'] - vu['mean']):+.1f} points{_spread_note(su, vu)}); "
+                f"perplexity {fmt_stat(_m(sim, 'perplexity'), '0f')} against {fmt_stat(_m(vq, 'perplexity'), '0f')}."
+            )
+            parts = []
+            for key, label, kind, higher in AUDIO_QUALITY:
+                a, b = _m(sim, key), _m(vq, key)
+                if not a or not b:
+                    continue
+                diff = a["mean"] - b["mean"]
+                better = "SimVQ" if (diff > 0) == higher else "VQ"
+                parts.append(f"{label} {fmt_stat(a, kind)} against {fmt_stat(b, kind)} ({diff:+.{kind[0]}f}"
+                             + ("" if diff == 0 else f", {better} better") + f"{_spread_note(a, b)})")
+            if parts:
+                lines.append(f"K={size}: SimVQ against plain VQ: " + "; ".join(parts) + ".")
+        best = []
+        for key, label, kind, higher in AUDIO_QUALITY:
+            have = [e for e in rows if _m(e, key)]
+            if len(have) < 2:
+                continue
+            ranked = sorted(have, key=lambda e: e["metrics"][key]["mean"], reverse=higher)
+            top, second = ranked[0], ranked[1]
+            gap = abs(top["metrics"][key]["mean"] - second["metrics"][key]["mean"])
+            best.append(f"{'best' if higher else 'lowest'} {label} {top['label']} ({fmt_stat(top['metrics'][key], kind)}, "
+                        f"{gap:.{kind[0]}f} ahead of {second['label']}{_spread_note(top['metrics'][key], second['metrics'][key])})")
+        best_u = max(rows, key=lambda e: e["metrics"]["utilization"]["mean"])
+        best.append(f"highest utilisation {best_u['label']} ({fmt_stat(best_u['metrics']['utilization'], 'pct')}%)")
+        lines.append(f"K={size}: " + "; ".join(best) + ".")
+        collapsed = [f"{e['label']} ({fmt_stat(e['metrics']['utilization'], 'pct')}%)" for e in rows
+                     if e["metrics"]["utilization"]["mean"] < 0.1]
+        if collapsed:
+            lines.append(f"K={size}: collapsed (under 10% of codes used): {', '.join(collapsed)}.")
+        for v, what in (("simvq_mlp", "the MLP transform"), ("simvq_learn_c", "learning C as well as W")):
+            e = _get(summary, v, size)
+            if e and _m(e, "utilization") and _m(sim, "utilization"):
+                du = e["metrics"]["utilization"]["mean"] - sim["metrics"]["utilization"]["mean"]
+                dq = (e["metrics"]["pesq"]["mean"] - sim["metrics"]["pesq"]["mean"]) if _m(e, "pesq") and _m(sim, "pesq") else None
+                lines.append(
+                    f"K={size}: {what} changes SimVQ's utilisation by {100 * du:+.1f} points"
+                    + (f" and PESQ by {dq:+.2f}" if dq is not None else "")
+                    + f" ({e['label']}: {fmt_stat(e['metrics']['utilization'], 'pct')}%)."
+                )
+        if _m(sim, "steps_per_s") and _m(vq, "steps_per_s") and _m(sim, "quantizer_params_trainable") and _m(vq, "quantizer_params_trainable"):
+            ratio = sim["metrics"]["steps_per_s"]["mean"] / vq["metrics"]["steps_per_s"]["mean"]
+            lines.append(
+                f"K={size}: cost: SimVQ trains {sim['metrics']['quantizer_params_trainable']['mean']:.0f} quantizer "
+                f"parameters (VQ: {vq['metrics']['quantizer_params_trainable']['mean']:.0f}) and runs at {ratio:.2f}x "
+                f"plain VQ's steps/s on this machine."
+            )
+    pesq = [e["metrics"]["pesq"]["max"] for e in summary if _m(e, "pesq")]
+    if pesq and max(pesq) < PESQ_LOW:
+        lines.append(
+            f"Every run's PESQ is below {PESQ_LOW} (highest {max(pesq):.2f}; the scale starts at 1.0): at this budget all "
+            "reconstructions are coarse, and differences of a few hundredths in PESQ, STOI or DNSMOS do not rank the "
+            "quantizers' quality; utilisation and mel distance separate them more clearly."
+        )
+    if summary and all(len(e["seeds"]) < 2 for e in summary):
+        lines.append("One seed per run: the differences above carry no seed-spread estimate (add seeds, e.g. "
+                     "--seeds 0,1,2, for mean ± spread).")
+    diverged = [f"{e['label']} K={e['requested_size']} seeds {e['diverged']}" for e in summary if e["diverged"]]
+    lines.append("Diverged runs (NaN/Inf): " + ("; ".join(diverged) if diverged else "none") + ".")
+    if retrofit:
+        b, a, c = (merged_eval(retrofit[k]) for k in ("before", "after", "control"))
+        if all(k in d for d in (a, b, c) for k in ("utilization", "mel_distance")):
+            lines.append(
+                f"Retrofit (K={retrofit['size']}): the trained plain-VQ model used {100 * b['utilization']:.1f}% of its "
+                f"codes at mel distance {b['mel_distance']:.3f}; swapped to SimVQ (outputs unchanged at the swap) and "
+                f"trained {retrofit['after'].get('steps', 0)} more steps it uses {100 * a['utilization']:.1f}% at "
+                f"{a['mel_distance']:.3f}, while plain VQ trained as long uses {100 * c['utilization']:.1f}% at "
+                f"{c['mel_distance']:.3f} (one seed)."
+            )
+    return lines
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -274,9 +408,10 @@ def write_report(spec, base: dict, records: list[dict], *, notes: list[str], ret
     from simvq.compare.runner import VARIANTS
 
     out = Path(out)
+    modality = base.get("modality", "image")
     summary = summarise(records)
     sizes = sorted({e["requested_size"] for e in summary})
-    lines = verdict(summary, retrofit, sizes)
+    lines = verdict(summary, retrofit, sizes, modality=modality)
     results = {
         "version": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -288,6 +423,8 @@ def write_report(spec, base: dict, records: list[dict], *, notes: list[str], ret
             "data": spec.data,
             "config": spec.config if not isinstance(spec.config, dict) else "(dict)",
             "eval_limit": spec.eval_limit,
+            **({"modality": "audio", "usage_items": spec.usage_items, "retrofit": spec.retrofit}
+               if modality == "audio" else {}),
         },
         "base_config": base,
         "environment": _environment(),
@@ -297,10 +434,7 @@ def write_report(spec, base: dict, records: list[dict], *, notes: list[str], ret
         "summary": summary,
         "verdict": lines,
         "retrofit": _retrofit_summary(retrofit),
-        "published_imagenet": [
-            dict(zip(("method", "codebook_size", "utilization_pct", "rfid", "lpips", "psnr", "ssim_x100"), row))
-            for row in PUBLISHED_IMAGENET
-        ],
+        **_published(modality),
         "runs_wall_time_s_sum": sum(r.get("wall_time_s", 0.0) for r in records),
         "runs": [_portable(r, out) for r in records],
     }
@@ -312,6 +446,20 @@ def write_report(spec, base: dict, records: list[dict], *, notes: list[str], ret
     save_file_atomic(out / "report.md", md)
     save_file_atomic(out / "report.html", markdown_to_html(md, title="simvq compare report"))
     return results
+
+
+def _published(modality: str) -> dict:
+    if modality == "audio":
+        keys = ("method", "kbps", "utilization_pct", "utmos", "pesq", "stoi", "vuv_f1")
+        return {"published_libritts": {
+            "note": "SimVQ paper, LibriTTS test-clean / test-other, 24 kHz models (REFERENCE.md §3); published, not ours",
+            "rows": [dict(zip(keys, (row[0], row[1], *(None if v is None else {"test_clean": v[0], "test_other": v[1]}
+                                                        for v in row[2:])))) for row in PUBLISHED_LIBRITTS],
+        }}
+    return {"published_imagenet": [
+        dict(zip(("method", "codebook_size", "utilization_pct", "rfid", "lpips", "psnr", "ssim_x100"), row))
+        for row in PUBLISHED_IMAGENET
+    ]}
 
 
 def _portable(record: dict, out: Path) -> dict:
@@ -332,8 +480,11 @@ def _retrofit_summary(retrofit: dict | None) -> dict | None:
 
     def pick(rec):
         ev = merged_eval(rec)
+        keys = ("utilization", "perplexity", "dead_codes", "psnr_official_batch64", "ssim_x100")
+        if "pesq" in ev or "mel_distance" in ev:
+            keys = ("utilization", "perplexity", "dead_codes", "pesq", "stoi", "mel_distance", "dnsmos_ovrl", "vuv_f1")
         return {"key": rec.get("key"), "steps": rec.get("steps"), "status": rec.get("status"),
-                **{k: ev.get(k) for k in ("utilization", "perplexity", "dead_codes", "psnr_official_batch64", "ssim_x100")}}
+                **{k: ev.get(k) for k in keys}}
 
     before, after, control = pick(retrofit["before"]), pick(retrofit["after"]), pick(retrofit["control"])
     for rec in (after, control):  # the continuations count their own steps; report totals
@@ -344,6 +495,8 @@ def _retrofit_summary(retrofit: dict | None) -> dict | None:
 
 
 def render_markdown(results: dict, figures: dict, variants: dict) -> str:
+    if results["base_config"].get("modality") == "audio":
+        return render_audio_markdown(results, figures, variants)
     spec, base, summary = results["spec"], results["base_config"], results["summary"]
     m, d, o = base["model"], base["data"], base["optim"]
     sizes = sorted({e["requested_size"] for e in summary})
@@ -464,6 +617,189 @@ def render_markdown(results: dict, figures: dict, variants: dict) -> str:
     return "\n".join(out)
 
 
+# ----- the audio report ---------------------------------------------------------------------------------
+def _usage_set_audio(runs: list[dict]) -> str:
+    sets = sorted({(r["usage_eval"].get("items"), round(r["usage_eval"].get("seconds") or 0.0, 1), r["usage_eval"]["tokens"])
+                   for r in runs if r.get("usage_eval")})
+    if not sets:
+        return "the held-out set"
+    if len(sets) == 1:
+        n, sec, tok = sets[0]
+        return f"{n:,} held-out utterances ({sec / 60:.1f} min of audio, {tok:,} tokens)"
+    return "held-out utterances (" + ", ".join(f"{n:,}" for n, _, _ in sets) + " depending on the run)"
+
+
+def _quality_set_audio(runs: list[dict]) -> str:
+    sets = sorted({(r["eval"].get("items"), round(float(r["eval"].get("seconds") or 0.0), 1)) for r in runs if r.get("eval")})
+    if not sets:
+        return "the held-out utterances"
+    if len(sets) == 1:
+        n, sec = sets[0]
+        return f"the first {n:,} held-out utterances ({sec / 60:.1f} min)"
+    return "the first held-out utterances (" + ", ".join(f"{n:,}" for n, _ in sets) + " depending on the run)"
+
+
+def _audio_data_text(d: dict) -> str:
+    if d["dataset"] == "speech":
+        where = f" at {d['path']}" if d.get("path") else ""
+        text = (f"`speech`: the built-in espeak-ng corpus{where} (synthetic English speech, {d['corpus_sentences']} "
+                f"sentences x {d['corpus_voices_per_sentence']} voices; held-out sentences are never heard in training)")
+    else:
+        held = (f"evaluation folder {d['eval_path']}" if d.get("eval_path") else
+                f"every n-th file held out (data.eval_fraction {d['eval_fraction'] if d['eval_fraction'] is not None else 0.1:g})")
+        text = f"`{d['dataset']}` at {d.get('path')} ({held})"
+    if d.get("eval_dataset"):
+        text += f"; evaluated on `{d['eval_dataset']}`"
+    return text
+
+
+def _pair(v) -> str:
+    return "-" if v is None else f"{v[0]:g} / {v[1]:g}"
+
+
+def render_audio_markdown(results: dict, figures: dict, variants: dict) -> str:
+    import math as _math
+
+    spec, base, summary = results["spec"], results["base_config"], results["summary"]
+    m, d, o, loss = base["model"], base["data"], base["optim"], base["loss"]
+    hop = _math.prod(m["ratios"])
+    sizes = sorted({e["requested_size"] for e in summary})
+    runs = results["runs"]
+    env = results["environment"]
+    out = ["# simvq compare (audio): does SimVQ fix codebook collapse on speech, and at what cost?", ""]
+    out += [
+        f"Generated {results['created']} by `simvq compare` in {results['wall_time_s'] / 60:.1f} min "
+        f"({results['reused_runs']} run(s) reused from an earlier invocation; the runs' own wall times add up to "
+        f"{results['runs_wall_time_s_sum'] / 60:.1f} min, run side by side) on {env['platform']}, torch {env['torch']}, "
+        f"{env['cpu_count']} CPU(s)" + (f", {env['cuda']}" if env["cuda"] else "")
+        + (f"; load average at the end {env['load_average_1_5_15min'][0]:.1f} (other processes share the CPU when it "
+           f"exceeds {env['cpu_count']})" if env.get("load_average_1_5_15min") else "") + ".",
+        "",
+        "## Verdict",
+        "",
+    ]
+    out += [f"- {line}" for line in results["verdict"]]
+    out += ["", "## Setup", ""]
+    gan = loss["gan_weight"] or loss["feature_matching_weight"]
+    crepe = sorted({r["eval"].get("vuv_model") for r in runs if r.get("eval", {}).get("vuv_model")})
+    unavailable: dict = {}
+    for r in runs:
+        unavailable.update(r.get("eval_unavailable") or {})
+    out += [
+        (f"- Same model, data, steps and seeds for every quantizer; only the quantizer changes. Budget: {spec['budget']} "
+         f"per run; seeds {spec['seeds']}; codebook sizes {spec['codebook_sizes']}."
+         if "minutes" not in spec["budget"] else
+         f"- Same model, data and seeds for every quantizer; only the quantizer changes. Budget: {spec['budget']}, "
+         "split evenly across runs: every run trains for the same wall time, so faster quantizers take more steps "
+         f"(see the steps column); seeds {spec['seeds']}; codebook sizes {spec['codebook_sizes']}."),
+        f"- Model: audio tokenizer `{m['preset']}` at {m['sample_rate']} Hz: causal SEANet encoder ({m['n_filters']} "
+        f"filters, strides {list(reversed(m['ratios']))}: hop {hop} = {m['sample_rate'] / hop:g} tokens/s, "
+        f"{m['lstm_layers']}-layer LSTM), {m['dimension']}-d tokens, Vocos decoder ({m['backbone_layers']} ConvNeXt "
+        f"blocks of width {m['backbone_dim']}, inverse-STFT head n_fft {m['n_fft']})"
+        + (f"; encoder initialised N(0, gain²/fan_in) with gain {m['encoder_init_gain']:g}" if m.get("encoder_init_gain") else "")
+        + ".",
+        f"- Data: {_audio_data_text(d)}; training on random {d['segment_seconds']:g} s crops, batch {d['batch_size']}.",
+        f"- Loss: {loss['mel_weight']:g} x log-mel L1 + {loss['quantizer_weight']:g} x quantizer loss"
+        + (f" + MPD/MRD GAN (weight {loss['gan_weight']:g}) with feature matching" if gan else
+           " (GAN terms off: they triple a CPU step and do not change what the comparison measures)")
+        + f"; Adam lr {o['lr']:g}, betas {o['betas']}, warm-up {o['warmup_steps']} steps, gradient clipping "
+        f"{o['grad_clip'] if o['grad_clip'] else 'off'}; weight EMA {o['ema_decay'] if o['ema_decay'] else 'off'} "
+        "(evaluation uses the EMA weights).",
+        f"- Utilisation = codes used at least once over {_usage_set_audio(runs)} / K (perplexity and dead codes over the "
+        "same tokens): covering K codes needs many tokens, so this set is larger than the one for the quality metrics.",
+        f"- Quality over {_quality_set_audio(runs)}, each reconstructed whole and passed through 16-bit PCM "
+        "(`simvq.evaluation.evaluate`): PESQ wide-band at 16 kHz (1.0-4.64), STOI (0-1), DNSMOS P.835 OVRL (1-5; the "
+        "`speechmos` ONNX models), V/UV F1 of CREPE voicing (threshold 0.21"
+        + (f"; model {', '.join(crepe)}" if crepe else "")
+        + "), mel distance (mean L1 of natural-log mel spectrograms; lower is better). Bitrate = tokens/s x log2 K.",
+    ]
+    if crepe and all(c.endswith("tiny") for c in crepe):
+        out.append("- V/UV F1 uses CREPE `tiny` on a CPU (the paper's is `full`, ~50x slower here; set "
+                   "SIMVQ_CREPE_MODEL=full to use it): comparable between our runs, not with the paper's numbers.")
+    for name, reason in sorted(unavailable.items()):
+        out.append(f"- Not computed: {name} ({reason}).")
+    out.append(
+        "- Figures are mean ± sample standard deviation over seeds; with one seed a single value. A difference "
+        "smaller than the sum of both spreads is reported as within the seed spread."
+    )
+    for note in results["notes"]:
+        out.append(f"- Note: {note}")
+    lc = [r.get("lc_codebook") for r in runs if r.get("lc_codebook")]
+    if lc:
+        out.append(f"- VQGAN-LC frozen codebook: {lc[0]}.")
+    out += ["", "## Results (ours)", ""]
+    has_utmos = any("utmos" in e["metrics"] for e in summary)
+    header = ["quantizer", "K", "utilisation %", "perplexity", "dead codes", "PESQ", "STOI", "DNSMOS OVRL",
+              "V/UV F1" + (f" ({', '.join(crepe)})" if crepe else ""), "mel distance"]
+    if has_utmos:
+        header.append("UTMOS")
+    header += ["kbps", "steps", "steps/s", "quantizer params (trainable)", "diverged"]
+    rows = []
+    for size in sizes:
+        for v in spec["quantizers"]:
+            e = _get(summary, v, size)
+            if e is None:
+                continue
+            mt = e["metrics"]
+            row = [e["label"], str(e["codebook_size"]), fmt_stat(mt.get("utilization"), "pct"),
+                   fmt_stat(mt.get("perplexity"), "0f"), fmt_stat(mt.get("dead_codes"), "0f"),
+                   fmt_stat(mt.get("pesq"), "2f"), fmt_stat(mt.get("stoi"), "3f"), fmt_stat(mt.get("dnsmos_ovrl"), "2f"),
+                   fmt_stat(mt.get("vuv_f1"), "3f"), fmt_stat(mt.get("mel_distance"), "3f")]
+            if has_utmos:
+                row.append(fmt_stat(mt.get("utmos"), "2f"))
+            row += [_fmt(mt["bitrate_bps"]["mean"] / 1000, "3f") if "bitrate_bps" in mt else "n/a",
+                    fmt_stat(mt.get("steps"), "0f"), fmt_stat(mt.get("steps_per_s"), "2f"),
+                    _fmt(mt["quantizer_params_trainable"]["mean"], "0f") if "quantizer_params_trainable" in mt else "n/a",
+                    f"{len(e['diverged'])}/{len(e['seeds'])}"]
+            rows.append(row)
+    out.append(_table(header, rows))
+    out += ["", "More per run in `results.json` (DNSMOS SIG/BAK/P.808, periodicity and pitch errors, wall times, "
+            "peak memory, training histories).", "", "Quantizers:", ""]
+    for v in spec["quantizers"]:
+        var = variants.get(v)
+        if var:
+            out.append(f"- **{var.label}** (`{v}`): {var.note}.")
+    if results.get("retrofit"):
+        r = results["retrofit"]
+        out += ["", "## Retrofit experiment", "",
+                f"A plain-VQ model (K={r['codebook_size']}, seed {r['seed']}) from the runs above, its quantizer "
+                "swapped by `simvq.retrofit(model)` for a SimVQ layer whose frozen C is the old codebook and whose W "
+                "starts at the identity (outputs unchanged at the swap), then trained on; the control trains the "
+                "same VQ model on for as many steps without the swap.", ""]
+        rr = []
+        for name, key in (("trained plain VQ (before)", "before"), ("retrofitted to SimVQ, trained on", "after_retrofit"),
+                          ("plain VQ trained on (control)", "control_vq_trained_on")):
+            x = r[key]
+            rr.append([name, str(x.get("steps")), _fmt(x.get("utilization"), "pct"), _fmt(x.get("perplexity"), "0f"),
+                       _fmt(x.get("pesq"), "2f"), _fmt(x.get("stoi"), "3f"), _fmt(x.get("mel_distance"), "3f")])
+        out.append(_table(["model", "total steps", "utilisation %", "perplexity", "PESQ", "STOI", "mel distance"], rr))
+    out += ["", "## Figures", ""]
+    for key, caption in (
+        ("utilization_over_steps", "Codebook utilisation over training (codes used per logging window of training tokens)"),
+        ("quality", "Held-out utilisation and quality per quantizer (largest K; error bars: std over seeds)"),
+        ("code_usage", "Sorted code-usage histograms on the held-out set (largest K, first seed)"),
+        ("spectrograms", "Log-mel spectrograms of held-out utterances: original and each quantizer's reconstruction "
+                         "(largest K, first seed)"),
+        ("loss_curves", "Training losses"),
+        ("codebook_scaling", "Codebook-size scaling: held-out utilisation, PESQ and mel distance against K"),
+        ("retrofit", "Retrofit experiment"),
+    ):
+        if figures.get(key):
+            out += [f"![{caption}]({figures[key]})", "", f"*{caption}.*", ""]
+    out += ["## Published figures (SimVQ paper, LibriTTS at 24 kHz; another scale, not ours)", "",
+            "The paper's audio table (LibriTTS test-clean / test-other): 24 kHz models with 512-d tokens and a "
+            "768-wide Vocos decoder, trained with MPD/MRD(/DAC) GAN losses on LibriTTS and evaluated on real recorded "
+            "speech. They are not comparable in absolute value with the small CPU runs above"
+            + (" (no UTMOS here: its weights are not available offline; DNSMOS is a different MOS predictor)"
+               if not has_utmos else "")
+            + ". At that scale SimVQ uses 95-100% of its codes at every size.", ""]
+    out.append(_table(["method", "kbps", "utilisation % (clean / other)", "UTMOS", "PESQ", "STOI", "V/UV F1"],
+                      [[row[0], f"{row[1]:g}", _pair(row[2]), _pair(row[3]), _pair(row[4]), _pair(row[5]), _pair(row[6])]
+                       for row in PUBLISHED_LIBRITTS]))
+    out += ["", "Raw numbers of every run, with training histories: `results.json`.", ""]
+    return "\n".join(out)
+
+
 # ----- a small Markdown -> HTML writer (the subset the report uses) -------------------------------------
 def _inline(text: str) -> str:
     text = html.escape(text, quote=False)
@@ -521,5 +857,5 @@ def markdown_to_html(md: str, *, title: str) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-__all__ = ["PUBLISHED_IMAGENET", "fmt_stat", "merged_eval", "markdown_to_html", "render_markdown", "stats", "summarise", "verdict",
+__all__ = ["PUBLISHED_IMAGENET", "PUBLISHED_LIBRITTS", "audio_verdict", "render_audio_markdown", "fmt_stat", "merged_eval", "markdown_to_html", "render_markdown", "stats", "summarise", "verdict",
            "write_report"]

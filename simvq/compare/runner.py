@@ -38,7 +38,22 @@ DEFAULT_CONFIG = "compare/default"
 DEFAULT_CODEBOOK_SIZES = (1024, 8192)
 DEFAULT_SEEDS = (0, 1)
 DEFAULT_BUDGET = "150"
+#: the audio compare preset (``audio/speech-small`` sized for a 2-core CPU)
+DEFAULT_AUDIO_CONFIG = "compare/audio"
 RESULT_VERSION = 1
+
+
+class _Default:
+    """The "not given" marker of :class:`CompareSpec` fields whose default depends on the modality."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+    def __reduce__(self):  # one marker, also after pickling to a worker process
+        return "DEFAULT"
+
+
+DEFAULT = _Default()
 
 
 @dataclass(frozen=True)
@@ -97,12 +112,26 @@ VARIANTS: dict[str, Variant] = {
 }
 DEFAULT_QUANTIZERS = tuple(VARIANTS)
 
+#: what an unset argument means, per modality of the base config. Audio: K = 4096 (the paper's smallest
+#: audio codebook), one seed and five quantizers, sized so the default audio compare finishes in about a
+#: quarter of an hour on a 2-core CPU (docs/compare.md); utilisation over every held-out utterance.
+MODALITY_DEFAULTS: dict[str, dict] = {
+    "image": dict(config=DEFAULT_CONFIG, quantizers=DEFAULT_QUANTIZERS, codebook_sizes=DEFAULT_CODEBOOK_SIZES,
+                  seeds=DEFAULT_SEEDS, budget=DEFAULT_BUDGET, usage_items=2048, eval_limit=None, retrofit=True),
+    "audio": dict(config=DEFAULT_AUDIO_CONFIG, quantizers=("simvq", "vq", "ema_vq", "fsq", "lfq"),
+                  codebook_sizes=(4096,), seeds=(0,), budget="300", usage_items=None, eval_limit=30, retrofit=False),
+}
+
 #: --data names of the built-in data sets -> (config data.dataset, natural channels, image size)
 BUILTIN_DATA = {
     "photos": ("photos", 3, 32),
     "fashion": ("fashion_mnist", 1, 32),
     "fashion_mnist": ("fashion_mnist", 1, 32),
     "digits": ("digits", 1, 16),
+}
+#: --data names of the built-in audio data sets -> config data.dataset
+BUILTIN_AUDIO_DATA = {
+    "speech": "speech",  # the espeak-ng corpus of simvq.data.speech (built on first use in ~/.cache/simvq)
 }
 
 
@@ -184,39 +213,67 @@ def _name_list(values) -> list[str]:
 class CompareSpec:
     """Everything that defines a comparison (validated by :meth:`check` before any training).
 
+    The modality (image or audio) is the base config's ``modality``; without a config it follows ``data``
+    (``speech`` or a folder of wav/flac files: audio; otherwise images). Arguments left at ``DEFAULT`` take
+    that modality's default (:data:`MODALITY_DEFAULTS`).
+
     Args:
-        quantizers: variant keys (see :data:`VARIANTS`), a list or a comma-separated string.
+        quantizers: variant keys (see :data:`VARIANTS`), a list or a comma-separated string (default: all
+            nine for images; simvq, vq, ema_vq, fsq, lfq for audio).
         codebook_sizes: requested sizes ``K``; FSQ maps each through ``fsq_levels_for`` (the closest
-            recommended grid, e.g. 1024 -> 1000 codes), LFQ needs powers of two.
-        seeds: training seeds; two or more give mean +- spread for every figure.
-        budget: steps per run (``"300"``) or a total duration (``"5m"``) split evenly across runs.
-        data: None (the preset's data), a built-in set (``photos``, ``fashion``, ``digits``), a folder of
-            images, or a folder holding Fashion-MNIST IDX files.
+            recommended grid, e.g. 1024 -> 1000 codes), LFQ needs powers of two (default 1024, 8192 for
+            images; 4096 for audio).
+        seeds: training seeds; two or more give mean +- spread for every figure (default 0, 1 for images;
+            0 for audio).
+        budget: steps per run (``"300"``) or a total duration (``"5m"``) split evenly across runs (default
+            150 steps for images, 300 for audio).
+        data: None (the preset's data), a built-in set (``photos``, ``fashion``, ``digits``; ``speech``), a
+            folder of images, a folder holding Fashion-MNIST IDX files, or a folder of wav/flac files.
         config: the base training config: a preset name, a YAML path or a dict (default
-            ``compare/default``); its ``quantizer`` section is replaced per run.
+            ``compare/default``, or ``compare/audio`` for audio data); its ``quantizer`` section is replaced
+            per run.
         out: the report folder.
-        retrofit: run the retrofit experiment (needs ``vq`` among the quantizers).
-        eval_limit: reconstruction metrics on at most this many held-out images (None: ``data.eval_limit``).
-        usage_images: utilisation, perplexity and dead codes on up to this many held-out images (None: the
-            whole held-out split); more than the metrics, since covering K codes needs many tokens.
+        retrofit: run the retrofit experiment (needs ``vq`` among the quantizers; default on for images,
+            off for audio).
+        eval_limit: reconstruction metrics on at most this many held-out items (None: ``data.eval_limit``;
+            for audio 30 utterances when the config sets none: DNSMOS and CREPE are slow on a CPU).
+        usage_items: utilisation, perplexity and dead codes on up to this many held-out items (None: the
+            whole held-out split; default 2048 images, every held-out utterance); more than the metrics,
+            since covering K codes needs many tokens. ``usage_images`` is the same setting's older name.
         overrides: ``key.sub=value`` strings applied to the base config.
     """
 
-    quantizers: list = field(default_factory=lambda: list(DEFAULT_QUANTIZERS))
-    codebook_sizes: list = field(default_factory=lambda: list(DEFAULT_CODEBOOK_SIZES))
-    seeds: list = field(default_factory=lambda: list(DEFAULT_SEEDS))
-    budget: Budget | str | int = DEFAULT_BUDGET
+    quantizers: list = DEFAULT  # type: ignore[assignment]
+    codebook_sizes: list = DEFAULT  # type: ignore[assignment]
+    seeds: list = DEFAULT  # type: ignore[assignment]
+    budget: Budget | str | int = DEFAULT  # type: ignore[assignment]
     data: str | None = None
     config: str | dict | None = None
     out: str | Path = "compare-report"
-    retrofit: bool = True
-    eval_limit: int | None = None
-    usage_images: int | None = 2048
+    retrofit: bool = DEFAULT  # type: ignore[assignment]
+    eval_limit: int | None = DEFAULT  # type: ignore[assignment]
+    usage_items: int | None = DEFAULT  # type: ignore[assignment]
     overrides: list = field(default_factory=list)
     quantizers_given: bool = False  # the user named the quantizers (then an unrepresentable size is an error)
+    usage_images: int | None = DEFAULT  # type: ignore[assignment]
+    modality: str = ""  # filled by check(): "image" or "audio"
 
     def check(self) -> "CompareSpec":
         """Validate and normalise every argument; raises ValueError / FileNotFoundError with the fix."""
+        if self.usage_images is not DEFAULT:
+            if self.usage_items is not DEFAULT and self.usage_items != self.usage_images:
+                raise ValueError(f"usage_items ({self.usage_items!r}) and its older name usage_images "
+                                 f"({self.usage_images!r}) disagree; give one of them")
+            self.usage_items = self.usage_images
+        self.overrides = list(self.overrides or [])
+        self.modality = compare_modality(self.config, self.data, self.overrides)
+        defaults = MODALITY_DEFAULTS[self.modality]
+        for name in ("quantizers", "codebook_sizes", "seeds", "budget", "retrofit", "usage_items"):
+            if getattr(self, name) is DEFAULT:
+                value = defaults[name]
+                setattr(self, name, list(value) if isinstance(value, tuple) else value)
+        if self.eval_limit is DEFAULT:
+            self.eval_limit = None  # base_config applies the modality's default when the config sets none
         self.quantizers = _name_list(self.quantizers)
         self.codebook_sizes = _int_list(self.codebook_sizes, "codebook sizes")
         if any(k < 2 for k in self.codebook_sizes):
@@ -225,14 +282,112 @@ class CompareSpec:
         if any(s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be >= 0, got {self.seeds}")
         self.budget = parse_budget(self.budget)
-        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 1):
+        if self.eval_limit is not None and (isinstance(self.eval_limit, bool) or not isinstance(self.eval_limit, int)
+                                            or self.eval_limit < 1):
             raise ValueError(f"eval_limit must be a positive integer, got {self.eval_limit!r}")
-        if self.usage_images is not None and (not isinstance(self.usage_images, int) or self.usage_images < 1):
-            raise ValueError(f"usage_images must be a positive integer or None (all), got {self.usage_images!r}")
+        if self.usage_items is not None and (isinstance(self.usage_items, bool) or not isinstance(self.usage_items, int)
+                                             or self.usage_items < 1):
+            raise ValueError(f"usage_items must be a positive integer or None (all), got {self.usage_items!r}")
+        self.usage_images = self.usage_items
+        self.retrofit = bool(self.retrofit)
         self.out = Path(self.out)
         if self.out.exists() and not self.out.is_dir():
             raise FileExistsError(f"--out {self.out} exists and is not a folder; choose another report folder")
         return self
+
+
+# ----- modality ----------------------------------------------------------------------------------------
+def _count_files(path: Path, suffixes: tuple[str, ...], stop: int = 1) -> int:
+    """Files under ``path`` (recursively) whose name ends with one of ``suffixes``; stops counting at ``stop``."""
+    n = 0
+    for root, _, names in os.walk(path, followlinks=True):
+        for name in names:
+            if name.lower().endswith(suffixes) and not name.startswith("."):
+                n += 1
+                if n >= stop:
+                    return n
+    return n
+
+
+def data_modality(data: str | None) -> str | None:
+    """``"image"``, ``"audio"`` or ``"mixed"`` for a ``--data`` value (None: no ``--data``).
+
+    Raises FileNotFoundError for a missing folder or a folder that holds neither audio nor image files, and
+    NotADirectoryError for a file.
+    """
+    if data is None:
+        return None
+    text = str(data)
+    if text in BUILTIN_DATA:
+        return "image"
+    if text in BUILTIN_AUDIO_DATA:
+        return "audio"
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"--data {text!r} is not a built-in data set ({', '.join([*BUILTIN_DATA, *BUILTIN_AUDIO_DATA])}) and no "
+            "such folder exists; give an existing folder of images or of wav/flac files, a folder of Fashion-MNIST "
+            "IDX files, or a built-in name"
+        )
+    if not path.is_dir():
+        raise NotADirectoryError(f"--data {text!r} is a file; give a folder of images (JPEG/PNG), of audio (wav/flac) "
+                                 "or of IDX files")
+    if any(re.fullmatch(r"train-images-idx3-ubyte(\.gz)?", p.name) for p in path.iterdir()):
+        return "image"
+    from simvq.data.audio import AUDIO_EXTENSIONS
+    from simvq.data.images import IMAGE_EXTENSIONS
+
+    audio = _count_files(path, tuple(AUDIO_EXTENSIONS))
+    images = _count_files(path, tuple(IMAGE_EXTENSIONS))
+    if audio and images:
+        return "mixed"
+    if audio:
+        return "audio"
+    if images:
+        return "image"
+    raise FileNotFoundError(
+        f"--data {text!r} holds no audio (wav/flac) and no image (JPEG/PNG) files (searched recursively); "
+        "give a folder with your recordings or images"
+    )
+
+
+def _raw_config(source: str | dict, overrides: list) -> dict:
+    from simvq.config import apply_overrides, find_config, load_yaml
+
+    raw = copy.deepcopy(source) if isinstance(source, dict) else load_yaml(find_config(source))
+    return apply_overrides(raw, list(overrides))
+
+
+def compare_modality(config: str | dict | None, data: str | None, overrides: list | None = None) -> str:
+    """The comparison's modality: the config's ``modality``, or without a config the data's (default image).
+
+    Raises ValueError when ``data`` is of another modality than the config (e.g. a folder of wav files with
+    an image config), before anything trains.
+    """
+    kind = data_modality(data)
+    if config is None:
+        modality_set = [o for o in overrides or [] if str(o).split("=", 1)[0].strip() == "modality"]
+        if modality_set:
+            raise ValueError("--set modality=... cannot change the default preset's modality; pass --config "
+                             f"{DEFAULT_AUDIO_CONFIG} (audio) or {DEFAULT_CONFIG} (images) instead")
+        if kind == "mixed":
+            raise ValueError(
+                f"--data {data!r} holds both audio (wav/flac) and image files; pass --config {DEFAULT_AUDIO_CONFIG} "
+                f"to compare audio tokenizers on its audio files or --config {DEFAULT_CONFIG} for its images"
+            )
+        return kind or "image"
+    modality = _raw_config(config, overrides or []).get("modality", "image")
+    if modality not in MODALITY_DEFAULTS:
+        raise ValueError(f"simvq compare supports image and audio configs; the config's modality is {modality!r}")
+    if kind is not None and kind != "mixed" and kind != modality:
+        name = config if isinstance(config, str) else "the given config"
+        what = "audio data" if kind == "audio" else "image data"
+        fix = DEFAULT_AUDIO_CONFIG if kind == "audio" else DEFAULT_CONFIG
+        raise ValueError(
+            f"--data {data!r} is {what} but {name} is an {modality} config (modality: {modality}); "
+            f"use an {kind} config, e.g. --config {fix}, or {modality} data"
+        )
+    return modality
 
 
 def size_for(variant: Variant, requested: int) -> tuple[dict, int]:
@@ -255,6 +410,8 @@ def _data_section(data: str | None, base: dict, preset_is_default: bool) -> dict
     """The ``data`` (and channel) changes that ``--data`` implies."""
     if data is None:
         return {}
+    if base.get("modality", "image") == "audio":
+        return _audio_data_section(data, base)
     text = str(data)
     if text in BUILTIN_DATA:
         dataset, channels, size = BUILTIN_DATA[text]
@@ -286,14 +443,56 @@ def _data_section(data: str | None, base: dict, preset_is_default: bool) -> dict
     return {"dataset": "folder", "path": str(path), "eval_path": None, "channels": channels}
 
 
+def _audio_data_section(data: str, base: dict) -> dict:
+    """``--data`` of an audio comparison: ``speech`` (the built-in corpus) or a folder of wav/flac files.
+
+    A folder's held-out split is ``data.eval_fraction`` of its files (every n-th in sorted order) unless the
+    config names an evaluation folder (``data.eval_path``).
+    """
+    text = str(data)
+    if text in BUILTIN_AUDIO_DATA:
+        return {"dataset": BUILTIN_AUDIO_DATA[text], "path": None, "eval_path": None}
+    if text in BUILTIN_DATA:
+        raise ValueError(f"--data {text!r} is an image data set but the config is an audio config; use --data speech "
+                         f"or a folder of wav/flac files, or an image config (e.g. --config {DEFAULT_CONFIG})")
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"--data {text!r}: no such folder of wav/flac files (or built-in audio data set: "
+                                f"{', '.join(BUILTIN_AUDIO_DATA)})")
+    return {"dataset": "folder", "path": str(path)}
+
+
+def _check_audio_files(data: dict) -> None:
+    """A folder's train/held-out split exists (checked before training; scanning reads only file headers)."""
+    if data.get("dataset") != "folder":
+        return
+    from simvq.data.audio import audio_file_splits
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bad files are skipped (and reported again when the runs read the folder)
+        try:
+            train, evals = audio_file_splits(data)
+        except ValueError as err:
+            raise ValueError(f"{err}; a folder needs at least two readable wav/flac files (one is held out), or set "
+                             "data.eval_path to a separate evaluation folder") from None
+    log.info("audio folder %s: %d training and %d held-out files", data.get("path"), len(train), len(evals))
+
+
+def code_dim(config: dict) -> int:
+    """The code (token) dimension of a resolved config: ``model.z_channels`` (images), ``model.dimension`` (audio)."""
+    m = config["model"]
+    return int(m["dimension"] if config.get("modality", "image") == "audio" else m["z_channels"])
+
+
 def base_config(spec: CompareSpec) -> dict:
     """The resolved base training config (model, data, optimiser) shared by every run."""
-    from simvq.config import apply_overrides, find_config, load_config, load_yaml
+    from simvq.config import load_config
 
+    if not spec.modality:
+        spec.check()
     preset_is_default = spec.config is None
-    source = DEFAULT_CONFIG if spec.config is None else spec.config
-    raw = copy.deepcopy(source) if isinstance(source, dict) else load_yaml(find_config(source))
-    raw = apply_overrides(raw, list(spec.overrides))
+    source = MODALITY_DEFAULTS[spec.modality]["config"] if spec.config is None else spec.config
+    raw = _raw_config(source, spec.overrides)
     raw.setdefault("quantizer", {"name": "simvq"})
     first = load_config(raw)
     change = _data_section(spec.data, first, preset_is_default)
@@ -304,8 +503,11 @@ def base_config(spec: CompareSpec) -> dict:
         if preset_is_default and "channels" in change:
             model["in_channels"] = change["channels"]
             model["out_channels"] = change["channels"]
-    if spec.eval_limit is not None:
-        raw.setdefault("data", {})["eval_limit"] = spec.eval_limit
+    eval_limit = spec.eval_limit
+    if eval_limit is None and first["data"].get("eval_limit") is None:
+        eval_limit = MODALITY_DEFAULTS[spec.modality]["eval_limit"]
+    if eval_limit is not None:
+        raw.setdefault("data", {})["eval_limit"] = eval_limit
     trainer = raw.setdefault("trainer", {})
     # the compare records its own history and report; per-run loggers and sample grids would only cost time
     trainer.update(loggers=[], sample_every=0, eval_every=0)
@@ -313,7 +515,10 @@ def base_config(spec: CompareSpec) -> dict:
     # the same for every run of a time budget, and would silently cut a step budget short)
     budget = parse_budget(spec.budget)
     trainer.update(max_steps=budget.steps, max_epochs=None, max_minutes=None)
-    return load_config(raw)
+    config = load_config(raw)
+    if config["modality"] == "audio":
+        _check_audio_files(config["data"])
+    return config
 
 
 @dataclass
@@ -338,6 +543,10 @@ def run_key(variant: str, size: int, seed: int, config: dict, budget: Budget, ex
     # the step/time limits come from the budget; the rest of the trainer section changes what is trained
     cfg["trainer"].pop("max_steps", None)
     cfg["trainer"].pop("max_minutes", None)
+    if cfg.get("modality") == "audio":
+        # what is scored does not change what is trained: a new --eval-limit re-evaluates finished audio runs
+        # (ensure_eval) instead of training them again
+        cfg["data"].pop("eval_limit", None)
     return f"{variant}-K{size}-seed{seed}-{_hash([RESULT_VERSION, cfg, budget.steps, budget.minutes, extra])}"
 
 
@@ -376,7 +585,7 @@ def plan_runs(spec: CompareSpec, base: dict | None = None) -> tuple[list[Planned
         sig = json.dumps(q, sort_keys=True, default=str)
         if sig not in checked:  # the quantizer alone: cheap, and it is the only part that differs per run
             checked.add(sig)
-            build_quantizer(q.pop("name"), dim=r.config["model"]["z_channels"], **q)
+            build_quantizer(q.pop("name"), dim=code_dim(r.config), **q)
         r.key = run_key(r.variant, r.requested_size, r.seed, r.config, spec.budget)
     return runs, notes
 
@@ -420,6 +629,8 @@ def initial_weights(state_dict: dict, *, strict: bool, modality: str = "image"):
     """
     from simvq.training import tasks
 
+    if modality not in tasks.TASKS:
+        tasks.get_task({"modality": modality})  # imports (and registers) the modality's task
     original = tasks.TASKS[modality]
     if not isinstance(original, type):
         raise TypeError("initial_weights needs the modality's task to be a Task class")
@@ -515,8 +726,11 @@ def _param_counts(model) -> dict:
     }
 
 
-def _save_reconstructions(model, eval_set, work: Path, count: int = 8) -> dict:
-    """Reconstructions of the first ``count`` held-out images (for the report's side-by-side figure)."""
+def _save_reconstructions(model, eval_set, work: Path, count: int = 8, *, modality: str = "image") -> dict:
+    """Reconstructions for the report's side-by-side figure: the first ``count`` held-out images, or for
+    audio three held-out utterances (first, middle, last; at most 6 s each) for the spectrogram figure."""
+    if modality == "audio":
+        return _save_audio_reconstructions(model, eval_set, work)
     n = min(count, len(eval_set))
     x = torch.stack([eval_set[i] for i in range(n)])
     with torch.no_grad():
@@ -526,8 +740,26 @@ def _save_reconstructions(model, eval_set, work: Path, count: int = 8) -> dict:
     return {"reconstructions": str(recon)}
 
 
+def _save_audio_reconstructions(model, eval_set, work: Path, count: int = 3, max_seconds: float = 6.0) -> dict:
+    n = len(eval_set)
+    picks = sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(min(count, n))})
+    limit = int(max_seconds * model.sample_rate)
+    originals, recons = [], []
+    with torch.no_grad():
+        for i in picks:
+            x = eval_set[i][..., :limit]
+            x_hat, _ = model(x[None])
+            originals.append(x[0])
+            recons.append(x_hat[0, 0, : x.shape[-1]].clamp(-1, 1))
+    recon = work / "reconstructions.pt"
+    torch.save({"original": originals, "reconstruction": recons, "indices": picks,
+                "sample_rate": int(model.sample_rate)}, recon)
+    return {"reconstructions": str(recon)}
+
+
 def measure_usage(model_dir: str | Path, config: dict, images: int | None, work: Path) -> dict:
-    """Codebook usage over up to ``images`` held-out images, and the per-code counts for the figures.
+    """Codebook usage over up to ``images`` held-out items (images or utterances), and the per-code counts
+    for the figures.
 
     Covering K codes needs many tokens (at K = 8192, 65,536 tokens are 8 per code, and a code drawn by 1 in
     10,000 tokens is missed half the time), so utilisation is measured on a larger held-out set than the
@@ -544,18 +776,25 @@ def measure_usage(model_dir: str | Path, config: dict, images: int | None, work:
     model = load_tokenizer(model_dir).eval().to(device)
     usage = model.quantize.usage
     usage.reset()
+    samples = 0
     with torch.no_grad():
         for batch in eval_loader(dataset, batch_size=cfg["data"]["eval_batch_size"]):
             model.encode(batch.to(device))
+            samples += batch.shape[0] * batch.shape[-1]
     stats = usage.compute()
     work.mkdir(parents=True, exist_ok=True)
     path = work / "usage_counts.pt"
     torch.save(stats.counts.cpu(), path)
-    return {"usage_counts": str(path), "usage_eval": {**stats.as_dict(), "images": len(dataset)}}
+    measured = {**stats.as_dict(), "items": len(dataset)}
+    if config.get("modality", "image") == "audio":
+        measured["seconds"] = samples / float(config["model"]["sample_rate"])
+    else:
+        measured["images"] = len(dataset)
+    return {"usage_counts": str(path), "usage_eval": measured}
 
 
 def ensure_usage(record: dict, config: dict, images: int | None, out: Path) -> dict:
-    """Add (or redo, when measured on another number of images) a finished run's usage measurement."""
+    """Add (or redo, when measured on another number of items) a finished run's usage measurement."""
     if record.get("status") != "ok" or not record.get("model_dir") or not Path(record["model_dir"]).is_dir():
         return record
     if record.get("usage_eval") and record.get("usage_request", -1) == images:
@@ -566,7 +805,46 @@ def ensure_usage(record: dict, config: dict, images: int | None, out: Path) -> d
     return record
 
 
-HISTORY_KEYS = ("step", "loss", "l1", "quant_loss", "commitment", "codebook", "aux", "utilization", "perplexity",
+def evaluate_run(model_dir: str | Path, config: dict, work: Path) -> dict:
+    """``evaluate()`` of a trained model on the run's held-out split, and the reconstructions for the figures.
+
+    Returns the record fields: ``eval`` (the scalar metrics), ``eval_unavailable`` (audio metrics that
+    could not run, with the reason), ``eval_request`` (the ``data.eval_limit`` used), parameter counts,
+    ``bitrate_bps`` (audio: tokens/s x log2 of the actual codebook size) and ``reconstructions``.
+    """
+    from simvq.checkpoints import load_tokenizer
+    from simvq.data import build_datasets
+    from simvq.evaluation import evaluate
+
+    _, eval_set = build_datasets(config)  # once, for the evaluation and the figures' artifacts
+    metrics = evaluate(model_dir, eval_set, progress=False)
+    fields = {"eval": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != "model_dir"}}
+    model = load_tokenizer(model_dir).eval()
+    fields.update(_param_counts(model))
+    modality = config.get("modality", "image")
+    if modality == "audio":
+        fields["eval_unavailable"] = dict(metrics.get("unavailable") or {})
+        fields["eval_request"] = config["data"].get("eval_limit")
+        fields["tokens_per_second"] = float(model.tokens_per_second)
+        fields["bitrate_bps"] = float(model.tokens_per_second) * math.log2(int(model.quantize.codebook_size))
+    fields.update(_save_reconstructions(model, eval_set, work, modality=modality))
+    return fields
+
+
+def ensure_eval(record: dict, config: dict, out: Path) -> dict:
+    """Re-evaluate a finished audio run whose evaluation used another ``--eval-limit`` (no retraining)."""
+    if config.get("modality", "image") != "audio" or record.get("status") != "ok":
+        return record
+    if not record.get("model_dir") or not Path(record["model_dir"]).is_dir():
+        return record
+    if "eval_request" in record and record["eval_request"] == config["data"].get("eval_limit"):
+        return record
+    record.update(evaluate_run(record["model_dir"], config, out / "work" / record["key"]))
+    _atomic_json(out / "runs" / f"{record['key']}.json", record)
+    return record
+
+
+HISTORY_KEYS = ("step", "loss", "l1", "mel_loss", "quant_loss", "commitment", "codebook", "aux", "utilization", "perplexity",
                 "dead_codes", "time_s", "diverged", "reason")
 
 
@@ -577,15 +855,14 @@ def execute_run(run: PlannedRun, *, out: Path, budget: Budget, max_minutes: floa
 
     ``lc_donor``: the finished SimVQ record whose encoder provides VQGAN-LC's k-means features.
     ``threads``: torch CPU threads for this run (parallel workers use one each).
-    ``usage_images``: held-out images for the utilisation measurement (see :func:`measure_usage`).
+    ``usage_images``: held-out items (images or utterances) for the utilisation measurement (see
+    :func:`measure_usage`).
     """
     if threads is not None:
         torch.set_num_threads(threads)
     extra = dict(extra or {})
     if run.variant == "lc_vq" and run.kind == "compare":
         init_state, extra["lc_codebook"] = lc_codebook(run, lc_donor)
-    from simvq.checkpoints import load_tokenizer
-    from simvq.evaluation import evaluate
     from simvq.training import train
 
     work = out / "work" / run.key
@@ -628,14 +905,7 @@ def execute_run(run: PlannedRun, *, out: Path, budget: Budget, max_minutes: floa
         model_dir=str(result.model_dir) if result.model_dir else None,
     )
     if result.model_dir is not None:
-        from simvq.data import build_datasets
-
-        _, eval_set = build_datasets(run.config)  # once, for the evaluation and the figures' artifacts
-        metrics = evaluate(result.model_dir, eval_set, progress=False)
-        record["eval"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k != "model_dir"}
-        model = load_tokenizer(result.model_dir).eval()
-        record.update(_param_counts(model))
-        record.update(_save_reconstructions(model, eval_set, work))
+        record.update(evaluate_run(result.model_dir, run.config, work))
         record.update(measure_usage(result.model_dir, run.config, usage_images, work))
         record["usage_request"] = usage_images
     else:
@@ -685,6 +955,9 @@ def _summary_line(record: dict) -> str:
         return f"diverged: {record.get('diverged_reason', '')[:100]}"
     util = ev.get("utilization")
     psnr = ev.get("psnr_official_batch64")
+    if util is not None and "pesq" in ev:
+        return (f"utilisation {util * 100:.1f}%, PESQ {ev['pesq']:.2f}, STOI {ev.get('stoi', float('nan')):.3f}, "
+                f"mel distance {ev.get('mel_distance', float('nan')):.3f}, {record.get('wall_time_s', 0):.0f} s")
     return (
         f"utilisation {util * 100:.1f}%, PSNR {psnr:.2f} dB, {record.get('wall_time_s', 0):.0f} s"
         if util is not None and psnr is not None
@@ -771,6 +1044,11 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
     base = base_config(spec)
     runs, notes = plan_runs(spec, base)
     out = Path(spec.out)
+    if base["modality"] == "audio" and any(load_run(out / "runs" / f"{r.key}.json") is None for r in runs):
+        # the built-in corpus is synthesised on first use: once here, not by parallel workers at the same time
+        from simvq.data import build_datasets
+
+        build_datasets(base)
     do_retrofit = spec.retrofit and "vq" in spec.quantizers
     (out / "runs").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -810,13 +1088,15 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
                                             max_minutes=_time_slice(deadline, 2, jobs))
     finally:
         scheduler.close()
-    # runs reused from an earlier invocation may have measured usage on another number of images
+    # runs reused from an earlier invocation may have measured usage on another number of items (or, for
+    # audio, scored another number of utterances)
     for r in runs:
-        finished[(r.variant, r.requested_size, r.seed)] = ensure_usage(
-            finished[(r.variant, r.requested_size, r.seed)], r.config, spec.usage_images, out)
+        rec = ensure_eval(finished[(r.variant, r.requested_size, r.seed)], r.config, out)
+        finished[(r.variant, r.requested_size, r.seed)] = ensure_usage(rec, r.config, spec.usage_images, out)
     if retro:
         for part in ("after", "control"):
-            retro[part] = ensure_usage(retro[part], base, spec.usage_images, out)  # only the data section is used
+            retro[part] = ensure_eval(retro[part], base, out)  # only the data section is used
+            retro[part] = ensure_usage(retro[part], base, spec.usage_images, out)
         retro["before"] = finished[("vq", retro["size"], retro["seed"])]
     records = [finished[(r.variant, r.requested_size, r.seed)] for r in runs]
     results = write_report(spec, base, records, notes=notes, retrofit=retro, out=out,
@@ -884,8 +1164,17 @@ def run_retrofit_experiment(spec: CompareSpec, base: dict, finished: dict, *, ou
 
 
 __all__ = [
+    "BUILTIN_AUDIO_DATA",
     "BUILTIN_DATA",
     "Budget",
+    "DEFAULT",
+    "DEFAULT_AUDIO_CONFIG",
+    "MODALITY_DEFAULTS",
+    "code_dim",
+    "compare_modality",
+    "data_modality",
+    "ensure_eval",
+    "evaluate_run",
     "CompareSpec",
     "DEFAULT_BUDGET",
     "DEFAULT_CODEBOOK_SIZES",
