@@ -278,3 +278,15 @@ def test_tiny_audio_compare_matches_an_independent_evaluation(tmp_path, monkeypa
     assert {r["eval"]["items"] for r in more["runs"]} == {2}
     assert [r["usage_eval"] for r in more["runs"]] == [r["usage_eval"] for r in stored["runs"]]
     assert json.loads((out / "results.json").read_text())["base_config"]["data"]["eval_limit"] == 2
+
+
+def test_packed_jobs_keeps_every_core_busy():
+    from simvq.compare.runner import packed_jobs
+
+    # 5 equal runs on 2 cores: two at a time take 3 run-lengths, all five at once 2.5
+    assert packed_jobs(5, 2, limit=6) == 5
+    assert packed_jobs(2, 2, limit=6) == 2 and packed_jobs(1, 2, limit=6) == 2
+    # more runs than the limit: the count with the shortest total time, ties to fewer processes
+    assert packed_jobs(34, 2, limit=6) == 2
+    assert packed_jobs(7, 2, limit=6) == 4  # 4 then 3: 2 + 1.5 run-lengths, against 4 two at a time
+    assert packed_jobs(5, 1, limit=3) == 1

@@ -315,8 +315,12 @@ def audio_verdict(summary: list[dict], retrofit: dict | None, sizes: list[int]) 
             ranked = sorted(have, key=lambda e: e["metrics"][key]["mean"], reverse=higher)
             top, second = ranked[0], ranked[1]
             gap = abs(top["metrics"][key]["mean"] - second["metrics"][key]["mean"])
-            best.append(f"{'best' if higher else 'lowest'} {label} {top['label']} ({fmt_stat(top['metrics'][key], kind)}, "
-                        f"{gap:.{kind[0]}f} ahead of {second['label']}{_spread_note(top['metrics'][key], second['metrics'][key])})")
+            if f"{gap:.{kind[0]}f}" == f"{0:.{kind[0]}f}":
+                ahead = f"level with {second['label']} at this precision"
+            else:
+                ahead = (f"{gap:.{kind[0]}f} ahead of {second['label']}"
+                         f"{_spread_note(top['metrics'][key], second['metrics'][key])}")
+            best.append(f"{'best' if higher else 'lowest'} {label} {top['label']} ({fmt_stat(top['metrics'][key], kind)}, {ahead})")
         best_u = max(rows, key=lambda e: e["metrics"]["utilization"]["mean"])
         best.append(f"highest utilisation {best_u['label']} ({fmt_stat(best_u['metrics']['utilization'], 'pct')}%)")
         lines.append(f"K={size}: " + "; ".join(best) + ".")
@@ -345,8 +349,8 @@ def audio_verdict(summary: list[dict], retrofit: dict | None, sizes: list[int]) 
     if pesq and max(pesq) < PESQ_LOW:
         lines.append(
             f"Every run's PESQ is below {PESQ_LOW} (highest {max(pesq):.2f}; the scale starts at 1.0): at this budget all "
-            "reconstructions are coarse, and differences of a few hundredths in PESQ, STOI or DNSMOS do not rank the "
-            "quantizers' quality; utilisation and mel distance separate them more clearly."
+            "reconstructions are coarse, and differences of a few hundredths in PESQ, STOI or DNSMOS are not a ranking "
+            "of the quantizers' quality."
         )
     if summary and all(len(e["seeds"]) < 2 for e in summary):
         lines.append("One seed per run: the differences above carry no seed-spread estimate (add seeds, e.g. "
@@ -402,7 +406,7 @@ def _perceptual_key(summary: list[dict]) -> tuple[str, str] | None:
 
 
 def write_report(spec, base: dict, records: list[dict], *, notes: list[str], retrofit: dict | None, out: Path,
-                 wall_time_s: float, reused: int) -> dict:
+                 wall_time_s: float, reused: int, parallel_runs: int | None = None) -> dict:
     """Write ``results.json``, the plots, ``report.md`` and ``report.html`` into ``out``; return the results."""
     from simvq.compare import plots
     from simvq.compare.runner import VARIANTS
@@ -430,6 +434,7 @@ def write_report(spec, base: dict, records: list[dict], *, notes: list[str], ret
         "environment": _environment(),
         "wall_time_s": wall_time_s,
         "reused_runs": reused,
+        "parallel_runs": parallel_runs,
         "notes": list(notes),
         "summary": summary,
         "verdict": lines,
@@ -618,6 +623,14 @@ def render_markdown(results: dict, figures: dict, variants: dict) -> str:
 
 
 # ----- the audio report ---------------------------------------------------------------------------------
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def _n(count, noun: str) -> str:
+    return f"{count} {noun}" + ("" if str(count) == "1" else "s")
+
+
 def _usage_set_audio(runs: list[dict]) -> str:
     sets = sorted({(r["usage_eval"].get("items"), round(r["usage_eval"].get("seconds") or 0.0, 1), r["usage_eval"]["tokens"])
                    for r in runs if r.get("usage_eval")})
@@ -625,7 +638,7 @@ def _usage_set_audio(runs: list[dict]) -> str:
         return "the held-out set"
     if len(sets) == 1:
         n, sec, tok = sets[0]
-        return f"{n:,} held-out utterances ({sec / 60:.1f} min of audio, {tok:,} tokens)"
+        return f"{_n(f'{n:,}', 'held-out utterance')} ({_duration(sec)} of audio, {tok:,} tokens)"
     return "held-out utterances (" + ", ".join(f"{n:,}" for n, _, _ in sets) + " depending on the run)"
 
 
@@ -635,15 +648,16 @@ def _quality_set_audio(runs: list[dict]) -> str:
         return "the held-out utterances"
     if len(sets) == 1:
         n, sec = sets[0]
-        return f"the first {n:,} held-out utterances ({sec / 60:.1f} min)"
+        return f"the first {_n(f'{n:,}', 'held-out utterance')} ({_duration(sec)})"
     return "the first held-out utterances (" + ", ".join(f"{n:,}" for n, _ in sets) + " depending on the run)"
 
 
 def _audio_data_text(d: dict) -> str:
     if d["dataset"] == "speech":
         where = f" at {d['path']}" if d.get("path") else ""
-        text = (f"`speech`: the built-in espeak-ng corpus{where} (synthetic English speech, {d['corpus_sentences']} "
-                f"sentences x {d['corpus_voices_per_sentence']} voices; held-out sentences are never heard in training)")
+        text = (f"`speech`: the built-in espeak-ng corpus{where} (synthetic English speech, "
+                f"{_n(d['corpus_sentences'], 'sentence')} x {_n(d['corpus_voices_per_sentence'], 'voice')}; held-out "
+                "sentences are never heard in training)")
     else:
         held = (f"evaluation folder {d['eval_path']}" if d.get("eval_path") else
                 f"every n-th file held out (data.eval_fraction {d['eval_fraction'] if d['eval_fraction'] is not None else 0.1:g})")
@@ -694,8 +708,8 @@ def render_audio_markdown(results: dict, figures: dict, variants: dict) -> str:
          f"(see the steps column); seeds {spec['seeds']}; codebook sizes {spec['codebook_sizes']}."),
         f"- Model: audio tokenizer `{m['preset']}` at {m['sample_rate']} Hz: causal SEANet encoder ({m['n_filters']} "
         f"filters, strides {list(reversed(m['ratios']))}: hop {hop} = {m['sample_rate'] / hop:g} tokens/s, "
-        f"{m['lstm_layers']}-layer LSTM), {m['dimension']}-d tokens, Vocos decoder ({m['backbone_layers']} ConvNeXt "
-        f"blocks of width {m['backbone_dim']}, inverse-STFT head n_fft {m['n_fft']})"
+        f"{m['lstm_layers']}-layer LSTM), {m['dimension']}-d tokens, Vocos decoder ({_n(m['backbone_layers'], 'ConvNeXt block')} "
+        f"of width {m['backbone_dim']}, inverse-STFT head n_fft {m['n_fft']})"
         + (f"; encoder initialised N(0, gain²/fan_in) with gain {m['encoder_init_gain']:g}" if m.get("encoder_init_gain") else "")
         + ".",
         f"- Data: {_audio_data_text(d)}; training on random {d['segment_seconds']:g} s crops, batch {d['batch_size']}.",
@@ -717,11 +731,15 @@ def render_audio_markdown(results: dict, figures: dict, variants: dict) -> str:
         out.append("- V/UV F1 uses CREPE `tiny` on a CPU (the paper's is `full`, ~50x slower here; set "
                    "SIMVQ_CREPE_MODEL=full to use it): comparable between our runs, not with the paper's numbers.")
     for name, reason in sorted(unavailable.items()):
-        out.append(f"- Not computed: {name} ({reason}).")
+        out.append(f"- Not computed: {name}: {reason.rstrip('.')}.")
     out.append(
         "- Figures are mean ± sample standard deviation over seeds; with one seed a single value. A difference "
         "smaller than the sum of both spreads is reported as within the seed spread."
     )
+    if results.get("parallel_runs"):
+        out.append(f"- Timing: {_n(results['parallel_runs'], 'run')} trained side by side as one-thread processes on "
+                   f"{env['cpu_count']} CPU core(s); steps/s and wall times are per run under that sharing (and under "
+                   "any other load on the machine), so they compare runs of one report, not machines.")
     for note in results["notes"]:
         out.append(f"- Note: {note}")
     lc = [r.get("lc_codebook") for r in runs if r.get("lc_codebook")]
@@ -774,8 +792,12 @@ def render_audio_markdown(results: dict, figures: dict, variants: dict) -> str:
                        _fmt(x.get("pesq"), "2f"), _fmt(x.get("stoi"), "3f"), _fmt(x.get("mel_distance"), "3f")])
         out.append(_table(["model", "total steps", "utilisation %", "perplexity", "PESQ", "STOI", "mel distance"], rr))
     out += ["", "## Figures", ""]
+    window = base["trainer"]["log_every"] * d["batch_size"] * _math.ceil(round(d["segment_seconds"] * m["sample_rate"]) / hop)
+    visible = ", ".join(f"{min(1.0, window / k) * 100:.0f}% of K = {k}" for k in sizes)
     for key, caption in (
-        ("utilization_over_steps", "Codebook utilisation over training (codes used per logging window of training tokens)"),
+        ("utilization_over_steps", "Codebook utilisation over training: codes used per logging window of "
+                                   f"{base['trainer']['log_every']} steps ({window:,} training tokens, so at most "
+                                   f"{visible} can show)"),
         ("quality", "Held-out utilisation and quality per quantizer (largest K; error bars: std over seeds)"),
         ("code_usage", "Sorted code-usage histograms on the held-out set (largest K, first seed)"),
         ("spectrograms", "Log-mel spectrograms of held-out utterances: original and each quantizer's reconstruction "

@@ -672,24 +672,33 @@ def _is_divergence(err: BaseException) -> bool:
     return any(s in text for s in ("nan", " inf", "non-finite", "not finite"))
 
 
-def _encoder_features(model_dir: Path, config: dict, count: int) -> torch.Tensor:
-    """``(count, dim)`` encoder output vectors of a trained model on training images (for k-means)."""
+def _encoder_features(model_dir: Path, config: dict, count: int, max_passes: int = 32) -> torch.Tensor:
+    """``(count, dim)`` encoder output vectors of a trained model on training items (for k-means).
+
+    Items are training crops (images ``(B, dim, h, w)`` or audio ``(B, dim, T)`` features); when one pass over a
+    small training set gives fewer than ``count`` vectors, further passes draw other crops (other seeds).
+    """
     from simvq.checkpoints import load_tokenizer
     from simvq.data import build_datasets
 
     model = load_tokenizer(model_dir).eval()
     train_set, _ = build_datasets(config)
-    feats, seen, i = [], 0, 0
+    feats, seen = [], 0
     g = torch.Generator().manual_seed(int(config["seed"]))
     order = torch.randperm(len(train_set), generator=g).tolist()
+    n = len(order)
     with torch.no_grad():
-        while seen < count and i < len(order):
-            batch = torch.stack([train_set[(j, j)] for j in order[i : i + 64]])
-            i += 64
-            z = model.encoder(batch)  # (B, dim, h, w)
-            flat = z.movedim(1, -1).reshape(-1, z.shape[1])
-            feats.append(flat)
-            seen += flat.shape[0]
+        for rep in range(max_passes):
+            i = 0
+            while seen < count and i < n:
+                batch = torch.stack([train_set[(j, j + rep * n)] for j in order[i : i + 64]])
+                i += 64
+                z = model.encoder(batch)
+                flat = z.movedim(1, -1).reshape(-1, z.shape[1])
+                feats.append(flat)
+                seen += flat.shape[0]
+            if seen >= count:
+                break
     return torch.cat(feats)[:count]
 
 
@@ -972,6 +981,31 @@ def default_jobs() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
+def packed_jobs(runs: int, cores: int, limit: int) -> int:
+    """Parallel one-thread processes for ``runs`` equally long runs on ``cores`` CPU cores.
+
+    With ``w`` runs at once on ``c`` cores a wave takes ``max(1, w / c)`` run-lengths: 5 runs on 2 cores take 3
+    run-lengths two at a time (the last run alone leaves a core idle) but 2.5 all at once. When every run fits
+    within ``limit`` processes they all start together (equal CPU shares, so their steps/s compare fairly);
+    otherwise the count with the shortest total time, ties to fewer processes (less memory).
+    """
+    cores = max(1, int(cores))
+    if runs <= cores:
+        return cores
+    if runs <= limit:
+        return runs
+    best, best_time = cores, None
+    for jobs in range(cores, max(cores, limit) + 1):
+        time_needed, left = 0.0, runs
+        while left > 0:
+            wave = min(jobs, left)
+            time_needed += max(1.0, wave / cores)
+            left -= wave
+        if best_time is None or time_needed < best_time - 1e-9:
+            best, best_time = jobs, time_needed
+    return best
+
+
 class _Scheduler:
     """Runs ``execute_run`` calls inline (jobs=1) or in a pool of spawned worker processes (one thread each).
 
@@ -1038,6 +1072,7 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
 
     spec = spec if spec is not None else CompareSpec(**kwargs)
     spec.check()
+    jobs_given = jobs is not None
     jobs = default_jobs() if jobs is None else int(jobs)
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
@@ -1062,6 +1097,10 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
         else:
             pending.append(run)
     reused = len(finished)
+    if not jobs_given and base["modality"] == "audio" and jobs > 1:
+        # audio runs are long and equally long: keep every core busy to the end (at most three one-thread
+        # processes per core; the speech-small preset needs about 1 GB each)
+        jobs = packed_jobs(len([r for r in pending if r.variant != "lc_vq"]), jobs, limit=3 * jobs)
     bar = Progress(len(runs) + (2 if do_retrofit else 0), progress)
     bar.done = reused
     if reused and progress:
@@ -1100,7 +1139,8 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
         retro["before"] = finished[("vq", retro["size"], retro["seed"])]
     records = [finished[(r.variant, r.requested_size, r.seed)] for r in runs]
     results = write_report(spec, base, records, notes=notes, retrofit=retro, out=out,
-                           wall_time_s=time.perf_counter() - t_start, reused=reused)
+                           wall_time_s=time.perf_counter() - t_start, reused=reused,
+                           parallel_runs=min(jobs, max(1, len(pending))) if pending else None)
     if progress:
         print(f"report written to {out / 'report.md'} ({(time.perf_counter() - t_start) / 60:.1f} min)", file=sys.stderr)
     return results
@@ -1192,6 +1232,7 @@ __all__ = [
     "plan_runs",
     "run_compare",
     "default_jobs",
+    "packed_jobs",
     "ensure_usage",
     "measure_usage",
     "lc_codebook",
