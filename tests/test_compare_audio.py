@@ -56,7 +56,7 @@ def test_audio_default_plan():
         assert base["modality"] == "audio" and base["model"]["preset"] == "small-16k"
         assert base["model"]["dimension"] == 8 and base["model"]["encoder_init_gain"] == 1.0
         assert base["loss"]["gan_weight"] == 0 and base["data"]["dataset"] == "speech"
-        assert base["data"]["eval_limit"] == 30 and base["trainer"]["max_steps"] == 300
+        assert base["data"]["eval_limit"] == 15 and base["trainer"]["max_steps"] == 300
     # same runs whichever way the audio preset was chosen
     assert [r.key for r in plan_runs(CompareSpec(data="speech"))[0]] == [
         r.key for r in plan_runs(CompareSpec(config="compare/audio"))[0]]
