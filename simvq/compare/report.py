@@ -715,7 +715,7 @@ def render_audio_markdown(results: dict, figures: dict, variants: dict) -> str:
         f"- Data: {_audio_data_text(d)}; training on random {d['segment_seconds']:g} s crops, batch {d['batch_size']}.",
         f"- Loss: {loss['mel_weight']:g} x log-mel L1 + {loss['quantizer_weight']:g} x quantizer loss"
         + (f" + MPD/MRD GAN (weight {loss['gan_weight']:g}) with feature matching" if gan else
-           " (GAN terms off: they triple a CPU step and do not change what the comparison measures)")
+           " (GAN terms off for every quantizer alike: the discriminators triple a CPU step)")
         + f"; Adam lr {o['lr']:g}, betas {o['betas']}, warm-up {o['warmup_steps']} steps, gradient clipping "
         f"{o['grad_clip'] if o['grad_clip'] else 'off'}; weight EMA {o['ema_decay'] if o['ema_decay'] else 'off'} "
         "(evaluation uses the EMA weights).",
