@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "finished runs inside it are reused")
     parser.add_argument("--jobs", type=int, default=None,
                         help="runs trained side by side in separate processes (default: CPU cores, at most 4; "
-                             "1 on a GPU)")
+                             "1 on a GPU; audio on a CPU: every run at once when they fit 3 per core)")
     parser.add_argument("--eval-limit", type=int, default=None,
                         help="quality metrics on at most this many held-out images or utterances (default: the "
                              "config's data.eval_limit; for audio 30 when the config sets none: DNSMOS and CREPE are "
