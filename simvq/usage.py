@@ -20,6 +20,13 @@ class UsageStats(NamedTuple):
         used_codes: number of codes used at least once.
         total: number of tokens counted.
         counts: ``(K,)`` int64 counts (summed over ranks).
+
+    Two sample-size diagnostics (properties, also in :meth:`as_dict`): a finite sample of tokens can miss
+    codes the model does use, so ``used_codes`` is a lower bound on the codes in use.
+    ``sample_coverage`` is the Good-Turing estimate ``1 - f1 / total`` (``f1``: codes seen exactly once) of
+    the share of future tokens that fall on codes already seen; ``estimated_used_codes`` is the
+    bias-corrected Chao1 estimate ``used + f1 (f1 - 1) / (2 (f2 + 1))`` (``f2``: codes seen twice), capped
+    at K, of how many codes the model uses. A coverage near 1 means more tokens would not reveal more codes.
     """
 
     utilization: float
@@ -29,6 +36,17 @@ class UsageStats(NamedTuple):
     total: int
     counts: torch.Tensor
 
+    @property
+    def sample_coverage(self) -> float:
+        if self.total == 0:
+            return 0.0
+        return 1.0 - int((self.counts == 1).sum()) / self.total
+
+    @property
+    def estimated_used_codes(self) -> float:
+        f1, f2 = int((self.counts == 1).sum()), int((self.counts == 2).sum())
+        return float(min(self.counts.numel(), self.used_codes + f1 * (f1 - 1) / (2 * (f2 + 1))))
+
     def as_dict(self) -> dict:
         return {
             "utilization": self.utilization,
@@ -36,6 +54,8 @@ class UsageStats(NamedTuple):
             "dead_codes": self.dead_codes,
             "used_codes": self.used_codes,
             "tokens": self.total,
+            "sample_coverage": self.sample_coverage,
+            "estimated_used_codes": self.estimated_used_codes,
         }
 
 

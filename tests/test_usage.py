@@ -31,7 +31,37 @@ def test_hand_computed_statistics():
         "dead_codes": 2,
         "used_codes": 2,
         "tokens": 4,
+        # one singleton (code 1) in 4 tokens: Good-Turing coverage 1 - 1/4; Chao1 2 + 1 * 0 / (2 * (0 + 1)) = 2
+        "sample_coverage": 0.75,
+        "estimated_used_codes": 2.0,
     }
+
+
+def test_chao1_by_hand_and_its_cap():
+    # counts: f1 = 3 singletons, f2 = 1 doubleton, 5 used codes of K = 20, N = 3 + 2 + 5 = 10
+    counts = torch.tensor([1, 1, 1, 2, 5] + [0] * 15)
+    stats = stats_from_counts(counts)
+    assert stats.total == 10 and stats.used_codes == 5
+    assert stats.sample_coverage == pytest.approx(1 - 3 / 10)
+    assert stats.estimated_used_codes == pytest.approx(5 + 3 * 2 / (2 * 2))  # 6.5
+    many = stats_from_counts(torch.tensor([1] * 9 + [0]))  # 9 singletons: 9 + 72 / 2 = 45 -> capped at K = 10
+    assert many.estimated_used_codes == 10.0 and many.sample_coverage == 0.0
+
+
+def test_sample_size_diagnostics_on_a_skewed_codebook():
+    # every one of K codes is in use, but with Zipf frequencies: a small sample misses many of them.
+    # Chao1 recovers most of the missing codes and Good-Turing predicts the missed mass.
+    K, n = 4096, 20000
+    g = torch.Generator().manual_seed(0)
+    p = 1.0 / torch.arange(1, K + 1, dtype=torch.float64)  # Zipf
+    p = p / p.sum()
+    idx = torch.multinomial(p, n, replacement=True, generator=g)
+    stats = stats_from_counts(torch.bincount(idx, minlength=K))
+    assert stats.used_codes < 0.9 * K  # the sample alone says "under 90% used"
+    assert abs(stats.estimated_used_codes - K) < 0.5 * (K - stats.used_codes)
+    seen = stats.counts > 0
+    missed_mass = float(p[~seen].sum())  # the true probability of the codes the sample missed
+    assert 1 - stats.sample_coverage == pytest.approx(missed_mass, abs=0.01)
 
 
 def test_uniform_and_single_code():
