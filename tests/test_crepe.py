@@ -165,6 +165,10 @@ def test_weights_errors(tmp_path, monkeypatch):
     torch.save({"something": torch.zeros(1)}, bad)
     with pytest.raises(ValueError, match="conv1.weight"):
         C.load_crepe(bad)
+    partial = tmp_path / "partial.pth"
+    torch.save({"conv1.weight": torch.zeros(128, 1, 512, 1)}, partial)
+    with pytest.raises(ValueError, match="does not fit the CREPE tiny network"):
+        C.load_crepe(partial)
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read CREPE weights"):

@@ -119,7 +119,10 @@ def load_crepe(weights: str | os.PathLike | None = None, capacity: str | None = 
     if not found:
         raise ValueError(f"{path}: conv1 has {width} channels; CREPE full has 1024 and tiny 128")
     model = Crepe(found[0])
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # missing, extra or mis-shaped tensors
+        raise ValueError(f"{path} does not fit the CREPE {found[0]} network: {err}") from None
     return model.to(device).eval()
 
 
