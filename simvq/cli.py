@@ -47,7 +47,7 @@ def _convert_run(args: argparse.Namespace) -> int:
 COMMANDS["convert"] = ("Convert an official SimVQ checkpoint into a simvq model directory.", _convert_arguments, _convert_run)
 
 
-# ----- train / eval / encode / decode (image-training engineer) ------------------------------------------
+# ----- train / eval / encode / decode ----------------------------------------------------------------
 def _is_rank_zero() -> bool:
     import os
 
@@ -254,7 +254,7 @@ def _decode_run(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----- audio: encode / decode dispatch and `simvq data speech` (audio engineer) ------------------------------
+# ----- audio: encode / decode dispatch and `simvq data speech` ---------------------------------------------
 def _model_modality(directory) -> str:
     from simvq.checkpoints import load_model_dir
 

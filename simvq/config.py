@@ -328,7 +328,7 @@ def _validate_section(section: str, raw, schema) -> dict:
 def _quantizer_signature(name: str):
     """Keyword parameters of the quantizer class called ``name``, or None when it cannot be looked up."""
     try:
-        from simvq.quantizers import factory  # written by the baselines engineer
+        from simvq.quantizers import factory
     except ImportError:
         factory = None
     registry = None

@@ -154,7 +154,7 @@ def build_datasets(config: dict) -> tuple[Dataset, Dataset]:
 
         return build_image_datasets(config["data"], seed=config.get("seed", 0))
     if modality == "audio":
-        from simvq.data.audio import build_audio_datasets  # written by the audio engineer
+        from simvq.data.audio import build_audio_datasets
 
         return build_audio_datasets(config["data"], seed=config.get("seed", 0))
     raise ValueError(f"no data sets for modality {modality!r}")

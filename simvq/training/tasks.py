@@ -191,7 +191,7 @@ def get_task(config: dict) -> Task:
     modality = config.get("modality", "image")
     if modality not in TASKS:
         if modality == "audio":
-            import simvq.training.audio  # noqa: F401  (the audio engineer's module registers itself)
+            import simvq.training.audio  # noqa: F401  (the audio task's module registers itself)
         if modality not in TASKS:
             raise ValueError(f"no training task for modality {modality!r}; registered: {sorted(TASKS)}")
     return TASKS[modality](config)
