@@ -187,6 +187,19 @@ def _quality_key(summary: list[dict]) -> str:
     return "psnr_official_batch64"
 
 
+def _cost_line(sim: dict | None, vq: dict | None, size: int) -> list[str]:
+    """The verdict's cost line (SimVQ's trainable quantizer parameters and speed against plain VQ), if known."""
+    keys = ("steps_per_s", "quantizer_params_trainable")
+    if not all(_m(e, k) for e in (sim, vq) for k in keys):
+        return []
+    ratio = sim["metrics"]["steps_per_s"]["mean"] / vq["metrics"]["steps_per_s"]["mean"]
+    return [
+        f"K={size}: cost: SimVQ trains {sim['metrics']['quantizer_params_trainable']['mean']:.0f} quantizer "
+        f"parameters (VQ: {vq['metrics']['quantizer_params_trainable']['mean']:.0f}) and runs at {ratio:.2f}x "
+        f"plain VQ's steps/s on this machine."
+    ]
+
+
 def verdict(summary: list[dict], retrofit: dict | None, sizes: list[int], modality: str = "image") -> list[str]:
     """Sentences that state who wins on what, by how much, with the spread; all from the numbers."""
     if modality == "audio":
@@ -239,13 +252,7 @@ def verdict(summary: list[dict], retrofit: dict | None, sizes: list[int], modali
                     + (f" and PSNR by {dq:+.2f} dB" if dq is not None else "")
                     + f" ({e['label']}: {fmt_stat(e['metrics']['utilization'], 'pct')}%)."
                 )
-        if _m(sim, "steps_per_s") and _m(vq, "steps_per_s") and _m(sim, "quantizer_params_trainable") and _m(vq, "quantizer_params_trainable"):
-            ratio = sim["metrics"]["steps_per_s"]["mean"] / vq["metrics"]["steps_per_s"]["mean"]
-            lines.append(
-                f"K={size}: cost: SimVQ trains {sim['metrics']['quantizer_params_trainable']['mean']:.0f} quantizer "
-                f"parameters (VQ: {vq['metrics']['quantizer_params_trainable']['mean']:.0f}) and runs at {ratio:.2f}x "
-                f"plain VQ's steps/s on this machine."
-            )
+        lines += _cost_line(sim, vq, size)
     diverged = [f"{e['label']} K={e['requested_size']} seeds {e['diverged']}" for e in summary if e["diverged"]]
     lines.append("Diverged runs (NaN/Inf): " + ("; ".join(diverged) if diverged else "none") + ".")
     if retrofit:
@@ -338,13 +345,7 @@ def audio_verdict(summary: list[dict], retrofit: dict | None, sizes: list[int]) 
                     + (f" and PESQ by {dq:+.2f}" if dq is not None else "")
                     + f" ({e['label']}: {fmt_stat(e['metrics']['utilization'], 'pct')}%)."
                 )
-        if _m(sim, "steps_per_s") and _m(vq, "steps_per_s") and _m(sim, "quantizer_params_trainable") and _m(vq, "quantizer_params_trainable"):
-            ratio = sim["metrics"]["steps_per_s"]["mean"] / vq["metrics"]["steps_per_s"]["mean"]
-            lines.append(
-                f"K={size}: cost: SimVQ trains {sim['metrics']['quantizer_params_trainable']['mean']:.0f} quantizer "
-                f"parameters (VQ: {vq['metrics']['quantizer_params_trainable']['mean']:.0f}) and runs at {ratio:.2f}x "
-                f"plain VQ's steps/s on this machine."
-            )
+        lines += _cost_line(sim, vq, size)
     pesq = [e["metrics"]["pesq"]["max"] for e in summary if _m(e, "pesq")]
     if pesq and max(pesq) < PESQ_LOW:
         lines.append(
@@ -499,6 +500,37 @@ def _retrofit_summary(retrofit: dict | None) -> dict | None:
             "before": before, "after_retrofit": after, "control_vq_trained_on": control}
 
 
+def _run_columns(entry: dict, steps_per_s_format: str) -> list[str]:
+    """The results table's last columns: steps, steps/s, trainable quantizer parameters, diverged seeds."""
+    mt = entry["metrics"]
+    return [fmt_stat(mt.get("steps"), "0f"), fmt_stat(mt.get("steps_per_s"), steps_per_s_format),
+            _fmt(mt["quantizer_params_trainable"]["mean"], "0f") if "quantizer_params_trainable" in mt else "n/a",
+            f"{len(entry['diverged'])}/{len(entry['seeds'])}"]
+
+
+def _quantizer_lines(keys, variants: dict) -> list[str]:
+    return [f"- **{variants[v].label}** (`{v}`): {variants[v].note}." for v in keys if variants.get(v)]
+
+
+def _retrofit_lines(r: dict | None, quality: list[tuple[str, str, str]]) -> list[str]:
+    """The retrofit section (nothing when the experiment did not run); ``quality``: (header, key, format)."""
+    if not r:
+        return []
+    out = ["", "## Retrofit experiment", "",
+           f"A plain-VQ model (K={r['codebook_size']}, seed {r['seed']}) from the runs above, its quantizer "
+           "swapped by `simvq.retrofit(model)` for a SimVQ layer whose frozen C is the old codebook and whose W "
+           "starts at the identity (outputs unchanged at the swap), then trained on; the control trains the "
+           "same VQ model on for as many steps without the swap.", ""]
+    rows = []
+    for name, key in (("trained plain VQ (before)", "before"), ("retrofitted to SimVQ, trained on", "after_retrofit"),
+                      ("plain VQ trained on (control)", "control_vq_trained_on")):
+        x = r[key]
+        rows.append([name, str(x.get("steps")), _fmt(x.get("utilization"), "pct"), _fmt(x.get("perplexity"), "0f"),
+                     *(_fmt(x.get(k), f) for _, k, f in quality)])
+    out.append(_table(["model", "total steps", "utilisation %", "perplexity", *(h for h, _, _ in quality)], rows))
+    return out
+
+
 def render_markdown(results: dict, figures: dict, variants: dict) -> str:
     if results["base_config"].get("modality") == "audio":
         return render_audio_markdown(results, figures, variants)
@@ -575,30 +607,12 @@ def render_markdown(results: dict, figures: dict, variants: dict) -> str:
                    fmt_stat(mt.get("psnr_official_batch64"), "2f"), fmt_stat(mt.get("ssim_x100"), "1f")]
             if pq:
                 row.append(fmt_stat(mt.get(pq[0]), "3f"))
-            row += [fmt_stat(mt.get("steps"), "0f"), fmt_stat(mt.get("steps_per_s"), "1f"),
-                    _fmt(mt["quantizer_params_trainable"]["mean"], "0f") if "quantizer_params_trainable" in mt else "n/a",
-                    f"{len(e['diverged'])}/{len(e['seeds'])}"]
+            row += _run_columns(e, "1f")
             rows.append(row)
     out.append(_table(header, rows))
     out += ["", "Quantizers:", ""]
-    for v in order:
-        var = variants.get(v)
-        if var:
-            out.append(f"- **{var.label}** (`{v}`): {var.note}.")
-    if results.get("retrofit"):
-        r = results["retrofit"]
-        out += ["", "## Retrofit experiment", "",
-                f"A plain-VQ model (K={r['codebook_size']}, seed {r['seed']}) from the runs above, its quantizer "
-                "swapped by `simvq.retrofit(model)` for a SimVQ layer whose frozen C is the old codebook and whose W "
-                "starts at the identity (outputs unchanged at the swap), then trained on; the control trains the "
-                "same VQ model on for as many steps without the swap.", ""]
-        rr = []
-        for name, key in (("trained plain VQ (before)", "before"), ("retrofitted to SimVQ, trained on", "after_retrofit"),
-                          ("plain VQ trained on (control)", "control_vq_trained_on")):
-            x = r[key]
-            rr.append([name, str(x.get("steps")), _fmt(x.get("utilization"), "pct"), _fmt(x.get("perplexity"), "0f"),
-                       _fmt(x.get("psnr_official_batch64"), "2f"), _fmt(x.get("ssim_x100"), "1f")])
-        out.append(_table(["model", "total steps", "utilisation %", "perplexity", "PSNR dB", "SSIM x100"], rr))
+    out += _quantizer_lines(order, variants)
+    out += _retrofit_lines(results.get("retrofit"), [("PSNR dB", "psnr_official_batch64", "2f"), ("SSIM x100", "ssim_x100", "1f")])
     out += ["", "## Figures", ""]
     for key, caption in (
         ("utilization_over_steps", "Codebook utilisation over training (per logging window of training tokens)"),
@@ -766,31 +780,13 @@ def render_audio_markdown(results: dict, figures: dict, variants: dict) -> str:
             if has_utmos:
                 row.append(fmt_stat(mt.get("utmos"), "2f"))
             row += [_fmt(mt["bitrate_bps"]["mean"] / 1000, "3f") if "bitrate_bps" in mt else "n/a",
-                    fmt_stat(mt.get("steps"), "0f"), fmt_stat(mt.get("steps_per_s"), "2f"),
-                    _fmt(mt["quantizer_params_trainable"]["mean"], "0f") if "quantizer_params_trainable" in mt else "n/a",
-                    f"{len(e['diverged'])}/{len(e['seeds'])}"]
+                    *_run_columns(e, "2f")]
             rows.append(row)
     out.append(_table(header, rows))
     out += ["", "More per run in `results.json` (DNSMOS SIG/BAK/P.808, periodicity and pitch errors, wall times, "
             "peak memory, training histories).", "", "Quantizers:", ""]
-    for v in spec["quantizers"]:
-        var = variants.get(v)
-        if var:
-            out.append(f"- **{var.label}** (`{v}`): {var.note}.")
-    if results.get("retrofit"):
-        r = results["retrofit"]
-        out += ["", "## Retrofit experiment", "",
-                f"A plain-VQ model (K={r['codebook_size']}, seed {r['seed']}) from the runs above, its quantizer "
-                "swapped by `simvq.retrofit(model)` for a SimVQ layer whose frozen C is the old codebook and whose W "
-                "starts at the identity (outputs unchanged at the swap), then trained on; the control trains the "
-                "same VQ model on for as many steps without the swap.", ""]
-        rr = []
-        for name, key in (("trained plain VQ (before)", "before"), ("retrofitted to SimVQ, trained on", "after_retrofit"),
-                          ("plain VQ trained on (control)", "control_vq_trained_on")):
-            x = r[key]
-            rr.append([name, str(x.get("steps")), _fmt(x.get("utilization"), "pct"), _fmt(x.get("perplexity"), "0f"),
-                       _fmt(x.get("pesq"), "2f"), _fmt(x.get("stoi"), "3f"), _fmt(x.get("mel_distance"), "3f")])
-        out.append(_table(["model", "total steps", "utilisation %", "perplexity", "PESQ", "STOI", "mel distance"], rr))
+    out += _quantizer_lines(spec["quantizers"], variants)
+    out += _retrofit_lines(results.get("retrofit"), [("PESQ", "pesq", "2f"), ("STOI", "stoi", "3f"), ("mel distance", "mel_distance", "3f")])
     out += ["", "## Figures", ""]
     window = base["trainer"]["log_every"] * d["batch_size"] * _math.ceil(round(d["segment_seconds"] * m["sample_rate"]) / hop)
     visible = ", ".join(f"{min(1.0, window / k) * 100:.0f}% of K = {k}" for k in sizes)

@@ -24,6 +24,7 @@ extra ``pitch_rmse_cents`` figure is deterministic. The F1 does not depend on th
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 import os
@@ -140,24 +141,20 @@ def bins_to_frequency(bins: np.ndarray) -> np.ndarray:
     return 10.0 * 2.0 ** ((CENTS_PER_BIN * np.asarray(bins, dtype=np.float64) + CENTS_OFFSET) / 1200.0)
 
 
-def _transition() -> np.ndarray:
+@functools.lru_cache(maxsize=1)
+def _log_transition() -> np.ndarray:
+    """log of torchcrepe's Viterbi transition matrix: weights max(12 - |i - j|, 0), rows normalised."""
     i = np.arange(PITCH_BINS)
     t = np.maximum(12 - np.abs(i[None, :] - i[:, None]), 0).astype(np.float64)
-    return t / t.sum(axis=1, keepdims=True)
-
-
-_LOG_TRANSITION: np.ndarray | None = None
+    return np.log(t / t.sum(axis=1, keepdims=True) + np.finfo(np.float32).tiny)
 
 
 def viterbi(prob: np.ndarray, log_transition: np.ndarray | None = None) -> np.ndarray:
     """Most likely state path for ``prob`` ``(states, T)`` (per-frame state probabilities) under the
     transition matrix (``log_transition[i, j] = log P(j at t+1 | i at t)``), uniform start; the same
     epsilon and first-index tie-breaking as librosa.sequence.viterbi."""
-    global _LOG_TRANSITION
     if log_transition is None:
-        if _LOG_TRANSITION is None:
-            _LOG_TRANSITION = np.log(_transition() + np.finfo(np.float32).tiny)
-        log_transition = _LOG_TRANSITION
+        log_transition = _log_transition()
     n_states, steps = prob.shape
     eps = np.finfo(prob.dtype if np.issubdtype(prob.dtype, np.floating) else np.float64).tiny
     log_prob = np.log(prob.T.astype(np.float64) + eps)
