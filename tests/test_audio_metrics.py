@@ -98,3 +98,26 @@ def test_accumulator_averages_and_counts_usage(speech):
         assert out["vuv_model"] == "crepe-tiny"
     with pytest.raises(ValueError, match="unknown audio metric"):
         AudioMetricAccumulator(sample_rate=16000, metrics=("pesq", "fad"))
+
+
+class _LoudnessMOS(torch.nn.Module):
+    """A stand-in TorchScript "MOS" model: 1 + 4 x the RMS of each 16 kHz waveform (B, T) -> (B,)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1.0 + 4.0 * x.pow(2).mean(dim=1).sqrt()
+
+
+def test_utmos_runs_a_local_checkpoint_from_the_environment(tmp_path, monkeypatch):
+    path = tmp_path / "utmos.pt"
+    torch.jit.script(_LoudnessMOS()).save(str(path))
+    monkeypatch.setenv("SIMVQ_UTMOS_CHECKPOINT", str(path))
+    acc = AudioMetricAccumulator(sample_rate=16000, metrics=("utmos",))
+    t = np.arange(16000) / 16000
+    wave = (0.5 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    out = acc.update(wave, wave)
+    # scored on the 16-bit PCM reconstruction: RMS of a 0.5-amplitude sine is 0.5 / sqrt(2)
+    assert out["utmos"] == pytest.approx(1 + 4 * 0.5 / np.sqrt(2), abs=1e-3)
+    assert "utmos" not in acc.compute()["unavailable"]
+    monkeypatch.setenv("SIMVQ_UTMOS_CHECKPOINT", str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match="SIMVQ_UTMOS_CHECKPOINT"):
+        AudioMetricAccumulator(sample_rate=16000, metrics=("utmos",))
