@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from simvq.quantizers.base import Quantizer, TokenResult, _check_weight, straight_through, vq_loss_terms
+from simvq.quantizers.registry import register_quantizer
 from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
 
 
@@ -33,6 +34,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+@register_quantizer("ema_vq")
 class EMAVectorQuantizer(Quantizer):
     """Vector quantizer whose ``(K, dim)`` codebook is an EMA of its assigned tokens.
 

@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from simvq.quantizers.base import Quantizer, TokenResult, _check_weight, rotation_trick, straight_through, vq_loss_terms
+from simvq.quantizers.registry import register_quantizer
 from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
 
 
+@register_quantizer("factorized_vq")
 class FactorizedVectorQuantizer(Quantizer):
     """Low-dimensional (optionally l2-normalised) codebook between two linear projections.
 

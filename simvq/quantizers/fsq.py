@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from simvq.quantizers.base import Quantizer, TokenResult, straight_through
+from simvq.quantizers.registry import register_quantizer
 
 # Widens the tanh range a little so that the outermost integers are reached after rounding. The paper
 # scales by ``(1 - eps)``, which makes ``atanh`` undefined for ``L = 2``; ``(1 + eps)`` rounds to the same
@@ -38,12 +39,44 @@ def _check_levels(levels) -> list[int]:
     return out
 
 
+# Table 1 of the FSQ paper (Mentzer et al. 2023): levels that approximate a target codebook size.
+FSQ_RECOMMENDED_LEVELS: dict[int, list[int]] = {
+    2**8: [8, 6, 5],
+    2**10: [8, 5, 5, 5],
+    2**12: [7, 5, 5, 5, 5],
+    2**14: [8, 8, 8, 6, 5],
+    2**16: [8, 8, 8, 5, 5, 5],
+}
+
+
+def fsq_levels_for(codebook_size: int) -> list[int]:
+    """The FSQ paper's recommended levels for a target codebook size.
+
+    Accepts the target (``2**8, 2**10, 2**12, 2**14, 2**16``) or the exact size of a recommended set
+    (e.g. 1000 for ``[8, 5, 5, 5]``). The FSQ codebook has ``prod(levels)`` codes, which is close to but
+    not equal to the power of two (``2**16 -> [8, 8, 8, 5, 5, 5]``, 64,000 codes).
+    """
+    if not isinstance(codebook_size, int) or isinstance(codebook_size, bool):
+        raise TypeError(f"codebook_size must be an integer, got {codebook_size!r}")
+    if codebook_size in FSQ_RECOMMENDED_LEVELS:
+        return list(FSQ_RECOMMENDED_LEVELS[codebook_size])
+    for levels in FSQ_RECOMMENDED_LEVELS.values():
+        if math.prod(levels) == codebook_size:
+            return list(levels)
+    options = ", ".join(f"2**{k.bit_length() - 1} -> {v}" for k, v in FSQ_RECOMMENDED_LEVELS.items())
+    raise ValueError(
+        f"no recommended FSQ levels for codebook_size={codebook_size}; supported sizes: {options}. "
+        "For other sizes pass levels=[...] explicitly (codebook_size = prod(levels))"
+    )
+
+
+@register_quantizer("fsq")
 class FSQ(Quantizer):
     """Finite scalar quantizer with an implicit ``prod(levels)``-code grid.
 
     Args:
         levels: number of values per channel, e.g. ``[8, 5, 5, 5]`` (1000 codes); see
-            :func:`simvq.quantizers.factory.fsq_levels_for` for the paper's recommended sets.
+            :func:`fsq_levels_for` for the paper's recommended sets.
         dim: input channel size; when it differs from ``len(levels)``, linear projections
             ``dim -> len(levels)`` before and ``len(levels) -> dim`` after the rounding are added.
             Default ``len(levels)`` (no projections, as in the paper).
@@ -75,6 +108,22 @@ class FSQ(Quantizer):
         needs_projection = dim != num_channels
         self.project_in = nn.Linear(dim, num_channels) if needs_projection else nn.Identity()
         self.project_out = nn.Linear(num_channels, dim) if needs_projection else nn.Identity()
+
+    @classmethod
+    def build_kwargs(cls, kwargs: dict) -> dict:
+        """Factory keywords -> constructor keywords: ``codebook_size`` becomes :func:`fsq_levels_for` levels."""
+        if "codebook_size" not in kwargs:
+            return kwargs
+        size = kwargs.pop("codebook_size")
+        levels = fsq_levels_for(size) if size is not None else None
+        if "levels" in kwargs and levels is not None and math.prod(kwargs["levels"]) != math.prod(levels):
+            raise ValueError(
+                f"fsq got codebook_size={size} and levels={kwargs['levels']} (prod {math.prod(kwargs['levels'])}); "
+                "pass only one of them"
+            )
+        if levels is not None:
+            kwargs.setdefault("levels", levels)
+        return kwargs
 
     # ----- the scalar quantizer in the len(levels)-channel space ----------------------------------------
     def bound(self, z: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from simvq.quantizers.registry import register_quantizer
 from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
 from simvq.quantizers.simvq import SimVQ
 
@@ -99,6 +100,7 @@ def kmeans_init(
     return centroids
 
 
+@register_quantizer("lc_vq")
 class LCVectorQuantizer(SimVQ):
     """Frozen feature codebook + learned linear projector (VQGAN-LC).
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from simvq.quantizers.base import Quantizer, TokenResult, _check_weight, straight_through, vq_loss_terms
+from simvq.quantizers.registry import register_quantizer
 
 
 def _sign_table(bits: int, device=None) -> torch.Tensor:
@@ -65,6 +66,7 @@ def lfq_entropy_terms(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor
     return per_token, _entropy(mean_joint.reshape(-1))
 
 
+@register_quantizer("lfq")
 class LFQ(Quantizer):
     """Lookup-free quantizer over ``codebook_size = 2^bits`` implicit codes.
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from simvq.quantizers.base import Quantizer, TokenResult
+from simvq.quantizers.registry import build_quantizer, register_quantizer
 from simvq.usage import CodebookUsage
 
 
@@ -27,12 +28,13 @@ class _FirstLevelUsage(CodebookUsage):
         super().update(indices[..., 0])
 
 
+@register_quantizer("residual")
 class ResidualQuantizer(Quantizer):
     """A stack of quantizers, each quantizing the residual of the ones before it.
 
     Build it from ready quantizers, ``ResidualQuantizer(quantizers=[q0, q1, ...])``, or by name,
     ``ResidualQuantizer(num_quantizers=8, quantizer="ema_vq", dim=128, codebook_size=1024, **kwargs)``
-    (``kwargs`` go to every level through :func:`~simvq.quantizers.factory.build_quantizer`).
+    (``kwargs`` go to every level through :func:`~simvq.quantizers.registry.build_quantizer`).
 
     Args:
         quantizers: the levels, all with the same ``dim`` and ``codebook_size``.
@@ -66,8 +68,6 @@ class ResidualQuantizer(Quantizer):
                 )
             if quantizer == "residual":
                 raise ValueError("quantizer='residual' cannot be nested inside a ResidualQuantizer")
-            from simvq.quantizers.factory import build_quantizer  # late import: the factory imports this module
-
             level_kwargs.setdefault("check_finite", False)  # the stack checks its input once
             quantizers = [build_quantizer(quantizer, **level_kwargs) for _ in range(num_quantizers)]
         else:

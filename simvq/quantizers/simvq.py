@@ -30,6 +30,7 @@ from simvq.quantizers.base import (
     straight_through,
     vq_loss_terms,
 )
+from simvq.quantizers.registry import QUANTIZERS, register_quantizer
 from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
 
 TRANSFORMS = ("linear", "mlp")
@@ -48,6 +49,7 @@ def _build_transform(transform, in_dim: int, out_dim: int, bias: bool, hidden_di
     raise ValueError(f"transform must be one of {TRANSFORMS} or an nn.Module, got {transform!r}")
 
 
+@register_quantizer("simvq")
 class SimVQ(Quantizer):
     """SimVQ quantizer (arXiv 2411.02038).
 
@@ -139,9 +141,7 @@ class SimVQ(Quantizer):
 
         Same indices and codes as this quantizer; no transform is evaluated at inference time.
         """
-        from simvq.quantizers.vq import VectorQuantizer
-
-        folded = VectorQuantizer(
+        folded = QUANTIZERS["vq"](  # VectorQuantizer, looked up so that simvq.py need not import vq.py
             dim=self.dim,
             codebook_size=self.codebook_size,
             learnable_codebook=False,
