@@ -120,6 +120,9 @@ def _eval_run(args: argparse.Namespace) -> int:
 
     data: object = args.data
     if args.overrides:
+        from simvq.checkpoints import load_model_dir
+        from simvq.modalities import modality_of
+
         changes = {}
         for text in args.overrides:
             keys, value = parse_override(text)
@@ -127,8 +130,7 @@ def _eval_run(args: argparse.Namespace) -> int:
                 raise ValueError(f"eval overrides must be data.KEY=VALUE, got {text!r}")
             changes[keys[1]] = value
         if isinstance(data, str):
-            changes.update({"dataset": data} if data in ("photos", "fashion_mnist", "digits") else
-                           {"dataset": "folder", "path": data, "eval_path": data})
+            changes.update(modality_of(load_model_dir(args.model)[1]).data_changes(data))
         data = changes
     result = evaluate(
         args.model, data, batch_size=args.batch_size, device=args.device, limit=args.limit, out=args.out,
@@ -153,59 +155,23 @@ def _device(name):
     return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _image_model(directory):
+def _tokenizer(directory):
+    """``(tokenizer, config, modality)`` of a model directory."""
     from simvq.checkpoints import load_model_dir, load_tokenizer
+    from simvq.modalities import modality_of
 
     _, config = load_model_dir(directory)
-    if config.get("modality", "image") != "image":
-        raise ValueError(f"{directory} holds a {config.get('modality')} model; encode/decode here handle image models")
-    return load_tokenizer(directory), config
+    return load_tokenizer(directory), config, modality_of(config)
 
 
 def _encode_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
-    from simvq.config import config_hash
-    from simvq.data.images import list_images, load_image_file
-    from simvq.tokens import save_tokens
-
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to replace it")
-    if _model_modality(args.model) == "audio":
-        return _encode_audio(args, out)
-    files: list[Path] = []
-    for item in args.images:
-        path = Path(item)
-        if path.is_dir():
-            files.extend(list_images(path))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"{path} is neither an image file nor a folder")
-    device = _device(args.device)
-    model, config = _image_model(args.model)
-    model = model.to(device)
-    channels = model.in_channels
-    factor = model.downsample_factor
-    tokens, names = [], []
-    with torch.no_grad():
-        for f in files:
-            x = load_image_file(f, channels=channels, size=args.size)
-            if x.shape[1] % factor or x.shape[2] % factor:
-                raise ValueError(
-                    f"{f} is {x.shape[1]}x{x.shape[2]}: height and width must be multiples of {factor}; pass --size"
-                )
-            idx = model.encode(x[None].to(device)).indices[0].cpu()
-            tokens.append(idx)
-            names.append(f.name)
-    save_tokens(
-        out, tokens, names=names, modality="image", codebook_size=int(model.quantize.codebook_size),
-        config_hash=config_hash(config), extra={"channels": channels, "downsample_factor": factor},
-    )
-    print(f"encoded {len(files)} image(s) into {out} ({sum(t.numel() for t in tokens)} tokens)")
+    model, config, modality = _tokenizer(args.model)
+    print(modality.encode_files(model, config, args.images, out, size=args.size, device=_device(args.device)))
     return 0
 
 
@@ -220,78 +186,21 @@ def _decode_arguments(p: argparse.ArgumentParser) -> None:
 def _decode_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
-    from simvq.data.images import save_image_file
     from simvq.tokens import check_compatible, load_tokens
 
-    tf = load_tokens(args.tokens)
-    if _model_modality(args.model) == "audio":
-        return _decode_audio(args, tf)
-    model, config = _image_model(args.model)
-    check_compatible(tf, config, int(model.quantize.codebook_size))
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder")
-    targets, seen = [], set()
-    for i, name in enumerate(tf.names):
-        stem = Path(name).stem or f"image_{i}"
-        target = out / f"{stem}.png"
-        if target.name in seen:
-            target = out / f"{stem}_{i}.png"
-        seen.add(target.name)
-        if target.exists() and not args.force:
-            raise ValueError(f"{target} exists; pass --force to replace it or choose another --out")
-        targets.append(target)
-    out.mkdir(parents=True, exist_ok=True)
-    device = _device(args.device)
-    model = model.to(device)
-    with torch.no_grad():
-        for t, target in zip(tf.tokens, targets):
-            image = model.decode_indices(torch.as_tensor(t)[None].to(device))[0].clamp(-1, 1)
-            save_image_file(image, target)
-    print(f"decoded {len(targets)} image(s) into {out}")
+    tokens = load_tokens(args.tokens)
+    model, config, modality = _tokenizer(args.model)
+    check_compatible(tokens, config, int(model.quantize.codebook_size))
+    print(modality.decode_files(model, config, tokens, Path(args.out), overwrite=args.force, device=_device(args.device)))
     return 0
 
 
-# ----- audio: encode / decode dispatch and `simvq data speech` ---------------------------------------------
-def _model_modality(directory) -> str:
-    from simvq.checkpoints import load_model_dir
-
-    _, config = load_model_dir(directory)
-    return config.get("modality", "image")
-
-
-def _encode_audio(args: argparse.Namespace, out) -> int:
-    from simvq.checkpoints import load_model_dir, load_tokenizer
-    from simvq.data.audio import encode_audio_files, list_audio_inputs
-
-    files = list_audio_inputs(args.images)
-    _, config = load_model_dir(args.model)
-    model = load_tokenizer(args.model).to(_device(args.device))
-    encode_audio_files(model, config, files, out)
-    print(f"encoded {len(files)} audio file(s) into {out} ({model.tokens_per_second:g} tokens/s, {model.bitrate / 1000:.3g} kbps)")
-    return 0
-
-
-def _decode_audio(args: argparse.Namespace, tf) -> int:
-    from simvq.checkpoints import load_model_dir, load_tokenizer
-    from simvq.data.audio import decode_audio_tokens
-    from simvq.tokens import check_compatible
-
-    _, config = load_model_dir(args.model)
-    model = load_tokenizer(args.model).to(_device(args.device))
-    check_compatible(tf, config, int(model.quantize.codebook_size))
-    written = decode_audio_tokens(model, tf, args.out, overwrite=args.force)
-    print(f"decoded {len(written)} audio file(s) at {model.sample_rate} Hz into {args.out}")
-    return 0
-
-
+# ----- `simvq data speech` ------------------------------------------------------------------------------
 def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=["speech"], help="speech: synthesise the built-in speech corpus with espeak-ng")
     p.add_argument("--out", required=True, help="folder to build the corpus in (new or empty)")
     p.add_argument("--sample-rate", type=int, default=16000, help="rate of the written 16-bit wav files (default 16000)")
-    from simvq.data.speech import CORPUS_EVAL_FRACTION, CORPUS_SENTENCES, CORPUS_VOICES_PER_SENTENCE
+    from simvq.modalities.audio.speech import CORPUS_EVAL_FRACTION, CORPUS_SENTENCES, CORPUS_VOICES_PER_SENTENCE
 
     p.add_argument("--sentences", type=int, default=CORPUS_SENTENCES, help=f"number of distinct sentences (default {CORPUS_SENTENCES})")
     p.add_argument("--voices-per-sentence", type=int, default=CORPUS_VOICES_PER_SENTENCE, help=f"voices speaking each sentence (default {CORPUS_VOICES_PER_SENTENCE})")
@@ -300,7 +209,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _data_run(args: argparse.Namespace) -> int:
-    from simvq.data.speech import build_speech_corpus, read_manifest
+    from simvq.modalities.audio.speech import build_speech_corpus, read_manifest
 
     try:
         manifest = build_speech_corpus(
@@ -320,8 +229,8 @@ def _data_run(args: argparse.Namespace) -> int:
 COMMANDS["data"] = ("Build a built-in data set (speech: an espeak-ng speech corpus).", _data_arguments, _data_run)
 COMMANDS["train"] = ("Train a tokenizer from a config preset or YAML file.", _train_arguments, _train_run)
 COMMANDS["eval"] = ("Evaluate a model directory: codebook usage and reconstruction metrics.", _eval_arguments, _eval_run)
-COMMANDS["encode"] = ("Encode images into a token file (.npz).", _encode_arguments, _encode_run)
-COMMANDS["decode"] = ("Decode a token file back into PNG images.", _decode_arguments, _decode_run)
+COMMANDS["encode"] = ("Encode images or audio into a token file (.npz).", _encode_arguments, _encode_run)
+COMMANDS["decode"] = ("Decode a token file back into images (PNG) or audio (wav).", _decode_arguments, _decode_run)
 
 
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -352,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     _, _, run = COMMANDS[args.command]
     try:
         return int(run(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as err:
-        # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+        # user errors: one clear line, exit code 2; programming errors (TypeError, KeyError, ...) keep their
+        # traceback
         print(f"simvq {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -5,8 +5,8 @@ A config is a nested dict with the top-level sections ``modality``, ``seed``, ``
 so the dict a model directory stores is complete and a run can be reproduced from it alone.
 
 The schema is a set of dataclasses, one per section. ``optim`` and ``trainer`` are shared by every
-modality; ``model``, ``loss`` and ``data`` come from the modality's entry in :data:`MODALITIES`, so an audio
-modality adds its own sections with :func:`register_modality` without touching the shared ones. The
+modality; ``model``, ``loss`` and ``data`` come from the modality (:meth:`simvq.modalities.Modality.sections`),
+which also expands presets and checks its cross-section values (``finalize_config``). The
 ``quantizer`` section is ``name`` plus the keyword arguments of that quantizer class (``dim`` is filled from
 the model).
 
@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
+
+from simvq.modalities import get_modality
+from simvq.modalities.base import check_positive
+
+class ConfigTypeError(TypeError, ValueError):
+    """A config value of the wrong type: a user error (ValueError) that is also a TypeError."""
+
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 TOP_LEVEL_KEYS = ("modality", "seed", "model", "quantizer", "loss", "data", "optim", "trainer")
@@ -89,149 +94,6 @@ class TrainerConfig:
     num_threads: Optional[int] = None
 
 
-# ----- image sections ---------------------------------------------------------------------------------
-@dataclass
-class ImageModelConfig:
-    """The image tokenizer (Open-MAGVIT2-style CNN, REFERENCE §2, :mod:`simvq.models.image`).
-
-    ``preset`` names an entry of ``simvq.models.image.IMAGE_PRESETS`` (``official-128``, ``small-rgb-32``,
-    ``small-grey-32``); keys given next to it override the preset; unset keys take the official values.
-    ``ch * ch_mult[i]`` channels at level ``i``; ``len(ch_mult) - 1`` stride-2 downsamplings;
-    ``z_channels`` is the code dimension (the quantizer's ``dim``). The resolved config stores every key.
-    """
-
-    preset: Optional[str] = None
-    in_channels: Optional[int] = None
-    out_channels: Optional[int] = None
-    ch: Optional[int] = None
-    ch_mult: Optional[list[int]] = None
-    num_res_blocks: Optional[int] = None
-    z_channels: Optional[int] = None
-    norm_groups: Optional[int] = None
-
-
-def _finalize_image(cfg: dict) -> dict:
-    """Expand the model section (preset + overrides + official defaults) into every keyword."""
-    from simvq.models.image import resolve_model_config
-
-    cfg["model"] = resolve_model_config({k: v for k, v in cfg["model"].items() if v is not None})
-    return cfg
-
-
-@dataclass
-class ImageLossConfig:
-    """Image tokenizer loss: ``l1 + perceptual + gan (non-saturating) + quantizer``, PatchGAN with hinge.
-
-    ``perceptual_weights`` is a local file with torchvision's VGG16 weights for LPIPS (nothing is
-    downloaded; also read from ``SIMVQ_LPIPS_VGG_WEIGHTS``). Without it, ``perceptual_fallback:
-    multiscale-ssim`` trains with the labelled offline stand-in (``error`` refuses to); with
-    ``perceptual_weight: 0`` no perceptual term is computed. ``gan_weight`` is fixed (no adaptive
-    weight); the generator's GAN term and the discriminator updates start at ``gan_start_step``.
-    ``gan_weight: 0`` trains without a discriminator.
-    """
-
-    l1_weight: float = 1.0
-    l2_weight: float = 0.0
-    perceptual_weight: float = 1.0
-    perceptual_net: str = "vgg"
-    perceptual_weights: Optional[str] = None
-    perceptual_fallback: str = "multiscale-ssim"
-    gan_weight: float = 0.1
-    gen_gan_loss: str = "non_saturating"
-    disc_loss: str = "hinge"
-    gan_start_step: int = 0
-    disc_channels: int = 64
-    disc_layers: int = 3
-    quantizer_weight: float = 1.0
-
-
-@dataclass
-class ImageDataConfig:
-    """Image data (see :mod:`simvq.data.images`); ``batch_size`` is per device (global = x devices x nodes).
-
-    ``dataset``: ``photos`` (colour photos shipped with scikit-image / scikit-learn, random crops at
-    ``scales``, eval photos ``eval_sources`` held out), ``fashion_mnist`` (IDX files under ``path``,
-    default ``/usr/share/datasets/fashion-mnist``; 28x28 padded to 32), ``digits`` (scikit-learn 8x8
-    digits upsampled to ``image_size``; for tests) or ``folder`` (any nested folder of JPEG/PNG files,
-    ImageNet layout: resize the short side to ``image_size``, random crop for training, centre crop for
-    evaluation; ``eval_path`` is the validation folder, otherwise ``eval_fraction`` of the files is held out).
-    """
-
-    dataset: str = "photos"
-    path: Optional[str] = None
-    eval_path: Optional[str] = None
-    image_size: int = 32
-    channels: int = 3
-    scales: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    eval_sources: list[str] = field(default_factory=lambda: ["chelsea", "flower"])
-    eval_stride: Optional[int] = None
-    eval_fraction: float = 0.1
-    train_limit: Optional[int] = None
-    eval_limit: Optional[int] = None
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    num_workers: int = 0
-    verify_images: bool = True
-
-
-@dataclass
-class ModalitySchema:
-    """The modality-specific sections of a config. ``model`` may also be a zero-argument callable that
-    returns the dataclass, so a modality can defer importing its model code until validation."""
-
-    model: Any
-    loss: Any
-    data: Any
-    finalize: Optional[Callable[[dict], dict]] = None
-
-
-MODALITIES: dict[str, ModalitySchema] = {
-    "image": ModalitySchema(
-        model=ImageModelConfig, loss=ImageLossConfig, data=ImageDataConfig, finalize=_finalize_image
-    ),
-}
-
-
-def _audio_section(section: str):
-    """The audio schema dataclasses live beside the audio code; imported only when an audio config shows up."""
-
-    def load():
-        if section == "model":
-            from simvq.models.audio import AudioModelConfig as schema
-        elif section == "loss":
-            from simvq.models.audio_discriminators import AudioLossConfig as schema
-        else:
-            from simvq.data.audio import AudioDataConfig as schema
-        return schema
-
-    return load
-
-
-def _finalize_audio(cfg: dict) -> dict:
-    from simvq.models.audio import finalize_audio_config
-
-    return finalize_audio_config(cfg)
-
-
-MODALITIES["audio"] = ModalitySchema(
-    model=_audio_section("model"), loss=_audio_section("loss"), data=_audio_section("data"), finalize=_finalize_audio
-)
-
-
-def register_modality(name: str, *, model, loss, data, finalize=None) -> None:
-    """Add (or replace) the ``model``/``loss``/``data`` schema dataclasses of a modality.
-
-    ``finalize(config) -> config`` runs after validation (e.g. to expand a model preset into every key).
-    """
-    MODALITIES[name] = ModalitySchema(model=model, loss=loss, data=data, finalize=finalize)
-
-
-def _schema_class(obj):
-    if dataclasses.is_dataclass(obj) and isinstance(obj, type):
-        return obj
-    return obj()
-
-
 # ----- validation -------------------------------------------------------------------------------------
 def _type_name(hint) -> str:
     origin = typing.get_origin(hint)
@@ -264,38 +126,38 @@ def _coerce(value, hint, where: str):
                 return _coerce(value, arg, where)
             except TypeError as err:
                 errors.append(err)
-        raise TypeError(f"{where} must be {_type_name(hint)}, got {value!r}")
+        raise ConfigTypeError(f"{where} must be {_type_name(hint)}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(hint):
-            raise TypeError(f"{where} must be {_type_name(hint)}, got {value!r}")
+            raise ConfigTypeError(f"{where} must be {_type_name(hint)}, got {value!r}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise TypeError(f"{where} must be a list ({_type_name(hint)}), got {value!r}")
+            raise ConfigTypeError(f"{where} must be a list ({_type_name(hint)}), got {value!r}")
         (item,) = typing.get_args(hint)[:1] or (Any,)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise TypeError(f"{where} must be a mapping, got {value!r}")
+            raise ConfigTypeError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise TypeError(f"{where} must be true or false, got {value!r}")
+            raise ConfigTypeError(f"{where} must be true or false, got {value!r}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where} must be an integer, got {value!r}")
+            raise ConfigTypeError(f"{where} must be an integer, got {value!r}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where} must be a number, got {value!r}")
+            raise ConfigTypeError(f"{where} must be a number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise TypeError(f"{where} must be a string, got {value!r}")
+            raise ConfigTypeError(f"{where} must be a string, got {value!r}")
         return value
     if isinstance(hint, type) and not isinstance(value, hint):
-        raise TypeError(f"{where} must be {_type_name(hint)}, got {value!r}")
+        raise ConfigTypeError(f"{where} must be {_type_name(hint)}, got {value!r}")
     return value
 
 
@@ -303,7 +165,7 @@ def _validate_section(section: str, raw, schema) -> dict:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise TypeError(f"config section '{section}' must be a mapping, got {type(raw).__name__}: {raw!r}")
+        raise ConfigTypeError(f"config section '{section}' must be a mapping, got {type(raw).__name__}: {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(schema)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
@@ -354,12 +216,12 @@ def _validate_quantizer(raw) -> dict:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise TypeError(f"config section 'quantizer' must be a mapping, got {raw!r}")
+        raise ConfigTypeError(f"config section 'quantizer' must be a mapping, got {raw!r}")
     raw = copy.deepcopy(raw)
     raw.setdefault("name", "simvq")
     name = raw["name"]
     if not isinstance(name, str):
-        raise TypeError(f"quantizer.name must be a string, got {name!r}")
+        raise ConfigTypeError(f"quantizer.name must be a string, got {name!r}")
     params, known = _quantizer_signature(name)
     if params is None:
         if name not in CONTRACT_QUANTIZERS or "fsq" in known:
@@ -385,94 +247,56 @@ def resolve_config(config: dict) -> dict:
     Raises ValueError naming the offending key (and listing the valid ones) or TypeError for wrong types.
     """
     if not isinstance(config, dict):
-        raise TypeError(f"a config must be a mapping of sections, got {type(config).__name__}")
+        raise ConfigTypeError(f"a config must be a mapping of sections, got {type(config).__name__}")
     unknown = sorted(set(config) - set(TOP_LEVEL_KEYS))
     if unknown:
         raise ValueError(
             f"unknown top-level key(s) {', '.join(map(repr, unknown))}; valid keys: {', '.join(TOP_LEVEL_KEYS)}"
         )
     modality = config.get("modality", "image")
-    if modality not in MODALITIES:
-        raise ValueError(f"unknown modality {modality!r}; valid modalities: {', '.join(sorted(MODALITIES))}")
     seed = config.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise TypeError(f"seed must be a non-negative integer, got {seed!r}")
-    schema = MODALITIES[modality]
+        raise ConfigTypeError(f"seed must be a non-negative integer, got {seed!r}")
+    kind = get_modality(modality)
+    schema = kind.sections()
     out = {
         "modality": modality,
         "seed": seed,
-        "model": _validate_section("model", config.get("model"), _schema_class(schema.model)),
+        "model": _validate_section("model", config.get("model"), schema["model"]),
         "quantizer": _validate_quantizer(config.get("quantizer")),
-        "loss": _validate_section("loss", config.get("loss"), _schema_class(schema.loss)),
-        "data": _validate_section("data", config.get("data"), _schema_class(schema.data)),
+        "loss": _validate_section("loss", config.get("loss"), schema["loss"]),
+        "data": _validate_section("data", config.get("data"), schema["data"]),
         "optim": _validate_section("optim", config.get("optim"), OptimConfig),
         "trainer": _validate_section("trainer", config.get("trainer"), TrainerConfig),
     }
-    if schema.finalize is not None:
-        out = schema.finalize(out)
+    out = kind.finalize_config(out)
     _check_values(out)
     return out
 
 
-def _positive(cfg: dict, key: str, section: str, allow_none: bool = True, allow_zero: bool = False) -> None:
-    v = cfg[section][key]
-    if v is None and allow_none:
-        return
-    if v is None or v < 0 or (v == 0 and not allow_zero):
-        raise ValueError(f"{section}.{key} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
-
-
 def _check_values(cfg: dict) -> None:
     o, t = cfg["optim"], cfg["trainer"]
-    _positive(cfg, "lr", "optim", allow_none=False)
-    _positive(cfg, "disc_lr", "optim")
-    _positive(cfg, "weight_decay", "optim", allow_none=False, allow_zero=True)
-    _positive(cfg, "warmup_steps", "optim", allow_none=False, allow_zero=True)
-    _positive(cfg, "grad_clip", "optim")
+    check_positive(cfg, "lr", "optim", allow_none=False)
+    check_positive(cfg, "disc_lr", "optim")
+    check_positive(cfg, "weight_decay", "optim", allow_none=False, allow_zero=True)
+    check_positive(cfg, "warmup_steps", "optim", allow_none=False, allow_zero=True)
+    check_positive(cfg, "grad_clip", "optim")
     if len(o["betas"]) != 2 or not all(0 <= b < 1 for b in o["betas"]):
         raise ValueError(f"optim.betas must be two numbers in [0, 1), got {o['betas']!r}")
     if o["ema_decay"] is not None and not 0 < o["ema_decay"] < 1:
         raise ValueError(f"optim.ema_decay must lie in (0, 1) or be null to disable EMA, got {o['ema_decay']!r}")
     for key in ("max_steps", "max_epochs", "max_minutes"):
-        _positive(cfg, key, "trainer")
-    _positive(cfg, "num_threads", "trainer")
+        check_positive(cfg, key, "trainer")
+    check_positive(cfg, "num_threads", "trainer")
     for key in ("log_every",):
-        _positive(cfg, key, "trainer", allow_none=False)
+        check_positive(cfg, key, "trainer", allow_none=False)
     for key in ("checkpoint_every", "sample_every", "eval_every", "num_samples"):
-        _positive(cfg, key, "trainer", allow_none=False, allow_zero=True)
+        check_positive(cfg, key, "trainer", allow_none=False, allow_zero=True)
     if t["precision"] not in PRECISIONS:
         raise ValueError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {t['precision']!r}")
     bad = sorted(set(t["loggers"]) - {"csv", "tensorboard"})
     if bad:
         raise ValueError(f"trainer.loggers may contain 'csv' and 'tensorboard', got {bad}")
-    if cfg["modality"] == "image":
-        d, m, loss = cfg["data"], cfg["model"], cfg["loss"]
-        datasets = ("photos", "fashion_mnist", "digits", "folder")
-        if d["dataset"] not in datasets:
-            raise ValueError(f"data.dataset must be one of {', '.join(datasets)}, got {d['dataset']!r}")
-        if d["dataset"] == "folder" and not d["path"]:
-            raise ValueError("data.dataset 'folder' needs data.path (a folder of JPEG/PNG images)")
-        if d["channels"] not in (1, 3):
-            raise ValueError(f"data.channels must be 1 (grey) or 3 (RGB), got {d['channels']!r}")
-        if d["channels"] != m["in_channels"]:
-            raise ValueError(
-                f"data.channels ({d['channels']}) and model.in_channels ({m['in_channels']}) must match"
-            )
-        for key in ("image_size", "batch_size", "eval_batch_size"):
-            _positive(cfg, key, "data", allow_none=False)
-        _positive(cfg, "num_workers", "data", allow_none=False, allow_zero=True)
-        if not 0 < d["eval_fraction"] < 1:
-            raise ValueError(f"data.eval_fraction must lie in (0, 1), got {d['eval_fraction']!r}")
-        if not d["scales"] or any(s < 1 for s in d["scales"]):
-            raise ValueError(f"data.scales must be a non-empty list of numbers >= 1, got {d['scales']!r}")
-        factor = 2 ** (len(m["ch_mult"]) - 1)
-        if d["image_size"] % factor:
-            raise ValueError(
-                f"data.image_size ({d['image_size']}) must be divisible by the model's downsampling factor "
-                f"{factor} (2 ** (len(model.ch_mult) - 1))"
-            )
-        for key in ("l1_weight", "l2_weight", "perceptual_weight", "gan_weight", "quantizer_weight", "gan_start_step"):
-            _positive(cfg, key, "loss", allow_none=False, allow_zero=True)
 
 
 # ----- loading, presets, overrides --------------------------------------------------------------------
@@ -589,12 +413,6 @@ def save_config(config: dict, path: str | Path) -> None:
         raise
 
 
-def config_hash(config: dict) -> str:
-    """A short hash of what fixes the meaning of tokens: modality, model and quantizer sections."""
-    key = {k: config.get(k) for k in ("modality", "model", "quantizer")}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def get(config: dict, dotted: str, default=None):
     """``get(cfg, "trainer.max_steps")`` -> the value, or ``default`` when a key is missing."""
     node: Any = config
@@ -606,19 +424,14 @@ def get(config: dict, dotted: str, default=None):
 
 
 __all__ = [
-    "ImageDataConfig",
-    "ImageLossConfig",
-    "ImageModelConfig",
-    "MODALITIES",
+    "ConfigTypeError",
     "OptimConfig",
     "TrainerConfig",
     "apply_overrides",
-    "config_hash",
     "find_config",
     "list_presets",
     "load_config",
     "parse_override",
-    "register_modality",
     "resolve_config",
     "save_config",
 ]

@@ -4,11 +4,11 @@
 (with the weights the model holds; exported model directories hold the EMA weights), and reports:
 
 - ``utilization`` (codes used at least once over the whole set / K), ``perplexity``, ``dead_codes``;
-- the modality's metrics (images: :class:`simvq.metrics.image.ImageMetrics`: PSNR in both conventions,
+- the modality's metrics (images: :class:`simvq.modalities.image.metrics.ImageMetrics`: PSNR in both conventions,
   SSIM x100, LPIPS / rFID or their labelled proxies).
 
-The modality's :class:`~simvq.training.tasks.Task` provides the metric object, so audio evaluation plugs in
-without changing this module. Under ``torch.distributed`` each rank evaluates its shard and the usage counts
+The modality (:mod:`simvq.modalities`) provides the data, the metric object and the bitrate, so every modality
+is evaluated by this one loop. Under ``torch.distributed`` each rank evaluates its shard and the usage counts
 are summed over ranks.
 """
 
@@ -21,6 +21,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from simvq.checkpoints import load_model_dir, load_tokenizer
+from simvq.config import resolve_config
+from simvq.data import eval_loader
+from simvq.io import save_file_atomic
+from simvq.modalities import modality_of
 
 
 def _load(model_or_dir, config):
@@ -30,8 +37,6 @@ def _load(model_or_dir, config):
         if config is None:
             raise ValueError("evaluate() needs the model's config when given a module: pass config=...")
         return model_or_dir, config, None
-    from simvq.checkpoints import load_model_dir, load_tokenizer
-
     directory = Path(model_or_dir)
     _, cfg = load_model_dir(directory)
     return load_tokenizer(directory), cfg, directory
@@ -39,40 +44,18 @@ def _load(model_or_dir, config):
 
 def _eval_dataset(config: dict, data):
     """An evaluation data set from ``data`` (see :func:`evaluate`) and the model's config."""
-    from torch.utils.data import DataLoader, Dataset
-
-    from simvq.config import resolve_config
-
     if isinstance(data, (DataLoader, Dataset)):
         return data, "given"
-    cfg = resolve_config({k: v for k, v in config.items()})
+    modality = modality_of(config)
     if data is None:
-        pass
-    elif isinstance(data, dict):
-        cfg["data"].update(data)
-    elif isinstance(data, (str, Path)):
-        text = str(data)
-        if text in ("photos", "fashion_mnist", "digits"):
-            cfg["data"]["dataset"] = text
-        else:
-            # a folder of images: evaluate every file (centre crops at the model's training size)
-            cfg["data"].update(dataset="folder", path=text, eval_path=text)
-    else:
+        return modality.eval_dataset(resolve_config(config), None)
+    if isinstance(data, (str, Path)):
+        data = modality.data_changes(str(data))
+    if not isinstance(data, dict):
         raise TypeError(f"data must be None, a data-section dict, a folder, a data-set name or a DataLoader, got {type(data).__name__}")
-    cfg = resolve_config(cfg)
-    from simvq.data import build_datasets
-
-    if cfg["data"].get("dataset") == "folder" and cfg["data"].get("eval_path"):
-        from simvq.data.images import ImageFolder, list_images
-
-        d = cfg["data"]
-        files = list_images(d["eval_path"])
-        if d.get("eval_limit") is not None:
-            files = files[: d["eval_limit"]]
-        ds = ImageFolder(files, size=d["image_size"], channels=d["channels"], verify=d["verify_images"], name=str(d["eval_path"]))
-        return ds, f"folder {d['eval_path']}"
-    _, ds = build_datasets(cfg)
-    return ds, f"{cfg['data'].get('dataset')} (evaluation split)"
+    cfg = resolve_config(config)
+    cfg["data"].update(data)
+    return modality.eval_dataset(resolve_config(cfg), data)
 
 
 @torch.no_grad()
@@ -88,6 +71,7 @@ def evaluate(
     metrics: bool = True,
     progress: bool = False,
     distributed: bool = True,
+    counts: bool = False,
 ) -> dict:
     """Evaluate a tokenizer over a whole evaluation set and return a dict of metrics.
 
@@ -100,18 +84,18 @@ def evaluate(
         device: default CUDA when available.
         limit: evaluate only the first ``limit`` items.
         out: write the result as JSON here (atomically).
-        metrics: False skips the reconstruction metrics (usage only; fast).
+        metrics: False skips the decoder and the reconstruction metrics (usage only; fast).
         distributed: under ``torch.distributed``, evaluate this rank's shard and sum the usage counts over
             ranks (every rank must call); False evaluates the whole set in this process alone.
+        counts: also return the per-code counts (``result["counts"]``, a ``(K,)`` int64 tensor; not written
+            to ``out``).
+
+    The result also holds the token rate and bitrate of the model (:meth:`simvq.modalities.Modality.rate`).
     """
-    from torch.utils.data import DataLoader, Subset
-
-    from simvq.data import eval_loader
-    from simvq.training.tasks import get_task
-
     t0 = time.perf_counter()
     model, config, directory = _load(model_or_dir, config)
-    task = get_task(config)
+    modality = modality_of(config)
+    task = modality.task(config)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
     was_training = model.training
@@ -145,8 +129,10 @@ def evaluate(
     try:
         for batch in iterator:
             x = task.model_input(batch).to(device)
-            x_hat, _ = task.reconstruct(model, x)
-            if metric is not None:
+            if metric is None:
+                model.encode(x)  # usage only: the quantizer counts the codes, the decoder is not needed
+            else:
+                x_hat, _ = task.reconstruct(model, x)
                 metric.update(x, x_hat)
             n_items += x.shape[0]
         stats = usage.compute(reduce=distributed)
@@ -161,15 +147,17 @@ def evaluate(
         "data": description,
     }
     result.update(stats.as_dict())
+    result.update(modality.rate(model, config))
     if metric is not None:
         result.update(metric.compute())
+    if counts:
+        result["counts"] = stats.counts.cpu()
     result["eval_time_s"] = time.perf_counter() - t0
     if directory is not None:
         result["model_dir"] = str(directory)
     if out is not None:
-        from simvq.checkpoints import save_file_atomic
-
-        save_file_atomic(out, json.dumps(result, indent=2, default=_json_default) + "\n")
+        saved = {k: v for k, v in result.items() if k != "counts"}
+        save_file_atomic(out, json.dumps(saved, indent=2, default=_json_default) + "\n")
     return result
 
 

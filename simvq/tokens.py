@@ -3,12 +3,13 @@
 A token file is an ``.npz`` archive with one integer array per item (``tokens_0``, ``tokens_1``, ...; an
 image gives an ``(h, w)`` grid, audio a ``(T,)`` sequence) and a JSON ``meta`` entry recording the
 modality, the codebook size, each item's grid shape and source name, and the hash of the model config
-(:func:`simvq.config.config_hash`). :func:`check_compatible` compares these with a model before decoding,
+(:func:`config_hash`). :func:`check_compatible` compares these with a model before decoding,
 so tokens are never decoded by a model that would read them differently.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from dataclasses import dataclass, field
@@ -16,9 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from simvq.checkpoints import save_file_atomic
+from simvq.io import save_file_atomic
 
 FORMAT_VERSION = 1
+
+
+def config_hash(config: dict) -> str:
+    """A short hash of what fixes the meaning of tokens: the modality, model and quantizer sections."""
+    key = {k: config.get(k) for k in ("modality", "model", "quantizer")}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -118,8 +125,6 @@ def load_tokens(path: str | Path) -> TokenFile:
 
 def check_compatible(tokens: TokenFile, config: dict, codebook_size: int) -> None:
     """Raise ValueError when ``tokens`` were not made by a model with this config and codebook size."""
-    from simvq.config import config_hash
-
     modality = config.get("modality", "image")
     problems = []
     if tokens.modality != modality:
@@ -135,4 +140,4 @@ def check_compatible(tokens: TokenFile, config: dict, codebook_size: int) -> Non
         )
 
 
-__all__ = ["TokenFile", "check_compatible", "load_tokens", "save_tokens"]
+__all__ = ["TokenFile", "check_compatible", "config_hash", "load_tokens", "save_tokens"]

@@ -10,8 +10,8 @@ import torch
 from simvq.checkpoints import load_tokenizer, save_model_dir
 from simvq.cli import main
 from simvq.config import load_config
-from simvq.data.audio import read_audio
-from simvq.models import build_tokenizer
+from simvq.modalities.audio.data import read_audio
+from simvq.modalities import build_tokenizer
 from simvq.tokens import load_tokens
 
 

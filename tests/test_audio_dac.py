@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from simvq.config import load_config
-from simvq.losses.spectral import MelReconstructionLoss
-from simvq.models.audio_discriminators import (
+from simvq.modalities.audio.spectral import MelReconstructionLoss
+from simvq.modalities.audio.discriminators import (
     DAC_BANDS,
     AudioDiscriminator,
     DACDiscriminator,
@@ -248,11 +248,11 @@ def test_presets_official_on_cpu_presets_off():
 
 
 def test_one_tiny_training_step_with_the_dac_discriminator():
-    from simvq.training.audio import AudioTask
+    from simvq.modalities import get_modality
 
     torch.manual_seed(0)
     cfg = load_config("audio/speech-tiny", TINY_DAC)
-    task = AudioTask(cfg)
+    task = get_modality("audio").task(cfg)
     model, disc, mel = task.build_model(), task.build_discriminator(), task.build_loss_modules()
     assert disc.dac is not None
     opt_g = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from simvq.data.audio import (
+from simvq.modalities.audio.data import (
     AudioEvalSet,
     AudioTrainSet,
     build_audio_datasets,
@@ -17,7 +17,7 @@ from simvq.data.audio import (
     resample,
     scan_audio_folder,
 )
-from simvq.data.speech import build_speech_corpus, find_engine, make_sentences, read_manifest
+from simvq.modalities.audio.speech import build_speech_corpus, find_engine, make_sentences, read_manifest
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None and shutil.which("espeak") is None, reason="espeak-ng not installed")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from simvq.models.audio import (
+from simvq.modalities.audio.model import (
     AUDIO_PRESETS,
     AudioTokenizer,
     CausalConv1d,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from simvq.losses.spectral import MelReconstructionLoss, MelSpectrogram, hz_to_mel, mel_filterbank, mel_to_hz
+from simvq.modalities.audio.spectral import MelReconstructionLoss, MelSpectrogram, hz_to_mel, mel_filterbank, mel_to_hz
 
 
 def test_mel_scales_known_values():

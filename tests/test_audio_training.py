@@ -4,7 +4,6 @@ import math
 import shutil
 
 import pytest
-import torch
 
 from simvq.config import load_config
 

@@ -13,19 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simvq.checkpoints import (
-    atomic_path,
-    convert_official,
-    infer_official_image_config,
-    load_model_dir,
-    load_tokenizer,
-    read_model_metadata,
-    save_file_atomic,
-    save_model_dir,
-    select_official_weights,
-)
+from simvq.checkpoints import convert_official, load_model_dir, load_tokenizer, read_model_metadata, save_model_dir
+from simvq.io import atomic_path, save_file_atomic
+from simvq.modalities.image.convert import infer_official_image_config, select_official_weights
 from simvq.cli import main as cli_main
-from simvq.models import IMAGE_PRESETS, ImageTokenizer, build_tokenizer
+from simvq.modalities import build_tokenizer
+from simvq.modalities.image.model import IMAGE_PRESETS, ImageTokenizer
 from simvq.quantizers import SimVQ
 
 SMALL = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "z_channels": 16, "in_channels": 3, "out_channels": 3}

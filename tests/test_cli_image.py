@@ -13,7 +13,7 @@ from PIL import Image
 
 from simvq.checkpoints import load_tokenizer, save_model_dir
 from simvq.config import load_config
-from simvq.models import build_tokenizer
+from simvq.modalities import build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_encode_decode_round_trip(tmp_path, images):
 
 
 def test_token_file_records_what_decoding_needs(tmp_path):
-    from simvq.config import config_hash
+    from simvq.tokens import config_hash
     from simvq.tokens import check_compatible, load_tokens, save_tokens
 
     cfg = load_config("image/digits-tiny")

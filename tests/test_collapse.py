@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from simvq.data.images import FASHION_MNIST_DIR
+from simvq.modalities.image.data import FASHION_MNIST_DIR
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,6 @@ import yaml
 
 from simvq.config import (
     apply_overrides,
-    config_hash,
     find_config,
     list_presets,
     load_config,
@@ -13,6 +12,7 @@ from simvq.config import (
     resolve_config,
     save_config,
 )
+from simvq.tokens import config_hash
 
 
 def test_defaults_are_the_official_optimiser_and_every_section_is_filled():

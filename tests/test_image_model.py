@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from simvq.models import IMAGE_PRESETS, ImageTokenizer, build_tokenizer
-from simvq.models.image import depth_to_space
+from simvq.modalities import build_tokenizer
+from simvq.modalities.image.model import IMAGE_PRESETS, ImageTokenizer
+from simvq.modalities.image.model import depth_to_space
 from simvq.quantizers import SimVQ
 
 
@@ -166,7 +167,7 @@ def test_bad_inputs_give_clear_errors():
 
 # ----- discriminator and GAN losses -----------------------------------------------------------------------
 from simvq.losses import adversarial as adv  # noqa: E402
-from simvq.models.discriminators import NLayerDiscriminator  # noqa: E402
+from simvq.modalities.image.discriminator import NLayerDiscriminator  # noqa: E402
 
 
 def test_patchgan_shapes_parameter_count_and_init():

@@ -49,8 +49,8 @@ def test_ema_update_matches_hand_computation():
 def test_overfits_one_batch(tmp_path):
     from simvq.checkpoints import load_tokenizer
     from simvq.config import load_config
-    from simvq.data import build_datasets
-    from simvq.metrics.image import psnr_per_image
+    from simvq.modalities import build_datasets
+    from simvq.modalities.image.metrics import psnr_per_image
 
     overrides = TINY + ["data.train_limit=16", "optim.lr=3e-3", "loss.gan_weight=0", "trainer.log_every=10",
                         "trainer.checkpoint_every=0", "trainer.eval_every=60", "data.eval_limit=64"]

@@ -1,4 +1,4 @@
-"""Data for tokenizer training: built-in data sets and folder readers, and resumable loaders.
+"""Resumable, rank-aware data loaders shared by every modality (the data sets live in each modality's package).
 
 Training batches are a pure function of ``(seed, step, rank)``: :class:`StepBatchSampler` walks an endless
 sequence of per-epoch permutations and hands every sample its own augmentation seed. A run resumed at step
@@ -146,18 +146,4 @@ def eval_loader(
     return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False)
 
 
-def build_datasets(config: dict) -> tuple[Dataset, Dataset]:
-    """``(train, eval)`` data sets for a resolved config, dispatching on ``config["modality"]``."""
-    modality = config.get("modality", "image")
-    if modality == "image":
-        from simvq.data.images import build_image_datasets
-
-        return build_image_datasets(config["data"], seed=config.get("seed", 0))
-    if modality == "audio":
-        from simvq.data.audio import build_audio_datasets
-
-        return build_audio_datasets(config["data"], seed=config.get("seed", 0))
-    raise ValueError(f"no data sets for modality {modality!r}")
-
-
-__all__ = ["StepBatchSampler", "build_datasets", "eval_loader", "sample_seed", "train_loader"]
+__all__ = ["StepBatchSampler", "eval_loader", "sample_seed", "train_loader"]

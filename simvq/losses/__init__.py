@@ -1,4 +1,4 @@
-"""Training losses: perceptual (LPIPS or its labelled offline fallback) and adversarial."""
+"""Losses shared by the modalities: the adversarial (GAN) objectives."""
 
 from simvq.losses.adversarial import (
     D_LOSSES,
@@ -12,21 +12,16 @@ from simvq.losses.adversarial import (
     vanilla_d_loss,
     vanilla_g_loss,
 )
-from simvq.losses.perceptual import LPIPS, PerceptualLoss, multiscale_ssim_loss, ssim_torch
 
 __all__ = [
     "D_LOSSES",
     "G_LOSSES",
-    "LPIPS",
-    "PerceptualLoss",
     "discriminator_loss",
     "generator_loss",
     "hinge_d_loss",
     "hinge_g_loss",
-    "multiscale_ssim_loss",
     "non_saturating_d_loss",
     "non_saturating_g_loss",
-    "ssim_torch",
     "vanilla_d_loss",
     "vanilla_g_loss",
 ]

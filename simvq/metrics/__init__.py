@@ -1,15 +1,6 @@
-"""Evaluation metrics; each result key says which convention (or offline proxy) produced it."""
+"""Metrics shared by the modalities: the FID feature network (InceptionV3 with pytorch-fid weights) and its
+labelled offline proxy. Each modality's own metrics live in its package."""
 
-from simvq.metrics.image import ImageMetrics, psnr, psnr_batch, psnr_per_image, ssim_per_image, to_official_uint8
 from simvq.metrics.inception import FIDInceptionV3, RandomConvFeatures
 
-__all__ = [
-    "FIDInceptionV3",
-    "ImageMetrics",
-    "RandomConvFeatures",
-    "psnr",
-    "psnr_batch",
-    "psnr_per_image",
-    "ssim_per_image",
-    "to_official_uint8",
-]
+__all__ = ["FIDInceptionV3", "RandomConvFeatures"]

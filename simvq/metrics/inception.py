@@ -162,7 +162,7 @@ def resolve_fid_weights(weights: str | os.PathLike | None) -> Path | None:
 
     A path that is given but missing is an error, so that a typo cannot silently switch to the proxy.
     """
-    from simvq.checkpoints import local_weights_file
+    from simvq.io import local_weights_file
 
     return local_weights_file(weights, FID_WEIGHTS_ENV, "FID Inception weights")
 

@@ -16,6 +16,10 @@ from torch import nn
 from simvq.usage import CodebookUsage
 
 
+class NonFiniteInputError(ValueError):
+    """A quantizer was given NaN or Inf features (training has diverged upstream)."""
+
+
 class QuantizerOutput(NamedTuple):
     """What every quantizer returns.
 
@@ -168,7 +172,7 @@ class Quantizer(nn.Module):
             )
         if self.check_finite and not torch.compiler.is_compiling() and z.numel() > 0:
             if not bool(torch.isfinite(z).all()):
-                raise ValueError(
+                raise NonFiniteInputError(
                     f"{type(self).__name__} got NaN or Inf in its input; fix the encoder (lower the "
                     "learning rate, clip gradients) or pass check_finite=False to skip this check"
                 )

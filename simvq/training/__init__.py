@@ -1,11 +1,10 @@
 """Tokenizer training shared by every modality: Lightning module, EMA, callbacks, ``train()``.
 
-A modality plugs in through :class:`~simvq.training.tasks.Task` (model, losses, discriminator, data,
-samples) and :func:`~simvq.training.tasks.register_task`; everything else here is shared.
+A modality plugs in through its :class:`~simvq.modalities.Task` (model, losses, discriminator, data,
+samples); everything here is shared.
 """
 
 from simvq.training.ema import EMA
 from simvq.training.run import TrainResult, train
-from simvq.training.tasks import ImageTask, Task, get_task, register_task
 
-__all__ = ["EMA", "ImageTask", "Task", "TrainResult", "get_task", "register_task", "train"]
+__all__ = ["EMA", "TrainResult", "train"]

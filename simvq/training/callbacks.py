@@ -8,7 +8,8 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from simvq.checkpoints import atomic_path
+from simvq.evaluation import evaluate
+from simvq.io import atomic_path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -66,7 +67,7 @@ class SampleGrids(L.Callback):
             # spread over the evaluation set rather than the first few neighbours
             idx = torch.linspace(0, len(ds) - 1, n).round().long().tolist()
             # a task may batch items of different sizes its own way (audio: utterances of different lengths)
-            collate = getattr(pl_module.task, "collate_samples", None) or torch.stack
+            collate = pl_module.task.collate_samples
             self._batch = collate([ds[i] for i in idx])
         return self._batch
 
@@ -97,8 +98,6 @@ class PeriodicEval(L.Callback):
         if self.every <= 0 or pl_module.step % self.every != 0 or pl_module.diverged:
             return
         if trainer.global_rank == 0:
-            from simvq.evaluation import evaluate
-
             with pl_module.ema_weights():
                 result = evaluate(
                     pl_module.model, pl_module.eval_set, config=pl_module.config, device=pl_module.device,

@@ -12,7 +12,10 @@ import torch
 import torch.distributed as dist
 
 from simvq.training.ema import EMA
-from simvq.training.tasks import Task, get_task
+from simvq.data import train_loader
+from simvq.modalities import Task, modality_of
+from simvq.quantizers.base import NonFiniteInputError
+from simvq.tokens import config_hash
 
 
 def _world_size() -> int:
@@ -68,10 +71,11 @@ class TokenizerModule(L.LightningModule):
 
     Args:
         config: a resolved config (:func:`simvq.config.resolve_config`).
-        task: the modality's :class:`~simvq.training.tasks.Task` (default: from ``config["modality"]``).
+        task: the modality's :class:`~simvq.modalities.Task` (default: from ``config["modality"]``).
         train_set, eval_set: data sets (built by the task when omitted).
         max_steps: stop after this many steps (None: no step limit).
         max_minutes: stop after this much training time in this process (None: no limit).
+        init_state, init_strict: starting weights (see :func:`simvq.training.train`).
     """
 
     def __init__(
@@ -83,12 +87,16 @@ class TokenizerModule(L.LightningModule):
         eval_set=None,
         max_steps: int | None = None,
         max_minutes: float | None = None,
+        init_state: dict | None = None,
+        init_strict: bool = False,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.config = config
-        self.task = task if task is not None else get_task(config)
+        self.task = task if task is not None else modality_of(config).task(config)
         self.model = self.task.build_model()
+        if init_state is not None:
+            load_initial_weights(self.model, init_state, strict=init_strict)
         self.discriminator = self.task.build_discriminator()
         # frozen loss networks are kept out of the module tree: not in checkpoints, not wrapped by DDP
         self._loss_modules = [self.task.build_loss_modules()]
@@ -140,8 +148,6 @@ class TokenizerModule(L.LightningModule):
         return [opt_g, opt_d]
 
     def train_dataloader(self):
-        from simvq.data import train_loader
-
         d = self.config["data"]
         return train_loader(
             self.train_set,
@@ -167,8 +173,6 @@ class TokenizerModule(L.LightningModule):
         state = checkpoint.get("simvq")
         if state is None:
             raise ValueError("this checkpoint was not written by simvq training (no 'simvq' entry); cannot resume it")
-        from simvq.config import config_hash
-
         if config_hash(state["config"]) != config_hash(self.config):
             raise ValueError(
                 "the checkpoint in this run folder was trained with a different model/quantizer config; "
@@ -218,9 +222,7 @@ class TokenizerModule(L.LightningModule):
             )
             if not bool(torch.isfinite(g_loss)):
                 error = f"generator loss is {float(g_loss)} at step {step}"
-        except ValueError as err:  # the quantizer refuses NaN/Inf features
-            if "NaN" not in str(err) and "Inf" not in str(err):
-                raise
+        except NonFiniteInputError as err:  # the quantizer refuses NaN/Inf features
             error = f"step {step}: {err}"
         (bad,) = self._any_rank(bool(error))
         if bad:
@@ -329,8 +331,16 @@ class TokenizerModule(L.LightningModule):
         return x, x_hat
 
 
+def load_initial_weights(model, state_dict: dict, *, strict: bool) -> None:
+    """Load starting weights into a freshly built tokenizer (only the given keys unless ``strict``)."""
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.endswith("usage.counts")]
+    if unexpected or (strict and missing):
+        raise ValueError(f"initial weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def finite_state(state: dict[str, torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
-__all__ = ["TokenizerModule", "finite_state", "preserved_usage", "rng_state", "set_rng_state"]
+__all__ = ["TokenizerModule", "finite_state", "load_initial_weights", "preserved_usage", "rng_state", "set_rng_state"]

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from simvq.checkpoints import save_model_dir
+from simvq.modalities import modality_of
+
 log = logging.getLogger("simvq.training")
 
 
@@ -88,13 +91,6 @@ def _peak_memory_mb(device_type: str) -> float:
         return float("nan")
 
 
-def export_model_dir(state_dict: dict, config: dict, directory: Path, *, metadata: dict | None = None) -> Path:
-    """Write ``config.yaml`` + ``model.safetensors`` through :mod:`simvq.checkpoints` (atomic writes)."""
-    from simvq.checkpoints import save_model_dir
-
-    return Path(save_model_dir(directory, state_dict, config, metadata=metadata))
-
-
 def train(
     config,
     *,
@@ -104,6 +100,8 @@ def train(
     progress: bool = True,
     resume: bool = True,
     overrides: list[str] | None = None,
+    init_state: dict | None = None,
+    init_strict: bool = False,
 ) -> TrainResult:
     """Train the tokenizer a config describes and export it to ``out_dir/model``.
 
@@ -117,12 +115,15 @@ def train(
         resume: continue from ``out_dir/checkpoints/last.ckpt`` when it exists. With ``resume=False`` an
             existing checkpoint is an error (nothing is overwritten).
         overrides: ``key.sub=value`` strings applied to ``config`` first.
+        init_state: starting weights for the tokenizer (a state dict, e.g. a retrofitted model or a k-means
+            codebook), loaded into the freshly built model before the EMA copy is made. Only the given keys
+            are loaded; ``init_strict=True`` also requires every model weight to be given (usage counters
+            excepted). A resumed run continues from its checkpoint instead, as it should.
 
     Returns:
         :class:`TrainResult`. A NaN/Inf loss stops the run with ``diverged=True`` instead of raising.
     """
     from simvq.config import load_config, save_config
-    from simvq.training.tasks import get_task
 
     wall0 = time.perf_counter()
     config = load_config(config, overrides)
@@ -149,7 +150,7 @@ def train(
             )
         resume_from = ckpt_path
         previous = _peek_checkpoint(ckpt_path)
-        from simvq.config import config_hash
+        from simvq.tokens import config_hash
 
         if config_hash(previous["config"]) != config_hash(config):
             raise ValueError(
@@ -163,7 +164,7 @@ def train(
     if tcfg["num_threads"] is not None:
         torch.set_num_threads(tcfg["num_threads"])
     # data errors (missing folder, no images) surface before the slow Lightning import
-    task = get_task(config)
+    task = modality_of(config).task(config)
     train_set, eval_set = task.build_datasets()
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -180,7 +181,8 @@ def train(
 
     L.seed_everything(config["seed"], workers=True, verbose=False)
     module = TokenizerModule(
-        config, task=task, train_set=train_set, eval_set=eval_set, max_minutes=tcfg["max_minutes"]
+        config, task=task, train_set=train_set, eval_set=eval_set, max_minutes=tcfg["max_minutes"],
+        init_state=init_state if resume_from is None else None, init_strict=init_strict,
     )
 
     loggers = []
@@ -254,7 +256,7 @@ def train(
         state = module.export_state_dict()
         if finite_state(state):
             meta = {"weights": "ema" if module.ema is not None else "live", "steps": str(module.step)}
-            model_dir = export_model_dir({k: v.cpu() for k, v in state.items()}, config, out_dir / "model", metadata=meta)
+            model_dir = Path(save_model_dir(out_dir / "model", {k: v.cpu() for k, v in state.items()}, config, metadata=meta))
         else:
             log.error("weights are not finite after divergence; no model exported (last good checkpoint: %s)", ckpt_path)
     if module.diverged:

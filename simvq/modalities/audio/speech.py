@@ -169,7 +169,7 @@ def find_engine() -> str:
 def _synthesise(engine: str, text: str, voice: str, rate: int, pitch: int, sample_rate: int) -> np.ndarray:
     import soundfile as sf
 
-    from simvq.data.audio import resample
+    from simvq.modalities.audio.data import resample
 
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "clip.wav"

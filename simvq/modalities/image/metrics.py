@@ -14,7 +14,7 @@ Conventions of the official ``evaluation.py`` (reproduced here, REFERENCE §2):
   mean over images, times 100. (The official loop averages per-batch means, which differs only through the
   last partial batch.) Images must be at least 7x7;
 - LPIPS (``lpips_alex``, ``lpips_vgg``): on the unquantised ``[-1, 1]`` images, mean over images; computed only
-  when the backbone weights are available (see :mod:`simvq.losses.perceptual`);
+  when the backbone weights are available (see :mod:`simvq.modalities.image.perceptual`);
 - rFID (``rfid``): Fréchet distance between the pool3 features (pytorch-fid InceptionV3) of all originals and
   all reconstructions, both in ``[0, 1]`` unquantised. Without the Inception weights the key is
   ``proxy_fid_random_conv`` instead (a fixed random CNN, :class:`~simvq.metrics.inception.RandomConvFeatures`),
@@ -152,7 +152,7 @@ class ImageMetrics:
                     "(Inception weights not given; set SIMVQ_FID_INCEPTION_WEIGHTS for rFID)"
                 )
         # LPIPS
-        from simvq.losses.perceptual import LPIPS, resolve_backbone_weights
+        from simvq.modalities.image.perceptual import LPIPS, resolve_backbone_weights
 
         self._lpips: dict[str, LPIPS] = {}
         if lpips is not None:

@@ -128,7 +128,7 @@ def resolve_backbone_weights(net: str, weights: str | os.PathLike | None) -> Pat
     """
     if net not in NETS:
         raise ValueError(f"net must be one of {NETS}, got {net!r}")
-    from simvq.checkpoints import local_weights_file
+    from simvq.io import local_weights_file
 
     return local_weights_file(weights, BACKBONE_ENV[net], f"LPIPS {net} backbone weights")
 

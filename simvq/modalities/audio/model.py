@@ -31,14 +31,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from simvq.modalities.base import bits_per_token
+from simvq.quantizers import build_quantizer
 from simvq.quantizers.base import Quantizer, QuantizerOutput
 
 # ----------------------------------------------------------------------------------------------------------
@@ -538,8 +538,8 @@ class AudioTokenizer(nn.Module):
 
     @property
     def bitrate(self) -> float:
-        """Bits per second: ``tokens/s * index_levels * log2(K)``."""
-        return self.tokens_per_second * self.quantize.index_levels * math.log2(self.quantize.codebook_size)
+        """Bits per second: ``tokens/s * index_levels * log2(K)`` (:func:`~simvq.modalities.base.bits_per_token`)."""
+        return self.tokens_per_second * bits_per_token(self.quantize)
 
     # ----- API ----------------------------------------------------------------------------------------
     def _check_wave(self, x: torch.Tensor) -> torch.Tensor:
@@ -599,7 +599,7 @@ def build_audio_tokenizer(config: Mapping, quantizer_cfg: Mapping | None = None)
     """Build an :class:`AudioTokenizer` from a config.
 
     Called either with the full config (``model`` and ``quantizer`` sections) or, as
-    :func:`simvq.models.build_tokenizer` does, with the ``model`` section and the ``quantizer`` section.
+    :func:`simvq.modalities.build_tokenizer` does, with the ``model`` section and the ``quantizer`` section.
     ``model.preset`` picks an entry of :data:`AUDIO_PRESETS` (default ``official-24k``); other ``model`` keys
     override it. ``quantizer.name`` + keywords go to :func:`simvq.quantizers.build_quantizer`; ``dim`` is filled
     from the model (``dimension``) and ``channel_first`` is forced to True.
@@ -617,120 +617,8 @@ def build_audio_tokenizer(config: Mapping, quantizer_cfg: Mapping | None = None)
         raise ValueError(f"quantizer.dim ({qcfg['dim']}) must equal model.dimension ({model_kwargs['dimension']}) or be omitted")
     qcfg["dim"] = model_kwargs["dimension"]
     qcfg["channel_first"] = True
-    return AudioTokenizer(quantizer=_build_quantizer(name, **qcfg), **model_kwargs)
+    return AudioTokenizer(quantizer=build_quantizer(name, **qcfg), **model_kwargs)
 
-
-def _build_quantizer(name: str, **kwargs) -> Quantizer:
-    try:
-        from simvq.quantizers import build_quantizer
-    except ImportError:  # the factory is not in this tree yet: the two core families are reachable directly
-        from simvq.quantizers import SimVQ, VectorQuantizer
-
-        core = {"simvq": SimVQ, "vq": VectorQuantizer}
-        if name not in core:
-            raise ValueError(f"unknown quantizer {name!r}; available here: {sorted(core)}") from None
-        return core[name](**kwargs)
-    return build_quantizer(name, **kwargs)
-
-
-@dataclass
-class AudioModelConfig:
-    """The audio tokenizer (:mod:`simvq.models.audio`, REFERENCE §3).
-
-    ``preset`` names an entry of :data:`AUDIO_PRESETS` (``official-24k``, ``small-16k``, ``tiny-16k``; default
-    ``official-24k``); keys given next to it override the preset. ``ratios`` are EnCodec's decoder-order
-    strides (the encoder applies them reversed; hop = their product); ``dimension`` is the token dimension
-    (the quantizer's ``dim``); ``backbone_*`` size the Vocos decoder; ``n_fft`` is the ISTFT size of the head;
-    ``encoder_init_gain`` (default: PyTorch's initialisation, as official) redraws the encoder convs
-    variance-preserving at that gain. The resolved config stores every key.
-    """
-
-    preset: Optional[str] = None
-    sample_rate: Optional[int] = None
-    n_filters: Optional[int] = None
-    ratios: Optional[list[int]] = None
-    n_residual_layers: Optional[int] = None
-    dilation_base: Optional[int] = None
-    kernel_size: Optional[int] = None
-    last_kernel_size: Optional[int] = None
-    residual_kernel_size: Optional[int] = None
-    compress: Optional[int] = None
-    lstm_layers: Optional[int] = None
-    dimension: Optional[int] = None
-    backbone_dim: Optional[int] = None
-    backbone_intermediate_dim: Optional[int] = None
-    backbone_layers: Optional[int] = None
-    pos_net: Optional[bool] = None
-    n_fft: Optional[int] = None
-    encoder_init_gain: Optional[float] = None
-
-
-def finalize_audio_config(cfg: dict) -> dict:
-    """Expand the model preset, copy the model's rate into ``data.sample_rate`` and check the audio values."""
-    model = {k: v for k, v in cfg["model"].items() if v is not None}
-    preset = model.get("preset") or "official-24k"
-    model["preset"] = preset
-    resolved = resolve_audio_model_config(model)
-    cfg["model"] = {"preset": preset, **resolved}
-    rate = resolved["sample_rate"]
-    data = cfg["data"]
-    if data.get("sample_rate") not in (None, rate):
-        raise ValueError(f"data.sample_rate ({data['sample_rate']}) differs from model.sample_rate ({rate}); drop data.sample_rate")
-    data["sample_rate"] = rate
-    hop = math.prod(resolved["ratios"])
-    if (resolved["n_fft"] - hop) % 2 or resolved["n_fft"] < hop:
-        raise ValueError(f"model.n_fft ({resolved['n_fft']}) must be >= the hop ({hop}) with an even difference")
-    if resolved["pos_net"] and resolved["backbone_dim"] % 32:
-        raise ValueError(f"model.backbone_dim ({resolved['backbone_dim']}) must be a multiple of 32 with the pos-net")
-    for key in ("batch_size", "eval_batch_size", "corpus_sentences", "corpus_voices_per_sentence"):
-        if data[key] < 1:
-            raise ValueError(f"data.{key} must be >= 1, got {data[key]}")
-    if data["eval_fraction"] is not None and not 0 < data["eval_fraction"] < 1:
-        raise ValueError(f"data.eval_fraction must lie in (0, 1) or be null (the data set's default), got {data['eval_fraction']!r}")
-    if not data["segment_seconds"] > 0:
-        raise ValueError(f"data.segment_seconds must be > 0, got {data['segment_seconds']}")
-    if data["segment_seconds"] * rate < hop:
-        raise ValueError(f"data.segment_seconds is shorter than one token ({hop} samples at {rate} Hz)")
-    loss = cfg["loss"]
-    for key in ("mel_weight", "quantizer_weight", "gan_weight", "feature_matching_weight", "mrd_weight", "gan_start_step", "dac_weight"):
-        if not loss[key] >= 0:
-            raise ValueError(f"loss.{key} must be >= 0, got {loss[key]!r}")
-    if any(p < 1 for p in loss["periods"]) or any(len(r) != 3 for r in loss["resolutions"]):
-        raise ValueError("loss.periods must be positive integers and loss.resolutions [n_fft, hop, win] triples")
-    _check_dac_loss(loss)
-    return cfg
-
-
-def _check_dac_loss(loss: dict) -> None:
-    """Check the DAC discriminator keys of the ``loss`` section (checked even when ``dac_weight`` is 0)."""
-    from simvq.models.audio_discriminators import dac_band_edges
-
-    if loss["dac_weight"] > 0 and not (loss["gan_weight"] > 0 or loss["feature_matching_weight"] > 0):
-        raise ValueError(
-            f"loss.dac_weight ({loss['dac_weight']}) adds a discriminator to the GAN, but the GAN is off "
-            "(loss.gan_weight and loss.feature_matching_weight are 0); turn the GAN on or set loss.dac_weight to 0"
-        )
-    if loss["dac_channels"] < 1:
-        raise ValueError(f"loss.dac_channels must be >= 1, got {loss['dac_channels']}")
-    if any(p < 1 for p in loss["dac_periods"]):
-        raise ValueError(f"loss.dac_periods must be positive integers (or [] for none), got {loss['dac_periods']}")
-    if not loss["dac_windows"] and not loss["dac_periods"]:
-        raise ValueError("loss.dac_windows and loss.dac_periods are both empty: the DAC discriminator would judge nothing")
-    for i, band in enumerate(loss["dac_bands"]):
-        if len(band) != 2 or not 0 <= band[0] < band[1] <= 1:
-            raise ValueError(f"loss.dac_bands[{i}] must be a pair [lo, hi] of fractions of the STFT bins with 0 <= lo < hi <= 1, got {band}")
-    if loss["dac_windows"] and not loss["dac_bands"]:
-        raise ValueError("loss.dac_bands must list at least one [lo, hi] band")
-    for window in loss["dac_windows"]:
-        try:
-            dac_band_edges(window, loss["dac_bands"])
-        except ValueError as err:
-            raise ValueError(f"loss.dac_windows: {err}") from None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Official checkpoints
-# ----------------------------------------------------------------------------------------------------------
 
 def is_official_audio_state_dict(state_dict: Mapping) -> bool:
     """True for a state dict laid out as the official audio model (``backbone.*`` and ``head.*`` at the top)."""
@@ -835,7 +723,7 @@ def infer_official_audio_model(state_dict: Mapping) -> dict:
 
 
 def convert_official_state_dict(state_dict: Mapping, use_ema: bool = True) -> tuple[dict, dict]:
-    """An official audio checkpoint's ``state_dict`` -> ``(tokenizer state dict, full config)``.
+    """An official audio checkpoint's ``state_dict`` -> ``(tokenizer state dict, model and quantizer sections)``.
 
     The architecture is read from the tensor shapes (:func:`infer_official_audio_model`; the released models
     are ``official-24k``); the codebook size comes from ``quantize.embedding.weight``, and the quantizer is
@@ -847,13 +735,7 @@ def convert_official_state_dict(state_dict: Mapping, use_ema: bool = True) -> tu
         raise ValueError("official audio checkpoint lacks quantize.embedding.weight (K, d); it does not have the official layout")
     k = int(codebook.shape[0])
     name = "simvq" if "quantize.embedding_proj.weight" in state_dict else "vq"
-    config = {"modality": "audio", "model": infer_official_audio_model(state_dict), "quantizer": {"name": name, "codebook_size": k}}
-    try:
-        from simvq.config import resolve_config
-
-        config = resolve_config(config)
-    except ImportError:
-        pass
+    config = {"model": infer_official_audio_model(state_dict), "quantizer": {"name": name, "codebook_size": k}}
     model = build_audio_tokenizer(config)
     converted = convert_official_audio_state_dict(state_dict, model, use_ema=use_ema)
     own = model.state_dict()

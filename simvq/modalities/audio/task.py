@@ -1,5 +1,5 @@
 """The audio modality's training task: SEANet/Vocos tokenizer, log-mel + VQ + MPD/MRD(/DAC) GAN losses, speech
-data, PESQ/STOI/DNSMOS/V-UV-F1 evaluation and spectrogram sample plots. Registers itself as ``modality: audio``.
+sample figures (spectrograms and a few listenable wav pairs).
 
 Loss (REFERENCE §3): ``45 * logmel_L1 + 1000 * VQ loss + (MPD + MRD hinge) + (MPD + MRD feature matching)``,
 plus the DAC discriminator's least-squares and feature-matching terms when ``loss.dac_weight > 0``.
@@ -11,26 +11,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from simvq.training.tasks import Task, register_task
+from simvq.modalities.base import Task
 
 
 class AudioTask(Task):
     """Audio tokenizer training (see the module docstring)."""
 
-    modality = "audio"
-
     def build_discriminator(self) -> nn.Module | None:
-        from simvq.models.audio_discriminators import AudioDiscriminator, uses_gan
+        from simvq.modalities.audio.discriminators import AudioDiscriminator, uses_gan
 
         loss = self.config["loss"]
         return AudioDiscriminator.from_loss_config(loss) if uses_gan(loss) else None
 
     def build_loss_modules(self) -> nn.Module | None:
-        from simvq.losses.spectral import MelReconstructionLoss
+        from simvq.modalities.audio.spectral import MelReconstructionLoss
 
         loss = self.config["loss"]
         return MelReconstructionLoss(
@@ -38,13 +35,13 @@ class AudioTask(Task):
         )
 
     def gan_active(self, step: int) -> bool:
-        from simvq.models.audio_discriminators import uses_gan
+        from simvq.modalities.audio.discriminators import uses_gan
 
         loss = self.config["loss"]
         return uses_gan(loss) and step >= loss["gan_start_step"]
 
     def generator_loss(self, *, x, x_hat, quant, discriminator, loss_modules, step: int):
-        from simvq.models.audio_discriminators import audio_generator_loss
+        from simvq.modalities.audio.discriminators import audio_generator_loss
 
         return audio_generator_loss(
             x=x, x_hat=x_hat, quant=quant, mel_loss=loss_modules, discriminator=discriminator, loss=self.config["loss"],
@@ -52,25 +49,15 @@ class AudioTask(Task):
         )
 
     def discriminator_loss(self, *, x, x_hat, discriminator, step: int):
-        from simvq.models.audio_discriminators import audio_discriminator_loss
+        from simvq.modalities.audio.discriminators import audio_discriminator_loss
 
         return audio_discriminator_loss(x=x, x_hat=x_hat, discriminator=discriminator, loss=self.config["loss"])
 
     def collate_samples(self, items: list[torch.Tensor]) -> torch.Tensor:
         """Sample utterances of different lengths -> one batch, cropped to the shortest."""
-        from simvq.data.audio import AudioEvalSet
+        from simvq.modalities.audio.data import AudioEvalSet
 
         return AudioEvalSet.collate(items)
-
-    def build_metrics(self, device):
-        from simvq.metrics.audio import AudioBatchMetrics
-
-        m = self.config["model"]
-        tokens_per_second = m["sample_rate"] / float(np.prod(m["ratios"]))
-        return AudioBatchMetrics(
-            sample_rate=m["sample_rate"], tokens_per_second=tokens_per_second, codebook_size=self.config["quantizer"].get("codebook_size"),
-            device=device,
-        )
 
     def save_samples(self, x: torch.Tensor, x_hat: torch.Tensor, path: Path) -> Path:
         path = Path(path).with_suffix(".png")
@@ -94,7 +81,7 @@ def save_spectrogram_comparison(x: torch.Tensor, x_hat: torch.Tensor, path: str 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from simvq.losses.spectral import MelSpectrogram, safe_log
+    from simvq.modalities.audio.spectral import MelSpectrogram, safe_log
 
     mel = MelSpectrogram(sample_rate=sample_rate, n_fft=1024, hop_length=256, n_mels=80)
     rows = min(max_rows, x.shape[0])
@@ -119,7 +106,5 @@ def save_spectrogram_comparison(x: torch.Tensor, x_hat: torch.Tensor, path: str 
     plt.close(fig)
     return path
 
-
-register_task("audio", AudioTask)
 
 __all__ = ["AudioTask", "save_spectrogram_comparison"]

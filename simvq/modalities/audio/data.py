@@ -15,16 +15,14 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from simvq.data.speech import CORPUS_EVAL_FRACTION, CORPUS_SENTENCES, CORPUS_VOICES_PER_SENTENCE
+from simvq.modalities.audio.speech import CORPUS_EVAL_FRACTION, CORPUS_SENTENCES, CORPUS_VOICES_PER_SENTENCE
 
 log = logging.getLogger(__name__)
 
@@ -196,40 +194,6 @@ FOLDER_EVAL_FRACTION = 0.1
 EVAL_DATASETS = (None, "pocketsphinx")
 
 
-@dataclass
-class AudioDataConfig:
-    """Audio data; ``batch_size`` is per device.
-
-    ``dataset``: ``speech`` (the built-in synthetic speech corpus: ``path`` is its folder, built there with
-    espeak-ng when missing, default ``~/.cache/simvq/speech-<rate>hz-<sentences>s-<voices>v-<eval_fraction>e``;
-    train/eval held out by sentence, ``eval_fraction`` of the sentences) or
-    ``folder`` (any nested folder of wav/flac, e.g. LibriTTS ``train-clean-100``; ``eval_path`` is the
-    evaluation folder, otherwise ``eval_fraction`` of the files, every n-th in sorted order, is held out).
-    ``eval_fraction`` None means the data set's default: 0.3 of the built-in corpus's sentences, 0.1 of a
-    folder's files.
-    ``eval_dataset: pocketsphinx`` evaluates on Debian's real LibriVox clips instead.
-    ``sample_rate`` is filled from the model. ``segment_seconds``: training crop length (official 1 s).
-    ``eval_max_seconds`` crops evaluation utterances (None: whole utterances).
-    ``corpus_sentences`` / ``corpus_voices_per_sentence``: size of the built-in corpus when it is built.
-    """
-
-    dataset: str = "speech"
-    path: Optional[str] = None
-    eval_path: Optional[str] = None
-    eval_dataset: Optional[str] = None
-    eval_fraction: Optional[float] = None
-    sample_rate: Optional[int] = None
-    segment_seconds: float = 1.0
-    eval_max_seconds: Optional[float] = None
-    train_limit: Optional[int] = None
-    eval_limit: Optional[int] = None
-    batch_size: int = 8
-    eval_batch_size: int = 1
-    num_workers: int = 0
-    corpus_sentences: int = CORPUS_SENTENCES
-    corpus_voices_per_sentence: int = CORPUS_VOICES_PER_SENTENCE
-
-
 def default_corpus_dir(
     sample_rate: int,
     sentences: int = CORPUS_SENTENCES,
@@ -257,7 +221,7 @@ def audio_file_splits(data_cfg: dict) -> tuple[list[Path], list[Path]]:
         raise ValueError("data.sample_rate is not set; it is filled from model.sample_rate by the config")
     dataset = d.get("dataset", "speech")
     if dataset == "speech":
-        from simvq.data.speech import ensure_speech_corpus, read_manifest
+        from simvq.modalities.audio.speech import ensure_speech_corpus, read_manifest
 
         sentences = d.get("corpus_sentences", CORPUS_SENTENCES)
         voices = d.get("corpus_voices_per_sentence", CORPUS_VOICES_PER_SENTENCE)
@@ -317,7 +281,7 @@ def encode_audio_files(model, config: dict, files: list[Path], out: str | Path, 
     Each file is read at the model's rate; the token file records every input's length in samples so that
     decoding returns audio of the original length.
     """
-    from simvq.config import config_hash
+    from simvq.tokens import config_hash
     from simvq.tokens import save_tokens
 
     device = device or next(model.parameters()).device
@@ -406,7 +370,6 @@ def list_audio_inputs(items: list[str]) -> list[Path]:
 
 __all__ = [
     "AUDIO_EXTENSIONS",
-    "AudioDataConfig",
     "AudioEvalSet",
     "AudioTrainSet",
     "audio_file_splits",

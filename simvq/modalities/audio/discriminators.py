@@ -23,7 +23,6 @@ The generator objective is ``mel_weight * logmel_L1 + quantizer_weight * vq_loss
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +30,6 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from simvq.losses.adversarial import hinge_d_loss
-from simvq.losses.spectral import MelReconstructionLoss
 
 DEFAULT_PERIODS = (2, 3, 5, 7, 11)
 DEFAULT_RESOLUTIONS = ((1024, 256, 1024), (2048, 512, 2048), (512, 128, 512))
@@ -308,45 +306,6 @@ def dac_feature_matching_loss(real_maps: list[list[torch.Tensor]], fake_maps: li
     DAC's ``GANLoss``; the real side is detached."""
     terms = [(r.detach().float() - f.float()).abs().mean() for rs, fs in zip(real_maps, fake_maps) for r, f in zip(rs[:-1], fs[:-1])]
     return torch.stack(terms).sum()
-
-
-@dataclass
-class AudioLossConfig:
-    """Loss of the audio tokenizer (REFERENCE §3): ``mel_weight * logmel_L1 + quantizer_weight * VQ loss +
-    gan_weight * (MPD + MRD generator hinge) + feature_matching_weight * (MPD + MRD feature matching)``.
-
-    ``mel_n_fft / mel_hop / mel_n_mels``: the log-mel L1 (official 1024 / 256 / 100 at 24 kHz).
-    ``gan_weight: 0`` trains without discriminators. ``mpd_channels`` / ``mrd_channels`` set the
-    discriminator widths (official ``[32, 128, 512, 1024]`` and 64); ``gan_start_step`` delays the GAN terms and
-    the discriminator updates.
-
-    ``dac_weight`` adds the official recipe's DAC discriminator (:class:`DACDiscriminator`, least-squares GAN):
-    ``dac_weight * (gan_weight * G_dac + feature_matching_weight * FM_dac)`` in the generator objective and
-    ``dac_weight * D_dac`` in the discriminator's. 0 (the default) builds nothing and leaves the loss as it was;
-    the official value is 1 (WavTokenizer/SimVQ add the DAC terms unweighted). ``dac_windows`` (official
-    ``[2048, 1024, 512]``), ``dac_channels`` (32) and ``dac_bands`` (fractions of the STFT bins) shape its
-    multi-band STFT discriminators; ``dac_periods`` (official ``[2, 3, 5, 7, 11]``; ``[]`` drops them) its period
-    discriminators, which are ``mpd_channels`` wide.
-    """
-
-    mel_weight: float = 45.0
-    quantizer_weight: float = 1000.0
-    gan_weight: float = 1.0
-    feature_matching_weight: float = 1.0
-    mrd_weight: float = 1.0
-    gan_start_step: int = 0
-    mel_n_fft: int = 1024
-    mel_hop: int = 256
-    mel_n_mels: int = 100
-    periods: list[int] = field(default_factory=lambda: list(DEFAULT_PERIODS))
-    mpd_channels: list[int] = field(default_factory=lambda: [32, 128, 512, 1024])
-    resolutions: list[list[int]] = field(default_factory=lambda: [list(r) for r in DEFAULT_RESOLUTIONS])
-    mrd_channels: int = 64
-    dac_weight: float = 0.0
-    dac_windows: list[int] = field(default_factory=lambda: list(DAC_WINDOWS))
-    dac_channels: int = 32
-    dac_bands: list[list[float]] = field(default_factory=lambda: [list(b) for b in DAC_BANDS])
-    dac_periods: list[int] = field(default_factory=lambda: list(DAC_PERIODS))
 
 
 class AudioDiscriminator(nn.Module):
