@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import yaml
 
 from simvq.modalities import get_modality
 from simvq.modalities.base import check_positive
+from simvq.quantizers import QUANTIZERS
 
 class ConfigTypeError(TypeError, ValueError):
     """A config value of the wrong type: a user error (ValueError) that is also a TypeError."""
@@ -34,7 +36,6 @@ class ConfigTypeError(TypeError, ValueError):
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 TOP_LEVEL_KEYS = ("modality", "seed", "model", "quantizer", "loss", "data", "optim", "trainer")
-CONTRACT_QUANTIZERS = ("simvq", "vq", "ema_vq", "factorized_vq", "lc_vq", "fsq", "lfq", "residual")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
@@ -187,29 +188,23 @@ def _validate_section(section: str, raw, schema) -> dict:
     return out
 
 
-def _quantizer_signature(name: str):
-    """Keyword parameters of the quantizer class called ``name``, or None when it cannot be looked up."""
-    try:
-        from simvq.quantizers import factory
-    except ImportError:
-        factory = None
-    registry = None
-    if factory is not None:
-        for attr in ("QUANTIZERS", "REGISTRY", "QUANTIZER_CLASSES"):
-            registry = getattr(factory, attr, None)
-            if isinstance(registry, dict):
-                break
-            registry = None
-    if registry is None:
-        from simvq.quantizers import SimVQ, VectorQuantizer
+def _quantizer_keys(name: str, raw: dict) -> set[str]:
+    """The config keys the quantizer class called ``name`` accepts (ValueError for an unknown name).
 
-        registry = {"simvq": SimVQ, "vq": VectorQuantizer}
-    if name not in registry:
-        return None, sorted(registry)
-    import inspect
-
-    params = inspect.signature(registry[name].__init__).parameters
-    return {k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD}, sorted(registry)
+    A class that takes ``**level_kwargs`` for the quantizer of each level (residual stacks) also accepts
+    that level class's keys.
+    """
+    if name not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer.name {name!r}; valid names: {', '.join(QUANTIZERS)}")
+    params = inspect.signature(QUANTIZERS[name].__init__).parameters
+    keys = {k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD}
+    if hasattr(QUANTIZERS[name], "build_kwargs"):
+        keys.add("codebook_size")  # translated by the class (FSQ: codebook_size -> levels)
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and "quantizer" in params:
+        level = raw.get("quantizer", params["quantizer"].default)
+        if isinstance(level, str) and level != name:
+            keys |= _quantizer_keys(level, {})
+    return keys
 
 
 def _validate_quantizer(raw) -> dict:
@@ -222,14 +217,7 @@ def _validate_quantizer(raw) -> dict:
     name = raw["name"]
     if not isinstance(name, str):
         raise ConfigTypeError(f"quantizer.name must be a string, got {name!r}")
-    params, known = _quantizer_signature(name)
-    if params is None:
-        if name not in CONTRACT_QUANTIZERS or "fsq" in known:
-            raise ValueError(f"unknown quantizer.name {name!r}; valid names: {', '.join(known)}")
-        # the factory that knows this family is not installed yet; it reports bad keywords when it builds
-        return raw
-    if name == "fsq":
-        params = params | {"codebook_size"}  # build_quantizer maps it to the recommended levels
+    params = _quantizer_keys(name, raw)
     unknown = sorted(set(raw) - params - {"name"})
     if unknown:
         raise ValueError(
@@ -325,9 +313,24 @@ def find_config(name_or_path: str | Path) -> Path:
     )
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line describing a YAML syntax error (PyYAML's own message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
 def load_yaml(path: str | Path) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML ({yaml_problem(err)}); fix that line of the file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a UTF-8 text file; give a YAML config file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder; give a YAML config file or a preset name") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -343,7 +346,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key = key.strip()
     if not key or any(not part for part in key.split(".")):
         raise ValueError(f"override {text!r}: the key must be dotted names like trainer.max_steps")
-    parsed = yaml.safe_load(value) if value.strip() else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as err:
+        raise ValueError(
+            f"override {text!r}: the value is not valid YAML ({yaml_problem(err)}); quote it or fix it, e.g. optim.betas=[0.5,0.9]"
+        ) from None
     # YAML reads 1e-4 as a string (it wants 1.0e-4); numbers are what people mean
     if isinstance(parsed, str):
         try:
@@ -385,6 +393,14 @@ def _fix_yaml_floats(obj):
     return obj
 
 
+def config_source_file(source) -> Path | None:
+    """The YAML file a config source names (None for a dict); a user file, not a shipped preset, is an input."""
+    if isinstance(source, dict):
+        return None
+    path = find_config(source)
+    return None if PRESET_DIR in path.resolve().parents else path
+
+
 def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> dict:
     """Load a preset name, a YAML path or a dict, apply overrides, validate, fill defaults."""
     if isinstance(source, dict):
@@ -396,21 +412,10 @@ def load_config(source: str | Path | dict, overrides: list[str] | None = None) -
 
 
 def save_config(config: dict, path: str | Path) -> None:
-    """Write ``config`` as YAML (atomic: temp file + rename, so a crash never leaves half a file)."""
-    import os
-    import tempfile
+    """Write ``config`` as YAML atomically (:func:`simvq.io.save_file_atomic`)."""
+    from simvq.io import save_file_atomic
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yaml.safe_dump(config, fh, sort_keys=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_file_atomic(path, yaml.safe_dump(config, sort_keys=False))
 
 
 def get(config: dict, dotted: str, default=None):

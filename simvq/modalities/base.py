@@ -121,6 +121,8 @@ class Modality:
     name: str = ""
     #: the Task subclass that trains it
     task_class: type[Task] = Task
+    #: tokens form a 2-D grid per item (images) rather than a 1-D sequence (audio); token priors need a grid
+    token_grid: bool = False
 
     # ----- configuration ---------------------------------------------------------------------------
     def sections(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ BUILTIN_DATASETS = ("photos", "fashion_mnist", "digits")
 class ImageModality(Modality):
     name = "image"
     task_class = ImageTask
+    token_grid = True
 
     def sections(self) -> dict:
         return {"model": ImageModelConfig, "loss": ImageLossConfig, "data": ImageDataConfig}
