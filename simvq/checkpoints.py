@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 
 from simvq.config import resolve_config
-from simvq.io import save_file_atomic
+from simvq.io import check_output, save_file_atomic
 from simvq.modalities import build_tokenizer, official_modality
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,15 @@ def load_tokenizer(directory: str | os.PathLike, *, device: str | torch.device =
     """Build the tokenizer a model directory describes and load its weights (strict), in eval mode."""
     state, config = load_model_dir(directory, device="cpu")
     model = build_tokenizer(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # tensor shapes differ: config.yaml and model.safetensors disagree
+        shapes = [line.strip() for line in str(err).splitlines() if "size mismatch" in line]
+        first = shapes[0].removeprefix("size mismatch for ") if shapes else _last_line(err)
+        raise ValueError(
+            f"{directory}: config.yaml does not match model.safetensors ({len(shapes) or 'some'} tensor(s) differ in "
+            f"shape, e.g. {first}); was config.yaml edited or replaced? Restore the config the weights were trained with"
+        ) from None
     if missing or unexpected:
         raise ValueError(
             f"{directory}: weights do not match the model its config.yaml describes "
@@ -255,8 +263,15 @@ def convert_official(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *
     """
     ckpt_path = Path(ckpt_path)
     out_dir = Path(out_dir)
-    if not overwrite and ((out_dir / WEIGHTS_FILE).exists() or (out_dir / CONFIG_FILE).exists()):
-        raise FileExistsError(f"{out_dir} already holds a model; choose another output directory or pass overwrite=True (--force)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a folder; choose a folder for the model")
+    for name in (WEIGHTS_FILE, CONFIG_FILE):  # never over the checkpoint read; an existing model only when forced
+        try:
+            check_output(out_dir / name, inputs=[ckpt_path], force=overwrite, option="OUT_DIR file")
+        except FileExistsError:
+            raise FileExistsError(
+                f"{out_dir} already holds a model; choose another output directory or pass --force (overwrite=True)"
+            ) from None
     state_dict = read_official_state_dict(ckpt_path)
     modality = official_modality(state_dict)
     weights, sections = modality.convert_official(state_dict, use_ema)

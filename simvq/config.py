@@ -401,14 +401,46 @@ def config_source_file(source) -> Path | None:
     return None if PRESET_DIR in path.resolve().parents else path
 
 
-def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> dict:
-    """Load a preset name, a YAML path or a dict, apply overrides, validate, fill defaults."""
+def _merge(base: dict, child: dict) -> dict:
+    """``child`` over ``base``: sections merge key by key; any other value (lists included) replaces."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_raw_config(source: str | Path | dict, _chain: tuple[str, ...] = ()) -> dict:
+    """The unvalidated config a preset name, YAML path or dict describes, its ``base:`` presets applied.
+
+    A config may name another preset or YAML file as ``base:`` and state only its differences from it (a
+    relative path is read from the naming file's folder first); bases may themselves have bases.
+    """
     if isinstance(source, dict):
-        raw = copy.deepcopy(source)
+        raw, here = copy.deepcopy(source), None
     else:
-        raw = load_yaml(find_config(source))
-    raw = _fix_yaml_floats(raw)
-    return resolve_config(apply_overrides(raw, overrides))
+        path = find_config(source)
+        raw, here = load_yaml(path), path.resolve()
+    base = raw.pop("base", None)
+    if base is None:
+        return _fix_yaml_floats(raw)
+    if not isinstance(base, str):
+        raise ConfigTypeError(f"base must be a preset name or a YAML path, got {base!r}")
+    if here is not None and not Path(base).is_absolute() and (here.parent / base).is_file():
+        base = str(here.parent / base)
+    key = str(find_config(base).resolve())
+    chain = (*_chain, str(here)) if here is not None else _chain
+    if key in chain:
+        raise ValueError(f"config base {base!r} names itself through its own bases: {' -> '.join(chain)} -> {key}")
+    return _fix_yaml_floats(_merge(load_raw_config(base, chain), raw))
+
+
+def load_config(source: str | Path | dict, overrides: list[str] | None = None) -> dict:
+    """Load a preset name, a YAML path or a dict (with its ``base:`` presets), apply overrides, validate and
+    fill defaults."""
+    return resolve_config(apply_overrides(load_raw_config(source), overrides))
 
 
 def save_config(config: dict, path: str | Path) -> None:
@@ -436,6 +468,7 @@ __all__ = [
     "find_config",
     "list_presets",
     "load_config",
+    "load_raw_config",
     "parse_override",
     "resolve_config",
     "save_config",

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from simvq.checkpoints import load_model_dir, load_tokenizer
 from simvq.config import resolve_config
 from simvq.data import eval_loader
-from simvq.io import save_file_atomic
+from simvq.io import check_output, save_file_atomic
 from simvq.modalities import modality_of
 
 
@@ -72,6 +72,7 @@ def evaluate(
     progress: bool = False,
     distributed: bool = True,
     counts: bool = False,
+    force: bool = True,
 ) -> dict:
     """Evaluate a tokenizer over a whole evaluation set and return a dict of metrics.
 
@@ -83,7 +84,8 @@ def evaluate(
         batch_size: evaluation batch (default ``data.eval_batch_size``; the official PSNR convention uses 64).
         device: default CUDA when available.
         limit: evaluate only the first ``limit`` items.
-        out: write the result as JSON here (atomically).
+        out: write the result as JSON here (atomically). Never over an input (the model directory's files, the
+            data folder); an existing file is replaced only with ``force`` (the CLI's ``--force``).
         metrics: False skips the decoder and the reconstruction metrics (usage only; fast).
         distributed: under ``torch.distributed``, evaluate this rank's shard and sum the usage counts over
             ranks (every rank must call); False evaluates the whole set in this process alone.
@@ -93,6 +95,15 @@ def evaluate(
     The result also holds the token rate and bitrate of the model (:meth:`simvq.modalities.Modality.rate`).
     """
     t0 = time.perf_counter()
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size (--batch-size) must be a positive integer, got {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit (--limit) must be a positive integer, got {limit!r}")
+    if out is not None:
+        inputs = [] if isinstance(model_or_dir, nn.Module) else [model_or_dir]
+        if isinstance(data, (str, Path)) and Path(data).exists():
+            inputs.append(data)
+        check_output(out, inputs=inputs, force=force)
     model, config, directory = _load(model_or_dir, config)
     modality = modality_of(config)
     task = modality.task(config)
@@ -101,7 +112,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     dataset, description = _eval_dataset(config, data)
-    bs = batch_size or config.get("data", {}).get("eval_batch_size", 64)
+    bs = batch_size if batch_size is not None else config.get("data", {}).get("eval_batch_size", 64)
     if isinstance(dataset, DataLoader):
         loader = dataset
         if limit is not None:

@@ -6,15 +6,20 @@ This is a leaf module (it imports nothing from simvq), so every layer can use it
   file in the same folder, flushed to disk, then moved over the target with ``os.replace``, so a crash leaves
   either the old file or the new one, never half a file.
 - :func:`local_weights_file`: network weights come from local files only; nothing is downloaded.
+- :func:`check_output`: the one output-safety rule every command applies before it writes: never over a
+  file it reads (nor into a folder it reads, where a file would be replaced), never over an existing file
+  unless forced; :func:`check_run_folder` / :func:`mark_run_folder`: a training run folder is reused only
+  when simvq created it for the same config (``.simvq-run.json``), otherwise it must be new or empty.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -95,5 +100,156 @@ def local_weights_file(weights: str | os.PathLike | None, env_var: str, what: st
     return path
 
 
+# ----- output safety --------------------------------------------------------------------------------------
+RUN_MARKER = ".simvq-run.json"
+RUN_MARKER_FORMAT = "simvq-run-v1"
+# files that make a folder a simvq model directory (see simvq.checkpoints)
+MODEL_FILES = ("config.yaml", "model.safetensors")
 
-__all__ = ["atomic_path", "local_weights_file", "save_file_atomic"]
+
+def _real(path: str | os.PathLike) -> Path:
+    """Absolute path with symlinks and ``..`` resolved (the target need not exist)."""
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:  # hard links, bind mounts, case-insensitive file systems
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(
+    path: str | os.PathLike,
+    *,
+    inputs: Iterable[str | os.PathLike] = (),
+    force: bool = False,
+    kind: str = "file",
+    option: str = "--out",
+) -> Path:
+    """Check that a command may write ``path``; returns it. Call it before any work is done.
+
+    Args:
+        path: the file (``kind="file"``) or folder (``kind="dir"``) the command will write.
+        inputs: every file and folder the command reads. An output never replaces an input, nor an existing
+            file inside an input folder (a model directory's ``config.yaml``), even with ``force``.
+        force: the user asked to replace an existing output file (``--force``). A folder output with
+            ``force`` may hold files already; without it, it must be new or empty.
+        kind: ``"file"``, ``"dir"``, or ``"any"`` (only the input rules; the writer checks existence).
+        option: the option that named ``path``, for the message.
+
+    Raises ValueError (output is an input), FileExistsError (exists and not forced), NotADirectoryError /
+    IsADirectoryError (the wrong kind of thing already there). Symlinks and relative paths are resolved
+    before comparing.
+    """
+    if kind not in ("file", "dir", "any"):
+        raise TypeError(f"kind must be 'file', 'dir' or 'any', got {kind!r}")
+    given = Path(path)
+    target = _real(path)
+    for item in inputs:
+        if item is None:
+            continue
+        src = _real(item)
+        if _same(target, src):
+            raise ValueError(
+                f"{option} {given} is also an input of this command ({item}); write to another path (inputs are never replaced, even with --force)"
+            )
+        if src.is_dir() and _within(target, src):
+            if kind == "dir" or target.exists():
+                raise ValueError(
+                    f"{option} {given} lies inside the input folder {item} and would change it; write outside that folder "
+                    "(inputs are never replaced, even with --force)"
+                )
+        if kind == "dir" and src.is_file() and _within(src, target) and force:
+            # a forced folder output may replace the files in it; one of them is an input
+            raise ValueError(
+                f"{option} {given} holds the input {item}; write to another folder (inputs are never replaced, even with --force)"
+            )
+    if kind == "file":
+        if target.is_dir():
+            raise IsADirectoryError(f"{option} {given} is a folder; give a file path")
+        if target.exists() and not force:
+            raise FileExistsError(f"{option} {given} exists; pass --force to replace it or choose another path")
+    elif kind == "dir":
+        if target.exists() and not target.is_dir():
+            raise NotADirectoryError(f"{option} {given} exists and is not a folder; choose a folder path")
+        if target.is_dir() and not force and any(target.iterdir()):
+            raise FileExistsError(f"{option} {given} is not empty; pass --force to write into it or choose a new folder")
+    return given
+
+
+def run_marker(directory: str | os.PathLike) -> dict | None:
+    """The contents of a run folder's ``.simvq-run.json``; None when there is none or it is unreadable."""
+    try:
+        data = json.loads((Path(directory) / RUN_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == RUN_MARKER_FORMAT else None
+
+
+def mark_run_folder(directory: str | os.PathLike, config_hash: str, **info) -> Path:
+    """Record (atomically) that simvq created ``directory`` as a training run for the config ``config_hash``."""
+    payload = {"format": RUN_MARKER_FORMAT, "config_hash": str(config_hash), **{k: str(v) for k, v in info.items()}}
+    return save_file_atomic(Path(directory) / RUN_MARKER, json.dumps(payload, indent=1, sort_keys=True) + "\n")
+
+
+def check_run_folder(
+    directory: str | os.PathLike,
+    config_hash: str,
+    *,
+    inputs: Iterable[str | os.PathLike] = (),
+    legacy_hash: Callable[[], str | None] | None = None,
+    option: str = "--out",
+) -> str:
+    """May a training run use ``directory``? Returns ``"new"`` (absent or empty, apart from the inputs) or
+    ``"resume"`` (a run folder simvq created for the same config).
+
+    A folder that simvq did not create (no ``.simvq-run.json``; e.g. a model directory or anything else with
+    files in it) is refused; so is a run folder of another config. ``legacy_hash`` returns the config hash
+    of a run folder written before markers existed (from its checkpoint), or None when it has none.
+    """
+    given = Path(directory)
+    target = _real(directory)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{option} {given} exists and is not a folder; choose a folder for the run")
+    for item in inputs:
+        if item is not None and _real(item).is_dir() and _within(target, _real(item)):
+            raise ValueError(f"{option} {given} lies inside the input folder {item}; put the run elsewhere")
+    if not target.is_dir():
+        return "new"
+    marker = run_marker(target)
+    recorded = marker["config_hash"] if marker else (legacy_hash() if legacy_hash is not None else None)
+    if recorded is not None:
+        if recorded != config_hash:
+            raise ValueError(
+                f"{option} {given} holds a run with a different model/quantizer config; use a new {option} folder "
+                "(nothing was changed)"
+            )
+        return "resume"
+    own_inputs = {_real(i) for i in inputs if i is not None}
+    others = [p for p in target.iterdir() if _real(p) not in own_inputs]
+    if others:
+        what = "a model directory" if all((target / f).exists() for f in MODEL_FILES) else f"{len(others)} file(s) not written by simvq training"
+        raise FileExistsError(
+            f"{option} {given} holds {what} and is not a simvq run folder; choose a new or empty folder (nothing was changed)"
+        )
+    return "new"
+
+
+__all__ = [
+    "MODEL_FILES",
+    "RUN_MARKER",
+    "atomic_path",
+    "check_output",
+    "check_run_folder",
+    "local_weights_file",
+    "mark_run_folder",
+    "run_marker",
+    "save_file_atomic",
+]

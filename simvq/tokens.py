@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,11 +106,15 @@ def load_tokens(path: str | Path) -> TokenFile:
             if "meta" not in npz.files:
                 raise ValueError(f"{path} is not a simvq token file (no 'meta' entry)")
             meta = json.loads(npz["meta"].tobytes().decode())
+            if not isinstance(meta, dict) or not isinstance(meta.get("names"), list):
+                raise ValueError(f"{path} is not a simvq token file (its 'meta' entry is malformed)")
             tokens = [npz[f"tokens_{i}"].astype(np.int64) for i in range(len(meta["names"]))]
-    except (OSError, KeyError, json.JSONDecodeError, ValueError) as err:
+    except (OSError, KeyError, json.JSONDecodeError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, UnicodeDecodeError) as err:
         if isinstance(err, ValueError) and "simvq token file" in str(err):
             raise
-        raise ValueError(f"cannot read token file {path}: {err}") from err
+        raise ValueError(
+            f"cannot read token file {path}: it is truncated or corrupt ({type(err).__name__}: {err}); encode the inputs again with `simvq encode`"
+        ) from None
     if meta.get("format") != "simvq-tokens":
         raise ValueError(f"{path} is not a simvq token file")
     if meta.get("version", 0) > FORMAT_VERSION:

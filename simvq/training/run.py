@@ -80,6 +80,36 @@ def _peek_checkpoint(path: Path) -> dict:
     return ckpt["simvq"]
 
 
+def _legacy_hash(ckpt_path: Path) -> str | None:
+    """The config hash of a run folder written before run markers existed (None: no checkpoint in it)."""
+    if not ckpt_path.is_file():
+        return None
+    from simvq.tokens import config_hash
+
+    return config_hash(_peek_checkpoint(ckpt_path)["config"])
+
+
+def _same_path(a, b) -> bool:
+    import os
+
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _is_global_rank_zero() -> bool:
+    import os
+
+    return all(os.environ.get(k, "0") == "0" for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Temporary files an interrupted checkpoint write left behind (``.last.ckpt.*.tmp``, see atomic_path)."""
+    if not folder.is_dir():
+        return
+    for tmp in folder.glob(".*.tmp"):
+        log.info("removing %s, left by an interrupted checkpoint write", tmp)
+        tmp.unlink(missing_ok=True)
+
+
 def _peak_memory_mb(device_type: str) -> float:
     if device_type == "cuda" and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -123,9 +153,12 @@ def train(
     Returns:
         :class:`TrainResult`. A NaN/Inf loss stops the run with ``diverged=True`` instead of raising.
     """
-    from simvq.config import load_config, save_config
+    from simvq.config import config_source_file, load_config, save_config
+    from simvq.io import check_run_folder, mark_run_folder
+    from simvq.tokens import config_hash
 
     wall0 = time.perf_counter()
+    config_file = config_source_file(config)
     config = load_config(config, overrides)
     tcfg = config["trainer"]
     if max_steps is not None:
@@ -141,6 +174,12 @@ def train(
 
     out_dir = Path(out_dir)
     ckpt_path = out_dir / "checkpoints" / "last.ckpt"
+    this_hash = config_hash(config)
+    # the run folder must be new, empty (apart from the config file read), or a run simvq made for this config
+    check_run_folder(
+        out_dir, this_hash, inputs=[config_file] if config_file is not None else [],
+        legacy_hash=lambda: _legacy_hash(ckpt_path), option="out_dir (--out)",
+    )
     resume_from = None
     if ckpt_path.exists():
         if not resume:
@@ -150,9 +189,8 @@ def train(
             )
         resume_from = ckpt_path
         previous = _peek_checkpoint(ckpt_path)
-        from simvq.tokens import config_hash
 
-        if config_hash(previous["config"]) != config_hash(config):
+        if config_hash(previous["config"]) != this_hash:
             raise ValueError(
                 f"{out_dir} holds a run trained with a different model/quantizer config; use a new out_dir "
                 "(nothing was changed)"
@@ -160,6 +198,8 @@ def train(
         done = int(previous["step"])
     else:
         done = 0
+    # the config file read must survive byte for byte (comments included): it is not rewritten
+    write_config = config_file is None or not _same_path(config_file, out_dir / "config.yaml")
 
     if tcfg["num_threads"] is not None:
         torch.set_num_threads(tcfg["num_threads"])
@@ -167,6 +207,9 @@ def train(
     task = modality_of(config).task(config)
     train_set, eval_set = task.build_datasets()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if _is_global_rank_zero():
+        mark_run_folder(out_dir, this_hash)
+        _remove_stale_temp_files(ckpt_path.parent)
 
     import lightning as L
 
@@ -239,7 +282,7 @@ def train(
         module.max_steps = steps
         if progress:
             trainer.callbacks.append(StepProgress(steps))
-        if trainer.global_rank == 0:
+        if trainer.global_rank == 0 and write_config:
             save_config(config, out_dir / "config.yaml")
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from simvq.io import check_output
+
 #: Default size of the built-in corpus. 150 held-out sentences x 4 voices (~46 minutes, ~138,000 tokens at 50
 #: tokens/s) give ~34 tokens per code at K = 4096: with the 30 held-out sentences of an earlier default
 #: (~6.7 tokens per code) held-out utilisation measured the sample size, not the codebook (docs/audio.md).
@@ -235,6 +237,7 @@ def build_speech_corpus(
         raise ValueError(f"voices_per_sentence must lie in [1, {len(ACCENTS) * len(VARIANTS)}], got {voices_per_sentence}")
     if not isinstance(sample_rate, int) or sample_rate < 8000:
         raise ValueError(f"sample_rate must be an integer >= 8000, got {sample_rate!r}")
+    check_output(out_dir, kind="dir", force=True)  # a file there is an error; a non-empty folder is checked below
     info = out_dir / CORPUS_INFO
     if info.is_file():
         existing = json.loads(info.read_text())

@@ -28,6 +28,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+
+from simvq.io import save_file_atomic
 import torch
 from torch.utils.data import Dataset
 
@@ -449,6 +451,8 @@ def load_image_file(path: str | Path, *, channels: int = 3, size: int | None = N
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"size (--size) must be a positive integer, got {size!r}")
     if size is not None:
         return ImageFolder([path], size=size, channels=channels, verify=False)[0]
     from PIL import Image
@@ -467,7 +471,11 @@ def save_image_file(image: torch.Tensor, path: str | Path) -> None:
 
     arr = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     arr = arr.transpose(1, 2, 0)
-    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(path)
+    image_file = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())  # the temporary name has no telling suffix
+    if fmt is None:
+        raise ValueError(f"cannot tell the image format of {path}; use a .png or .jpg name")
+    save_file_atomic(path, lambda tmp: image_file.save(tmp, format=fmt))
 
 
 __all__ = [
