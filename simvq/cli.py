@@ -9,12 +9,50 @@ import argparse
 import sys
 
 from simvq import __version__
+from simvq.io import check_output
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the problem and where to look), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (zero or negative sizes, counts and batch sizes are errors)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _one_line(err: BaseException) -> str:
+    """A user error's message on one line (some libraries put newlines in theirs)."""
+    text = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    return text or type(err).__name__
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simvq", description="Collapse-free vector quantization (SimVQ).")
+    parser = _Parser(prog="simvq", description="Collapse-free vector quantization (SimVQ).")
     parser.add_argument("--version", action="version", version=f"simvq {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
@@ -35,10 +73,7 @@ def _convert_arguments(p: argparse.ArgumentParser) -> None:
 def _convert_run(args: argparse.Namespace) -> int:
     from simvq.checkpoints import convert_official, read_model_metadata
 
-    try:
-        out = convert_official(args.checkpoint, args.out_dir, use_ema=not args.no_ema, overwrite=args.force)
-    except FileExistsError as err:
-        raise ValueError(str(err)) from err
+    out = convert_official(args.checkpoint, args.out_dir, use_ema=not args.no_ema, overwrite=args.force)
     meta = read_model_metadata(out)
     print(f"wrote {out} ({meta.get('modality')} tokenizer, {meta.get('weights')} weights from {meta.get('source_file')})")
     return 0
@@ -57,9 +92,12 @@ def _is_rank_zero() -> bool:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="preset name (e.g. image/photos-small) or a YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=2e-4 trainer.max_steps=500")
-    p.add_argument("--out", help="run folder (default runs/<config name>); an existing run there is resumed")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps (overrides trainer.max_steps)")
-    p.add_argument("--max-minutes", type=float, help="stop after this many minutes of training")
+    p.add_argument(
+        "--out",
+        help="run folder (default runs/<config name>): new or empty, or a run simvq made for the same config, which is resumed",
+    )
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps (overrides trainer.max_steps)")
+    p.add_argument("--max-minutes", type=positive_float, help="stop after this many minutes of training")
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or model summary")
     p.add_argument("--eval", action="store_true", help="evaluate the exported model on the evaluation split afterwards")
@@ -71,18 +109,15 @@ def _train_run(args: argparse.Namespace) -> int:
     from simvq.training import train
 
     out = args.out or str(Path("runs") / Path(str(args.config)).with_suffix("").name)
-    try:
-        result = train(
-            args.config,
-            out_dir=out,
-            overrides=args.overrides,
-            max_steps=args.max_steps,
-            max_minutes=args.max_minutes,
-            progress=not args.quiet,
-            resume=not args.no_resume,
-        )
-    except FileExistsError as err:
-        raise ValueError(str(err)) from err
+    result = train(
+        args.config,
+        out_dir=out,
+        overrides=args.overrides,
+        max_steps=args.max_steps,
+        max_minutes=args.max_minutes,
+        progress=not args.quiet,
+        resume=not args.no_resume,
+    )
     if not _is_rank_zero():
         return 0
     util = result.final("utilization")
@@ -96,7 +131,8 @@ def _train_run(args: argparse.Namespace) -> int:
     if args.eval and result.model_dir is not None:
         from simvq.evaluation import evaluate, format_result
 
-        print(format_result(evaluate(result.model_dir, out=Path(out) / "eval.json")))
+        # the run folder is this command's own: its eval.json is replaced (force), its inputs never are
+        print(format_result(evaluate(result.model_dir, out=Path(out) / "eval.json", force=True)))
     return 0
 
 
@@ -107,10 +143,11 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
         help="evaluation data: an image folder, or photos / fashion_mnist / digits (default: the model's own evaluation split)",
     )
     p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE", help="changes to the data section, e.g. data.eval_limit=500")
-    p.add_argument("--batch-size", type=int, help="evaluation batch size (default data.eval_batch_size)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N items")
+    p.add_argument("--batch-size", type=positive_int, help="evaluation batch size (default data.eval_batch_size)")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N items")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--out", help="write the metrics as JSON to this file")
+    p.add_argument("--out", help="write the metrics as JSON to this file (never over the model or the data)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--usage-only", action="store_true", help="only codebook usage (skip the reconstruction metrics)")
 
 
@@ -134,7 +171,7 @@ def _eval_run(args: argparse.Namespace) -> int:
         data = changes
     result = evaluate(
         args.model, data, batch_size=args.batch_size, device=args.device, limit=args.limit, out=args.out,
-        metrics=not args.usage_only, progress=True,
+        metrics=not args.usage_only, progress=True, force=args.force,
     )
     print(format_result(result))
     return 0
@@ -144,7 +181,7 @@ def _encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("images", nargs="+", help="image (or, for an audio model, wav/flac) files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="token file to write (.npz)")
-    p.add_argument("--size", type=int, help="resize the short side to SIZE and centre-crop (default: keep each image's size)")
+    p.add_argument("--size", type=positive_int, help="resize the short side to SIZE and centre-crop (default: keep each image's size)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
@@ -199,11 +236,11 @@ def _decode_run(args: argparse.Namespace) -> int:
 def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("kind", choices=["speech"], help="speech: synthesise the built-in speech corpus with espeak-ng")
     p.add_argument("--out", required=True, help="folder to build the corpus in (new or empty)")
-    p.add_argument("--sample-rate", type=int, default=16000, help="rate of the written 16-bit wav files (default 16000)")
+    p.add_argument("--sample-rate", type=positive_int, default=16000, help="rate of the written 16-bit wav files (default 16000)")
     from simvq.modalities.audio.speech import CORPUS_EVAL_FRACTION, CORPUS_SENTENCES, CORPUS_VOICES_PER_SENTENCE
 
-    p.add_argument("--sentences", type=int, default=CORPUS_SENTENCES, help=f"number of distinct sentences (default {CORPUS_SENTENCES})")
-    p.add_argument("--voices-per-sentence", type=int, default=CORPUS_VOICES_PER_SENTENCE, help=f"voices speaking each sentence (default {CORPUS_VOICES_PER_SENTENCE})")
+    p.add_argument("--sentences", type=positive_int, default=CORPUS_SENTENCES, help=f"number of distinct sentences (default {CORPUS_SENTENCES})")
+    p.add_argument("--voices-per-sentence", type=positive_int, default=CORPUS_VOICES_PER_SENTENCE, help=f"voices speaking each sentence (default {CORPUS_VOICES_PER_SENTENCE})")
     p.add_argument("--eval-fraction", type=float, default=CORPUS_EVAL_FRACTION, help=f"fraction of sentences held out for evaluation (default {CORPUS_EVAL_FRACTION})")
     p.add_argument("--seed", type=int, default=0)
 
@@ -211,13 +248,10 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
 def _data_run(args: argparse.Namespace) -> int:
     from simvq.modalities.audio.speech import build_speech_corpus, read_manifest
 
-    try:
-        manifest = build_speech_corpus(
-            args.out, sample_rate=args.sample_rate, num_sentences=args.sentences,
-            voices_per_sentence=args.voices_per_sentence, eval_fraction=args.eval_fraction, seed=args.seed, progress=True,
-        )
-    except FileExistsError as err:
-        raise ValueError(str(err)) from err
+    manifest = build_speech_corpus(
+        args.out, sample_rate=args.sample_rate, num_sentences=args.sentences,
+        voices_per_sentence=args.voices_per_sentence, eval_fraction=args.eval_fraction, seed=args.seed, progress=True,
+    )
     rows = read_manifest(manifest.parent)
     for split in ("train", "eval"):
         part = [r for r in rows if r["split"] == split]
@@ -261,10 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     _, _, run = COMMANDS[args.command]
     try:
         return int(run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
         # user errors: one clear line, exit code 2; programming errors (TypeError, KeyError, ...) keep their
         # traceback
-        print(f"simvq {args.command}: error: {err}", file=sys.stderr)
+        print(f"simvq {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from simvq.io import save_file_atomic
 from simvq.modalities.audio.speech import CORPUS_EVAL_FRACTION, CORPUS_SENTENCES, CORPUS_VOICES_PER_SENTENCE
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,14 @@ def read_audio(path: str | Path, *, sample_rate: int) -> np.ndarray:
         raise ValueError(f"cannot read audio file {path}: {err}; is it a valid wav/flac file?") from None
     if data.shape[0] == 0:
         raise ValueError(f"audio file {path} is empty (0 samples); remove it or replace it with a real recording")
+    bad = ~np.isfinite(data)
+    if bad.any():
+        frame, channel = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"audio file {path} holds {int(bad.sum())} NaN/Inf sample(s), the first at sample {frame} "
+            f"(channel {channel}); repair or remove that file"
+        )
     wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
-    if not np.isfinite(wave).all():
-        raise ValueError(f"audio file {path} holds NaN or Inf samples")
     return resample(wave, rate, sample_rate)
 
 
