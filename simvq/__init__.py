@@ -29,6 +29,7 @@ from simvq.usage import CodebookUsage, UsageStats  # noqa: E402
 _LAZY = {
     "build_tokenizer": ("simvq.models", "build_tokenizer"),
     "load_tokenizer": ("simvq.checkpoints", "load_tokenizer"),
+    "Tokenizer": ("simvq.tokenizer", "Tokenizer"),
     "train": ("simvq.training", "train"),
     "evaluate": ("simvq.evaluation", "evaluate"),
     "run_compare": ("simvq.compare", "run_compare"),

@@ -204,11 +204,13 @@ def _tokenizer(directory):
 def _encode_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from simvq.tokenizer import Tokenizer
+
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to replace it")
-    model, config, modality = _tokenizer(args.model)
-    print(modality.encode_files(model, config, args.images, out, size=args.size, device=_device(args.device)))
+    tok = Tokenizer.from_pretrained(args.model, device=_device(args.device))
+    print(tok.encode_files(args.images, out, size=args.size))
     return 0
 
 
@@ -221,14 +223,12 @@ def _decode_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _decode_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from simvq.tokens import check_compatible, load_tokens
+    from simvq.tokenizer import Tokenizer
+    from simvq.tokens import load_tokens
 
     tokens = load_tokens(args.tokens)
-    model, config, modality = _tokenizer(args.model)
-    check_compatible(tokens, config, int(model.quantize.codebook_size))
-    print(modality.decode_files(model, config, tokens, Path(args.out), overwrite=args.force, device=_device(args.device)))
+    tok = Tokenizer.from_pretrained(args.model, device=_device(args.device))
+    print(tok.decode_files(tokens, args.out, overwrite=args.force))
     return 0
 
 

@@ -281,38 +281,31 @@ def build_audio_datasets(data_cfg: dict, *, seed: int = 0) -> tuple[AudioTrainSe
 # ----------------------------------------------------------------------------------------------------------
 
 
-def encode_audio_files(model, config: dict, files: list[Path], out: str | Path, *, device=None) -> Path:
-    """Encode wav/flac ``files`` with an audio tokenizer into a token file (one ``(T',)`` sequence each).
+def encode_audio_files(tok, config: dict, files: list[Path], out: str | Path, *, device=None) -> Path:
+    """Encode wav/flac ``files`` with an audio :class:`simvq.Tokenizer` ``tok`` into a token file (one
+    ``(T',)`` sequence each; ``tok.encode`` reads and resamples each file).
 
-    Each file is read at the model's rate; the token file records every input's length in samples so that
-    decoding returns audio of the original length.
+    The token file records every input's length in samples at the model's rate so that decoding returns
+    audio of the original length.
     """
     from simvq.tokens import config_hash
     from simvq.tokens import save_tokens
 
-    device = device or next(model.parameters()).device
     tokens, names, lengths = [], [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for f in files:
-                wave = read_audio(f, sample_rate=model.sample_rate)
-                x = torch.from_numpy(wave)[None, None].to(device)
-                tokens.append(model.encode(x).indices[0].cpu())
-                names.append(Path(f).name)
-                lengths.append(int(wave.shape[0]))
-    finally:
-        model.train(was_training)
+    for f in files:
+        wave = read_audio(f, sample_rate=tok.sample_rate)
+        tokens.append(tok.encode(torch.from_numpy(wave))[0].cpu())
+        names.append(Path(f).name)
+        lengths.append(int(wave.shape[0]))
     return save_tokens(
-        out, tokens, names=names, modality="audio", codebook_size=int(model.quantize.codebook_size),
+        out, tokens, names=names, modality="audio", codebook_size=tok.codebook_size,
         config_hash=config_hash(config),
-        extra={"sample_rate": int(model.sample_rate), "hop_length": int(model.hop_length), "lengths": lengths},
+        extra={"sample_rate": int(tok.sample_rate), "hop_length": int(tok.hop_length), "lengths": lengths},
     )
 
 
-def decode_audio_tokens(model, token_file, out: str | Path, *, device=None, overwrite: bool = False) -> list[Path]:
-    """Decode a token file into 16-bit PCM wav files at the model's rate.
+def decode_audio_tokens(tok, token_file, out: str | Path, *, device=None, overwrite: bool = False) -> list[Path]:
+    """Decode a token file into 16-bit PCM wav files at the model's rate with an audio :class:`simvq.Tokenizer`.
 
     ``out`` is a ``.wav`` path when the file holds one item, otherwise a folder (one ``<name>.wav`` per item).
     Existing files are not replaced unless ``overwrite``.
@@ -338,22 +331,13 @@ def decode_audio_tokens(model, token_file, out: str | Path, *, device=None, over
         if t.exists() and not overwrite:
             raise ValueError(f"{t} exists; pass --force to replace it or choose another --out")
     lengths = token_file.extra.get("lengths") or [None] * n
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for t, target, length in zip(token_file.tokens, targets, lengths):
-                indices = torch.as_tensor(t, dtype=torch.long)
-                if indices.dim() != 1:
-                    raise ValueError(f"audio tokens must be 1-D sequences, got shape {tuple(indices.shape)}")
-                wave = model.decode_indices(indices[None].to(device))[0, 0].clamp(-1, 1).cpu().numpy()
-                if length is not None:
-                    wave = wave[:length]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                sf.write(str(target), wave, int(model.sample_rate), subtype="PCM_16")
-    finally:
-        model.train(was_training)
+    for t, target, length in zip(token_file.tokens, targets, lengths):
+        indices = torch.as_tensor(t, dtype=torch.long)
+        if indices.dim() != 1 + (tok.index_levels > 1):
+            raise ValueError(f"audio tokens must be 1-D sequences, got shape {tuple(indices.shape)}")
+        wave = tok.decode(indices[None], length=length)[0, 0].cpu().numpy()
+        rate = int(tok.sample_rate)  # atomic: an interrupted write leaves no half wav file
+        save_file_atomic(target, lambda tmp, w=wave: sf.write(str(tmp), w, rate, subtype="PCM_16", format="WAV"))
     return targets
 
 

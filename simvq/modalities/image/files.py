@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from simvq.modalities.image.data import list_images, load_image_file, save_image_file
+from simvq.modalities.image.data import list_images, save_image_file
 from simvq.tokens import TokenFile, config_hash, save_tokens
 
 
@@ -24,22 +24,17 @@ def image_inputs(items: list[str]) -> list[Path]:
     return files
 
 
-@torch.no_grad()
-def encode_image_files(model, config: dict, items: list[str], out: Path, *, size: int | None, device) -> str:
-    """Encode images (each at its own size, or short side resized to ``size`` and centre-cropped)."""
+def encode_image_files(tok, config: dict, items: list[str], out: Path, *, size: int | None, device=None) -> str:
+    """Encode images (each at its own size, or short side resized to ``size`` and centre-cropped) with a
+    :class:`simvq.Tokenizer` ``tok`` (its ``encode`` does the work; ``device`` is the tokenizer's)."""
     files = image_inputs(items)
-    model = model.to(device)
-    channels, factor = model.in_channels, model.downsample_factor
     tokens, names = [], []
     for f in files:
-        x = load_image_file(f, channels=channels, size=size)
-        if x.shape[1] % factor or x.shape[2] % factor:
-            raise ValueError(f"{f} is {x.shape[1]}x{x.shape[2]}: height and width must be multiples of {factor}; pass --size")
-        tokens.append(model.encode(x[None].to(device)).indices[0].cpu())
+        tokens.append(tok.encode(f, size=size)[0].cpu())
         names.append(f.name)
     save_tokens(
-        out, tokens, names=names, modality="image", codebook_size=int(model.quantize.codebook_size),
-        config_hash=config_hash(config), extra={"channels": channels, "downsample_factor": factor},
+        out, tokens, names=names, modality="image", codebook_size=tok.codebook_size,
+        config_hash=config_hash(config), extra={"channels": tok.in_channels, "downsample_factor": tok.downsample_factor},
     )
     return f"encoded {len(files)} image(s) into {out} ({sum(t.numel() for t in tokens)} tokens)"
 
@@ -61,15 +56,13 @@ def decode_targets(tokens: TokenFile, out: Path, suffix: str, *, overwrite: bool
     return targets
 
 
-@torch.no_grad()
-def decode_image_tokens(model, tokens: TokenFile, out: Path, *, overwrite: bool, device) -> str:
-    """Decode every item of a token file into a PNG under the folder ``out``."""
+def decode_image_tokens(tok, tokens: TokenFile, out: Path, *, overwrite: bool, device=None) -> str:
+    """Decode every item of a token file into a PNG under the folder ``out`` with a :class:`simvq.Tokenizer`."""
     targets = decode_targets(tokens, out, ".png", overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    model = model.to(device)
     for t, target in zip(tokens.tokens, targets):
-        image = model.decode_indices(torch.as_tensor(t)[None].to(device))[0].clamp(-1, 1)
-        save_image_file(image, target)
+        image = tok.decode(torch.as_tensor(t)[None])[0]  # [0, 1]
+        save_image_file(image * 2 - 1, target)
     return f"decoded {len(targets)} image(s) into {out}"
 
 
