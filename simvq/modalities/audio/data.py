@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from simvq.io import save_file_atomic
+from simvq.modalities.audio.signal import resample
 from simvq.modalities.audio.speech import CORPUS_EVAL_FRACTION, CORPUS_SENTENCES, CORPUS_VOICES_PER_SENTENCE
 
 log = logging.getLogger(__name__)
@@ -34,16 +34,6 @@ POCKETSPHINX_DIR = Path("/usr/share/pocketsphinx/test/data")
 # ----------------------------------------------------------------------------------------------------------
 # Reading
 # ----------------------------------------------------------------------------------------------------------
-
-
-def resample(wave: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
-    """Polyphase resampling of a 1-D signal by the exact ratio ``target / orig`` (float32 out)."""
-    if orig_rate == target_rate:
-        return np.asarray(wave, dtype=np.float32)
-    from scipy.signal import resample_poly
-
-    ratio = Fraction(int(target_rate), int(orig_rate))
-    return resample_poly(np.asarray(wave, dtype=np.float64), ratio.numerator, ratio.denominator).astype(np.float32)
 
 
 def read_audio(path: str | Path, *, sample_rate: int) -> np.ndarray:

@@ -34,6 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simvq.io import local_weights_file
+from simvq.modalities.audio.crepe import MODEL_ENV, SAMPLE_RATE, CrepePitch, periodicity_metrics
+from simvq.modalities.audio.signal import resample
+from simvq.modalities.audio.spectral import MelReconstructionLoss, MelSpectrogram
+
 PESQ_RATE = 16000
 DNSMOS_RATE = 16000
 DNSMOS_WINDOW_S = 9.01
@@ -51,8 +56,6 @@ def to_pcm16(wave) -> np.ndarray:
 
 
 def _resample(wave: np.ndarray, rate: int, target: int) -> np.ndarray:
-    from simvq.modalities.audio.data import resample
-
     return resample(wave, rate, target)
 
 
@@ -98,8 +101,6 @@ _MEL_LOSSES: dict = {}
 
 
 def _mel_loss(rate: int):
-    from simvq.modalities.audio.spectral import MelReconstructionLoss
-
     if rate not in _MEL_LOSSES:
         _MEL_LOSSES[rate] = MelReconstructionLoss(sample_rate=rate)
     return _MEL_LOSSES[rate]
@@ -139,8 +140,6 @@ class DNSMOS:
         options.inter_op_num_threads = 1
         self._primary = ort.InferenceSession(str(primary), options, providers=["CPUExecutionProvider"])
         self._p808 = ort.InferenceSession(str(p808), options, providers=["CPUExecutionProvider"])
-        from simvq.modalities.audio.spectral import MelSpectrogram
-
         self._mel = MelSpectrogram(
             sample_rate=DNSMOS_RATE, n_fft=321, hop_length=160, n_mels=120, power=2.0, pad_mode="constant",
             scale="slaney", norm="slaney",
@@ -244,16 +243,12 @@ class AudioMetricAccumulator:
                 self.unavailable["dnsmos"] = str(err)
         self._crepe = None
         if "vuv_f1" in self.metrics:
-            from simvq.modalities.audio.crepe import MODEL_ENV, CrepePitch
-
             capacity = crepe_model or os.environ.get(MODEL_ENV) or ("full" if torch.device(device).type == "cuda" else "tiny")
             try:
                 self._crepe = CrepePitch(crepe_weights, capacity, device=device)
             except (FileNotFoundError, ValueError) as err:
                 self.unavailable["vuv_f1"] = str(err)
         if "utmos" in self.metrics:
-            from simvq.io import local_weights_file
-
             path = local_weights_file(utmos_checkpoint, UTMOS_ENV, "UTMOS checkpoint")
             if path is None:
                 self.unavailable["utmos"] = f"no local UTMOS checkpoint given (argument or {UTMOS_ENV}; it is never downloaded)"
@@ -299,8 +294,6 @@ class AudioMetricAccumulator:
         if self._active("dnsmos"):
             out.update(self._dnsmos(_resample(rec, self.sample_rate, DNSMOS_RATE)))
         if self._active("vuv_f1"):
-            from simvq.modalities.audio.crepe import SAMPLE_RATE, periodicity_metrics
-
             out.update(periodicity_metrics(_resample(ref, self.sample_rate, SAMPLE_RATE), _resample(rec, self.sample_rate, SAMPLE_RATE), self._crepe))
         if self._active("utmos") and self._utmos is not None:
             with torch.no_grad():

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from simvq.io import check_output
+from simvq.modalities.audio.signal import resample
 
 #: Default size of the built-in corpus. 150 held-out sentences x 4 voices (~46 minutes, ~138,000 tokens at 50
 #: tokens/s) give ~34 tokens per code at K = 4096: with the 30 held-out sentences of an earlier default
@@ -170,8 +171,6 @@ def find_engine() -> str:
 
 def _synthesise(engine: str, text: str, voice: str, rate: int, pitch: int, sample_rate: int) -> np.ndarray:
     import soundfile as sf
-
-    from simvq.modalities.audio.data import resample
 
     with tempfile.TemporaryDirectory() as tmp:
         wav = Path(tmp) / "clip.wav"

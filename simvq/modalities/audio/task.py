@@ -14,6 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from simvq.modalities.audio.data import AudioEvalSet
+from simvq.modalities.audio.discriminators import (
+    AudioDiscriminator,
+    audio_discriminator_loss,
+    audio_generator_loss,
+    uses_gan,
+)
+from simvq.modalities.audio.spectral import MelReconstructionLoss, MelSpectrogram, safe_log
 from simvq.modalities.base import Task
 
 
@@ -21,42 +29,30 @@ class AudioTask(Task):
     """Audio tokenizer training (see the module docstring)."""
 
     def build_discriminator(self) -> nn.Module | None:
-        from simvq.modalities.audio.discriminators import AudioDiscriminator, uses_gan
-
         loss = self.config["loss"]
         return AudioDiscriminator.from_loss_config(loss) if uses_gan(loss) else None
 
     def build_loss_modules(self) -> nn.Module | None:
-        from simvq.modalities.audio.spectral import MelReconstructionLoss
-
         loss = self.config["loss"]
         return MelReconstructionLoss(
             sample_rate=self.config["model"]["sample_rate"], n_fft=loss["mel_n_fft"], hop_length=loss["mel_hop"], n_mels=loss["mel_n_mels"]
         )
 
     def gan_active(self, step: int) -> bool:
-        from simvq.modalities.audio.discriminators import uses_gan
-
         loss = self.config["loss"]
         return uses_gan(loss) and step >= loss["gan_start_step"]
 
     def generator_loss(self, *, x, x_hat, quant, discriminator, loss_modules, step: int):
-        from simvq.modalities.audio.discriminators import audio_generator_loss
-
         return audio_generator_loss(
             x=x, x_hat=x_hat, quant=quant, mel_loss=loss_modules, discriminator=discriminator, loss=self.config["loss"],
             gan_active=self.gan_active(step),
         )
 
     def discriminator_loss(self, *, x, x_hat, discriminator, step: int):
-        from simvq.modalities.audio.discriminators import audio_discriminator_loss
-
         return audio_discriminator_loss(x=x, x_hat=x_hat, discriminator=discriminator, loss=self.config["loss"])
 
     def collate_samples(self, items: list[torch.Tensor]) -> torch.Tensor:
         """Sample utterances of different lengths -> one batch, cropped to the shortest."""
-        from simvq.modalities.audio.data import AudioEvalSet
-
         return AudioEvalSet.collate(items)
 
     def save_samples(self, x: torch.Tensor, x_hat: torch.Tensor, path: Path) -> Path:
@@ -80,8 +76,6 @@ def save_spectrogram_comparison(x: torch.Tensor, x_hat: torch.Tensor, path: str 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from simvq.modalities.audio.spectral import MelSpectrogram, safe_log
 
     mel = MelSpectrogram(sample_rate=sample_rate, n_fft=1024, hop_length=256, n_mels=80)
     rows = min(max_rows, x.shape[0])
