@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -121,8 +122,9 @@ def test_markdown_to_html():
     md = "# Title\n\nSome `code` and **bold**.\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n- x\n- y\n\n![cap](plots/p.png)\n"
     page = markdown_to_html(md, title="t")
     assert "<h1>Title</h1>" in page and "<code>code</code>" in page and "<strong>bold</strong>" in page
-    assert "<th>a</th><th>b</th>" in page and "<td>1</td><td>2</td>" in page and "---" not in page
-    assert page.count("<li>") == 2 and '<img src="plots/p.png" alt="cap"' in page
+    flat = re.sub(r">\s+<", "><", page)  # the markdown package puts table cells on lines of their own
+    assert "<th>a</th><th>b</th>" in flat and "<td>1</td><td>2</td>" in flat and "---" not in page
+    assert page.count("<li>") == 2 and re.search(r'<img (?=[^>]*src="plots/p.png")(?=[^>]*alt="cap")', page)
 
 
 # ----- end to end --------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +91,7 @@ def test_audio_folder_selects_audio_and_holds_out_a_fraction(tmp_path):
     assert spec.modality == "audio" and len(runs) == 2
     data = runs[0].config["data"]
     assert data["dataset"] == "folder" and data["path"] == str(tmp_path / "speech") and data["eval_fraction"] == 0.2
-    from simvq.data.audio import audio_file_splits
+    from simvq.modalities.audio.data import audio_file_splits
 
     train, evals = audio_file_splits(data)
     assert (len(train), len(evals)) == (8, 2)  # every 5th of the 10 sorted files
@@ -198,7 +197,7 @@ def test_audio_verdict_states_the_numbers():
 # ----- end to end --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_tiny_audio_compare_matches_an_independent_evaluation(tmp_path, monkeypatch):
-    from simvq.data import build_datasets
+    from simvq.modalities import build_datasets
     from simvq.evaluation import evaluate
 
     out = tmp_path / "report"

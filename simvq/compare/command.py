@@ -5,28 +5,24 @@ from __future__ import annotations
 import argparse
 import sys
 
-from simvq.compare.runner import (
-    BUILTIN_AUDIO_DATA,
-    BUILTIN_DATA,
-    DEFAULT,
-    DEFAULT_AUDIO_CONFIG,
-    DEFAULT_CONFIG,
-    MODALITY_DEFAULTS,
-    VARIANTS,
-    CompareSpec,
-    run_compare,
-)
+from simvq.compare.modality import DEFAULT_AUDIO_CONFIG, DEFAULT_CONFIG, MODALITY_DEFAULTS, compare_module
+from simvq.compare.runner import run_compare
+from simvq.compare.spec import DEFAULT, CompareSpec
+from simvq.compare.variants import VARIANTS
 
 HELP = "Compare SimVQ with other quantizers (same model, data, steps, seeds) and write a report."
 
 
 def _defaults(key: str) -> str:
-    image, audio = MODALITY_DEFAULTS["image"][key], MODALITY_DEFAULTS["audio"][key]
-
     def text(v):
         return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else "all" if v is None else str(v)
 
-    return f"images {text(image)}; audio {text(audio)}"
+    return "; ".join(f"{compare_module(name).NOUN} {text(d[key])}" for name, d in MODALITY_DEFAULTS.items())
+
+
+def _builtin_data() -> str:
+    return "; ".join(f"{compare_module(name).NOUN}: {', '.join(sorted(compare_module(name).BUILTIN_DATA))}"
+                     for name in MODALITY_DEFAULTS)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="steps per run (e.g. 500) or a total time split across runs (e.g. 5m, 90s); "
                              f"default steps: {_defaults('budget')}")
     parser.add_argument("--data", default=None,
-                        help=f"built-in data set (images: {', '.join(sorted(BUILTIN_DATA))}; audio: "
-                             f"{', '.join(BUILTIN_AUDIO_DATA)}), a folder of images or of wav/flac files, or a folder of "
+                        help=f"built-in data set ({_builtin_data()}), a folder of images or of wav/flac files, or a folder of "
                              "Fashion-MNIST IDX files (default: the config's data). Audio data selects the audio "
                              f"preset {DEFAULT_AUDIO_CONFIG} when no --config is given")
     parser.add_argument("--config", default=None,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from simvq.compare.records import merged_eval
+
 
 def _plt():
     import matplotlib
@@ -74,22 +76,13 @@ def utilization_over_steps(results: dict, records: list[dict], path: Path) -> st
     return _save(fig, path)
 
 
-def _modality(results: dict) -> str:
-    return results.get("base_config", {}).get("modality", "image")
-
-
-def codebook_scaling(results: dict, path: Path) -> str | None:
+def codebook_scaling(results: dict, path: Path, panels: list[tuple[str, float, str]]) -> str | None:
+    """One panel per (summary key, scale, axis label): the mean ± std over seeds against K, per quantizer."""
     summary = results["summary"]
     if not summary:
         return None
     plt = _plt()
     colors = _colors(results["spec"]["quantizers"])
-    if _modality(results) == "audio":
-        panels = [("utilization", 100.0, "held-out utilisation (%)"), ("pesq", 1.0, "held-out PESQ (wide-band)"),
-                  ("mel_distance", 1.0, "held-out mel distance (lower is better)")]
-    else:
-        panels = [("utilization", 100.0, "held-out utilisation (%)"),
-                  ("psnr_official_batch64", 1.0, "held-out PSNR (dB, batch-64)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
     for (key, scale, ylabel), ax in zip(panels, axes):
         for v in results["spec"]["quantizers"]:
@@ -189,7 +182,9 @@ def loss_curves(results: dict, records: list[dict], path: Path) -> str | None:
     plt = _plt()
     colors = _colors(results["spec"]["quantizers"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    first = ("mel_loss", "log-mel L1 (train)") if _modality(results) == "audio" else ("l1", "reconstruction L1 (train)")
+    # the reconstruction term the runs logged: log-mel L1 (audio tokenizers) or pixel L1
+    mel = any("mel_loss" in h for r in runs for h in r.get("history", []))
+    first = ("mel_loss", "log-mel L1 (train)") if mel else ("l1", "reconstruction L1 (train)")
     for key, title, ax in (first + (axes[0],), ("commitment", "commitment loss (train)", axes[1])):
         for v in results["spec"]["quantizers"]:
             recs = [r for r in runs if r["variant"] == v and r["requested_size"] == size]
@@ -209,8 +204,6 @@ def loss_curves(results: dict, records: list[dict], path: Path) -> str | None:
 def retrofit_figure(retrofit: dict | None, path: Path, quality: tuple[str, str] = ("psnr_official_batch64", "PSNR (dB, batch-64)")) -> str | None:
     if not retrofit:
         return None
-    from simvq.compare.report import merged_eval
-
     key, ylabel = quality
     rows = [("VQ before", retrofit["before"]), ("retrofit -> SimVQ", retrofit["after"]), ("VQ trained on", retrofit["control"])]
     rows = [(name, {"eval": merged_eval(r)}) for name, r in rows]
@@ -258,7 +251,7 @@ def spectrograms(results: dict, records: list[dict], path: Path) -> str | None:
             data.append((rec["label"], torch.load(rec["reconstructions"], weights_only=True)))
     if not data:
         return None
-    from simvq.losses.spectral import MelSpectrogram, safe_log
+    from simvq.modalities.audio.spectral import MelSpectrogram, safe_log
 
     first = data[0][1]
     rate = int(first["sample_rate"])
@@ -325,29 +318,23 @@ def quality_bars(results: dict, path: Path) -> str | None:
     return _save(fig, path)
 
 
-def make_all(results: dict, records: list[dict], retrofit: dict | None, folder: Path) -> dict:
-    """Every figure that the available data allows; returns ``{name: relative path}`` for the report."""
+def make_all(results: dict, records: list[dict], retrofit: dict | None, folder: Path, spec: dict) -> dict:
+    """The figures ``spec`` (a modality's ``PLOTS``) names, as far as the data allows; returns
+    ``{name: relative path}`` for the report (None for a figure not drawn)."""
     folder = Path(folder)
-    if _modality(results) == "audio":
-        sizes = {e["requested_size"] for e in results["summary"]}
-        return {
-            "utilization_over_steps": utilization_over_steps(results, records, folder / "utilization_over_steps.png"),
-            "quality": quality_bars(results, folder / "quality.png"),
-            "code_usage": code_usage(results, records, folder / "code_usage.png"),
-            "spectrograms": spectrograms(results, records, folder / "spectrograms.png"),
-            "loss_curves": loss_curves(results, records, folder / "loss_curves.png"),
-            # one K: the bars above say it all
-            "codebook_scaling": codebook_scaling(results, folder / "codebook_scaling.png") if len(sizes) > 1 else None,
-            "retrofit": retrofit_figure(retrofit, folder / "retrofit.png", ("mel_distance", "mel distance (lower is better)")),
-        }
-    return {
-        "utilization_over_steps": utilization_over_steps(results, records, folder / "utilization_over_steps.png"),
-        "codebook_scaling": codebook_scaling(results, folder / "codebook_scaling.png"),
-        "code_usage": code_usage(results, records, folder / "code_usage.png"),
-        "reconstructions": reconstructions(results, records, folder / "reconstructions.png"),
-        "loss_curves": loss_curves(results, records, folder / "loss_curves.png"),
-        "retrofit": retrofit_figure(retrofit, folder / "retrofit.png"),
+    sizes = {e["requested_size"] for e in results["summary"]}
+    draw = {
+        "utilization_over_steps": lambda p: utilization_over_steps(results, records, p),
+        "codebook_scaling": lambda p: (codebook_scaling(results, p, spec["scaling_panels"])
+                                       if len(sizes) >= spec["scaling_min_sizes"] else None),
+        "code_usage": lambda p: code_usage(results, records, p),
+        "reconstructions": lambda p: reconstructions(results, records, p),
+        "quality": lambda p: quality_bars(results, p),
+        "spectrograms": lambda p: spectrograms(results, records, p),
+        "loss_curves": lambda p: loss_curves(results, records, p),
+        "retrofit": lambda p: retrofit_figure(retrofit, p, spec["retrofit_quality"]),
     }
+    return {name: draw[name](folder / f"{name}.png") for name in spec["figures"]}
 
 
 __all__ = ["make_all"]
