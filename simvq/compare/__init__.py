@@ -5,11 +5,10 @@ quality improve, and what does it cost? For image tokenizers and for audio token
 ``modality``; ``--data speech``, a folder of wav/flac files or ``--config compare/audio`` select audio). See
 ``docs/compare.md``.
 
-- :mod:`simvq.compare.runner`: the modality and its defaults, the plan (quantizer variants x codebook sizes x
-  seeds), argument checks done before any training, resumable execution (one JSON file per finished run), the
-  retrofit experiment.
-- :mod:`simvq.compare.report`: ``results.json``, ``report.md`` / ``report.html`` and the verdict.
-- :mod:`simvq.compare.plots`: the PNG figures.
+Imports run one way: ``runner`` (``run_compare``) > ``retrofit`` > ``execute`` > ``measure`` / ``lc`` > ``plan`` >
+``spec`` > ``modality`` > ``variants``; ``runner`` > ``report`` > ``verdict`` / ``summary`` / ``plots`` > ``records``.
+Everything modality-specific (defaults, ``--data`` handling, report sections) is in
+``simvq.modalities.<name>.compare``, reached through :func:`simvq.compare.modality.compare_module`.
 """
 
 from simvq.compare.runner import (
