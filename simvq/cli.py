@@ -207,6 +207,7 @@ def _encode_run(args: argparse.Namespace) -> int:
     from simvq.tokenizer import Tokenizer
 
     out = Path(args.out)
+    check_output(out, inputs=[args.model, *args.images], force=args.force)  # never over an input (simvq.io)
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to replace it")
     tok = Tokenizer.from_pretrained(args.model, device=_device(args.device))
@@ -226,6 +227,7 @@ def _decode_run(args: argparse.Namespace) -> int:
     from simvq.tokenizer import Tokenizer
     from simvq.tokens import load_tokens
 
+    check_output(args.out, inputs=[args.model, args.tokens], kind="any")  # never over an input (simvq.io)
     tokens = load_tokens(args.tokens)
     tok = Tokenizer.from_pretrained(args.model, device=_device(args.device))
     print(tok.decode_files(tokens, args.out, overwrite=args.force))
@@ -284,6 +286,22 @@ COMMANDS["compare"] = (
     _compare_arguments,
     _compare_run,
 )
+
+
+# ----- `simvq export` ------------------------------------------------------------------------------------
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    from simvq.export import add_arguments
+
+    add_arguments(p)
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    from simvq.export import run
+
+    return run(args)
+
+
+COMMANDS["export"] = ("Export a model folder to ONNX (encoder.onnx + decoder.onnx) or TorchScript.", _export_arguments, _export_run)
 
 
 def main(argv: list[str] | None = None) -> int:
