@@ -226,7 +226,24 @@ def _validate_quantizer(raw) -> dict:
         )
     if "dim" in raw:
         raise ValueError("quantizer.dim is filled from the model (model.z_channels); remove it from the config")
+    missing = sorted(_required_quantizer_keys(name) - set(raw) - {"dim"})
+    if hasattr(QUANTIZERS.get(name), "build_kwargs") and "codebook_size" in raw:
+        missing = []  # the class derives its other arguments from codebook_size (FSQ: levels)
+    if missing:
+        raise ValueError(
+            f"quantizer {name!r} needs {', '.join(repr('quantizer.' + k) for k in missing)}; set it in the config "
+            f"or as an override (e.g. quantizer.{missing[0]}=...)"
+        )
     return raw
+
+
+def _required_quantizer_keys(name: str) -> set[str]:
+    """Keyword arguments without a default of the quantizer class called ``name``."""
+    cls = QUANTIZERS.get(name)
+    if cls is None:
+        return set()
+    params = inspect.signature(cls.__init__).parameters
+    return {k for k, p in params.items() if k != "self" and p.default is p.empty and p.kind is p.KEYWORD_ONLY}
 
 
 def resolve_config(config: dict) -> dict:

@@ -118,6 +118,7 @@ class TokenizerModule(L.LightningModule):
         self.steps_this_run = 0
         self._window: dict[str, tuple] = {}
         self._window_count = 0
+        self._resume_rng: dict | None = None
         self._fit_start = time.perf_counter()
         self._train_time = 0.0
 
@@ -160,13 +161,39 @@ class TokenizerModule(L.LightningModule):
             pin_memory=self.device.type == "cuda",
         )
 
+    def _usage_buffers(self) -> dict[str, torch.Tensor]:
+        """The usage-count buffers of the tokenizer (state-dict key of this module -> tensor)."""
+        return {f"model.{name}": buf for name, buf in self.model.named_buffers() if name.endswith("usage.counts")}
+
+    def _per_rank(self, value: torch.Tensor) -> torch.Tensor:
+        """``(world, *value.shape)``: ``value`` from every rank (collective under DDP: every rank calls)."""
+        value = value.detach()
+        if _world_size() == 1:
+            return value[None].cpu().clone()
+        parts = [torch.empty_like(value) for _ in range(_world_size())]
+        dist.all_gather(parts, value.contiguous())
+        return torch.stack(parts).cpu()
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the partly filled logging window of every rank: its usage counts (the state dict holds rank 0's
+        # only) and its loss sums, so a resumed run logs that window as the uninterrupted run does
+        keys = sorted(self._window)
+        window = {
+            "count": self._per_rank(torch.tensor(self._window_count, dtype=torch.long, device=self.device)),
+            "usage": {k: self._per_rank(v) for k, v in self._usage_buffers().items()},
+            "sums": {k: self._per_rank(torch.as_tensor(self._window[k][0], device=self.device)) for k in keys},
+            "counts": {
+                k: self._per_rank(torch.tensor(self._window[k][1], dtype=torch.long, device=self.device)) for k in keys
+            },
+        }
         checkpoint["simvq"] = {
             "step": self.step,
             "history": self.history,
             "config": self.config,
             "rng": rng_state(),
             "train_time_s": self._train_time + (time.perf_counter() - self._fit_start),
+            "window": window,
+            "world_size": _world_size(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -182,6 +209,37 @@ class TokenizerModule(L.LightningModule):
         self.history = list(state["history"])
         self._train_time = float(state.get("train_time_s", 0.0))
         set_rng_state(state["rng"])
+        # Lightning builds the training loader (which draws from the global RNG) after this hook: restore
+        # the RNG again right before the first resumed step
+        self._resume_rng = state["rng"]
+        window = state.get("window")
+        if window is not None:
+            self._restore_window(window, checkpoint.get("state_dict", {}), int(state.get("world_size", 1)))
+
+    def _restore_window(self, window: dict, state_dict: dict, saved_world: int) -> None:
+        """This rank's partly filled logging window (runs before Lightning loads ``state_dict``)."""
+        world, rank = _world_size(), self.global_rank
+        for key, per_rank in window["usage"].items():
+            if key not in state_dict:
+                continue
+            # same world size: each rank continues its own counts; otherwise rank 0 takes the sum (the
+            # window's all-reduced usage is the same either way)
+            if saved_world == world:
+                counts = per_rank[rank]
+            else:
+                counts = per_rank.sum(0) if rank == 0 else torch.zeros_like(per_rank[0])
+            state_dict[key] = counts.clone()
+        if saved_world == world:
+            self._window = {
+                k: (window["sums"][k][rank].to(self.device), int(window["counts"][k][rank])) for k in window["sums"]
+            }
+            self._window_count = int(window["count"][rank])
+        # with another world size the loss window starts afresh (its means could not be split by rank)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self._resume_rng is not None:
+            set_rng_state(self._resume_rng)
+            self._resume_rng = None
 
     # ----- training ----------------------------------------------------------------------------------
     def _set_lr(self, optimizers) -> None:
