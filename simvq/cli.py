@@ -306,7 +306,14 @@ COMMANDS["export"] = ("Export a model folder to ONNX (encoder.onnx + decoder.onn
 
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE overrides may also follow options (`train --config X --out R optim.lr=1e-3`): argparse
+    # leaves a second run of positionals over; take those, refuse anything else
+    overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+    if extra and (overrides != extra or not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(a for a in extra if a not in overrides or not hasattr(args, 'overrides'))}")
+    if overrides:
+        args.overrides = [*(args.overrides or []), *overrides]
     if args.command is None:
         parser.print_help()
         return 0
