@@ -6,12 +6,11 @@ Every modality-specific default, ``--data`` rule and report section lives in
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
 from simvq.compare.variants import DEFAULT_QUANTIZERS
-from simvq.config import apply_overrides, find_config, load_yaml
+from simvq.config import apply_overrides, load_raw_config
 from simvq.modalities import get_modality, modality_names
 
 
@@ -82,7 +81,7 @@ def data_modality(data: str | None) -> str | None:
 
 def raw_config(source: str | dict, overrides: list) -> dict:
     """A config as written (a preset, a YAML path or a dict) with ``key=value`` overrides applied."""
-    raw = copy.deepcopy(source) if isinstance(source, dict) else load_yaml(find_config(source))
+    raw = load_raw_config(source)
     return apply_overrides(raw, list(overrides))
 
 
