@@ -1,0 +1,235 @@
+"""Library side of the prior commands; ``simvq.cli`` only registers them::
+
+    simvq prior train --tokenizer DIR [--config prior/PRESET] [key=value ...] --out DIR
+    simvq sample --prior DIR --n 64 [--class 3] [--cfg-scale S] [--temperature T] [--top-k K] [--top-p P] --out DIR
+    simvq eval-prior --prior DIR [--samples N] [--out FILE]
+
+Each command has ``add_<name>_arguments(parser)`` and ``run_<name>(args) -> int``. User errors raise
+ValueError / FileNotFoundError with one line naming the problem and the fix (the CLI maps them to exit code
+2), all before any training or sampling starts.
+
+Output folders: a command writes into a folder that does not exist yet, an empty one, or one it created
+earlier (marked by ``.simvq-output`` naming the command). ``prior train`` resumes its own folder; ``sample``
+replaces its own outputs only with ``--force``. A folder that another command or a person made is never
+written to, and no output may be, or lie inside, an input folder (``--force`` does not change that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+MARKER = ".simvq-output"
+
+
+# ----- output safety ----------------------------------------------------------------------------------------
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def prepare_out_dir(out: str | Path, command: str, *, inputs=(), force: bool = False, resume: bool = False) -> tuple[Path, bool]:
+    """Check (and create) an output folder for ``command``; returns ``(folder, it held earlier outputs)``.
+
+    Raises before anything is written: ``out`` is a file; ``out`` is, contains or lies inside an input;
+    ``out`` is a non-empty folder this command did not create; it holds this command's outputs and neither
+    ``resume`` nor ``force`` allows touching them.
+    """
+    out = Path(out).expanduser()
+    for item in inputs:
+        if item is None:
+            continue
+        item = Path(item)
+        if _inside(out, item) or _inside(item, out):
+            raise ValueError(f"--out {out} overlaps the input {item}; choose an output folder outside the inputs")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; choose a new folder")
+    earlier = False
+    if out.is_dir() and any(out.iterdir()):
+        marker = out / MARKER
+        owner = None
+        if marker.is_file():
+            try:
+                owner = json.loads(marker.read_text(encoding="utf-8")).get("command")
+            except (ValueError, OSError):
+                owner = None
+        if owner != command:
+            who = f"`simvq {owner}`" if owner else "another program or a person (no .simvq-output marker)"
+            raise ValueError(
+                f"--out {out} is not empty and was made by {who}, not `simvq {command}`; choose a new or empty "
+                "folder (nothing was written)"
+            )
+        if not (resume or force):
+            raise ValueError(f"--out {out} already holds `simvq {command}` outputs; pass --force to replace them or choose a new folder")
+        earlier = True
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        from simvq.prior._compat import save_file_atomic
+
+        save_file_atomic(out / MARKER, json.dumps({"command": command}) + "\n")
+    return out, earlier
+
+
+def _overrides(values) -> list[str]:
+    bad = [v for v in values or [] if "=" not in v]
+    if bad:
+        raise ValueError(f"unexpected argument {bad[0]!r}: config overrides look like key.sub=value (e.g. trainer.max_steps=300)")
+    return list(values or [])
+
+
+# ----- simvq prior train --------------------------------------------------------------------------------------
+def add_prior_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", required=True, help="the tokenizer's model folder (or its training run folder)")
+    parser.add_argument("--config", default="prior/fashion-cpu", help="prior preset (prior/fashion-cpu, prior/llamagen-b) or YAML file")
+    parser.add_argument("--out", required=True, help="the prior's run folder (resumed when it holds an unfinished run)")
+    parser.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
+    parser.add_argument("--force", action="store_true", help="start this command's earlier run in --out again instead of resuming it")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.width=192")
+
+
+def run_prior_train(args) -> int:
+    from simvq.prior.train import CHECKPOINT, prepare_run, train_prior
+
+    overrides = _overrides(args.overrides)
+    # everything a user can get wrong is checked before the folder is touched or training starts
+    cfg, tok_folder, _ = prepare_run(args.tokenizer, args.config, overrides=overrides, max_steps=args.max_steps)
+    out, earlier = prepare_out_dir(args.out, "prior train", inputs=[tok_folder], force=args.force, resume=True)
+    if earlier and args.force:
+        for name in (str(CHECKPOINT), "model.safetensors", "config.yaml", "history.json"):
+            (out / name).unlink(missing_ok=True)
+    result = train_prior(tok_folder, out, args.config, overrides=overrides, max_steps=args.max_steps)
+    m, p = result.metrics, result.parameters
+    print(f"prior written to {out}: {p['total']:,} parameters (token embedding {p['token_embedding']:,}, output layer {p['output_layer']:,})")
+    print(f"held-out: {m['bits_per_token']:.4f} bits/token, {m['bits_per_image']:.1f} bits/image on {m['images']} images; "
+          f"wall time {result.wall_time_s:.0f}s")
+    return 0
+
+
+# ----- simvq sample -----------------------------------------------------------------------------------------
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prior", required=True, help="a prior folder (the --out of `simvq prior train`)")
+    parser.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    parser.add_argument("--class", dest="class_id", type=int, default=None, help="class id for a class-conditional prior")
+    parser.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1 = none; needs --class)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="keep the K most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--grid-scale", type=int, default=2, help="enlarge grid.png by this factor (nearest)")
+    parser.add_argument("--out", required=True, help="output folder: sample_000.png ..., grid.png, indices.safetensors, sample.json")
+    parser.add_argument("--force", action="store_true", help="replace this command's earlier outputs in --out")
+
+
+def run_sample(args) -> int:
+    from safetensors.torch import save_file
+
+    from simvq.prior._compat import save_file_atomic
+    from simvq.prior.sample import check_sampling_args, decode, sample, save_image_grid, save_png, image_grid
+    from simvq.prior.train import load_prior_with_tokenizer
+
+    if args.cfg_scale != 1.0 and args.class_id is None:
+        raise ValueError("--cfg-scale needs --class (guidance mixes the class with 'no class'); add --class or drop --cfg-scale")
+    if args.grid_scale < 1:
+        raise ValueError(f"--grid-scale must be >= 1, got {args.grid_scale}")
+    prior, config, tokenizer, _ = load_prior_with_tokenizer(args.prior)
+    check_sampling_args(prior, args.n, args.class_id, args.temperature, args.top_k, args.top_p, args.cfg_scale)
+    out, _ = prepare_out_dir(args.out, "sample", inputs=[args.prior, config["tokenizer"]["path"]], force=args.force)
+    indices = sample(prior, args.n, classes=args.class_id, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size)
+    images = decode(tokenizer, indices)
+    for old in out.glob("sample_*.png"):  # a smaller --n must not leave earlier samples behind
+        old.unlink()
+    for i, image in enumerate(images):
+        save_png(image_grid(image[None], nrow=1, pad=0), out / f"sample_{i:03d}.png")
+    save_image_grid(images, out / "grid.png", nrow=8, scale=args.grid_scale)
+    save_file_atomic(out / "indices.safetensors", lambda tmp: save_file({"indices": indices.contiguous()}, str(tmp)))
+    settings = {"prior": str(Path(args.prior).resolve()), "n": args.n, "class": args.class_id, "cfg_scale": args.cfg_scale,
+                "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    save_file_atomic(out / "sample.json", json.dumps(settings, indent=2) + "\n")
+    print(f"{args.n} samples written to {out} (grid.png, sample_000.png ..., indices.safetensors)")
+    return 0
+
+
+# ----- simvq eval-prior -------------------------------------------------------------------------------------
+def add_eval_prior_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prior", required=True, help="a prior folder (the --out of `simvq prior train`)")
+    parser.add_argument("--samples", type=int, default=None, help="number of generated samples (default: the prior config's eval.samples)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--cfg-scale", type=float, default=None)
+    parser.add_argument("--classifier-dir", default=None, help="cache folder of the proxy classifier (default ~/.cache/simvq/prior-classifiers)")
+    parser.add_argument("--out", default=None, help="write the metrics as JSON to this file")
+    parser.add_argument("--force", action="store_true", help="replace an earlier eval-prior --out file")
+
+
+def check_out_file(out: str | Path, *, inputs=(), force: bool = False) -> Path:
+    """An output file may replace only an earlier metrics file of this command, and only with ``force``."""
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name such as eval.json")
+    if out.exists():
+        try:
+            ours = "feature_space" in json.loads(out.read_text(encoding="utf-8"))
+        except (ValueError, OSError, TypeError, AttributeError):
+            ours = False
+        if not ours:
+            raise ValueError(f"--out {out} exists and is not an `simvq eval-prior` result; choose another file (nothing was written)")
+        if not force:
+            raise ValueError(f"--out {out} exists; pass --force to replace it")
+    for item in inputs:
+        if item is not None and out.resolve() in {p.resolve() for p in Path(item).glob("*") if p.name in ("config.yaml", "model.safetensors")}:
+            raise ValueError(f"--out {out} is an input file; choose another file")
+    return out
+
+
+def run_eval_prior(args) -> int:
+    from simvq.prior._compat import save_file_atomic
+    from simvq.prior.metrics import evaluate_prior
+
+    if args.samples is not None and args.samples < 4:
+        raise ValueError(f"--samples must be >= 4 (precision/recall uses 3 nearest neighbours), got {args.samples}")
+    out = check_out_file(args.out, inputs=[args.prior], force=args.force) if args.out else None
+    result = evaluate_prior(args.prior, samples=args.samples, seed=args.seed, cfg_scale=args.cfg_scale,
+                            classifier_dir=args.classifier_dir, progress=True)
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        save_file_atomic(out, text + "\n")
+    print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser of the three commands (``python -m simvq.prior.command``) until the CLI wires them."""
+    parser = argparse.ArgumentParser(prog="simvq-prior")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, add, run in (("train", add_prior_train_arguments, run_prior_train), ("sample", add_sample_arguments, run_sample),
+                           ("eval-prior", add_eval_prior_arguments, run_eval_prior)):
+        p = sub.add_parser(name)
+        add(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    import sys
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "MARKER", "add_eval_prior_arguments", "add_prior_train_arguments", "add_sample_arguments", "check_out_file",
+    "prepare_out_dir", "run_eval_prior", "run_prior_train", "run_sample",
+]

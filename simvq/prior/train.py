@@ -1,0 +1,419 @@
+"""Training a token prior with Lightning: ``train_prior(tokenizer_dir, out_dir, config)``.
+
+The run folder (``out_dir``) is also the prior's model folder::
+
+    config.yaml            the full prior config, the sizes read from the tokenizer, and ``tokenizer:``
+                           (its folder, absolute, and its config hash)
+    model.safetensors      the prior's weights (written at the end, atomically)
+    tokens/                the tokenizer's train / eval splits encoded once (reused by later runs)
+    checkpoints/last.ckpt  Lightning checkpoint (atomic), resumed when the run is started again
+    history.json           loss, learning rate and held-out bits/token per logging window
+
+Batches are drawn by step index (a generator seeded with ``seed`` and the step), so a resumed run sees the
+batches the interrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from simvq.prior._compat import atomic_path, build_datasets, config_hash, save_file_atomic
+from simvq.prior.config import SIZE_KEYS, load_prior_config, run_key
+from simvq.prior.model import TokenPrior
+
+log = logging.getLogger("simvq.prior")
+
+CHECKPOINT = Path("checkpoints") / "last.ckpt"
+MODEL_KEYS = ("width", "depth", "heads", "positions", "rope_base", "dropout", "label_dropout", "ffn_multiple_of")
+
+
+# ----- tokenizer and prior folders -----------------------------------------------------------------------
+def resolve_tokenizer_dir(path: str | Path) -> Path:
+    """The tokenizer model folder: ``path`` itself, or ``path/model`` for a training run folder.
+
+    Raises FileNotFoundError / ValueError with one line naming the problem and the fix.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist; pass --tokenizer the model/ folder of a tokenizer training run")
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder; pass --tokenizer the model/ folder of a tokenizer training run")
+    for candidate in (path, path / "model"):
+        if (candidate / "config.yaml").is_file() and (candidate / "model.safetensors").is_file():
+            cfg = _read_yaml(candidate / "config.yaml")
+            if isinstance(cfg, dict) and "quantizer" in cfg and "model" in cfg:
+                return candidate.resolve()
+            if (candidate / "model.safetensors").is_file() and isinstance(cfg, dict) and "tokenizer" in cfg:
+                raise ValueError(f"{path} is a prior, not a tokenizer; pass --tokenizer the tokenizer's model/ folder")
+    raise ValueError(
+        f"{path} is not a tokenizer folder (config.yaml with model and quantizer sections + model.safetensors); "
+        "pass the model/ folder written by `simvq train`"
+    )
+
+
+def _read_yaml(path: Path):
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid YAML ({err})") from err
+
+
+def tokenizer_hash(config: dict) -> str:
+    return config_hash(config)
+
+
+def load_tokenizer_folder(path: str | Path, *, device="cpu"):
+    """``(tokenizer module in eval mode, its config, its folder)``."""
+    from simvq.checkpoints import load_model_dir, load_tokenizer
+
+    folder = resolve_tokenizer_dir(path)
+    _, config = load_model_dir(folder)
+    return load_tokenizer(folder, device=device), config, folder
+
+
+def build_prior(config: dict) -> TokenPrior:
+    """The :class:`TokenPrior` a full (trained) prior config describes."""
+    m = config["model"]
+    missing = [k for k in SIZE_KEYS if k not in m]
+    if missing:
+        raise ValueError(f"prior config lacks model.{missing[0]}; it is written by training (is this a prior folder?)")
+    return TokenPrior(
+        codebook_size=int(m["codebook_size"]),
+        grid=tuple(m["grid"]),
+        num_classes=int(m["num_classes"]),
+        **{k: m[k] for k in MODEL_KEYS},
+    )
+
+
+def load_prior(prior_dir: str | Path, *, device="cpu") -> tuple[TokenPrior, dict]:
+    """``(prior in eval mode, its config)`` from a prior folder."""
+    from simvq.checkpoints import load_model_dir
+
+    prior_dir = Path(prior_dir).expanduser()
+    if not prior_dir.is_dir():
+        raise FileNotFoundError(f"prior folder {prior_dir} does not exist; pass --prior the --out folder of `simvq prior train`")
+    if not (prior_dir / "model.safetensors").is_file():
+        if (prior_dir / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"{prior_dir} holds an unfinished prior run (no model.safetensors yet); run `simvq prior train` again to finish it")
+        raise FileNotFoundError(f"{prior_dir} is not a prior folder (no model.safetensors); pass the --out folder of `simvq prior train`")
+    state, config = load_model_dir(prior_dir, device="cpu")
+    if "tokenizer" not in config:
+        raise ValueError(f"{prior_dir} holds a tokenizer, not a prior; pass --prior the --out folder of `simvq prior train`")
+    prior = build_prior(config)
+    prior.load_state_dict(state, strict=True)
+    return prior.to(device).eval(), config
+
+
+def load_prior_with_tokenizer(prior_dir: str | Path, *, tokenizer_dir: str | Path | None = None, device="cpu"):
+    """``(prior, prior config, tokenizer, tokenizer config)``, checked to belong together.
+
+    The tokenizer is the one the prior's config names unless ``tokenizer_dir`` is given; a codebook size,
+    token grid or tokenizer config hash that differs from the prior's is a ValueError.
+    """
+    prior, config = load_prior(prior_dir, device=device)
+    ref = tokenizer_dir or config["tokenizer"]["path"]
+    tokenizer, tok_config, _ = load_tokenizer_folder(ref, device=device)
+    check_prior_matches(prior, config, tokenizer, tok_config, where=str(ref))
+    return prior, config, tokenizer, tok_config
+
+
+def check_prior_matches(prior: TokenPrior, config: dict, tokenizer, tok_config: dict, *, where: str) -> None:
+    k = int(tokenizer.quantize.codebook_size)
+    if k != prior.codebook_size:
+        raise ValueError(
+            f"the prior was trained on a codebook of {prior.codebook_size} codes but the tokenizer in {where} has {k}; "
+            "use the tokenizer the prior was trained on (see tokenizer.path in the prior's config.yaml)"
+        )
+    size = tok_config.get("data", {}).get("image_size")
+    factor = getattr(tokenizer, "downsample_factor", None)
+    if size and factor:
+        grid = (int(size) // factor, int(size) // factor)
+        if grid != prior.grid:
+            raise ValueError(
+                f"the prior generates {prior.grid[0]}x{prior.grid[1]} token grids but the tokenizer in {where} makes "
+                f"{grid[0]}x{grid[1]}; use the tokenizer the prior was trained on"
+            )
+    expected = config["tokenizer"].get("config_hash")
+    if expected and tokenizer_hash(tok_config) != expected:
+        raise ValueError(
+            f"the tokenizer in {where} is not the one the prior was trained on (config hash "
+            f"{tokenizer_hash(tok_config)} != {expected}); use the tokenizer named in the prior's config.yaml"
+        )
+
+
+# ----- Lightning ------------------------------------------------------------------------------------------
+class StepBatches(torch.utils.data.IterableDataset):
+    """Endless batches of row indices; batch ``s`` depends only on ``(seed, s)``."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start) -> None:
+        self.n, self.batch_size, self.seed, self.start = n, batch_size, seed, start
+
+    def __iter__(self):
+        step = int(self.start())
+        while True:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            yield torch.randint(self.n, (self.batch_size,), generator=gen)
+            step += 1
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant or cosine down to ``min_ratio``."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _lightning_module_class():
+    import lightning as L
+
+    class PriorModule(L.LightningModule):
+        """Next-token cross-entropy on the cached token grids; AdamW with warm-up and cosine/constant LR."""
+
+        def __init__(self, prior: TokenPrior, config: dict, tokens, labels, eval_tokens, eval_labels, progress) -> None:
+            super().__init__()
+            self.prior = prior
+            self.config = config
+            self.tokens, self.labels = tokens.reshape(len(tokens), -1), labels
+            self.eval_tokens, self.eval_labels = eval_tokens, eval_labels
+            self.history: list[dict] = []
+            self.progress = progress
+            self._window: list[float] = []
+            self._t0 = time.perf_counter()
+            self.train_time_s = 0.0
+
+        def train_dataloader(self):
+            c = self.config
+            batches = StepBatches(len(self.tokens), c["data"]["batch_size"], c["seed"], lambda: self.trainer.global_step)
+            return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=0)
+
+        def training_step(self, index, batch_idx):
+            index = index.cpu()
+            seq = self.tokens[index].to(self.device)
+            labels = None if self.labels is None else self.labels[index].to(self.device)
+            loss = self.prior.loss(seq, labels)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the prior's loss is {loss.item()} at step {self.global_step}; lower optim.lr")
+            self._window.append(float(loss.detach()))
+            return loss
+
+        def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+            step = self.global_step
+            tcfg = self.config["trainer"]
+            if step % tcfg["log_every"] == 0 or step >= tcfg["max_steps"]:
+                entry = {
+                    "step": step,
+                    "loss_nats": sum(self._window) / max(1, len(self._window)),
+                    "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+                    "time_s": self.train_time_s + time.perf_counter() - self._t0,
+                }
+                if self.eval_tokens is not None:
+                    from simvq.prior.metrics import held_out_nll
+
+                    nll = held_out_nll(self.prior, self.eval_tokens, self.eval_labels, batch_size=self.config["data"]["eval_batch_size"], limit=128)
+                    entry["eval_bits_per_token"] = nll["bits_per_token"]
+                    self.prior.train()
+                self._window = []
+                self.history.append(entry)
+                if self.progress:
+                    extra = f"  held-out {entry['eval_bits_per_token']:.3f} bits/token" if "eval_bits_per_token" in entry else ""
+                    print(f"[prior] step {step}/{tcfg['max_steps']}  loss {entry['loss_nats']:.4f} nats/token{extra}  {entry['time_s']:.0f}s", flush=True)
+            every = tcfg["checkpoint_every"]
+            if step % every == 0 or step >= tcfg["max_steps"]:
+                self._save_checkpoint()
+
+        def _save_checkpoint(self) -> None:
+            path = Path(self.trainer.default_root_dir) / CHECKPOINT
+            with atomic_path(path) as tmp:
+                self.trainer.save_checkpoint(tmp, weights_only=False)
+
+        def configure_optimizers(self):
+            o, t = self.config["optim"], self.config["trainer"]
+            decay = [p for p in self.prior.parameters() if p.dim() >= 2]
+            no_decay = [p for p in self.prior.parameters() if p.dim() < 2]
+            opt = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=o["lr"], betas=tuple(o["betas"]),
+            )
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda s: lr_factor(s, warmup=o["warmup_steps"], total=t["max_steps"], schedule=o["schedule"], min_ratio=o["min_lr_ratio"])
+            )
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+        def on_save_checkpoint(self, checkpoint: dict) -> None:
+            checkpoint["simvq_prior"] = {
+                "config": self.config,
+                "history": self.history,
+                "rng": torch.get_rng_state(),
+                "train_time_s": self.train_time_s + time.perf_counter() - self._t0,
+            }
+
+        def on_load_checkpoint(self, checkpoint: dict) -> None:
+            state = checkpoint.get("simvq_prior")
+            if state is None:
+                raise ValueError("this checkpoint was not written by `simvq prior train`; cannot resume it")
+            if run_key(state["config"]) != run_key(self.config) or state["config"]["tokenizer"] != self.config["tokenizer"]:
+                raise ValueError(
+                    "the checkpoint in this run folder belongs to a prior with another model config or tokenizer; "
+                    "use a new --out folder (nothing was changed)"
+                )
+            self.history = list(state["history"])
+            self.train_time_s = float(state["train_time_s"])
+            self._t0 = time.perf_counter()
+            torch.set_rng_state(state["rng"])
+
+    return PriorModule
+
+
+# ----- the entry point --------------------------------------------------------------------------------------
+@dataclass
+class PriorTrainResult:
+    prior_dir: Path
+    history: list[dict]
+    metrics: dict
+    parameters: dict
+    wall_time_s: float
+    tokens_reused: bool
+    config: dict = field(default_factory=dict)
+
+
+def prepare_run(tokenizer_dir, config="prior/fashion-cpu", *, overrides=None, max_steps=None) -> tuple[dict, Path, dict]:
+    """Validate everything that can be checked before training: ``(prior config, tokenizer folder, its config)``."""
+    cfg = load_prior_config(config, overrides)
+    if max_steps is not None:
+        if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
+        cfg["trainer"]["max_steps"] = max_steps
+    folder = resolve_tokenizer_dir(tokenizer_dir)
+    from simvq.checkpoints import load_model_dir
+
+    _, tok_config = load_model_dir(folder)
+    if tok_config.get("modality", "image") != "image":
+        raise ValueError(f"{folder} is a {tok_config.get('modality')} tokenizer; priors need an image tokenizer's 2-D token grid")
+    cfg["tokenizer"] = {"path": str(folder), "config_hash": tokenizer_hash(tok_config)}
+    return cfg, folder, tok_config
+
+
+def train_prior(
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    config: str | Path | dict = "prior/fashion-cpu",
+    *,
+    overrides: list[str] | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+    resume: bool = True,
+) -> PriorTrainResult:
+    """Encode the tokenizer's data once, train a prior on the tokens, write the prior folder ``out_dir``.
+
+    Args:
+        tokenizer_dir: the tokenizer's model folder (or its training run folder holding ``model/``).
+        out_dir: the prior's run / model folder (created; resumed when it holds ``checkpoints/last.ckpt``).
+        config: a prior preset (``"prior/fashion-cpu"``), a YAML path or a dict; ``overrides`` apply on top.
+        resume: with False an existing checkpoint in ``out_dir`` is an error instead of being continued.
+    """
+    from simvq.prior.data import data_config, load_or_encode
+    from simvq.prior.metrics import held_out_nll
+
+    wall0 = time.perf_counter()
+    cfg, tok_folder, tok_config = prepare_run(tokenizer_dir, config, overrides=overrides, max_steps=max_steps)
+    out_dir = Path(out_dir)
+    ckpt = out_dir / CHECKPOINT
+    if ckpt.exists() and not resume:
+        raise FileExistsError(f"{out_dir} already holds a prior run ({ckpt}); resume it or choose another --out (nothing was overwritten)")
+    tcfg = cfg["trainer"]
+    if tcfg["num_threads"]:
+        torch.set_num_threads(tcfg["num_threads"])
+    from simvq.checkpoints import load_tokenizer
+
+    tokenizer = load_tokenizer(tok_folder)
+    dcfg = data_config(tok_config, cfg["data"])
+    train_set, eval_set = build_datasets(dcfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def show(what):
+        def report(done, total):
+            if progress and (done == total or done % (cfg["data"]["encode_batch_size"] * 40) == 0):
+                print(f"[prior] encoding {what} split: {done}/{total} images", flush=True)
+        return report
+
+    thash = cfg["tokenizer"]["config_hash"]
+    eb = cfg["data"]["encode_batch_size"]
+    tokens, labels, reused = load_or_encode(out_dir, tokenizer, thash, dcfg, train_set, "train", batch_size=eb, progress=show("train"))
+    eval_tokens, eval_labels, _ = load_or_encode(out_dir, tokenizer, thash, dcfg, eval_set, "eval", batch_size=eb, progress=show("eval"))
+    codebook_size = int(tokenizer.quantize.codebook_size)
+    del tokenizer
+    k = int(tokens.max()) + 1
+    if k > codebook_size:
+        raise ValueError(f"token {k - 1} is outside the tokenizer's codebook of {codebook_size}; the token cache is stale, delete {out_dir / 'tokens'}")
+    conditional = cfg["model"]["conditional"] and labels is not None
+    num_classes = int(max(int(labels.max()), int(eval_labels.max()) if eval_labels is not None else 0)) + 1 if conditional else 0
+    cfg["model"].update(codebook_size=codebook_size, grid=list(tokens.shape[1:]), num_classes=num_classes)
+    if not conditional:
+        labels = eval_labels = None
+
+    import lightning as L
+
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    prior = build_prior(cfg)
+    module = _lightning_module_class()(prior, cfg, tokens, labels, eval_tokens, eval_labels, progress)
+    if progress:
+        counts = prior.parameter_counts()
+        print(f"[prior] {counts['total']:,} parameters (token embedding {counts['token_embedding']:,}, output layer "
+              f"{counts['output_layer']:,}); {len(tokens):,} training grids of {prior.grid[0]}x{prior.grid[1]} tokens, "
+              f"K={codebook_size}, {num_classes or 'no'} classes", flush=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*IterableDataset.*")
+        warnings.filterwarnings("ignore", message=".*treespec.*")
+        trainer = L.Trainer(
+            accelerator=tcfg["accelerator"], devices=1, max_steps=tcfg["max_steps"], max_epochs=-1,
+            logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=out_dir, log_every_n_steps=1,
+            gradient_clip_val=cfg["optim"]["grad_clip"],
+        )
+        done = _checkpoint_step(ckpt) if ckpt.exists() else 0
+        if done < tcfg["max_steps"]:
+            trainer.fit(module, ckpt_path=ckpt if ckpt.exists() else None, weights_only=True)
+        else:
+            module.on_load_checkpoint(_load_ckpt(ckpt))
+            module.prior.load_state_dict({k.removeprefix("prior."): v for k, v in _load_ckpt(ckpt)["state_dict"].items()})
+
+    prior = module.prior.cpu().eval()
+    metrics = held_out_nll(prior, eval_tokens, eval_labels, batch_size=cfg["data"]["eval_batch_size"])
+    metrics["wall_time_s"] = time.perf_counter() - wall0
+    save_file_atomic(out_dir / "history.json", json.dumps({"history": module.history, "held_out": metrics}, indent=2))
+    from simvq.checkpoints import save_model_dir
+
+    save_model_dir(out_dir, prior.state_dict(), cfg, metadata={"kind": "simvq-token-prior", "steps": str(module.global_step)})
+    return PriorTrainResult(
+        prior_dir=out_dir, history=module.history, metrics=metrics, parameters=prior.parameter_counts(),
+        wall_time_s=time.perf_counter() - wall0, tokens_reused=reused, config=cfg,
+    )
+
+
+def _load_ckpt(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(_load_ckpt(path).get("global_step", 0))
+
+
+__all__ = [
+    "PriorTrainResult", "build_prior", "check_prior_matches", "load_prior", "load_prior_with_tokenizer",
+    "load_tokenizer_folder", "lr_factor", "prepare_run", "resolve_tokenizer_dir", "train_prior",
+]
