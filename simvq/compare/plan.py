@@ -47,7 +47,10 @@ def base_config(spec: CompareSpec) -> dict:
     module = compare_module(spec.modality)
     source = MODALITY_DEFAULTS[spec.modality]["config"] if spec.config is None else spec.config
     raw = raw_config(source, spec.overrides)
-    raw.setdefault("quantizer", {"name": "simvq"})
+    quantizer = raw.setdefault("quantizer", {"name": "simvq"})
+    if isinstance(quantizer, dict) and not {"codebook_size", "levels"} & set(quantizer):
+        # every run replaces the quantizer section; the base config only needs a valid one
+        quantizer["codebook_size"] = spec.codebook_sizes[0]
     first = load_config(raw)
     if spec.data is not None:
         for section, change in module.data_changes(str(spec.data), first, preset_is_default).items():
