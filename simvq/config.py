@@ -226,6 +226,12 @@ def _validate_quantizer(raw) -> dict:
         )
     if "dim" in raw:
         raise ValueError("quantizer.dim is filled from the model (model.z_channels); remove it from the config")
+    return raw
+
+
+def _check_required_quantizer_keys(raw: dict) -> None:
+    """A quantizer keyword without a default must be in the config (checked after every other section)."""
+    name = raw.get("name")
     missing = sorted(_required_quantizer_keys(name) - set(raw) - {"dim"})
     if hasattr(QUANTIZERS.get(name), "build_kwargs") and "codebook_size" in raw:
         missing = []  # the class derives its other arguments from codebook_size (FSQ: levels)
@@ -234,7 +240,6 @@ def _validate_quantizer(raw) -> dict:
             f"quantizer {name!r} needs {', '.join(repr('quantizer.' + k) for k in missing)}; set it in the config "
             f"or as an override (e.g. quantizer.{missing[0]}=...)"
         )
-    return raw
 
 
 def _required_quantizer_keys(name: str) -> set[str]:
@@ -276,6 +281,7 @@ def resolve_config(config: dict) -> dict:
     }
     out = kind.finalize_config(out)
     _check_values(out)
+    _check_required_quantizer_keys(out["quantizer"])
     return out
 
 
