@@ -80,7 +80,7 @@ class TrainerConfig:
     max_steps: Optional[int] = None
     max_epochs: Optional[float] = None
     max_minutes: Optional[float] = None
-    precision: str = "32-true"
+    precision: Union[str, int] = "32-true"
     accelerator: str = "auto"
     devices: Any = 1
     num_nodes: int = 1
@@ -303,6 +303,8 @@ def _check_values(cfg: dict) -> None:
         check_positive(cfg, key, "trainer", allow_none=False)
     for key in ("checkpoint_every", "sample_every", "eval_every", "num_samples"):
         check_positive(cfg, key, "trainer", allow_none=False, allow_zero=True)
+    if isinstance(t["precision"], int) and not isinstance(t["precision"], bool):
+        t["precision"] = str(t["precision"])  # trainer.precision=32 on the command line is YAML's integer 32
     if t["precision"] not in PRECISIONS:
         raise ValueError(f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {t['precision']!r}")
     bad = sorted(set(t["loggers"]) - {"csv", "tensorboard"})

@@ -127,6 +127,7 @@ def evaluate(
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         loader = eval_loader(dataset, batch_size=bs, rank=rank, world_size=world)
 
+    weight_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     usage = model.quantize.usage
     saved_counts = usage.counts.clone()
     usage.reset()
@@ -140,11 +141,13 @@ def evaluate(
     try:
         for batch in iterator:
             x = task.model_input(batch).to(device)
+            # a model trained under a "true" precision (bf16-true, 64-true) takes inputs of its own dtype
+            x_in = x if x.dtype == weight_dtype or not x.is_floating_point() else x.to(weight_dtype)
             if metric is None:
-                model.encode(x)  # usage only: the quantizer counts the codes, the decoder is not needed
+                model.encode(x_in)  # usage only: the quantizer counts the codes, the decoder is not needed
             else:
-                x_hat, _ = task.reconstruct(model, x)
-                metric.update(x, x_hat)
+                x_hat, _ = task.reconstruct(model, x_in)
+                metric.update(x, x_hat.to(x.dtype))
             n_items += x.shape[0]
         stats = usage.compute(reduce=distributed)
     finally:

@@ -39,6 +39,16 @@ class EMA(nn.Module):
             self.register_buffer(f"shadow_{i}", params[name].detach().clone().float())
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
 
+    def _apply(self, fn, *args, **kwargs):
+        # a "true" half precision (bf16-true) casts every floating buffer: averages of tiny updates would be
+        # rounded away in 8 mantissa bits, so the shadows stay float32 (float64 is kept as it is)
+        module = super()._apply(fn, *args, **kwargs)
+        for i in range(len(self.names)):
+            shadow = getattr(self, f"shadow_{i}")
+            if shadow.dtype in (torch.float16, torch.bfloat16):
+                setattr(self, f"shadow_{i}", shadow.float())
+        return module
+
     def shadows(self) -> list[torch.Tensor]:
         return [getattr(self, f"shadow_{i}") for i in range(len(self.names))]
 
@@ -57,8 +67,10 @@ class EMA(nn.Module):
     def update(self, model: nn.Module) -> None:
         """One averaging step after an optimiser step."""
         d = self.current_decay()
-        params = [p.detach().float() for p in self._params(model)]
-        torch._foreach_lerp_(self.shadows(), params, 1.0 - d)
+        shadows = self.shadows()
+        # the shadows keep at least float32 (see _apply); the live weights may be bf16 or float64
+        params = [p.detach().to(s.dtype) for p, s in zip(self._params(model), shadows)]
+        torch._foreach_lerp_(shadows, params, 1.0 - d)
         self.num_updates += 1
 
     @torch.no_grad()

@@ -382,11 +382,17 @@ class TokenizerModule(L.LightningModule):
         self.model.eval()
         try:
             with self.ema_weights(), preserved_usage(self.model):
-                x = batch.to(self.device)
+                # under a "true" precision (bf16-true, 64-true) the weights are not float32: feed their dtype
+                x = batch.to(self.device, dtype=_weight_dtype(self.model))
                 x_hat, _ = self.task.reconstruct(self.model, x)
+                x, x_hat = x.float(), x_hat.float()
         finally:
             self.model.train(was_training)
         return x, x_hat
+
+
+def _weight_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def load_initial_weights(model, state_dict: dict, *, strict: bool) -> None:
