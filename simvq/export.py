@@ -40,7 +40,6 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -307,7 +306,6 @@ def example_inputs(tok: Tokenizer, batch: int = 2) -> tuple[torch.Tensor, torch.
 
 
 def _axes(tok: Tokenizer) -> tuple[dict, dict, str]:
-    levels = tok.index_levels > 1
     if tok.is_audio:
         io = {0: "batch", 2: "samples"}
         idx = {0: "batch", 1: "frames"}

@@ -32,7 +32,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -172,7 +172,7 @@ class Tokenizer:
 
     @property
     def is_audio(self) -> bool:
-        return self.modality.name == "audio"
+        return not self.modality.token_grid
 
     @property
     def codebook_size(self) -> int:

@@ -193,7 +193,8 @@ def test_decode_indices_equals_quantized(channel_first, spatial):
     # exact: the straight-through output carries the code values bit for bit
     assert torch.equal(q.decode_indices(out.indices), out.quantized)
     # the indices address the tokens in the input layout: check one by hand against the codebook
-    token = z[1, :, *[s - 1 for s in spatial]] if channel_first else z[1, *[s - 1 for s in spatial], :]
+    last = tuple(s - 1 for s in spatial)
+    token = z[(1, slice(None), *last)] if channel_first else z[(1, *last, slice(None))]
     nearest = (q.codebook.detach() - token).pow(2).sum(1).argmin()
     assert int(out.indices[(1, *[s - 1 for s in spatial])]) == int(nearest)
 
@@ -505,3 +506,28 @@ def test_large_codebook_forward_backward_memory_is_bounded():
     # C (128 MiB) + effective codebook (128 MiB) + search buffer (128 MiB) + small N x d tensors
     assert growth_mb < 1024, f"peak RSS grew by {growth_mb:.0f} MiB"
     assert growth_mb < full_matrix_mb / 16
+
+
+def test_residual_stack_reports_usage_per_level():
+    import math
+
+    from simvq.quantizers import ResidualQuantizer
+
+    torch.manual_seed(0)
+    q = ResidualQuantizer(num_quantizers=3, quantizer="simvq", dim=8, codebook_size=16, channel_first=False)
+    z = torch.randn(2, 300, 8)
+    out = q(z)
+    q(z[:, :50])  # a second batch: the tallies accumulate
+    stats = q.level_usage()
+    assert len(stats) == 3
+    for level, st in enumerate(stats):
+        # by hand from the returned indices, in float64: both batches (the second is the first 50 tokens)
+        cols = torch.cat([out.indices[..., level].reshape(-1), out.indices[:, :50, level].reshape(-1)])
+        counts = torch.bincount(cols, minlength=16).double()
+        p = counts[counts > 0] / counts.sum()
+        assert st.total == 700 and st.used_codes == int((counts > 0).sum())
+        assert st.utilization == pytest.approx(int((counts > 0).sum()) / 16)
+        assert st.perplexity == pytest.approx(math.exp(float(-(p * p.log()).sum())), rel=1e-9)
+    assert torch.equal(q.usage.compute().counts, stats[0].counts)  # the stack's usage is level 0's
+    q.usage.reset()  # one reset clears every level, so a logging window covers the same tokens everywhere
+    assert [st.total for st in q.level_usage()] == [0, 0, 0]

@@ -161,6 +161,7 @@ def add_eval_prior_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=None, help="number of generated samples (default: the prior config's eval.samples)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--cfg-scale", type=float, default=None)
+    parser.add_argument("--held-out", type=int, default=None, help="bits/token on the first N held-out grids only (default: all)")
     parser.add_argument("--classifier-dir", default=None, help="cache folder of the proxy classifier (default ~/.cache/simvq/prior-classifiers)")
     parser.add_argument("--out", default=None, help="write the metrics as JSON to this file")
     parser.add_argument("--force", action="store_true", help="replace an earlier eval-prior --out file")
@@ -194,7 +195,7 @@ def run_eval_prior(args) -> int:
         raise ValueError(f"--samples must be >= 4 (precision/recall uses 3 nearest neighbours), got {args.samples}")
     out = check_out_file(args.out, inputs=[args.prior], force=args.force) if args.out else None
     result = evaluate_prior(args.prior, samples=args.samples, seed=args.seed, cfg_scale=args.cfg_scale,
-                            classifier_dir=args.classifier_dir, progress=True)
+                            classifier_dir=args.classifier_dir, held_out_limit=args.held_out, progress=True)
     text = json.dumps(result, indent=2)
     if out is not None:
         save_file_atomic(out, text + "\n")

@@ -13,6 +13,8 @@ and give unconditional priors.
 
 from __future__ import annotations
 
+from simvq.modalities import modality_of
+
 import copy
 import json
 import logging
@@ -59,7 +61,7 @@ def dataset_labels(config: dict, split: str, length: int) -> tuple[np.ndarray | 
     name = data.get("dataset")
     limit = data.get("train_limit" if split == "train" else "eval_limit")
     labels = names = None
-    if config.get("modality", "image") != "image":
+    if not modality_of(config).token_grid:
         return None, None
     if name == "fashion_mnist":
         folder = Path(data.get("path") or FASHION_MNIST_DIR)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simvq.prior.likelihood import held_out_nll
 from simvq.prior._compat import build_datasets, fid_inception_class, random_conv_features, save_file_atomic
 
 log = logging.getLogger("simvq.prior")
@@ -36,35 +37,6 @@ LN2 = math.log(2.0)
 
 # ----- likelihood -------------------------------------------------------------------------------------------
 @torch.no_grad()
-def held_out_nll(prior, tokens: torch.Tensor, labels: torch.Tensor | None = None, *, batch_size: int = 64, limit: int | None = None) -> dict:
-    """Mean negative log-likelihood of token grids ``(N, h, w)`` under ``prior`` (label dropout off).
-
-    Returns ``nats_per_token``, ``bits_per_token``, ``bits_per_image`` and ``images``.
-    """
-    was_training = prior.training
-    prior.eval()
-    device = prior.head.weight.device
-    n = len(tokens) if limit is None else min(limit, len(tokens))
-    total, count = 0.0, 0
-    try:
-        for lo in range(0, n, batch_size):
-            seq = tokens[lo : min(n, lo + batch_size)].reshape(-1, prior.seq_len).to(device)
-            lab = None if labels is None else labels[lo : lo + len(seq)].to(device)
-            logits = prior(seq[:, :-1], lab).double()
-            total += float(F.cross_entropy(logits.reshape(-1, prior.codebook_size), seq.reshape(-1), reduction="sum"))
-            count += seq.numel()
-    finally:
-        prior.train(was_training)
-    nats = total / count
-    return {
-        "nats_per_token": nats,
-        "bits_per_token": nats / LN2,
-        "bits_per_image": nats / LN2 * prior.seq_len,
-        "images": n,
-    }
-
-
-# ----- feature spaces ---------------------------------------------------------------------------------------
 class SmallClassifier(nn.Module):
     """A small CNN for ``(B, C, S, S)`` images in ``[-1, 1]``; ``features`` are its penultimate layer (8 x width).
 
@@ -286,13 +258,16 @@ def evaluate_prior(
     top_k: int | None = None,
     top_p: float | None = None,
     classifier_dir: str | Path | None = None,
+    classifier_steps: int | None = None,
+    held_out_limit: int | None = None,
     device: str = "cpu",
     progress: bool = False,
     return_images: bool = False,
 ) -> dict:
     """Held-out bits/token and bits/image, gFID (or its labelled proxy), precision/recall, class accuracy.
 
-    Settings default to the prior config's ``eval`` section. Class-conditional priors are sampled with the
+    Settings default to the prior config's ``eval`` section. ``held_out_limit`` evaluates bits/token on the
+    first N held-out grids only (default: all of the prior's eval split). Class-conditional priors are sampled with the
     classes in turn (sample ``i`` asks for class ``i mod num_classes``); unconditional ones without a class.
     """
     import time
@@ -322,7 +297,8 @@ def evaluate_prior(
     )
     result: dict = {"prior": str(Path(prior_dir)), "tokenizer": config["tokenizer"]["path"], "codebook_size": prior.codebook_size,
                     "grid": list(prior.grid), "num_classes": prior.num_classes}
-    nll = held_out_nll(prior, eval_tokens, eval_labels if prior.conditional else None, batch_size=config["data"]["eval_batch_size"])
+    nll = held_out_nll(prior, eval_tokens, eval_labels if prior.conditional else None,
+                       batch_size=config["data"]["eval_batch_size"], limit=held_out_limit)
     result.update(bits_per_token=nll["bits_per_token"], bits_per_image=nll["bits_per_image"], nll_images=nll["images"])
 
     gen_indices = sample(prior, n, classes=classes, temperature=ev["temperature"], top_k=ev["top_k"], top_p=ev["top_p"],
@@ -333,7 +309,8 @@ def evaluate_prior(
                   temperature=ev["temperature"], top_k=ev["top_k"], top_p=ev["top_p"])
 
     weights = inception_weights()
-    classifier, info = load_or_train_classifier(tok_config, steps=ev["classifier_steps"], cache_dir=classifier_dir, progress=progress)
+    steps = classifier_steps or ev["classifier_steps"]
+    classifier, info = load_or_train_classifier(tok_config, steps=steps, cache_dir=classifier_dir, progress=progress)
     if weights is not None:
         feature, name = InceptionFeatures(fid_inception_class()(weights=weights)), "gfid"
     elif classifier is not None:
@@ -347,6 +324,7 @@ def evaluate_prior(
     if classifier is not None:
         result["classifier_accuracy"] = info["accuracy"]
         result["classifier_eval_images"] = info["eval_images"]
+        result["classifier_steps"] = info["steps"]
         if prior.conditional:
             predicted = classify(classifier, fake)
             result["class_accuracy"] = float((predicted == classes).float().mean())

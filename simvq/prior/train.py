@@ -15,6 +15,8 @@ batches the interrupted one would have seen.
 
 from __future__ import annotations
 
+from simvq.modalities import modality_of
+
 import json
 import logging
 import math
@@ -219,7 +221,7 @@ def _lightning_module_class():
                     "time_s": self.train_time_s + time.perf_counter() - self._t0,
                 }
                 if self.eval_tokens is not None:
-                    from simvq.prior.metrics import held_out_nll
+                    from simvq.prior.likelihood import held_out_nll
 
                     nll = held_out_nll(self.prior, self.eval_tokens, self.eval_labels, batch_size=self.config["data"]["eval_batch_size"], limit=128)
                     entry["eval_bits_per_token"] = nll["bits_per_token"]
@@ -299,8 +301,8 @@ def prepare_run(tokenizer_dir, config="prior/fashion-cpu", *, overrides=None, ma
     from simvq.checkpoints import load_model_dir
 
     _, tok_config = load_model_dir(folder)
-    if tok_config.get("modality", "image") != "image":
-        raise ValueError(f"{folder} is a {tok_config.get('modality')} tokenizer; priors need an image tokenizer's 2-D token grid")
+    if not modality_of(tok_config).token_grid:
+        raise ValueError(f"{folder} is a {tok_config.get('modality')} tokenizer; priors need a tokenizer with 2-D token grids (images)")
     cfg["tokenizer"] = {"path": str(folder), "config_hash": tokenizer_hash(tok_config)}
     return cfg, folder, tok_config
 
@@ -324,7 +326,7 @@ def train_prior(
         resume: with False an existing checkpoint in ``out_dir`` is an error instead of being continued.
     """
     from simvq.prior.data import data_config, load_or_encode
-    from simvq.prior.metrics import held_out_nll
+    from simvq.prior.likelihood import held_out_nll
 
     wall0 = time.perf_counter()
     cfg, tok_folder, tok_config = prepare_run(tokenizer_dir, config, overrides=overrides, max_steps=max_steps)

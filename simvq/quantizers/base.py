@@ -81,16 +81,40 @@ def rotation_trick(z: torch.Tensor, q: torch.Tensor, eps: float = 1e-6) -> torch
 
 
 def vq_loss_terms(z: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two named VQ-VAE loss terms, unweighted, in fp32.
+    """The two named VQ-VAE loss terms, unweighted, in fp32 (fp64 when either input is fp64).
 
     ``commitment = mean((z - sg(q))^2)`` (reaches the encoder), ``codebook = mean((sg(z) - q)^2)``
     (reaches the codebook parameters). Keeping them separate stops a single ``beta`` from landing on
     the wrong term.
     """
-    z32, q32 = z.float(), q.float()
-    commitment = (z32 - q32.detach()).pow(2).mean()
-    codebook = (z32.detach() - q32).pow(2).mean()
+    dtype = compute_dtype(z, q)
+    z, q = z.to(dtype), q.to(dtype)
+    commitment = (z - q.detach()).pow(2).mean()
+    codebook = (z.detach() - q).pow(2).mean()
     return commitment, codebook
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype quantizers compute in: fp64 when any of ``tensors`` is fp64, else fp32.
+
+    bf16 / fp16 features or modules (``bf16-true``, ``16-mixed``) are upcast, so code distances, rounding
+    boundaries and loss terms never run in 16 bits; fp64 (``64-true``) stays fp64.
+    """
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def call_in_dtype(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` computed in ``x.dtype`` with autocast off.
+
+    Floating parameters and buffers of another dtype (a module cast to bf16) are cast for this call only,
+    differentiably, so their gradients still arrive in the module's own dtype.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        if all(t.dtype == x.dtype or not t.is_floating_point() for t in tensors.values()):
+            return module(x)
+        cast = {name: t.to(x.dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+        return torch.func.functional_call(module, cast, (x,))
 
 
 def _check_weight(name: str, value: float) -> float:
@@ -142,6 +166,10 @@ class Quantizer(nn.Module):
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes ``(N, dim)`` for flat indices; families with several index columns override this."""
         return self.codebook[indices]
+
+    def compute_dtype(self, *tensors: torch.Tensor) -> torch.dtype:
+        """fp64 when ``tensors`` or this module's parameters and buffers are fp64, else fp32."""
+        return compute_dtype(*tensors, *self.parameters(), *self.buffers())
 
     # ----- shared machinery -------------------------------------------------------------------------
     @property

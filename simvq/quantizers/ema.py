@@ -30,6 +30,10 @@ from simvq.quantizers.registry import register_quantizer
 from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
 
 
+_EMA_STATE = ("embedding", "ema_cluster_size", "ema_embed_sum")
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -97,11 +101,23 @@ class EMAVectorQuantizer(Quantizer):
     def codebook(self) -> torch.Tensor:
         return self.embedding
 
+    def _apply(self, fn, recurse=True):
+        # The EMA state stays in at least fp32 when the module is cast to bf16 / fp16 (bf16-true): an EMA
+        # step of (1 - decay) = 1% is below bf16's resolution. Device moves and fp64 apply as usual.
+        before = {name: self._buffers[name] for name in _EMA_STATE}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype in _HALF and old.dtype not in _HALF:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
+        z = z.to(self.compute_dtype(z))
         indices = nearest_code(z, self.embedding, max_chunk_elements=self.search_chunk_elements)
-        q = self.embedding[indices].float()
+        q = self.embedding[indices].to(z.dtype)
         commitment, codebook = vq_loss_terms(z, q)
-        out = straight_through(z.float(), q)
+        out = straight_through(z, q)
         if self.training:
             self._ema_update(z.detach().to(self.embedding.dtype), indices)
         loss = self.commitment_weight * commitment  # no codebook term: the EMA moves the codes

@@ -13,7 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simvq.quantizers.base import Quantizer, TokenResult, _check_weight, rotation_trick, straight_through, vq_loss_terms
+from simvq.quantizers.base import (
+    Quantizer,
+    TokenResult,
+    _check_weight,
+    call_in_dtype,
+    rotation_trick,
+    straight_through,
+    vq_loss_terms,
+)
 from simvq.quantizers.registry import register_quantizer
 from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
 
@@ -69,30 +77,32 @@ class FactorizedVectorQuantizer(Quantizer):
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.l2_normalize else x
 
+    def _low_dim_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._normalize(rows.to(self.compute_dtype()))
+
     @property
     def low_dim_codebook(self) -> torch.Tensor:
         """The (normalised) codes in the search space, ``(K, codebook_dim)``."""
-        return self._normalize(self.embedding.weight.float())
+        return self._low_dim_codes(self.embedding.weight)
 
     @property
     def codebook(self) -> torch.Tensor:
         """Effective codes in the input space, ``project_out(low_dim_codebook)``: ``(K, dim)``."""
-        with torch.autocast(device_type=self.embedding.weight.device.type, enabled=False):
-            return self.project_out(self.low_dim_codebook)
+        return call_in_dtype(self.project_out, self.low_dim_codebook)
 
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=self.embedding.weight.device.type, enabled=False):
-            return self.project_out(self._normalize(self.embedding.weight[indices].float()))
+        return call_in_dtype(self.project_out, self._low_dim_codes(self.embedding.weight[indices]))
 
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
+        z = z.to(self.compute_dtype(z))
         with torch.autocast(device_type=z.device.type, enabled=False):
-            x = self._normalize(self.project_in(z.float()))  # (N, codebook_dim)
+            x = self._normalize(call_in_dtype(self.project_in, z))  # (N, codebook_dim)
             indices = nearest_code(x, self.low_dim_codebook, max_chunk_elements=self.search_chunk_elements)
-            q = self._normalize(self.embedding.weight[indices].float())  # differentiable in the codebook
+            q = self._low_dim_codes(self.embedding.weight[indices]).to(x.dtype)  # differentiable in the codebook
             commitment, codebook = vq_loss_terms(x, q)
             loss = self.commitment_weight * commitment + self.codebook_weight * codebook
             passed = rotation_trick(x, q.detach()) if self.use_rotation_trick else straight_through(x, q.detach())
-            out = self.project_out(passed)
+            out = call_in_dtype(self.project_out, passed)
         return TokenResult(out, indices, loss, commitment, codebook, torch.zeros_like(loss))
 
     def extra_repr(self) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from simvq.quantizers.base import Quantizer, TokenResult, straight_through
+from simvq.quantizers.base import Quantizer, TokenResult, call_in_dtype, straight_through
 from simvq.quantizers.registry import register_quantizer
 
 # Widens the tanh range a little so that the outermost integers are reached after rounding. The paper
@@ -101,7 +101,8 @@ class FSQ(Quantizer):
         )
         self.levels = levels
         self.num_channels = num_channels
-        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.float32), persistent=False)
+        # integer buffers: casting the module (bf16-true) must not round the levels
+        self.register_buffer("_levels", torch.tensor(levels, dtype=torch.long), persistent=False)
         # mixed-radix place values (1, L0, L0*L1, ...) for the index of each channel
         basis = [math.prod(levels[:i]) for i in range(num_channels)]
         self.register_buffer("_basis", torch.tensor(basis, dtype=torch.long), persistent=False)
@@ -133,30 +134,31 @@ class FSQ(Quantizer):
         not symmetric about 0, so the output is moved down by ``offset = 0.5`` and the tanh shifted by
         ``atanh(offset / half)`` to keep ``bound(0) = 0``.
         """
-        half = (self._levels - 1) * (1 + _BOUND_EPS) / 2
-        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
+        levels = self._levels.to(z.dtype)
+        half = (levels - 1) * (1 + _BOUND_EPS) / 2
+        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0).to(z.dtype)
         shift = torch.atanh(offset / half)
         return torch.tanh(z + shift) * half - offset
 
-    def _half_width(self) -> torch.Tensor:
-        return torch.div(self._levels, 2, rounding_mode="floor")
+    def _half_width(self, dtype: torch.dtype) -> torch.Tensor:
+        return torch.div(self._levels, 2, rounding_mode="floor").to(dtype)
 
     def quantize_grid(self, z: torch.Tensor) -> torch.Tensor:
         """Bounded, rounded (straight-through) and normalised codes for ``(N, len(levels))`` values."""
         bounded = self.bound(z)
-        return straight_through(bounded, bounded.round()) / self._half_width()
+        return straight_through(bounded, bounded.round()) / self._half_width(z.dtype)
 
     def grid_codes_to_indices(self, codes: torch.Tensor) -> torch.Tensor:
         """``(N, len(levels))`` normalised grid codes -> ``(N,)`` int64 indices (mixed radix)."""
-        half = self._half_width()
+        half = self._half_width(codes.dtype)
         digits = (codes * half + half).round().long()  # per-channel level index in [0, L)
         return (digits * self._basis).sum(dim=-1)
 
-    def indices_to_grid_codes(self, indices: torch.Tensor) -> torch.Tensor:
+    def indices_to_grid_codes(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(N,)`` indices -> ``(N, len(levels))`` normalised grid codes (the inverse of the above)."""
-        digits = torch.div(indices.long().unsqueeze(-1), self._basis, rounding_mode="floor") % self._levels.long()
-        half = self._half_width()
-        return (digits.float() - half) / half
+        digits = torch.div(indices.long().unsqueeze(-1), self._basis, rounding_mode="floor") % self._levels
+        half = self._half_width(dtype)
+        return (digits.to(dtype) - half) / half
 
     # ----- Quantizer interface ----------------------------------------------------------------------
     @property
@@ -166,15 +168,15 @@ class FSQ(Quantizer):
         return self.codes_from_indices(indices)
 
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=self._basis.device.type, enabled=False):
-            return self.project_out(self.indices_to_grid_codes(indices))
+        return call_in_dtype(self.project_out, self.indices_to_grid_codes(indices, self.compute_dtype()))
 
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
-        # fp32 throughout: rounding boundaries must not move under bf16/fp16 autocast
+        # fp32 (fp64) throughout: rounding boundaries must not move under bf16/fp16 autocast or bf16 weights
+        z = z.to(self.compute_dtype(z))
         with torch.autocast(device_type=z.device.type, enabled=False):
-            codes = self.quantize_grid(self.project_in(z.float()))
+            codes = self.quantize_grid(call_in_dtype(self.project_in, z))
             indices = self.grid_codes_to_indices(codes.detach())
-            out = self.project_out(codes)
+            out = call_in_dtype(self.project_out, codes)
         zero = out.new_zeros(())
         return TokenResult(out, indices, zero, zero, zero, zero)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from simvq.quantizers.registry import register_quantizer
-from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
+from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, nearest_code
 from simvq.quantizers.simvq import SimVQ
 
 

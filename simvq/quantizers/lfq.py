@@ -27,15 +27,15 @@ import math
 import torch
 from torch import nn
 
-from simvq.quantizers.base import Quantizer, TokenResult, _check_weight, straight_through, vq_loss_terms
+from simvq.quantizers.base import Quantizer, TokenResult, _check_weight, call_in_dtype, straight_through, vq_loss_terms
 from simvq.quantizers.registry import register_quantizer
 
 
-def _sign_table(bits: int, device=None) -> torch.Tensor:
+def _sign_table(bits: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``(2^bits, bits)`` float table: row ``j`` holds the ``±1`` code of index ``j`` (bit i = channel i)."""
     j = torch.arange(2**bits, device=device).unsqueeze(-1)
     bit = torch.bitwise_right_shift(j, torch.arange(bits, device=device)) & 1
-    return bit.float() * 2 - 1
+    return bit.to(dtype) * 2 - 1
 
 
 def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -46,7 +46,7 @@ def _entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
 def lfq_entropy_terms(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean per-token entropy and entropy of the batch-mean code distribution, in nats.
 
-    ``z``: ``(N, bits)`` fp32 values in the LFQ space. The distributions are over all ``2^bits`` codes with
+    ``z``: ``(N, bits)`` fp32 (or fp64) values in the LFQ space. The distributions are over all ``2^bits`` codes with
     ``p(c | z) = softmax(-||z - c||^2 / temperature)``, computed exactly through the product structure of
     the hypercube (see the module docstring).
     """
@@ -55,7 +55,7 @@ def lfq_entropy_terms(z: torch.Tensor, temperature: float) -> tuple[torch.Tensor
     halves = (z[:, :lo], z[:, lo:])
     probs, per_token = [], 0.0
     for part in halves:
-        table = _sign_table(part.shape[-1], device=z.device)  # (2^b, b); 0 channels -> one empty code
+        table = _sign_table(part.shape[-1], device=z.device, dtype=z.dtype)  # (2^b, b); 0 channels -> one empty code
         # -||z - c||^2 = 2 z.c - ||z||^2 - b: only 2 z.c depends on the code
         log_p = torch.log_softmax(2 * part @ table.t() / temperature, dim=-1)
         p = log_p.exp()
@@ -124,10 +124,10 @@ class LFQ(Quantizer):
         """``(N, bits)`` values -> ``(N,)`` int64 indices, ``sum_i 2^i [v_i > 0]``."""
         return ((signs > 0).long() * self._powers).sum(dim=-1)
 
-    def indices_to_bits(self, indices: torch.Tensor) -> torch.Tensor:
+    def indices_to_bits(self, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``(N,)`` indices -> ``(N, bits)`` ``±1`` codes (the inverse of :meth:`bits_to_indices`)."""
         bit = torch.bitwise_and(indices.long().unsqueeze(-1), self._powers) > 0
-        return bit.float() * 2 - 1
+        return bit.to(dtype) * 2 - 1
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -135,19 +135,19 @@ class LFQ(Quantizer):
         return self.codes_from_indices(torch.arange(self.codebook_size, device=self._powers.device))
 
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=self._powers.device.type, enabled=False):
-            return self.project_out(self.indices_to_bits(indices))
+        return call_in_dtype(self.project_out, self.indices_to_bits(indices, self.compute_dtype()))
 
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
+        z = z.to(self.compute_dtype(z))  # bf16 / fp16 upcast to fp32; fp64 stays fp64
         with torch.autocast(device_type=z.device.type, enabled=False):
-            x = self.project_in(z.float())  # (N, bits)
-            signs = torch.where(x > 0, 1.0, -1.0)
+            x = call_in_dtype(self.project_in, z)  # (N, bits)
+            signs = torch.where(x > 0, 1.0, -1.0).to(x.dtype)
             indices = self.bits_to_indices(signs)
             commitment, _ = vq_loss_terms(x, signs)
             per_token, batch = lfq_entropy_terms(x, self.temperature)
             aux = per_token - self.diversity_gamma * batch
             loss = self.commitment_weight * commitment + self.entropy_weight * aux
-            out = self.project_out(straight_through(x, signs))
+            out = call_in_dtype(self.project_out, straight_through(x, signs))
         return TokenResult(out, indices, loss, commitment, torch.zeros_like(loss), aux)
 
     def extra_repr(self) -> str:

@@ -17,15 +17,25 @@ from torch import nn
 
 from simvq.quantizers.base import Quantizer, TokenResult
 from simvq.quantizers.registry import build_quantizer, register_quantizer
-from simvq.usage import CodebookUsage
+from simvq.usage import CodebookUsage, UsageStats
 
 
 class _FirstLevelUsage(CodebookUsage):
-    """Counts only the first column of ``(..., levels)`` indices: the stack's usage is level 0's."""
+    """The stack's ``usage``: counts only the first column of ``(..., levels)`` indices (level 0's codes);
+    :meth:`reset` resets every level's counter too, so per-level statistics cover the same window."""
+
+    def __init__(self, codebook_size: int, level_usages: Sequence[CodebookUsage]) -> None:
+        super().__init__(codebook_size)
+        self._level_usages = list(level_usages)  # plain list: the levels own (and save) these modules
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor) -> None:
         super().update(indices[..., 0])
+
+    def reset(self) -> None:
+        super().reset()
+        for usage in self._level_usages:
+            usage.reset()
 
 
 @register_quantizer("residual")
@@ -45,7 +55,8 @@ class ResidualQuantizer(Quantizer):
         **level_kwargs: keywords of the level quantizer (``dim``, ``codebook_size``, ...).
 
     Output: ``indices`` end with a dimension of ``num_quantizers`` levels; ``loss`` and each unweighted
-    part are the sums over levels. ``usage`` counts level 0; ``levels[i].usage`` counts level ``i``.
+    part are the sums over levels. ``usage`` counts level 0; ``levels[i].usage`` counts level ``i``, and
+    :meth:`level_usage` returns every level's statistics. ``usage.reset()`` resets all levels' counters.
     :attr:`codebook` is the ``(num_quantizers, K, dim)`` stack of the level codebooks: a token's code is
     the sum of one row per level, which :meth:`decode_indices` computes.
     """
@@ -93,7 +104,7 @@ class ResidualQuantizer(Quantizer):
             dim=dims.pop(), codebook_size=sizes.pop(), channel_first=channel_first, check_finite=check_finite
         )
         self.levels = nn.ModuleList(quantizers)
-        self.usage = _FirstLevelUsage(self.codebook_size)
+        self.usage = _FirstLevelUsage(self.codebook_size, [level.usage for level in self.levels])
 
     @property
     def num_quantizers(self) -> int:
@@ -106,26 +117,36 @@ class ResidualQuantizer(Quantizer):
     @property
     def codebook(self) -> torch.Tensor:
         """``(num_quantizers, K, dim)``: the level codebooks, stacked (see the class docstring)."""
-        return torch.stack([level.codebook.float() for level in self.levels])
+        dtype = self.compute_dtype()
+        return torch.stack([level.codebook.to(dtype) for level in self.levels])
 
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """``(N, num_quantizers)`` indices -> ``(N, dim)``: the sum of each level's code."""
-        return sum(level.codes_from_indices(indices[:, i]).float() for i, level in enumerate(self.levels))
+        dtype = self.compute_dtype()
+        return sum(level.codes_from_indices(indices[:, i]).to(dtype) for i, level in enumerate(self.levels))
 
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
-        residual = z.float()
+        residual = z.to(self.compute_dtype(z))
         quantized = 0.0
         all_indices, losses = [], []
         for level in self.levels:
             res = level.quantize_tokens(residual)
             level.usage.update(res.indices)
-            quantized = quantized + res.quantized
+            quantized = quantized + res.quantized.to(residual.dtype)
             all_indices.append(res.indices)
-            losses.append(torch.stack([res.loss, res.commitment_loss, res.codebook_loss, res.aux_loss]).float())
+            losses.append(torch.stack([res.loss, res.commitment_loss, res.codebook_loss, res.aux_loss]).to(residual.dtype))
             # the next level sees a constant: the input's gradient is level 0's straight-through
             residual = (residual - res.quantized).detach()
         loss, commitment, codebook, aux = torch.stack(losses).sum(0).unbind()
         return TokenResult(quantized, torch.stack(all_indices, dim=1), loss, commitment, codebook, aux)
+
+    def level_usage(self, reduce: bool = True) -> list[UsageStats]:
+        """Usage of every level since the last ``usage.reset()``: ``[stats of level 0, level 1, ...]``.
+
+        Each entry is that level's :class:`~simvq.usage.UsageStats` (utilisation, perplexity, dead codes),
+        summed across ranks when ``reduce`` and ``torch.distributed`` is initialised.
+        """
+        return [level.usage.compute(reduce) for level in self.levels]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, num_quantizers={self.num_quantizers}"

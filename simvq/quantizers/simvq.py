@@ -26,6 +26,7 @@ from simvq.quantizers.base import (
     Quantizer,
     TokenResult,
     _check_weight,
+    call_in_dtype,
     rotation_trick,
     straight_through,
     vq_loss_terms,
@@ -110,7 +111,8 @@ class SimVQ(Quantizer):
         return self.embedding.weight
 
     def _transform(self, rows: torch.Tensor) -> torch.Tensor:
-        out = self.embedding_proj(rows)
+        """``transform(rows)`` in fp32 (fp64 for a 64-bit module), autocast off, whatever the weights' dtype."""
+        out = call_in_dtype(self.embedding_proj, rows.to(self.compute_dtype()))
         if out.dim() != 2 or out.shape[1] != self.dim:
             raise ValueError(f"transform must map (N, {self.frozen_codebook_dim}) to (N, {self.dim}), got {tuple(out.shape)}")
         return out
@@ -118,21 +120,19 @@ class SimVQ(Quantizer):
     @property
     def codebook(self) -> torch.Tensor:
         """Effective codes ``transform(C)``, ``(K, dim)``, recomputed from the current weights."""
-        with torch.autocast(device_type=self.embedding.weight.device.type, enabled=False):
-            return self._transform(self.embedding.weight.float())
+        return self._transform(self.embedding.weight)
 
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=self.embedding.weight.device.type, enabled=False):
-            return self._transform(self.embedding.weight[indices].float())
+        return self._transform(self.embedding.weight[indices])
 
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
+        z = z.to(self.compute_dtype(z))  # bf16 / fp16 features are upcast; fp64 stays fp64
         with torch.no_grad():
             indices = nearest_code(z, self.codebook, max_chunk_elements=self.search_chunk_elements)
-        q = self.codes_from_indices(indices)  # (N, dim) fp32, differentiable in W, b (and C if learnable)
+        q = self.codes_from_indices(indices).to(z.dtype)  # differentiable in W, b (and C if learnable)
         commitment, codebook = vq_loss_terms(z, q)
         loss = self.commitment_weight * commitment + self.codebook_weight * codebook
-        z32 = z.float()
-        out = rotation_trick(z32, q.detach()) if self.use_rotation_trick else straight_through(z32, q.detach())
+        out = rotation_trick(z, q.detach()) if self.use_rotation_trick else straight_through(z, q.detach())
         return TokenResult(out, indices, loss, commitment, codebook, torch.zeros_like(loss))
 
     @torch.no_grad()

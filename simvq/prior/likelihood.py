@@ -1,0 +1,45 @@
+"""Held-out negative log-likelihood of a token prior (bits per token and per image)."""
+
+from __future__ import annotations
+
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LN2 = math.log(2.0)
+
+
+def held_out_nll(prior, tokens: torch.Tensor, labels: torch.Tensor | None = None, *, batch_size: int = 64, limit: int | None = None) -> dict:
+    """Mean negative log-likelihood of token grids ``(N, h, w)`` under ``prior`` (label dropout off).
+
+    Returns ``nats_per_token``, ``bits_per_token``, ``bits_per_image`` and ``images``.
+    """
+    was_training = prior.training
+    prior.eval()
+    device = prior.head.weight.device
+    n = len(tokens) if limit is None else min(limit, len(tokens))
+    total, count = 0.0, 0
+    try:
+        for lo in range(0, n, batch_size):
+            seq = tokens[lo : min(n, lo + batch_size)].reshape(-1, prior.seq_len).to(device)
+            lab = None if labels is None else labels[lo : lo + len(seq)].to(device)
+            logits = prior(seq[:, :-1], lab).double()
+            total += float(F.cross_entropy(logits.reshape(-1, prior.codebook_size), seq.reshape(-1), reduction="sum"))
+            count += seq.numel()
+    finally:
+        prior.train(was_training)
+    nats = total / count
+    return {
+        "nats_per_token": nats,
+        "bits_per_token": nats / LN2,
+        "bits_per_image": nats / LN2 * prior.seq_len,
+        "images": n,
+    }
+
+
+# ----- feature spaces ---------------------------------------------------------------------------------------
+
+
+__all__ = ["held_out_nll"]
