@@ -72,8 +72,8 @@ class IBQ(Quantizer):
         codebook_weight: weight of ``mean((sg(z) - C[idx])^2)`` (release: ``beta`` = 0.25).
         straight_through_weight: weight of ``mean((q - z)^2)`` with the straight-through ``q`` (release: 1.0).
             Its value equals ``commitment_loss`` (``q`` is ``C[idx]`` in value); only its gradients differ.
-        entropy_weight: weight of the entropy loss ``aux_loss`` (0.05, the released ImageNet training
-            configs' ``entropy_loss_weight``; 0 skips computing it and its ``(N, K)`` copies).
+        entropy_weight: weight of the entropy loss ``aux_loss`` (0.05, ``entropy_loss_weight`` of the released
+            ImageNet presets, which turn the entropy loss on; 0 skips computing it and its ``(N, K)`` copies).
         sample_entropy_weight, codebook_entropy_weight: the release's ``sample_minimization_weight`` and
             ``batch_maximization_weight`` (1.0, 1.0): ``aux = s * H_token - c * H_batch``.
         entropy_temperature: temperature of the entropy loss's softmax (release: 0.01).
