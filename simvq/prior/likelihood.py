@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import math
 
 import torch
@@ -11,6 +10,7 @@ import torch.nn.functional as F
 LN2 = math.log(2.0)
 
 
+@torch.no_grad()
 def held_out_nll(prior, tokens: torch.Tensor, labels: torch.Tensor | None = None, *, batch_size: int = 64, limit: int | None = None) -> dict:
     """Mean negative log-likelihood of token grids ``(N, h, w)`` under ``prior`` (label dropout off).
 
@@ -25,8 +25,10 @@ def held_out_nll(prior, tokens: torch.Tensor, labels: torch.Tensor | None = None
         for lo in range(0, n, batch_size):
             seq = tokens[lo : min(n, lo + batch_size)].reshape(-1, prior.seq_len).to(device)
             lab = None if labels is None else labels[lo : lo + len(seq)].to(device)
-            logits = prior(seq[:, :-1], lab).double()
-            total += float(F.cross_entropy(logits.reshape(-1, prior.codebook_size), seq.reshape(-1), reduction="sum"))
+            logits = prior(seq[:, :-1], lab)
+            # float32 log-softmax per token, summed in float64
+            nll = F.cross_entropy(logits.reshape(-1, prior.codebook_size).float(), seq.reshape(-1), reduction="none")
+            total += float(nll.double().sum())
             count += seq.numel()
     finally:
         prior.train(was_training)
@@ -37,9 +39,6 @@ def held_out_nll(prior, tokens: torch.Tensor, labels: torch.Tensor | None = None
         "bits_per_image": nats / LN2 * prior.seq_len,
         "images": n,
     }
-
-
-# ----- feature spaces ---------------------------------------------------------------------------------------
 
 
 __all__ = ["held_out_nll"]

@@ -35,8 +35,7 @@ CACHE_ENV = "SIMVQ_CACHE_DIR"
 LN2 = math.log(2.0)
 
 
-# ----- likelihood -------------------------------------------------------------------------------------------
-@torch.no_grad()
+# ----- feature spaces ---------------------------------------------------------------------------------------
 class SmallClassifier(nn.Module):
     """A small CNN for ``(B, C, S, S)`` images in ``[-1, 1]``; ``features`` are its penultimate layer (8 x width).
 

@@ -360,7 +360,13 @@ def train_prior(
     if k > codebook_size:
         raise ValueError(f"token {k - 1} is outside the tokenizer's codebook of {codebook_size}; the token cache is stale, delete {out_dir / 'tokens'}")
     conditional = cfg["model"]["conditional"] and labels is not None
-    num_classes = int(max(int(labels.max()), int(eval_labels.max()) if eval_labels is not None else 0)) + 1 if conditional else 0
+    num_classes = 0
+    if conditional:  # the data set's classes, not only those in a limited split
+        from simvq.prior.data import class_names
+
+        names = class_names(out_dir)
+        seen = max(int(labels.max()), int(eval_labels.max()) if eval_labels is not None else 0) + 1
+        num_classes = max(len(names), seen) if names else seen
     cfg["model"].update(codebook_size=codebook_size, grid=list(tokens.shape[1:]), num_classes=num_classes)
     if not conditional:
         labels = eval_labels = None
