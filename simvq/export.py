@@ -132,7 +132,7 @@ class GraphQuantizer(nn.Module):
         rule = self.rule
         x = rule.project_in(z)
         if isinstance(rule, FSQ):
-            return rule.grid_codes_to_indices(rule.bound(x).round() / rule._half_width())
+            return rule.grid_codes_to_indices(rule.quantize_grid(x))  # the module's own rounding rule
         return rule.bits_to_indices(torch.where(x > 0, 1.0, -1.0))
 
     def codes(self, indices: torch.Tensor) -> torch.Tensor:
