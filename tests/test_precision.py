@@ -13,7 +13,6 @@ import copy
 import pytest
 import torch
 
-import simvq.quantizers.ibq  # noqa: F401  (registers "ibq")
 from simvq.quantizers import QUANTIZERS, EMAVectorQuantizer, SimVQ, VectorQuantizer, build_quantizer
 
 DIM, K = 16, 64

@@ -7,15 +7,14 @@ from simvq.quantizers.search import nearest_code
 # import order = registration order = the order names are listed in (error messages, QUANTIZERS)
 from simvq.quantizers.simvq import SimVQ
 from simvq.quantizers.vq import VectorQuantizer
-
-register_quantizer("vq")(VectorQuantizer)  # a no-op once vq.py registers itself with the decorator
-from simvq.quantizers.ema import EMAVectorQuantizer  # noqa: E402
-from simvq.quantizers.factorized import FactorizedVectorQuantizer  # noqa: E402
-from simvq.quantizers.lc import LCVectorQuantizer, kmeans_init  # noqa: E402
-from simvq.quantizers.fsq import FSQ  # noqa: E402
-from simvq.quantizers.lfq import LFQ  # noqa: E402
-from simvq.quantizers.residual import ResidualQuantizer  # noqa: E402
-from simvq.quantizers.factory import QUANTIZERS, build_quantizer, fsq_levels_for  # noqa: E402
+from simvq.quantizers.ema import EMAVectorQuantizer
+from simvq.quantizers.factorized import FactorizedVectorQuantizer
+from simvq.quantizers.lc import LCVectorQuantizer, kmeans_init
+from simvq.quantizers.fsq import FSQ
+from simvq.quantizers.lfq import LFQ
+from simvq.quantizers.ibq import IBQ
+from simvq.quantizers.residual import ResidualQuantizer
+from simvq.quantizers.factory import QUANTIZERS, build_quantizer, fsq_levels_for
 
 __all__ = [
     "Quantizer",
@@ -28,6 +27,7 @@ __all__ = [
     "FSQ",
     "LCVectorQuantizer",
     "LFQ",
+    "IBQ",
     "ResidualQuantizer",
     "QUANTIZERS",
     "build_quantizer",

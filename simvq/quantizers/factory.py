@@ -10,6 +10,7 @@ from __future__ import annotations
 import simvq.quantizers.ema  # noqa: F401  (importing a quantizer module registers its class)
 import simvq.quantizers.factorized  # noqa: F401
 import simvq.quantizers.fsq  # noqa: F401
+import simvq.quantizers.ibq  # noqa: F401
 import simvq.quantizers.lc  # noqa: F401
 import simvq.quantizers.lfq  # noqa: F401
 import simvq.quantizers.residual  # noqa: F401

@@ -35,7 +35,7 @@ def build_quantizer(name: str, **kwargs):
     """Construct the quantizer called ``name`` with its keyword arguments.
 
     Names: ``"simvq"``, ``"vq"``, ``"ema_vq"``, ``"factorized_vq"``, ``"lc_vq"``, ``"fsq"``, ``"lfq"``,
-    ``"residual"`` (and any registered later). For ``"fsq"``, ``codebook_size`` may be given instead of
+    ``"ibq"``, ``"residual"`` (and any registered later). For ``"fsq"``, ``codebook_size`` may be given instead of
     ``levels`` and is mapped through :func:`~simvq.quantizers.fsq.fsq_levels_for`. Unknown names raise
     ``ValueError``, unknown keywords ``TypeError``; both list the valid choices.
     """
