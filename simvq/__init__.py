@@ -27,7 +27,7 @@ from simvq.retrofit import retrofit  # noqa: E402
 from simvq.usage import CodebookUsage, UsageStats  # noqa: E402
 
 _LAZY = {
-    "build_tokenizer": ("simvq.models", "build_tokenizer"),
+    "build_tokenizer": ("simvq.modalities", "build_tokenizer"),
     "load_tokenizer": ("simvq.checkpoints", "load_tokenizer"),
     "Tokenizer": ("simvq.tokenizer", "Tokenizer"),
     "train": ("simvq.training", "train"),
