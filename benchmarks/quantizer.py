@@ -1,7 +1,7 @@
 """Speed and peak memory of SimVQ against vector-quantize-pytorch's SimVQ and a plain matmul.
 
 For every codebook size K it times one forward + backward pass over ``--tokens`` tokens of width ``--dim``:
-  ours     simvq.SimVQ (chunked fp32 search, gather-then-transform backward)
+  ours     simvq.SimVQ (exact chunked fp32 search on centred codes, gather-then-transform backward)
   peer     vector_quantize_pytorch.SimVQ(rotation_trick=False) (torch.cdist over the full N x K matrix)
   matmul   torch.mm of (N, d) @ (d, K): the search's FLOPs at the machine's plain matmul rate
 and, separately, the search alone (simvq.nearest_code) against the same torch.mm.
