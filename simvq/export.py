@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simvq.io import check_output, save_file_atomic
+from simvq.io import prepare_output_dir, save_file_atomic
 from simvq.tokenizer import Tokenizer
 
 FORMATS = ("onnx", "torchscript")
@@ -486,16 +486,16 @@ def _count_near_ties(tok: Tokenizer, x: torch.Tensor, ref: torch.Tensor, got: to
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (or Hub id)")
     p.add_argument("--format", default="onnx", help=f"one of: {', '.join(FORMATS)} (default onnx)")
-    p.add_argument("--out", required=True, help="output folder (new or empty unless --force)")
+    p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier `simvq export` output (with --force)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    p.add_argument("--force", action="store_true", help="write into an existing non-empty folder")
+    p.add_argument("--force", action="store_true", help="replace the files of an earlier `simvq export` in --out")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise ValueError(f"unknown export format {args.format!r}; choose one of: {', '.join(FORMATS)}")
-    check_output(args.out, inputs=[args.model], force=args.force, kind="dir")
     tok = Tokenizer.from_pretrained(args.model, device="cpu")
+    prepare_output_dir(args.out, "export", inputs=[args.model], force=args.force)
     info = export(tok, args.out, format=args.format, opset=args.opset)
     sizes = ", ".join(f"{info[k]['file']} {(Path(args.out) / info[k]['file']).stat().st_size / 2**20:.1f} MiB" for k in ("encoder", "decoder"))
     print(f"exported the {info['modality']} tokenizer (K={info['codebook_size']}) to {args.out} as {args.format}: {sizes}, {MANIFEST_FILE}")

@@ -184,6 +184,59 @@ def check_output(
     return given
 
 
+OUTPUT_MARKER = ".simvq-output"
+
+
+def prepare_output_dir(
+    path: str | os.PathLike,
+    command: str,
+    *,
+    inputs: Iterable[str | os.PathLike] = (),
+    force: bool = False,
+    resume: bool = False,
+    option: str = "--out",
+) -> tuple[Path, bool]:
+    """Check and create the output folder of ``simvq <command>``; returns ``(folder, held earlier outputs)``.
+
+    The folder must be new or empty, or hold this command's own earlier outputs (a ``.simvq-output`` marker
+    names the command that made it), and then only with ``resume`` (reuse them) or ``force`` (replace them). A
+    non-empty folder that this command did not make is refused even with ``force``; a folder that is, holds or
+    lies inside an input is refused always. Nothing is written before the checks pass.
+    """
+    out = Path(path).expanduser()
+    real = _real(out)
+    for item in inputs:
+        if item is None:
+            continue
+        src = _real(item)
+        if _within(real, src) or _within(src, real):
+            raise ValueError(f"{option} {out} overlaps the input {item}; choose an output folder outside the inputs")
+    if real.exists() and not real.is_dir():
+        raise NotADirectoryError(f"{option} {out} is a file; choose a new folder")
+    earlier = False
+    if real.is_dir() and any(real.iterdir()):
+        try:
+            owner = json.loads((real / OUTPUT_MARKER).read_text(encoding="utf-8")).get("command")
+        except (OSError, ValueError, AttributeError):
+            owner = None
+        if owner != command:
+            who = f"`simvq {owner}`" if owner else "another program or a person (no .simvq-output marker)"
+            raise ValueError(
+                f"{option} {out} is not empty and was made by {who}, not `simvq {command}`; choose a new or empty folder "
+                "(nothing was written)"
+            )
+        if not (resume or force):
+            raise ValueError(
+                f"{option} {out} is not empty: it holds earlier `simvq {command}` outputs; pass --force to replace them "
+                "or choose a new folder"
+            )
+        earlier = True
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / OUTPUT_MARKER).is_file():
+        save_file_atomic(out / OUTPUT_MARKER, json.dumps({"command": command}) + "\n")
+    return out, earlier
+
+
 def run_marker(directory: str | os.PathLike) -> dict | None:
     """The contents of a run folder's ``.simvq-run.json``; None when there is none or it is unreadable."""
     try:
@@ -243,6 +296,8 @@ def check_run_folder(
 
 
 __all__ = [
+    "OUTPUT_MARKER",
+    "prepare_output_dir",
     "MODEL_FILES",
     "RUN_MARKER",
     "atomic_path",

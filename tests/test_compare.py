@@ -208,3 +208,33 @@ def test_report_contents_and_resume(tmp_path, monkeypatch):
     more = run_compare(progress=False, jobs=1, **{**kwargs, "usage_images": 80})
     assert {r["usage_eval"]["images"] for r in more["runs"]} == {80}
     assert [r["key"] for r in more["runs"]] == [r["key"] for r in results["runs"]]
+
+
+def test_compare_never_writes_into_a_folder_it_did_not_make(tmp_path, capsys):
+    from simvq.cli import main
+
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("keep")
+    args = ["compare", "--data", "digits", "--quantizers", "simvq", "--codebook-sizes", "64", "--seeds", "0",
+            "--budget", "2", "--no-retrofit", "--quiet"]
+    assert main([*args, "--out", str(foreign)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not empty" in err[0] and "simvq compare" in err[0]
+    assert sorted(p.name for p in foreign.iterdir()) == ["todo.txt"] and (foreign / "todo.txt").read_text() == "keep"
+    config = tmp_path / "cfg" / "my.yaml"
+    config.parent.mkdir()
+    config.write_text("base: compare/default\n")
+    assert main([*args, "--config", str(config), "--out", str(config)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):
+        Image.fromarray((torch.rand(32, 32, 3) * 255).to(torch.uint8).numpy()).save(photos / f"{i}.png")
+    folder_args = [a if a != "digits" else str(photos) for a in args]
+    assert main([*folder_args, "--out", str(photos / "report")]) == 2
+    assert "overlaps the input" in capsys.readouterr().err
+    assert sorted(p.name for p in photos.iterdir()) == ["0.png", "1.png", "2.png", "3.png"]
+    assert sorted(p.name for p in config.parent.iterdir()) == ["my.yaml"] and config.read_text() == "base: compare/default\n"

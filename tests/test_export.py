@@ -125,7 +125,7 @@ def test_cli_export_and_errors(tmp_path, capsys):
     model = _model_dir(tmp_path)
     out = tmp_path / "onnx"
     assert main(["export", "--model", str(model), "--format", "onnx", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "export.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".simvq-output", "decoder.onnx", "encoder.onnx", "export.json"]
     capsys.readouterr()
     # existing output folder without --force: one line, exit 2
     assert main(["export", "--model", str(model), "--out", str(out)]) == 2

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from simvq.io import prepare_output_dir as prepare_out_dir
 from simvq.prior.command import (
     add_eval_prior_arguments,
     add_prior_train_arguments,
     add_sample_arguments,
-    prepare_out_dir,
     run_eval_prior,
     run_prior_train,
     run_sample,

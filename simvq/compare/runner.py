@@ -9,6 +9,7 @@ Output folder layout::
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -29,11 +30,25 @@ from simvq.compare.report import write_report
 from simvq.compare.retrofit import run_retrofit_experiment
 from simvq.compare.spec import DEFAULT, Budget, CompareSpec, parse_budget
 from simvq.compare.variants import DEFAULT_QUANTIZERS, VARIANTS, Variant, size_for
+from simvq.io import OUTPUT_MARKER, prepare_output_dir, save_file_atomic
 from simvq.modalities import build_datasets
 
 DEFAULT_CODEBOOK_SIZES = MODALITY_DEFAULTS["image"]["codebook_sizes"]
 DEFAULT_SEEDS = MODALITY_DEFAULTS["image"]["seeds"]
 DEFAULT_BUDGET = MODALITY_DEFAULTS["image"]["budget"]
+
+
+def prepare_compare_dir(spec: CompareSpec) -> Path:
+    """The report folder: new, empty, or an earlier ``simvq compare`` report (its finished runs are reused).
+
+    Never a folder that holds or lies inside the data or the config file. A report folder written before
+    output markers existed (it has ``runs/``) is recognised as a compare folder.
+    """
+    out = Path(spec.out).expanduser()
+    if (out / "runs").is_dir() and not (out / OUTPUT_MARKER).exists():
+        save_file_atomic(out / OUTPUT_MARKER, json.dumps({"command": "compare"}) + "\n")
+    inputs = [p for p in (spec.data, spec.config) if isinstance(p, (str, Path)) and Path(p).expanduser().exists()]
+    return prepare_output_dir(out, "compare", inputs=inputs, resume=True)[0]
 
 
 def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs: int | None = None, **kwargs) -> dict:
@@ -57,7 +72,7 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
     module = compare_module(spec.modality)
     base = base_config(spec)
     runs, notes = plan_runs(spec, base)
-    out = Path(spec.out)
+    out = prepare_compare_dir(spec)
     finished: dict[tuple, dict] = {}
     pending = []
     for run in runs:

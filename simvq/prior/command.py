@@ -20,58 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
-MARKER = ".simvq-output"
+from simvq.io import check_output, prepare_output_dir
 
-
-# ----- output safety ----------------------------------------------------------------------------------------
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
-
-
-def prepare_out_dir(out: str | Path, command: str, *, inputs=(), force: bool = False, resume: bool = False) -> tuple[Path, bool]:
-    """Check (and create) an output folder for ``command``; returns ``(folder, it held earlier outputs)``.
-
-    Raises before anything is written: ``out`` is a file; ``out`` is, contains or lies inside an input;
-    ``out`` is a non-empty folder this command did not create; it holds this command's outputs and neither
-    ``resume`` nor ``force`` allows touching them.
-    """
-    out = Path(out).expanduser()
-    for item in inputs:
-        if item is None:
-            continue
-        item = Path(item)
-        if _inside(out, item) or _inside(item, out):
-            raise ValueError(f"--out {out} overlaps the input {item}; choose an output folder outside the inputs")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; choose a new folder")
-    earlier = False
-    if out.is_dir() and any(out.iterdir()):
-        marker = out / MARKER
-        owner = None
-        if marker.is_file():
-            try:
-                owner = json.loads(marker.read_text(encoding="utf-8")).get("command")
-            except (ValueError, OSError):
-                owner = None
-        if owner != command:
-            who = f"`simvq {owner}`" if owner else "another program or a person (no .simvq-output marker)"
-            raise ValueError(
-                f"--out {out} is not empty and was made by {who}, not `simvq {command}`; choose a new or empty "
-                "folder (nothing was written)"
-            )
-        if not (resume or force):
-            raise ValueError(f"--out {out} already holds `simvq {command}` outputs; pass --force to replace them or choose a new folder")
-        earlier = True
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / MARKER).is_file():
-        from simvq.prior._compat import save_file_atomic
-
-        save_file_atomic(out / MARKER, json.dumps({"command": command}) + "\n")
-    return out, earlier
 
 
 def _overrides(values) -> list[str]:
@@ -97,7 +47,7 @@ def run_prior_train(args) -> int:
     overrides = _overrides(args.overrides)
     # everything a user can get wrong is checked before the folder is touched or training starts
     cfg, tok_folder, _ = prepare_run(args.tokenizer, args.config, overrides=overrides, max_steps=args.max_steps)
-    out, earlier = prepare_out_dir(args.out, "prior train", inputs=[tok_folder], force=args.force, resume=True)
+    out, earlier = prepare_output_dir(args.out, "prior train", inputs=[tok_folder], force=args.force, resume=True)
     if earlier and args.force:
         for name in (str(CHECKPOINT), "model.safetensors", "config.yaml", "history.json"):
             (out / name).unlink(missing_ok=True)
@@ -128,7 +78,7 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
 def run_sample(args) -> int:
     from safetensors.torch import save_file
 
-    from simvq.prior._compat import save_file_atomic
+    from simvq.io import save_file_atomic
     from simvq.prior.sample import check_sampling_args, decode, sample, save_image_grid, save_png, image_grid
     from simvq.prior.train import load_prior_with_tokenizer
 
@@ -138,7 +88,7 @@ def run_sample(args) -> int:
         raise ValueError(f"--grid-scale must be >= 1, got {args.grid_scale}")
     prior, config, tokenizer, _ = load_prior_with_tokenizer(args.prior)
     check_sampling_args(prior, args.n, args.class_id, args.temperature, args.top_k, args.top_p, args.cfg_scale)
-    out, _ = prepare_out_dir(args.out, "sample", inputs=[args.prior, config["tokenizer"]["path"]], force=args.force)
+    out, _ = prepare_output_dir(args.out, "sample", inputs=[args.prior, config["tokenizer"]["path"]], force=args.force)
     indices = sample(prior, args.n, classes=args.class_id, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                      cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size)
     images = decode(tokenizer, indices)
@@ -167,33 +117,13 @@ def add_eval_prior_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="replace an earlier eval-prior --out file")
 
 
-def check_out_file(out: str | Path, *, inputs=(), force: bool = False) -> Path:
-    """An output file may replace only an earlier metrics file of this command, and only with ``force``."""
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; give a file name such as eval.json")
-    if out.exists():
-        try:
-            ours = "feature_space" in json.loads(out.read_text(encoding="utf-8"))
-        except (ValueError, OSError, TypeError, AttributeError):
-            ours = False
-        if not ours:
-            raise ValueError(f"--out {out} exists and is not an `simvq eval-prior` result; choose another file (nothing was written)")
-        if not force:
-            raise ValueError(f"--out {out} exists; pass --force to replace it")
-    for item in inputs:
-        if item is not None and out.resolve() in {p.resolve() for p in Path(item).glob("*") if p.name in ("config.yaml", "model.safetensors")}:
-            raise ValueError(f"--out {out} is an input file; choose another file")
-    return out
-
-
 def run_eval_prior(args) -> int:
-    from simvq.prior._compat import save_file_atomic
+    from simvq.io import save_file_atomic
     from simvq.prior.metrics import evaluate_prior
 
     if args.samples is not None and args.samples < 4:
         raise ValueError(f"--samples must be >= 4 (precision/recall uses 3 nearest neighbours), got {args.samples}")
-    out = check_out_file(args.out, inputs=[args.prior], force=args.force) if args.out else None
+    out = check_output(args.out, inputs=[args.prior], force=args.force) if args.out else None
     result = evaluate_prior(args.prior, samples=args.samples, seed=args.seed, cfg_scale=args.cfg_scale,
                             classifier_dir=args.classifier_dir, held_out_limit=args.held_out, progress=True)
     text = json.dumps(result, indent=2)
@@ -231,6 +161,5 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "MARKER", "add_eval_prior_arguments", "add_prior_train_arguments", "add_sample_arguments", "check_out_file",
-    "prepare_out_dir", "run_eval_prior", "run_prior_train", "run_sample",
+    "add_eval_prior_arguments", "add_prior_train_arguments", "add_sample_arguments", "run_eval_prior", "run_prior_train", "run_sample",
 ]

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simvq.prior._compat import read_idx, save_file_atomic
+from simvq.io import save_file_atomic
+from simvq.modalities.image.data import read_idx
 
 log = logging.getLogger("simvq.prior")
 

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from simvq.prior.likelihood import held_out_nll
-from simvq.prior._compat import build_datasets, fid_inception_class, random_conv_features, save_file_atomic
+from simvq.io import save_file_atomic
+from simvq.metrics.inception import FIDInceptionV3, RandomConvFeatures
+from simvq.modalities import build_datasets
 
 log = logging.getLogger("simvq.prior")
 
@@ -311,11 +313,11 @@ def evaluate_prior(
     steps = classifier_steps or ev["classifier_steps"]
     classifier, info = load_or_train_classifier(tok_config, steps=steps, cache_dir=classifier_dir, progress=progress)
     if weights is not None:
-        feature, name = InceptionFeatures(fid_inception_class()(weights=weights)), "gfid"
+        feature, name = InceptionFeatures(FIDInceptionV3(weights=weights)), "gfid"
     elif classifier is not None:
         feature, name = ClassifierFeatures(classifier), "proxy_gfid_classifier"
     else:
-        feature, name = random_conv_features(seed=0), "proxy_gfid_random_conv"
+        feature, name = RandomConvFeatures(seed=0), "proxy_gfid_random_conv"
     result["feature_space"] = name
     result[name] = frechet_distance(feature, real, fake)
     pr = precision_recall(extract_features(feature, real), extract_features(feature, fake), k=3)

@@ -181,7 +181,7 @@ def save_png(array: torch.Tensor, path: str | Path, *, scale: int = 1) -> Path:
     """Write a uint8 ``(H, W, C)`` array as a PNG (atomically); ``scale`` enlarges it (nearest)."""
     from PIL import Image
 
-    from simvq.prior._compat import save_file_atomic
+    from simvq.io import save_file_atomic
 
     arr = array.numpy()
     image = Image.fromarray(arr[:, :, 0] if arr.shape[-1] == 1 else arr)

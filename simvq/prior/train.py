@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-from simvq.prior._compat import atomic_path, build_datasets, config_hash, save_file_atomic
+from simvq.io import atomic_path, save_file_atomic
+from simvq.modalities import build_datasets
+from simvq.tokens import config_hash
 from simvq.prior.config import SIZE_KEYS, load_prior_config, run_key
 from simvq.prior.model import TokenPrior
 
