@@ -192,15 +192,6 @@ def _device(name):
     return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _tokenizer(directory):
-    """``(tokenizer, config, modality)`` of a model directory."""
-    from simvq.checkpoints import load_model_dir, load_tokenizer
-    from simvq.modalities import modality_of
-
-    _, config = load_model_dir(directory)
-    return load_tokenizer(directory), config, modality_of(config)
-
-
 def _encode_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -302,6 +293,51 @@ def _export_run(args: argparse.Namespace) -> int:
 
 
 COMMANDS["export"] = ("Export a model folder to ONNX (encoder.onnx + decoder.onnx) or TorchScript.", _export_arguments, _export_run)
+
+
+# ----- generation: `simvq prior train`, `simvq sample`, `simvq eval-prior` -----------------------------
+def _prior_arguments(p: argparse.ArgumentParser) -> None:
+    from simvq.prior.command import add_prior_train_arguments
+
+    sub = p.add_subparsers(dest="prior_command", metavar="SUBCOMMAND", required=True)
+    add_prior_train_arguments(sub.add_parser("train", help="train a token prior on a tokenizer's training tokens",
+                                             description="Train an autoregressive token prior on a tokenizer's tokens."))
+
+
+def _prior_run(args: argparse.Namespace) -> int:
+    from simvq.prior.command import run_prior_train
+
+    return run_prior_train(args)
+
+
+def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    from simvq.prior.command import add_sample_arguments
+
+    add_sample_arguments(p)
+
+
+def _sample_run(args: argparse.Namespace) -> int:
+    from simvq.prior.command import run_sample
+
+    return run_sample(args)
+
+
+def _eval_prior_arguments(p: argparse.ArgumentParser) -> None:
+    from simvq.prior.command import add_eval_prior_arguments
+
+    add_eval_prior_arguments(p)
+
+
+def _eval_prior_run(args: argparse.Namespace) -> int:
+    from simvq.prior.command import run_eval_prior
+
+    return run_eval_prior(args)
+
+
+COMMANDS["prior"] = ("Token priors: `simvq prior train --tokenizer DIR --out DIR` (generation).", _prior_arguments, _prior_run)
+COMMANDS["sample"] = ("Sample images from a token prior and decode them (PNGs and a grid).", _sample_arguments, _sample_run)
+COMMANDS["eval-prior"] = ("Generation metrics of a prior: bits/token, bits/image, gFID (or its labelled proxy), precision/recall.",
+                          _eval_prior_arguments, _eval_prior_run)
 
 
 def main(argv: list[str] | None = None) -> int:

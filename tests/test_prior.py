@@ -368,3 +368,16 @@ def test_prior_rejects_a_mismatched_tokenizer(trained_prior, tokenizer_dir):
         check_prior_matches(TokenPrior(codebook_size=64, grid=(4, 4)), cfg, tok, tok_cfg, where="tok")
     with pytest.raises(ValueError, match="a prior, not a tokenizer"):
         run_prior_train(_parse(add_prior_train_arguments, ["--tokenizer", str(out), "--out", str(out.parent / "q")]))
+
+
+def test_the_cli_wires_the_generation_commands(tmp_path, capsys):
+    from simvq.cli import main
+
+    missing = tmp_path / "nothing"
+    for argv, word in ((["prior", "train", "--tokenizer", str(missing), "--out", str(tmp_path / "p")], "tokenizer folder"),
+                       (["sample", "--prior", str(missing), "--out", str(tmp_path / "s")], "prior folder"),
+                       (["eval-prior", "--prior", str(missing)], "prior folder")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0] and "does not exist" in err[0], err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
