@@ -128,7 +128,8 @@ def test_fsq_levels_for_paper_table():
     assert fsq_levels_for(2**14) == [8, 8, 8, 6, 5]
     assert fsq_levels_for(2**16) == [8, 8, 8, 5, 5, 5]
     assert fsq_levels_for(1000) == [8, 5, 5, 5]  # the exact size of a recommended set
-    for bad in (1234, 2**9, 2**18):
+    assert fsq_levels_for(2**13) == [8, 8, 5, 5, 5]  # extensions of the paper's rows (fsq_levels.py)
+    for bad in (1234, 2**7, 2**19):
         with pytest.raises(ValueError, match="levels=\\[...\\]"):
             fsq_levels_for(bad)
 

@@ -41,7 +41,7 @@ def test_parse_budget():
     "kwargs, match",
     [
         (dict(quantizers=["simvq", "vqq"]), "unknown quantizer"),
-        (dict(quantizers=["fsq"], quantizers_given=True, codebook_sizes=[8192]), "fsq cannot run at codebook size 8192"),
+        (dict(quantizers=["fsq"], quantizers_given=True, codebook_sizes=[2**20]), "fsq cannot run at codebook size 1048576"),
         (dict(quantizers=["lfq"], quantizers_given=True, codebook_sizes=[1000]), "power-of-two"),
         (dict(codebook_sizes=[1]), "codebook sizes must be >= 2"),
         (dict(seeds="0,zero"), "whole numbers"),
@@ -67,12 +67,14 @@ def test_missing_data_folder_fails_before_training(tmp_path, forbid_training):
 
 
 def test_default_quantizer_list_skips_sizes_fsq_cannot_take():
-    spec = CompareSpec(quantizers=["simvq", "fsq", "lfq"], codebook_sizes=[1024, 8192], seeds=[0], data="digits")
+    spec = CompareSpec(quantizers=["simvq", "fsq", "lfq"], codebook_sizes=[1024, 8192, 2**20], seeds=[0], data="digits")
     runs, notes = plan_runs(spec)
     sizes = {(r.variant, r.codebook_size) for r in runs}
-    # FSQ maps 1024 to the paper's [8, 5, 5, 5] = 1000 codes and has no recommended levels for 8192
-    assert sizes == {("simvq", 1024), ("simvq", 8192), ("fsq", 1000), ("lfq", 1024), ("lfq", 8192)}
-    assert len(notes) == 1 and "FSQ skipped at K=8192" in notes[0]
+    # FSQ maps 1024 to the paper's [8, 5, 5, 5] = 1000 codes, 8192 to [8, 8, 5, 5, 5] = 8000, and has no levels
+    # for 2**20
+    assert sizes == {("simvq", 1024), ("simvq", 8192), ("simvq", 2**20), ("fsq", 1000), ("fsq", 8000),
+                     ("lfq", 1024), ("lfq", 8192), ("lfq", 2**20)}
+    assert len(notes) == 1 and "FSQ skipped at K=1048576" in notes[0]
 
 
 def test_run_keys_follow_the_config_and_budget():

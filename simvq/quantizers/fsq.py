@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from simvq.quantizers.base import Quantizer, TokenResult, call_in_dtype, straight_through
+from simvq.quantizers.fsq_levels import FSQ_LEVELS
 from simvq.quantizers.registry import register_quantizer
 
 # Widens the tanh range a little so that the outermost integers are reached after rounding. The paper
@@ -39,21 +40,16 @@ def _check_levels(levels) -> list[int]:
     return out
 
 
-# Table 1 of the FSQ paper (Mentzer et al. 2023): levels that approximate a target codebook size.
-FSQ_RECOMMENDED_LEVELS: dict[int, list[int]] = {
-    2**8: [8, 6, 5],
-    2**10: [8, 5, 5, 5],
-    2**12: [7, 5, 5, 5, 5],
-    2**14: [8, 8, 8, 6, 5],
-    2**16: [8, 8, 8, 5, 5, 5],
-}
+# Levels that approximate each power-of-two codebook size 2**8 .. 2**18: the FSQ paper's Table 1 rows and their
+# extensions by 8-level channels (simvq/quantizers/fsq_levels.py)
+FSQ_RECOMMENDED_LEVELS: dict[int, list[int]] = FSQ_LEVELS
 
 
 def fsq_levels_for(codebook_size: int) -> list[int]:
-    """The FSQ paper's recommended levels for a target codebook size.
+    """Recommended FSQ levels for a target codebook size (:data:`FSQ_RECOMMENDED_LEVELS`).
 
-    Accepts the target (``2**8, 2**10, 2**12, 2**14, 2**16``) or the exact size of a recommended set
-    (e.g. 1000 for ``[8, 5, 5, 5]``). The FSQ codebook has ``prod(levels)`` codes, which is close to but
+    Accepts a power of two from ``2**8`` to ``2**18`` or the exact size of a recommended set (e.g. 1000 for
+    ``[8, 5, 5, 5]``). The FSQ codebook has ``prod(levels)`` codes, which is close to but
     not equal to the power of two (``2**16 -> [8, 8, 8, 5, 5, 5]``, 64,000 codes).
     """
     if not isinstance(codebook_size, int) or isinstance(codebook_size, bool):
