@@ -21,6 +21,7 @@ from torch import nn
 from simvq.config import resolve_config
 from simvq.io import check_output, save_file_atomic
 from simvq.modalities import build_tokenizer, official_modality
+from simvq.pretrained import model_path
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ def load_model_dir(directory: str | os.PathLike, *, device: str | torch.device =
     from safetensors.torch import load_file
 
     directory = Path(directory)
+    if not directory.is_dir() and model_path(str(directory)) is not None:
+        directory = model_path(str(directory))  # a tokenizer shipped with the package (simvq models)
     if not directory.is_dir():
         raise FileNotFoundError(
             f"model directory {directory} does not exist; it should hold {CONFIG_FILE} and {WEIGHTS_FILE} "

@@ -295,6 +295,30 @@ def _export_run(args: argparse.Namespace) -> int:
 COMMANDS["export"] = ("Export a model folder to ONNX (encoder.onnx + decoder.onnx) or TorchScript.", _export_arguments, _export_run)
 
 
+# ----- `simvq models` ---------------------------------------------------------------------------------
+def _models_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the model cards as JSON")
+
+
+def _models_run(args: argparse.Namespace) -> int:
+    import json
+
+    from simvq.pretrained import list_models, model_path
+
+    cards = list_models()
+    if args.json:
+        print(json.dumps(cards, indent=2))
+        return 0
+    for name, card in cards.items():
+        figures = ", ".join(f"{k} {v}" for k, v in card.get("held_out", {}).items())
+        print(f"{name}: {card['summary']}\n  held out: {figures}\n  folder: {model_path(name)}")
+    return 0
+
+
+COMMANDS["models"] = ("List the tokenizers shipped with simvq (usable offline by name, e.g. --model fashion-8k).",
+                      _models_arguments, _models_run)
+
+
 # ----- generation: `simvq prior train`, `simvq sample`, `simvq eval-prior` -----------------------------
 def _prior_arguments(p: argparse.ArgumentParser) -> None:
     from simvq.prior.command import add_prior_train_arguments

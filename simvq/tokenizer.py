@@ -39,6 +39,7 @@ import torch
 
 from simvq.checkpoints import CONFIG_FILE, WEIGHTS_FILE, load_model_dir, save_model_dir
 from simvq.modalities import bits_per_token, build_tokenizer, modality_of
+from simvq.pretrained import list_models, model_path
 
 HF_CONFIG_FILE = "config.json"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -133,11 +134,17 @@ class Tokenizer:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
     ) -> "Tokenizer":
-        """Load a local model folder or a Hugging Face Hub model id (``owner/name``)."""
+        """Load a local model folder, a tokenizer shipped with the package by name (``"fashion-8k"``,
+        ``"speech-4k"``; ``simvq models`` lists them) or a Hugging Face Hub model id (``owner/name``)."""
         path = Path(name_or_path).expanduser()
+        if not path.is_dir() and model_path(str(name_or_path)) is not None:
+            path = model_path(str(name_or_path))  # a tokenizer shipped with the package (simvq models)
         if not path.is_dir():
             if path.exists() or not _HUB_ID.fullmatch(str(name_or_path)):
-                raise FileNotFoundError(f"model folder {name_or_path} does not exist (nor is it a Hub id 'owner/name')")
+                raise FileNotFoundError(
+                    f"model folder {name_or_path} does not exist (nor is it a shipped model: {', '.join(list_models())}; "
+                    "nor a Hub id 'owner/name')"
+                )
             path = _download(str(name_or_path), revision=revision, cache_dir=cache_dir, local_files_only=local_files_only)
         state, config = _read_local_dir(path)
         model = build_tokenizer(config)
