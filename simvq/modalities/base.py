@@ -170,13 +170,15 @@ class Modality:
         raise NotImplementedError
 
     # ----- files -----------------------------------------------------------------------------------
-    def encode_files(self, model: nn.Module, config: dict, inputs: list[str], out: Path, *, size: int | None,
-                     device) -> str:
-        """Encode input files (or folders of them) into the token file ``out``; returns a summary line."""
+    def encode_files(self, tok, config: dict, inputs: list[str], out: Path, *, size: int | None, device) -> str:
+        """Encode input files (or folders of them) into the token file ``out`` with ``tok``, a
+        :class:`simvq.Tokenizer` (passed in, not imported: the tokenizer API sits above this layer; its
+        ``encode`` does the work on its own device); returns a summary line."""
         raise NotImplementedError
 
-    def decode_files(self, model: nn.Module, config: dict, tokens, out: Path, *, overwrite: bool, device) -> str:
-        """Decode a loaded token file into files under ``out``; returns a summary line."""
+    def decode_files(self, tok, config: dict, tokens, out: Path, *, overwrite: bool, device) -> str:
+        """Decode a loaded token file into files under ``out`` with the :class:`simvq.Tokenizer` ``tok``;
+        returns a summary line."""
         raise NotImplementedError
 
     # ----- official checkpoints ----------------------------------------------------------------------

@@ -50,17 +50,15 @@ class AudioModality(Modality):
         return {"tokens_per_second": float(model.tokens_per_second), "bits_per_token": bits,
                 "bitrate_bps": float(model.tokens_per_second) * bits}
 
-    def encode_files(self, model, config: dict, inputs: list[str], out: Path, *, size: int | None, device) -> str:
+    def encode_files(self, tok, config: dict, inputs: list[str], out: Path, *, size: int | None, device) -> str:
         files = list_audio_inputs(inputs)
-        model = model.to(device)
-        encode_audio_files(model, config, files, out)
-        return (f"encoded {len(files)} audio file(s) into {out} ({model.tokens_per_second:g} tokens/s, "
-                f"{model.bitrate / 1000:.3g} kbps)")
+        encode_audio_files(tok, config, files, out)
+        return (f"encoded {len(files)} audio file(s) into {out} ({tok.tokens_per_second:g} tokens/s, "
+                f"{tok.bitrate / 1000:.3g} kbps)")
 
-    def decode_files(self, model, config: dict, tokens, out: Path, *, overwrite: bool, device) -> str:
-        model = model.to(device)
-        written = decode_audio_tokens(model, tokens, out, overwrite=overwrite)
-        return f"decoded {len(written)} audio file(s) at {model.sample_rate} Hz into {out}"
+    def decode_files(self, tok, config: dict, tokens, out: Path, *, overwrite: bool, device) -> str:
+        written = decode_audio_tokens(tok, tokens, out, overwrite=overwrite)
+        return f"decoded {len(written)} audio file(s) at {tok.sample_rate} Hz into {out}"
 
     def is_official(self, state_dict) -> bool:
         return any(k.startswith(("encoder.model.", "decoder.backbone.", "backbone.")) for k in state_dict)

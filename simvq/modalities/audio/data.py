@@ -278,8 +278,7 @@ def encode_audio_files(tok, config: dict, files: list[Path], out: str | Path, *,
     The token file records every input's length in samples at the model's rate so that decoding returns
     audio of the original length.
     """
-    from simvq.tokens import config_hash
-    from simvq.tokens import save_tokens
+    from simvq.tokens import config_hash, save_tokens
 
     tokens, names, lengths = [], [], []
     for f in files:

@@ -65,11 +65,11 @@ class ImageModality(Modality):
         bits = bits_per_token(model.quantize)
         return {"tokens_per_image": tokens, "bits_per_token": bits, "bits_per_image": tokens * bits}
 
-    def encode_files(self, model, config: dict, inputs: list[str], out: Path, *, size: int | None, device) -> str:
-        return encode_image_files(model, config, inputs, out, size=size, device=device)
+    def encode_files(self, tok, config: dict, inputs: list[str], out: Path, *, size: int | None, device) -> str:
+        return encode_image_files(tok, config, inputs, out, size=size)
 
-    def decode_files(self, model, config: dict, tokens, out: Path, *, overwrite: bool, device) -> str:
-        return decode_image_tokens(model, tokens, out, overwrite=overwrite, device=device)
+    def decode_files(self, tok, config: dict, tokens, out: Path, *, overwrite: bool, device) -> str:
+        return decode_image_tokens(tok, tokens, out, overwrite=overwrite)
 
     def is_official(self, state_dict) -> bool:
         return is_official_image_state_dict(state_dict)
