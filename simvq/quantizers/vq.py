@@ -159,7 +159,7 @@ class VectorQuantizer(Quantizer):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
-        z32 = z.float()
+        z32 = z.to(self.compute_dtype(z))  # fp32, or fp64 under 64-true (never 16-bit)
         if self.l2_normalize:
             z32 = F.normalize(z32, dim=-1)
         if self.training and self.kmeans_pending:
@@ -167,7 +167,7 @@ class VectorQuantizer(Quantizer):
         with torch.no_grad():
             codes = self.codebook
         indices = nearest_code(z32, codes, max_chunk_elements=self.search_chunk_elements)
-        q = self.codes_from_indices(indices).float()
+        q = self.codes_from_indices(indices).to(z32.dtype)
         commitment, codebook = vq_loss_terms(z32, q)
         loss = self.commitment_weight * commitment + self.codebook_weight * codebook
         out = rotation_trick(z32, q.detach()) if self.use_rotation_trick else straight_through(z32, q.detach())
