@@ -295,6 +295,23 @@ def _export_run(args: argparse.Namespace) -> int:
 COMMANDS["export"] = ("Export a model folder to ONNX (encoder.onnx + decoder.onnx) or TorchScript.", _export_arguments, _export_run)
 
 
+# ----- `simvq tune` --------------------------------------------------------------------------------------
+def _tune_arguments(p: argparse.ArgumentParser) -> None:
+    from simvq.tune.command import add_arguments
+
+    add_arguments(p)
+
+
+def _tune_run(args: argparse.Namespace) -> int:
+    from simvq.tune.command import run
+
+    return run(args)
+
+
+COMMANDS["tune"] = ("Search one quantizer's training settings on your config and data (Optuna; resumable).",
+                    _tune_arguments, _tune_run)
+
+
 # ----- `simvq models` ---------------------------------------------------------------------------------
 def _models_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the model cards as JSON")

@@ -1,0 +1,364 @@
+"""``tune(...)``: an Optuna study over one quantizer's training settings on the user's config and data.
+
+Each trial trains ``config`` (its quantizer section set to ``quantizer``, the sampled keys applied) for
+``steps`` steps in ``segments`` parts; after each part the exported model is evaluated on at most
+``eval_limit`` held-out items and the objective is reported to the pruner. Training resumes exactly from the
+trial's checkpoint between parts (``simvq.training.train`` with a larger ``max_steps``), so a pruned trial has
+trained only the parts before it was stopped. The study lives in ``out/study.db`` (SQLite) or in ``storage``
+(any Optuna RDB URL, e.g. PostgreSQL for several machines); rerunning resumes it.
+
+Optuna is imported here only (``pip install optuna``); the rest of simvq works without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from simvq.config import apply_overrides, config_source_file, load_config, load_raw_config
+from simvq.io import prepare_output_dir
+from simvq.tune.objective import (
+    DEFAULT_WEIGHTS,
+    OBJECTIVES,
+    check_available,
+    direction,
+    metrics_of,
+    needed_metrics,
+    score,
+)
+from simvq.tune.space import Param, default_space_file, load_space, parse_space, set_key
+
+STUDY_NAME = "simvq-tune"
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+def _optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise ValueError("simvq tune needs Optuna: pip install optuna") from None
+    return optuna
+
+
+def parse_budget(text: str | float | None) -> float | None:
+    """``"30m"``, ``"90s"``, ``"2h"`` or seconds -> seconds (None stays None)."""
+    if text is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"--budget {text!r}: give a time such as 30m, 90s or 2h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+@dataclass
+class TuneSettings:
+    """Everything a trial needs, in plain values (sent to worker processes as is)."""
+
+    base: dict                      # the raw config (overrides applied, quantizer section set, trainer.max_steps)
+    quantizer: str
+    params: list[Param]
+    objective: str
+    weights: dict
+    steps: int
+    segments: int
+    eval_limit: int
+    min_utilization: float | None
+    out: str
+    storage: str
+    study_name: str
+    seed: int
+    pruner: object = None           # None: the median pruner
+    threads: int | None = None
+    startup_trials: int = 10        # random trials before TPE models the results
+    fingerprint: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def trial_config(base: dict, assignments: dict) -> dict:
+    """The validated config of one trial: ``base`` with each ``key: value`` of ``assignments`` set."""
+    raw = copy.deepcopy(base)
+    for key, value in assignments.items():
+        set_key(raw, key, value)
+    if "quantizer.levels" in assignments:
+        raw["quantizer"].pop("codebook_size", None)  # FSQ: the levels fix the codebook size
+    return load_config(raw)
+
+
+def _base_config(config, overrides, quantizer: str, steps: int) -> dict:
+    raw = apply_overrides(load_raw_config(config), overrides)
+    q = raw.get("quantizer") or {}
+    if q.get("name", "simvq") != quantizer:
+        # another family: its own defaults, the user's codebook size
+        resolved = load_config(raw)
+        q = {"name": quantizer, "codebook_size": resolved["quantizer"].get("codebook_size")}
+        if q["codebook_size"] is None:
+            q.pop("codebook_size")
+    raw["quantizer"] = {**q, "name": quantizer}
+    raw.setdefault("trainer", {})["max_steps"] = steps
+    raw["trainer"].pop("max_epochs", None)
+    return raw
+
+
+def validate_space(base: dict, params: list[Param]) -> None:
+    """Resolve a config with each end of each range (each choice) set: a key the schema lacks, or a value it
+    refuses, is a ValueError naming the search-space entry."""
+    for p in params:
+        for value in p.examples():
+            try:
+                trial_config(base, {p.key: value})
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"search space entry {p.key} = {value!r}: {err}") from None
+
+
+def _fingerprint(base: dict, s: TuneSettings) -> str:
+    what = {"config": base, "quantizer": s.quantizer, "space": [asdict(p) for p in s.params], "objective": s.objective,
+            "weights": s.weights if s.objective == "weighted" else None, "steps": s.steps, "segments": s.segments,
+            "eval_limit": s.eval_limit, "min_utilization": s.min_utilization}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _constraints(trial) -> list[float]:
+    # <= 0 is feasible (Optuna's convention); a trial that never reported counts as infeasible
+    return list(trial.user_attrs.get("constraint", [1.0]))
+
+
+def _sampler(optuna, s: TuneSettings, *, offset: int = 0):
+    """TPE, seeded with ``seed + offset``: a resumed study (offset = trials already in it) or another worker
+    (offset by its index) must not replay the first sampler's random start-up points."""
+    return optuna.samplers.TPESampler(seed=s.seed + offset, n_startup_trials=s.startup_trials,
+                                      constraints_func=_constraints if s.min_utilization is not None else None)
+
+
+def _default_pruner(optuna):
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+
+
+def segment_ends(steps: int, segments: int) -> list[int]:
+    """Where training pauses for an intermediate evaluation: ``segments`` near-equal parts, the last at ``steps``."""
+    return sorted({max(1, math.ceil(steps * i / segments)) for i in range(1, segments + 1)})
+
+
+def run_trial(trial, s: TuneSettings) -> float:
+    """Train and evaluate one trial (the Optuna objective)."""
+    optuna = _optuna()
+    from simvq.evaluation import evaluate
+    from simvq.training import train
+
+    assignments = {p.key: p.suggest(trial) for p in s.params}
+    config = trial_config(s.base, assignments)
+    trial_dir = Path(s.out) / "trials" / f"trial-{trial.number:04d}"
+    trial.set_user_attr("dir", str(trial_dir))
+    value = math.nan
+    for end in segment_ends(s.steps, s.segments):
+        result = train(config, out_dir=trial_dir, max_steps=end, progress=False)
+        trial.set_user_attr("steps", int(result.steps))
+        if result.diverged or result.model_dir is None:
+            trial.set_user_attr("diverged", result.diverged_reason or "no finite weights")
+            raise optuna.TrialPruned(f"diverged at step {result.steps}")
+        ev = evaluate(result.model_dir, limit=s.eval_limit, progress=False)
+        metrics = metrics_of(ev)
+        value = score(ev, s.objective, s.weights)
+        trial.set_user_attr("metrics", metrics)
+        if s.min_utilization is not None:
+            trial.set_user_attr("constraint", [s.min_utilization - metrics.get("utilization", 0.0)])
+        if not math.isfinite(value):
+            trial.set_user_attr("diverged", f"objective {value} at step {result.steps}")
+            raise optuna.TrialPruned(f"objective {value}")
+        trial.report(value, end)
+        if end < s.steps and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {end} ({s.objective} {value:.4g})")
+    return value
+
+
+def _fail_stale_trials(study, optuna) -> int:
+    """Trials left RUNNING by a killed process (local SQLite study only: no other process runs it) -> FAIL."""
+    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for t in stale:
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    return len(stale)
+
+
+def _finished(study, optuna) -> int:
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _optimize(s: TuneSettings, n_trials: int | None, total: int | None, timeout: float | None, worker: int = 0) -> None:
+    optuna = _optuna()
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(s.threads)
+    existing = len(optuna.load_study(study_name=s.study_name, storage=s.storage).get_trials(deepcopy=False))
+    study = optuna.load_study(study_name=s.study_name, storage=s.storage,
+                              sampler=_sampler(optuna, s, offset=existing + 7919 * worker),
+                              pruner=s.pruner if s.pruner is not None else _default_pruner(optuna))
+    callbacks = []
+    if total is not None:
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        callbacks.append(optuna.study.MaxTrialsCallback(total, states=states))
+    study.optimize(lambda t: run_trial(t, s), n_trials=n_trials, timeout=timeout, callbacks=callbacks,
+                   catch=(), gc_after_trial=True)
+
+
+def _worker(s: TuneSettings, n_trials, total, timeout, worker: int) -> None:
+    optuna = _optuna()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _optimize(s, n_trials, total, timeout, worker)
+
+
+def tune(
+    config,
+    *,
+    quantizer: str,
+    out,
+    space: str | Path | dict | None = None,
+    trials: int | None = 20,
+    budget: str | float | None = None,
+    objective: str = "psnr",
+    weights: dict | None = None,
+    min_utilization: float | None = None,
+    jobs: int = 1,
+    steps: int | None = None,
+    segments: int = 3,
+    eval_limit: int | None = None,
+    overrides: list[str] | None = None,
+    storage: str | None = None,
+    study_name: str = STUDY_NAME,
+    seed: int = 0,
+    pruner=None,
+    progress: bool = True,
+):
+    """Search ``quantizer``'s training settings on ``config``; returns the study (outputs written by
+    :func:`simvq.tune.report.write_outputs`).
+
+    Args:
+        config: preset name, YAML path or dict (the user's model, data and training setup).
+        quantizer: the family to tune (``simvq``, ``vq``, ``ema_vq``, ``fsq``, ``lfq``, ...); replaces the
+            config's quantizer section unless it names the same family (then that section is the start).
+        out: the study folder (``study.db``, ``trials/``, ``best.yaml``, ``trials.csv``, plots, ``report.md``).
+        space: a search-space YAML path or mapping (default: the family's shipped space).
+        trials: finished (complete or pruned) trials the study should hold; a rerun adds only the missing ones.
+        budget: stop starting trials after this time (``"30m"``); with ``trials=None`` the only limit.
+        objective: ``psnr`` / ``utilization`` (maximised), ``fid`` (minimised) or ``weighted``:
+            ``sum(weights[m] * m)`` maximised (``weights`` default ``{"psnr": 1, "utilization": 10}``).
+        min_utilization: a constraint (Optuna ``constraints_func`` of the TPE sampler; the best trial is the best
+            feasible one).
+        jobs: trials run side by side in separate processes sharing the study.
+        steps, segments: training steps per trial (default the config's ``trainer.max_steps``) and the number
+            of evaluations the pruner sees.
+        eval_limit: held-out items per evaluation (default the config's ``data.eval_limit``, else 256).
+        storage: an Optuna RDB URL (e.g. ``postgresql://...``) instead of ``sqlite:///out/study.db``.
+        pruner: an Optuna pruner (default ``MedianPruner(n_startup_trials=2)``).
+    """
+    optuna = _optuna()
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    if trials is None and budget is None:
+        raise ValueError("give a number of trials (--trials) or a time budget (--budget)")
+    if trials is not None and (isinstance(trials, bool) or int(trials) < 1):
+        raise ValueError(f"trials must be a positive integer, got {trials!r}")
+    if min_utilization is not None and not 0 < min_utilization <= 1:
+        raise ValueError(f"--min-utilization must lie in (0, 1], got {min_utilization}")
+    if not isinstance(segments, int) or segments < 1:
+        raise ValueError(f"segments must be a positive integer, got {segments!r}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs}")
+    timeout = parse_budget(budget)
+    weights = dict(weights) if weights is not None else dict(DEFAULT_WEIGHTS)
+
+    # ----- everything is checked before the folder is touched -----------------------------------------------
+    user = load_config(apply_overrides(load_raw_config(config), overrides))
+    steps = int(steps if steps is not None else user["trainer"]["max_steps"] or 0)
+    if steps < 1:
+        raise ValueError("give the training steps per trial (--steps): the config sets no trainer.max_steps")
+    if eval_limit is None:
+        eval_limit = user["data"].get("eval_limit") or 256
+    base = _base_config(config, overrides, quantizer, steps)
+    if isinstance(space, dict):
+        params = parse_space(space)
+        space_file = None
+    else:
+        space_file = Path(space) if space is not None else default_space_file(quantizer)
+        params = load_space(space_file)
+    validate_space(base, params)
+    inputs = [p for p in (config_source_file(config), space_file if space is not None else None) if p is not None]
+    out_dir, _ = prepare_output_dir(out, "tune", inputs=inputs, resume=True)
+    local = storage is None
+    storage_url = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
+    s = TuneSettings(base=base, quantizer=quantizer, params=params, objective=objective, weights=weights, steps=steps,
+                     segments=segments, eval_limit=int(eval_limit), min_utilization=min_utilization, out=str(out_dir),
+                     storage=storage_url, study_name=study_name, seed=seed, pruner=pruner,
+                     startup_trials=max(2, min(10, (trials or 30) // 3)))
+    s.fingerprint = _fingerprint(base, s)
+
+    optuna.logging.set_verbosity(optuna.logging.INFO if progress else optuna.logging.WARNING)
+    study = optuna.create_study(study_name=study_name, storage=storage_url, direction=direction(objective),
+                                load_if_exists=True, sampler=_sampler(optuna, s))
+    held = study.user_attrs.get("fingerprint")
+    if held is not None and held != s.fingerprint:
+        what = study.user_attrs.get("describes", "another setup")
+        raise ValueError(
+            f"{out_dir} holds a study of {what}, not of this config/quantizer/space/objective/steps; use another --out "
+            "(nothing was changed)"
+        )
+    if held is None:
+        if study.get_trials(deepcopy=False):
+            raise ValueError(f"study {study_name!r} in {storage_url} was not made by simvq tune; use another --study-name")
+        _probe_objective(base, params, objective, weights, min_utilization)
+        study.set_user_attr("fingerprint", s.fingerprint)
+        study.set_user_attr("describes", f"quantizer {quantizer} on {config if not isinstance(config, dict) else 'a config dict'} "
+                            f"({objective}, {steps} steps)")
+        study.set_user_attr("settings", {"quantizer": quantizer, "objective": objective, "weights": weights,
+                                         "steps": steps, "segments": segments, "eval_limit": int(eval_limit),
+                                         "min_utilization": min_utilization, "seed": seed})
+    if local:
+        stale = _fail_stale_trials(study, optuna)
+        if stale and progress:
+            print(f"simvq tune: {stale} trial(s) interrupted earlier marked failed; they are rerun")
+
+    done = _finished(study, optuna)
+    remaining = None if trials is None else max(0, int(trials) - done)
+    if progress:
+        print(f"simvq tune: {quantizer}, {done} trial(s) finished, {remaining if remaining is not None else 'unbounded'} "
+              f"to run ({steps} steps each, {objective}); study: {storage_url}")
+    if remaining != 0:
+        if jobs == 1:
+            _optimize(s, remaining, trials, timeout)
+        else:
+            s.threads = max(1, (os.cpu_count() or 1) // jobs)
+            ctx = multiprocessing.get_context("spawn")
+            procs = [ctx.Process(target=_worker, args=(s, remaining, trials, timeout, i)) for i in range(jobs)]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            bad = [p.exitcode for p in procs if p.exitcode]
+            if bad:
+                raise RuntimeError(f"{len(bad)} tuning worker process(es) failed (exit codes {bad}); rerun to resume")
+    return optuna.load_study(study_name=study_name, storage=storage_url), s
+
+
+def _probe_objective(base: dict, params: list[Param], objective: str, weights: dict, min_utilization) -> None:
+    """Evaluate an untrained model on one held-out item: the objective's metrics must be in the result."""
+    names = needed_metrics(objective, weights, min_utilization)
+    if names == ["utilization"]:
+        return
+    from simvq.evaluation import evaluate
+    from simvq.modalities import modality_of
+
+    config = trial_config(base, {})
+    model = modality_of(config).task(config).build_model()
+    result = evaluate(model, config=config, limit=1, progress=False, distributed=False)
+    check_available(result, names, config.get("modality", "image"))
+
+
+__all__ = ["STUDY_NAME", "TuneSettings", "parse_budget", "run_trial", "segment_ends", "trial_config", "tune",
+           "validate_space"]
