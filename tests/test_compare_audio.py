@@ -135,8 +135,8 @@ def _write_png(folder: Path) -> None:
         (dict(data="digits", config="compare/audio"), "image data but compare/audio is an audio config"),
         (dict(data="speech", config="image/photos-small"), "audio data but image/photos-small is an image config"),
         (dict(config="compare/audio", quantizers=["lfq"], quantizers_given=True, codebook_sizes=[1000]), "power-of-two"),
-        (dict(config="compare/audio", quantizers=["fsq"], quantizers_given=True, codebook_sizes=[8192]),
-         "fsq cannot run at codebook size 8192"),
+        (dict(config="compare/audio", quantizers=["fsq"], quantizers_given=True, codebook_sizes=[2**20]),
+         "fsq cannot run at codebook size 1048576"),
         (dict(data="speech", usage_items=10, usage_images=20), "disagree"),
         (dict(data="speech", usage_items=0), "usage_items must be a positive integer"),
         (dict(data="speech", set_modality=True), "cannot change the default preset's modality"),
@@ -152,9 +152,11 @@ def test_bad_audio_arguments_fail_before_training(tmp_path, forbid_training, kwa
 
 
 def test_default_audio_list_skips_sizes_fsq_cannot_take():
-    runs, notes = plan_runs(CompareSpec(config="compare/audio", codebook_sizes=[4096, 8192]))
-    assert ("fsq", 8192) not in {(r.variant, r.requested_size) for r in runs}
-    assert len(notes) == 1 and "FSQ skipped at K=8192" in notes[0]
+    runs, notes = plan_runs(CompareSpec(config="compare/audio", codebook_sizes=[4096, 2**20]))
+    planned = {(r.variant, r.requested_size, r.codebook_size) for r in runs}
+    assert ("fsq", 4096, 4375) in planned  # the FSQ paper's [7, 5, 5, 5, 5]
+    assert not any(v == "fsq" and k == 2**20 for v, k, _ in planned)
+    assert len(notes) == 1 and "FSQ skipped at K=1048576" in notes[0]
 
 
 def test_cli_usage_option_and_its_alias():

@@ -348,7 +348,7 @@ def test_sample_and_eval_commands(trained_prior, tmp_path):
     for key in ("bits_per_token", "bits_per_image", "proxy_gfid_classifier", "precision", "recall", "class_accuracy", "classifier_accuracy"):
         assert math.isfinite(res[key]), key
     assert res["bits_per_image"] == pytest.approx(res["bits_per_token"] * 64)
-    with pytest.raises(ValueError, match="--force"):
+    with pytest.raises(FileExistsError, match="--force"):  # an existing output is replaced only with --force
         run_eval_prior(args)
 
 
