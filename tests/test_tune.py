@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shutil
 
 import pytest
 import yaml
@@ -112,6 +113,18 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, capsys):
     assert _tune_cli("--quantizer", "simvq", "--out", str(other), "--steps", "2") == 2
     assert "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"] and (other / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed (the speech corpus)")
+def test_objective_the_modality_lacks_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "study"
+    code = main(["tune", "--config", "audio/speech-tiny", "--quantizer", "simvq", "--objective", "psnr", "--out", str(out),
+                 "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert "audio evaluation does not produce psnr" in err and "utilization" in err and "\n" not in err
+    assert not out.exists()
 
 
 # ----- studies (tiny training runs) --------------------------------------------------------------------------

@@ -290,6 +290,8 @@ def tune(
         params = load_space(space_file)
     validate_space(base, params)
     inputs = [p for p in (config_source_file(config), space_file if space is not None else None) if p is not None]
+    if storage is not None or not (Path(out).expanduser() / "study.db").is_file():
+        _probe_objective(base, params, objective, weights, min_utilization)  # a new study: before writing anything
     out_dir, _ = prepare_output_dir(out, "tune", inputs=inputs, resume=True)
     local = storage is None
     storage_url = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
@@ -312,7 +314,6 @@ def tune(
     if held is None:
         if study.get_trials(deepcopy=False):
             raise ValueError(f"study {study_name!r} in {storage_url} was not made by simvq tune; use another --study-name")
-        _probe_objective(base, params, objective, weights, min_utilization)
         study.set_user_attr("fingerprint", s.fingerprint)
         study.set_user_attr("describes", f"quantizer {quantizer} on {config if not isinstance(config, dict) else 'a config dict'} "
                             f"({objective}, {steps} steps)")
