@@ -70,7 +70,7 @@ def write_best_yaml(trial, s: TuneSettings, path: Path) -> dict:
     return config
 
 
-def write_plots(study, folder: Path) -> dict[str, str]:
+def write_plots(study, folder: Path, target_name: str = "Objective Value") -> dict[str, str]:
     """PNG plots; returns ``{file: None}`` for each written and ``{name: reason}`` for each skipped."""
     import matplotlib
 
@@ -95,7 +95,8 @@ def write_plots(study, folder: Path) -> dict[str, str]:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                out = fn(study)
+                named = fn is not views.plot_intermediate_values  # the one view without a target name
+                out = fn(study, target_name=target_name) if named else fn(study)
             fig = out.flat[0].figure if hasattr(out, "flat") else out.figure
             # bbox "tight": Optuna puts legends and colour bars outside the axes
             fig.savefig(folder / name, dpi=110, bbox_inches="tight")
@@ -144,7 +145,7 @@ def write_outputs(study, s: TuneSettings) -> dict:
     best = best_trial(study, s)
     best_config = write_best_yaml(best, s, out / "best.yaml") if best is not None else None
     write_trials_csv(study, s, out / "trials.csv")
-    plots = write_plots(study, out / "plots")
+    plots = write_plots(study, out / "plots", target_name=f"held-out {s.objective}")
     write_report(study, s, out, plots, best)
     return {"best": best, "best_config": best_config, "plots": plots}
 
