@@ -101,6 +101,18 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", action="store_true", help="refuse to continue an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar or model summary")
     p.add_argument("--eval", action="store_true", help="evaluate the exported model on the evaluation split afterwards")
+    p.add_argument("--init", metavar="DIR",
+                   help="start from the weights of this model folder (e.g. a `simvq retrofit` output) instead of a random init")
+
+
+def _init_state(directory: str | None) -> dict | None:
+    """The weights of ``--init DIR`` (every tokenizer weight must then be given: a partial start is a mistake)."""
+    if directory is None:
+        return None
+    from simvq.checkpoints import load_model_dir
+
+    state, _ = load_model_dir(directory)
+    return state
 
 
 def _train_run(args: argparse.Namespace) -> int:
@@ -117,6 +129,8 @@ def _train_run(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         progress=not args.quiet,
         resume=not args.no_resume,
+        init_state=_init_state(args.init),
+        init_strict=args.init is not None,
     )
     if not _is_rank_zero():
         return 0
@@ -310,6 +324,107 @@ def _tune_run(args: argparse.Namespace) -> int:
 
 COMMANDS["tune"] = ("Search one quantizer's training settings on your config and data (Optuna; resumable).",
                     _tune_arguments, _tune_run)
+
+
+# ----- `simvq retrofit` ----------------------------------------------------------------------------------
+def _retrofit_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder (or shipped tokenizer name) whose VQ layer is swapped for SimVQ")
+    p.add_argument("--out", required=True, help="new model folder to write (never the input; new or empty)")
+    p.add_argument("--dead-codes", choices=("keep", "respread", "fresh"), default="keep",
+                   help="keep: exact swap (default); respread: redraw unused codes from the data's features; "
+                        "fresh: new random C with W, b fitted to the used codes")
+    p.add_argument("--data", help="data-set name or image folder that decides which codes are unused "
+                                  "(default: the model's own training split)")
+    p.add_argument("--limit", type=positive_int, default=2048, help="items of --data to run through the model (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the redrawn codes and of the item sample")
+    p.add_argument("--force", action="store_true", help="replace an earlier `simvq retrofit` output in --out")
+
+
+def _retrofit_data(model_dir: str, config: dict, text: str | None, limit: int, seed: int):
+    """Batches of model inputs: ``limit`` items of ``text`` (or of the model's training split)."""
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from simvq.config import resolve_config
+    from simvq.modalities import build_datasets, modality_of
+
+    cfg = resolve_config(config)
+    if text is None:
+        dataset = build_datasets(cfg)[0]
+    else:
+        modality = modality_of(cfg)
+        changes = modality.data_changes(text)
+        cfg["data"].update(changes)
+        dataset, _ = modality.eval_dataset(resolve_config(cfg), changes)
+    if len(dataset) == 0:
+        raise ValueError(f"--data {text or 'training split of ' + model_dir} holds no items")
+    if len(dataset) > limit:
+        pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:limit]
+        dataset = Subset(dataset, pick.tolist())
+    return DataLoader(dataset, batch_size=64, shuffle=False)
+
+
+def _retrofit_run(args: argparse.Namespace) -> int:
+    import copy
+    import json
+    import warnings
+    from pathlib import Path
+
+    from simvq.checkpoints import load_model_dir, load_tokenizer, read_model_metadata, save_model_dir
+    from simvq.io import prepare_output_dir
+    from simvq.modalities import build_tokenizer
+    from simvq.quantizers.simvq import SimVQ
+    from simvq.retrofit import retrofit
+
+    state, config = load_model_dir(args.model)  # checks the folder before anything is written
+    model = load_tokenizer(args.model)
+    data = None
+    if args.dead_codes != "keep":
+        data = _retrofit_data(args.model, config, args.data, args.limit, args.seed)
+    elif args.data is not None:
+        raise ValueError("--data decides which codes are unused: use it with --dead-codes respread or fresh")
+    with warnings.catch_warnings():  # what was skipped is said below, once
+        warnings.simplefilter("ignore", UserWarning)
+        result = retrofit(model, dead_codes=args.dead_codes, data=data, seed=args.seed)
+    if not result:
+        reasons = "; ".join(f"{k}: {v}" for k, v in result.skipped.items()) or "no VQ layer found"
+        raise ValueError(f"{args.model}: nothing to retrofit ({reasons})")
+    layers = [m for m in model.modules() if isinstance(m, SimVQ)]
+    if len(result) != 1 or len(layers) != 1 or "quantizer" not in config:
+        raise ValueError(f"{args.model}: simvq retrofit writes model folders with one quantizer; use simvq.retrofit() in Python")
+    old_q = dict(config["quantizer"])
+    new_config = copy.deepcopy(config)
+    new_config["quantizer"] = {"name": "simvq", "codebook_size": layers[0].codebook_size,
+                               **{k: old_q[k] for k in ("commitment_weight", "codebook_weight") if k in old_q}}
+    check = build_tokenizer(new_config)
+    try:  # the new folder must load as the model it describes
+        check.load_state_dict(model.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{args.model}: the retrofitted weights do not fit a SimVQ config ({str(err).splitlines()[0]})") from None
+    out, _ = prepare_output_dir(args.out, "retrofit", inputs=[args.model], force=args.force)
+    before = read_model_metadata(args.model) if (Path(args.model) / "model.safetensors").is_file() else {}
+    report = result.dead_codes.get(result[0], {})
+    metadata = {
+        "retrofit_of": str(Path(args.model).resolve()) if Path(args.model).exists() else str(args.model),
+        "retrofit_quantizer_before": str(old_q.get("name")),
+        "retrofit_dead_codes": args.dead_codes,
+        "retrofit_data": str(args.data or "training split") if args.dead_codes != "keep" else "",
+        "retrofit_report": json.dumps(report, default=str),
+        **{f"source_{k}": v for k, v in before.items() if k != "format"},
+    }
+    save_model_dir(out, model, new_config, metadata=metadata)
+    extra = ""
+    if report:
+        extra = f"; {report['live']} live / {report['dead']} dead codes, dead codes from {report['source']}"
+        if "fit_rms" in report:
+            extra += f", fit residual {report['fit_rms']:.3g} RMS ({100 * report['fit_relative']:.1f}% of the live codes' spread)"
+    print(f"retrofitted {', '.join(result)} of {args.model} to SimVQ (dead codes: {args.dead_codes}{extra}); model: {out}")
+    print(f"train on: simvq train --config {out / 'config.yaml'} --init {out} --out RUN_DIR")
+    return 0
+
+
+COMMANDS["retrofit"] = ("Swap a model folder's VQ layer for SimVQ (exact, or reviving unused codes) into a new folder.",
+                        _retrofit_arguments, _retrofit_run)
 
 
 # ----- `simvq models` ---------------------------------------------------------------------------------

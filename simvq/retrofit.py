@@ -26,6 +26,17 @@ Recognised kinds:
   and the return convention ``(quantized, indices, loss)``. ``return_loss_breakdown=True`` appends the
   SimVQ :class:`~simvq.quantizers.base.QuantizerOutput` as a fourth element.
 
+Dead codes (``dead_codes=``). A collapsed codebook's unused codes are often near-identical tiny vectors
+(taming-style VQ initialises them ``uniform(-1/K, 1/K)`` and they never move); one shared linear map cannot
+spread them, so the plain swap (``"keep"``) revives nothing. ``"respread"`` redraws the dead rows of ``C``
+where codes are needed, ``"fresh"`` starts from a new random ``C`` with ``W, b`` fitted to the live codes.
+Which codes are dead is decided on what the user passes: ``data`` (model inputs, run through the model to
+collect each quantizer's input features) or ``counts`` (per-code usage counts).
+
+The official SimVQ layer (``embedding`` + ``embedding_proj``) is already SimVQ: retrofit refuses it with a
+``ValueError`` rather than rebuilding it from the raw ``C`` without its projection. A taming-style module
+holding any other parameter or buffer is skipped, since a SimVQ layer would not reproduce what it computes.
+
 Anything else that looks like a quantizer (a class name containing "Quantiz", or a known kind with an
 option SimVQ cannot reproduce exactly, such as cosine-similarity search) is left alone and listed in
 :attr:`RetrofitResult.skipped` with the reason, and a warning is issued.
@@ -33,12 +44,14 @@ option SimVQ cannot reproduce exactly, such as cosine-similarity search) is left
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
 from torch import nn
 
 from simvq.quantizers.base import Quantizer
+from simvq.quantizers.search import nearest_code
 from simvq.quantizers.simvq import SimVQ
 from simvq.quantizers.vq import VectorQuantizer
 
@@ -48,14 +61,19 @@ class RetrofitResult(list):
 
     Attributes:
         skipped: ``{module name: reason}`` for quantizer-like modules left unchanged.
+        dead_codes: ``{module name: report}`` for ``dead_codes="respread"`` / ``"fresh"``: ``strategy``,
+            ``live`` and ``dead`` (code counts), ``source`` (what the redrawn codes were drawn from) and, for
+            ``"fresh"``, ``fit_rms`` (root-mean-square distance between the live codes and their fitted
+            reproductions) and ``fit_relative`` (that over the live codes' RMS spread about their mean).
     """
 
-    def __init__(self, replaced=(), skipped: dict | None = None) -> None:
+    def __init__(self, replaced=(), skipped: dict | None = None, dead_codes: dict | None = None) -> None:
         super().__init__(replaced)
         self.skipped: dict[str, str] = dict(skipped or {})
+        self.dead_codes: dict[str, dict] = dict(dead_codes or {})
 
     def __repr__(self) -> str:
-        return f"RetrofitResult(replaced={list(self)!r}, skipped={self.skipped!r})"
+        return f"RetrofitResult(replaced={list(self)!r}, skipped={self.skipped!r}, dead_codes={self.dead_codes!r})"
 
 
 # ----- building the SimVQ layer ------------------------------------------------------------------------
@@ -412,8 +430,20 @@ def _convert(module: nn.Module, *, transform: str, learnable_codebook: bool):
         )
         return new.train(module.training)
     if _is_taming_style(module):
+        if hasattr(module, "embedding_proj"):
+            raise ValueError(
+                f"{type(module).__name__} is already a SimVQ layer (official layout: frozen embedding + embedding_proj); "
+                "retrofit would rebuild it from the raw C and drop the projection, so it refuses: use it as it is"
+            )
+        extra = sorted(
+            name
+            for name, _ in [*module.named_parameters(), *module.named_buffers()]
+            if name != "embedding.weight"
+        )
         if getattr(module, "remap", None) is not None:
             return "remaps indices to a subset of the codebook (remap=...)"
+        if extra:
+            return f"holds tensors besides its codebook ({', '.join(extra[:3])}), which a SimVQ layer would not reproduce"
         weight = module.embedding.weight
         if tuple(weight.shape) != (int(module.n_e), int(module.e_dim)):
             return f"embedding shape {tuple(weight.shape)} does not match (n_e, e_dim) = ({module.n_e}, {module.e_dim})"
@@ -431,51 +461,283 @@ def _convert(module: nn.Module, *, transform: str, learnable_codebook: bool):
     return None
 
 
-def retrofit(model: nn.Module, *, transform: str = "linear", learnable_codebook: bool = False) -> RetrofitResult:
+# ----- dead codes: which codes are unused, and what to do with them -------------------------------------
+
+DEAD_CODE_STRATEGIES = ("keep", "respread", "fresh")
+
+
+def _inner_simvq(module: nn.Module) -> SimVQ:
+    return module if isinstance(module, SimVQ) else module.quantizer
+
+
+def _flat_features(old: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """The ``(N, d)`` rows that ``old`` quantizes, from the first argument of its forward."""
+    if isinstance(old, Quantizer):
+        rows = z.movedim(1, -1) if old.channel_first else z
+        return rows.reshape(-1, rows.shape[-1])
+    return z.movedim(1, -1).reshape(-1, z.shape[1])  # taming style: (B, e_dim, *spatial)
+
+
+def _collect_features(model: nn.Module, olds: dict[str, nn.Module], data) -> dict[str, torch.Tensor]:
+    """Run ``data`` through ``model`` (eval mode, no gradients) and keep each quantizer's input rows."""
+    if isinstance(data, torch.Tensor):
+        batches = [data]
+    else:
+        try:
+            batches = iter(data)
+        except TypeError:
+            raise TypeError(f"data must be a tensor of model inputs or an iterable of them, got {type(data).__name__}") from None
+    vq_class = _vector_quantize_class()
+    for name, old in olds.items():
+        if vq_class is not None and isinstance(old, vq_class):
+            raise ValueError(f"data= cannot collect the features of the vector-quantize-pytorch layer {name}; pass counts= instead")
+    features: dict[str, list[torch.Tensor]] = {name: [] for name in olds}
+
+    def hook_for(name, old):
+        def hook(_module, args):
+            features[name].append(_flat_features(old, args[0]).detach().float().cpu())
+
+        return hook
+
+    modes = {m: m.training for m in model.modules()}
+    tallies = {k: v.clone() for k, v in model.named_buffers() if k.endswith("usage.counts")}
+    handles = [old.register_forward_pre_hook(hook_for(name, old)) for name, old in olds.items()]
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        model.eval()
+        with torch.no_grad():
+            seen = 0
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                if not isinstance(x, torch.Tensor):
+                    raise TypeError(f"data batches must be tensors (or tuples whose first item is one), got {type(x).__name__}")
+                model(x.to(device))
+                seen += 1
+            if not seen:
+                raise ValueError("data is empty: pass at least one batch of model inputs")
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.train(mode)
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():
+            for k, v in tallies.items():  # the dead-code census must not count as usage
+                buffers[k].copy_(v)
+    out = {}
+    for name, parts in features.items():
+        if not parts:
+            raise ValueError(f"data never reached the quantizer {name}: is it called in model.forward?")
+        out[name] = torch.cat(parts)
+    return out
+
+
+def _counts_for(name: str, counts, only_one: bool, size: int) -> torch.Tensor | None:
+    if counts is None:
+        return None
+    if isinstance(counts, dict):
+        value = counts.get(name)
+        if value is None:
+            raise ValueError(f"counts has no entry for the quantizer {name}; give one (K,) count tensor per replaced quantizer")
+    elif only_one:
+        value = counts
+    else:
+        raise ValueError("the model has several quantizers: pass counts as {module name: (K,) counts}")
+    value = torch.as_tensor(value)
+    if value.shape != (size,):
+        raise ValueError(f"counts for {name} must have shape ({size},), got {tuple(value.shape)}")
+    if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"counts for {name} must be finite")
+    if bool((value < 0).any()):
+        raise ValueError(f"counts for {name} must be >= 0")
+    return value.detach().cpu()
+
+
+def _gaussian_like(live: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` draws from a Gaussian with the live codes' mean and covariance (float64).
+
+    A small ridge (1e-3 of the mean variance, or 1e-6 when the live codes coincide) keeps the draws apart
+    when fewer than ``d + 1`` codes are live and the covariance is singular.
+    """
+    live = live.double()
+    mean = live.mean(0)
+    centred = live - mean
+    cov = centred.T @ centred / live.shape[0]
+    dim = live.shape[1]
+    ridge = float(torch.diagonal(cov).mean()) * 1e-3 or 1e-6
+    vals, vecs = torch.linalg.eigh(cov + ridge * torch.eye(dim, dtype=torch.float64))
+    root = vecs * vals.clamp_min(0).sqrt()
+    noise = torch.randn(n, dim, generator=generator, dtype=torch.float64)
+    return mean + noise @ root.T
+
+
+def _respread(layer: SimVQ, used: torch.Tensor, feats: torch.Tensor | None, generator: torch.Generator) -> dict:
+    C = layer.embedding.weight
+    dead = (~used).nonzero().flatten()
+    report = {"strategy": "respread", "live": int(used.sum()), "dead": int(dead.numel())}
+    if dead.numel() == 0:
+        report["source"] = "nothing to redraw"
+        return report
+    if feats is not None:
+        n = feats.shape[0]
+        if n >= dead.numel():
+            pick = torch.randperm(n, generator=generator)[: dead.numel()]
+            new = feats[pick].double()
+        else:  # fewer features than dead codes: reuse them, jittered so no two codes coincide
+            pick = torch.randint(n, (dead.numel(),), generator=generator)
+            scale = feats.double().std(0, unbiased=False).clamp_min(1e-12) * 1e-3
+            new = feats[pick].double() + torch.randn(dead.numel(), feats.shape[1], generator=generator, dtype=torch.float64) * scale
+        report["source"] = f"{min(n, dead.numel())} distinct encoder features of {n}"
+    else:
+        new = _gaussian_like(C.detach()[used].cpu(), dead.numel(), generator)
+        report["source"] = "a Gaussian fitted to the live codes"
+    with torch.no_grad():
+        C[dead.to(C.device)] = new.to(device=C.device, dtype=C.dtype)
+    return report
+
+
+def _fresh(layer: SimVQ, used: torch.Tensor, generator: torch.Generator) -> dict:
+    """A new ``C ~ N(0, d^-1/2)`` and the least-squares ``W, b`` reproducing the live codes (float64)."""
+    C = layer.embedding.weight
+    size, dim = C.shape
+    target = C.detach().cpu().double()[used]  # (K_live, d): the codes that must survive
+    new_c = torch.randn(size, dim, generator=generator, dtype=torch.float64) * dim**-0.5
+    design = torch.cat([new_c[used], torch.ones(target.shape[0], 1, dtype=torch.float64)], 1)  # (K_live, d + 1)
+    solution = torch.linalg.lstsq(design, target, driver="gelsd").solution  # (d + 1, d): [W^T; b]
+    residual = design @ solution - target
+    rms = float(residual.pow(2).sum(1).mean().sqrt())
+    spread = float((target - target.mean(0)).pow(2).sum(1).mean().sqrt())
+    proj = layer.embedding_proj
+    with torch.no_grad():
+        C.copy_(new_c.to(C.dtype))
+        proj.weight.copy_(solution[:dim].T.to(proj.weight.dtype))
+        proj.bias.copy_(solution[dim].to(proj.bias.dtype))
+    return {
+        "strategy": "fresh",
+        "live": int(used.sum()),
+        "dead": int((~used).sum()),
+        "source": "a fresh N(0, d^-1/2) codebook",
+        "fit_rms": rms,
+        "fit_relative": rms / spread if spread > 0 else (0.0 if rms == 0 else math.inf),
+        "exact": int(used.sum()) <= dim + 1,
+    }
+
+
+def retrofit(
+    model: nn.Module,
+    *,
+    transform: str = "linear",
+    learnable_codebook: bool = False,
+    dead_codes: str = "keep",
+    data=None,
+    counts=None,
+    seed: int = 0,
+) -> RetrofitResult:
     """Replace every supported VQ layer inside ``model`` by a SimVQ layer, in place.
 
-    The frozen codebook ``C`` of each new layer is the old codebook; the transform starts at the identity,
-    so ``model``'s outputs are unchanged right after the call. Train on afterwards (SimVQ's loss trains
+    The frozen codebook ``C`` of each new layer starts from the old codebook and the transform from the
+    identity (what changes depends on ``dead_codes``, below). Train on afterwards (SimVQ's loss trains
     ``W``, and through it every code). Parameters of the new layers are new objects: build the optimizer
-    after calling this.
+    after calling this. Code indices keep their meaning: code ``i`` of the new layer is code ``i`` of the old.
 
     Args:
         model: any ``nn.Module`` holding quantizers as submodules (a bare quantizer: use
             :func:`convert_quantizer`).
         transform, learnable_codebook: see :func:`convert_quantizer`.
+        dead_codes: what to do with the codes that ``data`` / ``counts`` show unused.
+
+            - ``"keep"`` (default): ``C`` = the old codebook, ``W = I``, ``b = 0``. Exact at the swap: every
+              code, and so every output, is what it was. Dead codes stay where they were; in a collapsed
+              taming-style codebook they are near-identical tiny vectors that one linear map cannot spread.
+            - ``"respread"``: as ``"keep"``, then the dead rows of ``C`` are redrawn: from the quantizer's input
+              features when ``data`` is given (a random subset of them, distinct when there are enough), else
+              from a Gaussian fitted to the live codes (their mean and covariance). Exact at the swap: every
+              live code. Changes: the dead codes, so a token moves to a redrawn code when one now lies nearer
+              than its old live code (with features as the source, many do: that is the point); tokens whose
+              live code stays nearest give the same output as before.
+            - ``"fresh"``: ``C`` is a new random ``N(0, d^-1/2)`` codebook (as SimVQ initialises it) and ``W, b``
+              are the least-squares fit mapping the new rows of the live codes onto the old live codes. Exact
+              at the swap only when at most ``d + 1`` codes are live (``exact`` in the report); otherwise every
+              live code moves by the fit residual (``fit_rms``, ``fit_relative`` in the report). Changes: all
+              dead codes (now ``C W^T + b`` of random rows), so outputs change for most inputs. Needs
+              ``transform="linear"``.
+
+        data: model inputs (a tensor, or an iterable of tensors / tuples whose first item is the input), run
+            through ``model`` in eval mode without gradients to collect each quantizer's input features; a
+            code no feature is nearest to is dead. Usage tallies in ``model`` are left as they were.
+        counts: per-code usage counts instead of (or with) ``data``: a ``(K,)`` tensor when the model has one
+            quantizer, else ``{module name: (K,) tensor}``; a code with count 0 is dead. With both, ``counts``
+            decides which codes are dead and ``data`` supplies the features for ``"respread"``.
+        seed: seeds the redrawn rows (``"respread"``) and the fresh codebook (``"fresh"``).
 
     Returns:
         :class:`RetrofitResult`: the replaced module names; ``.skipped`` maps the names of quantizer-like
-        modules left unchanged to the reason (a warning lists them too).
+        modules left unchanged to the reason (a warning lists them too); ``.dead_codes`` reports the
+        strategy per replaced module (live / dead counts, fit residual).
+
+    Raises:
+        ValueError: an unknown ``dead_codes``; ``data``/``counts`` with ``"keep"`` or neither with the other
+        strategies; counts of the wrong shape; no live code; ``"fresh"`` with an MLP transform; an official
+        SimVQ layer (already SimVQ: its projection would be lost).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"retrofit expects an nn.Module, got {type(model).__name__}")
+    if dead_codes not in DEAD_CODE_STRATEGIES:
+        raise ValueError(f"dead_codes must be one of {', '.join(DEAD_CODE_STRATEGIES)}, got {dead_codes!r}")
+    if dead_codes == "keep" and (data is not None or counts is not None):
+        raise ValueError("data= and counts= find dead codes for dead_codes='respread' or 'fresh'; 'keep' uses neither")
+    if dead_codes != "keep" and data is None and counts is None:
+        raise ValueError(f"dead_codes={dead_codes!r} needs data= (model inputs) or counts= (per-code usage) to find the dead codes")
+    if dead_codes == "fresh" and transform != "linear":
+        raise ValueError("dead_codes='fresh' fits a linear W, b: use transform='linear'")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
     if _convert(model, transform=transform, learnable_codebook=learnable_codebook) is not None:
         raise TypeError(
             f"retrofit replaces quantizers inside a model, but got a bare {type(model).__name__}; use "
             "simvq.retrofit.convert_quantizer(quantizer) to get its SimVQ replacement"
         )
-    replaced, skipped = [], {}
+    swaps, skipped = [], {}  # (parent, child name, full name, old module, new module)
 
     def visit(parent: nn.Module, prefix: str) -> None:
         for child_name, child in list(parent.named_children()):
             name = f"{prefix}{child_name}"
             result = _convert(child, transform=transform, learnable_codebook=learnable_codebook)
             if isinstance(result, nn.Module):
-                setattr(parent, child_name, result)  # works for Sequential/ModuleList/ModuleDict too
-                replaced.append(name)
-            elif isinstance(result, str):
-                skipped[name] = result
-                # a residual stack may still hold retrofittable layers
-                visit(child, name + ".")
+                swaps.append((parent, child_name, name, child, result))
             else:
+                if isinstance(result, str):
+                    skipped[name] = result
+                # a residual stack may still hold retrofittable layers
                 visit(child, name + ".")
 
     visit(model, "")
+    reports = {}
+    if dead_codes != "keep" and swaps:
+        olds = {name: old for _, _, name, old, _ in swaps}
+        feats = _collect_features(model, olds, data) if data is not None else {}
+        generator = torch.Generator().manual_seed(seed)
+        for _, _, name, _, new in swaps:
+            layer = _inner_simvq(new)
+            size = layer.codebook_size
+            given = _counts_for(name, counts, len(swaps) == 1, size)
+            if given is not None:
+                used = given > 0
+            else:
+                idx = nearest_code(feats[name].to(layer.embedding.weight.device), layer.codebook.detach())
+                used = torch.bincount(idx.cpu(), minlength=size) > 0
+            if not bool(used.any()):
+                raise ValueError(f"no code of {name} is used on the given data/counts, so there is no live code to keep")
+            if dead_codes == "respread":
+                reports[name] = _respread(layer, used, feats.get(name), generator)
+            else:
+                reports[name] = _fresh(layer, used, generator)
+    for parent, child_name, _, _, new in swaps:
+        setattr(parent, child_name, new)  # works for Sequential/ModuleList/ModuleDict too
     if skipped:
         listing = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         warnings.warn(f"retrofit left these quantizer-like modules unchanged: {listing}", stacklevel=2)
-    return RetrofitResult(replaced, skipped)
+    return RetrofitResult([name for _, _, name, _, _ in swaps], skipped, reports)
 
 
-__all__ = ["RetrofitResult", "TamingSimVQ", "VectorQuantizeSimVQ", "convert_quantizer", "retrofit"]
+__all__ = ["DEAD_CODE_STRATEGIES", "RetrofitResult", "TamingSimVQ", "VectorQuantizeSimVQ", "convert_quantizer", "retrofit"]

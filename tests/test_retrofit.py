@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -228,3 +231,239 @@ def test_mlp_transform_starts_at_the_identity():
     torch.testing.assert_close(new.codebook, vq.codebook, rtol=0, atol=1e-6)
     z = torch.randn(5, 6, 3, 3)
     assert torch.equal(new(z).indices, vq(z).indices)
+
+
+# ----- dead-code strategies ----------------------------------------------------------------------------
+
+
+def _collapsed_vq(size: int = 64, dim: int = 4, live: int = 5, seed: int = 0) -> tuple[ConvTokenizer, torch.Tensor]:
+    """A tokenizer whose VQ codebook has ``live`` spread codes and ``size - live`` tiny, near-identical ones."""
+    torch.manual_seed(seed)
+    vq = VectorQuantizer(dim=dim, codebook_size=size)
+    with torch.no_grad():
+        vq.embedding.weight.uniform_(-1.0 / size, 1.0 / size)
+        vq.embedding.weight[:live] = torch.randn(live, dim) * 0.5
+    return ConvTokenizer(vq, dim=dim).eval(), torch.randn(6, 3, 8, 8)
+
+
+def _hand_features(model: ConvTokenizer, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        z = model.encoder(x)
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double().numpy()
+
+
+def _hand_nearest(feats: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    return ((feats[:, None, :] - codebook[None, :, :]) ** 2).sum(-1).argmin(1)
+
+
+def test_dead_code_arguments_are_validated():
+    model, x = _collapsed_vq()
+    counts = torch.ones(64)
+    cases = [
+        (dict(dead_codes="revive"), "dead_codes must be one of"),
+        (dict(dead_codes="keep", data=x), "'keep' uses neither"),
+        (dict(dead_codes="keep", counts=counts), "'keep' uses neither"),
+        (dict(dead_codes="respread"), "needs data="),
+        (dict(dead_codes="fresh", counts=counts, transform="mlp"), "transform='linear'"),
+        (dict(dead_codes="respread", counts=torch.ones(63)), "shape (64,)"),
+        (dict(dead_codes="respread", counts=-counts), ">= 0"),
+        (dict(dead_codes="respread", counts=torch.zeros(64)), "no live code"),
+        (dict(dead_codes="respread", counts={"elsewhere": counts}), "no entry for the quantizer quantize"),
+        (dict(dead_codes="respread", data=x, seed=1.5), "seed must be an integer"),
+    ]
+    for kwargs, message in cases:
+        fresh_model, _ = _collapsed_vq()
+        with pytest.raises(ValueError, match=re.escape(message)) as err:
+            retrofit(fresh_model, **kwargs)
+        assert "\n" not in str(err.value)
+        assert isinstance(fresh_model.quantize, VectorQuantizer)  # nothing replaced on a refusal
+
+
+def test_respread_from_data_keeps_live_codes_and_draws_dead_ones_from_the_features():
+    model, x = _collapsed_vq()
+    old = model.quantize.embedding.weight.detach().double().numpy().copy()
+    feats = _hand_features(model, x)
+    used = np.zeros(64, bool)
+    used[_hand_nearest(feats, old)] = True
+    tallies = model.quantize.usage.counts.clone()
+    with torch.no_grad():
+        before_x, before = model(x)
+    model.quantize.usage.counts.copy_(tallies)  # the forward above counted; the census must not
+    result = retrofit(model, dead_codes="respread", data=[x[:3], (x[3:], "label")])
+    report = result.dead_codes["quantize"]
+    assert (report["live"], report["dead"]) == (int(used.sum()), int((~used).sum()))
+    new = model.quantize.codebook.detach().double().numpy()
+    assert np.array_equal(new[used], old[used])  # live codes exact
+    # every redrawn code is one of the features (float32 copies), all distinct
+    gaps = ((new[~used][:, None, :] - feats[None, :, :]) ** 2).sum(-1).min(1)
+    assert gaps.max() < 1e-12
+    assert len({tuple(r) for r in new[~used]}) == int((~used).sum())
+    assert torch.equal(model.quantize.usage.counts, tallies)
+    # a token whose old live code is still the nearest gets the same output as before
+    with torch.no_grad():
+        _, after = model(x)
+    same = (after.indices == before.indices)
+    assert same.any() and (~same).any()
+    assert torch.equal(after.quantized.permute(0, 2, 3, 1)[same], before.quantized.permute(0, 2, 3, 1)[same])
+    assert (~used[after.indices.flatten().numpy()]).any()  # redrawn codes are used at once
+
+
+def test_respread_from_counts_draws_from_a_gaussian_fitted_to_the_live_codes():
+    model, _ = _collapsed_vq(size=6000, dim=3, live=40)
+    old = model.quantize.embedding.weight.detach().double().numpy().copy()
+    counts = torch.zeros(6000, dtype=torch.long)
+    counts[:40] = torch.arange(1, 41)
+    result = retrofit(model, dead_codes="respread", counts=counts, seed=3)
+    assert result.dead_codes["quantize"]["source"] == "a Gaussian fitted to the live codes"
+    new = model.quantize.codebook.detach().double().numpy()
+    assert np.array_equal(new[:40], old[:40])
+    drawn = new[40:]
+    live = old[:40]
+    mean, cov = live.mean(0), np.cov(live.T, bias=True)
+    ridge = np.trace(cov) / 3 * 1e-3
+    # 5,960 draws: the sample mean is within a few standard errors, the sample covariance within ~10%
+    assert np.all(np.abs(drawn.mean(0) - mean) < 5 * np.sqrt(np.diag(cov) / len(drawn)))
+    assert np.allclose(np.cov(drawn.T, bias=True), cov + ridge * np.eye(3), atol=0.1 * np.abs(cov).max())
+
+
+def test_fresh_codebook_least_squares_fit_against_numpy():
+    for live in (3, 20):  # exact when live <= d + 1 = 5
+        model, x = _collapsed_vq(size=64, dim=4, live=live)
+        old = model.quantize.embedding.weight.detach().double().numpy().copy()
+        counts = torch.zeros(64)
+        counts[:live] = 1
+        report = retrofit(model, dead_codes="fresh", counts=counts, seed=7).dead_codes["quantize"]
+        q = model.quantize
+        C = q.embedding.weight.detach().double().numpy()
+        assert not np.allclose(C[:live], old[:live])  # a new codebook
+        assert abs(C.std() - 0.5) < 0.1  # N(0, d^-1/2) with d = 4
+        design = np.hstack([C[:live], np.ones((live, 1))])
+        sol, *_ = np.linalg.lstsq(design, old[:live], rcond=None)
+        reproduced = design @ sol
+        rms = np.sqrt(((reproduced - old[:live]) ** 2).sum(1).mean())
+        spread = np.sqrt(((old[:live] - old[:live].mean(0)) ** 2).sum(1).mean())
+        assert report["fit_rms"] == pytest.approx(rms, abs=1e-6)
+        assert report["fit_relative"] == pytest.approx(rms / spread, abs=1e-6)
+        assert report["exact"] == (live <= 5)
+        effective = q.codebook.detach().double().numpy()
+        assert np.allclose(effective[:live], reproduced, atol=1e-5)
+        if live <= 5:
+            assert rms < 1e-6 and np.allclose(effective[:live], old[:live], atol=1e-5)
+        else:
+            assert rms > 1e-3
+
+
+class OfficialSimVQ(nn.Module):
+    """A stand-in with the official SimVQ layer's attribute names (frozen embedding + embedding_proj)."""
+
+    def __init__(self, n_e: int, e_dim: int, beta: float = 0.25) -> None:
+        super().__init__()
+        self.n_e, self.e_dim, self.beta, self.remap, self.legacy = n_e, e_dim, beta, None, True
+        self.embedding = nn.Embedding(n_e, e_dim)
+        self.embedding.weight.requires_grad_(False)
+        self.embedding_proj = nn.Linear(e_dim, e_dim)
+
+    def forward(self, z):
+        codes = self.embedding_proj(self.embedding.weight)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, self.e_dim)
+        idx = torch.cdist(flat, codes).argmin(1)
+        z_q = codes[idx].view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+        return z_q, torch.zeros(()), (None, None, idx)
+
+
+def test_official_simvq_layer_is_refused_not_rebuilt_without_its_projection():
+    model = ConvTokenizer(OfficialSimVQ(16, 8))
+    with pytest.raises(ValueError, match="already a SimVQ layer") as err:
+        retrofit(model)
+    assert "\n" not in str(err.value)
+    assert isinstance(model.quantize, OfficialSimVQ)
+    with pytest.raises(ValueError, match="embedding_proj"):
+        convert_quantizer(OfficialSimVQ(16, 8))
+
+
+def test_taming_style_module_with_other_tensors_is_skipped():
+    quantizer = TamingQuantizer(16, 8)
+    quantizer.scale = nn.Parameter(torch.ones(8))
+    model = ConvTokenizer(quantizer)
+    with pytest.warns(UserWarning, match="scale"):
+        result = retrofit(model)
+    assert result == [] and "scale" in result.skipped["quantize"]
+    assert model.quantize is quantizer
+
+
+# ----- `simvq retrofit` and `simvq train --init` -------------------------------------------------------
+
+
+def _vq_model_dir(path):
+    from simvq.checkpoints import save_model_dir
+    from simvq.config import load_config
+    from simvq.modalities import build_tokenizer
+
+    torch.manual_seed(0)
+    cfg = load_config("image/digits-tiny", ["quantizer.name=vq"])
+    save_model_dir(path, build_tokenizer(cfg), cfg)
+    return path
+
+
+def _folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_cli_retrofit_writes_a_new_model_folder(tmp_path, capsys):
+    from PIL import Image
+
+    from simvq.checkpoints import load_tokenizer, read_model_metadata
+    from simvq.cli import main
+
+    model_dir = _vq_model_dir(tmp_path / "vq")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(images / f"im{i}.png")
+    before = _folder_bytes(model_dir)
+    # keep: the new folder computes exactly what the old one did
+    assert main(["retrofit", "--model", str(model_dir), "--out", str(tmp_path / "keep")]) == 0
+    old, new = load_tokenizer(model_dir), load_tokenizer(tmp_path / "keep")
+    assert isinstance(new.quantize, SimVQ) and isinstance(old.quantize, VectorQuantizer)
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(old(x)[0], new(x)[0])
+    meta = read_model_metadata(tmp_path / "keep")
+    assert meta["retrofit_of"] == str(model_dir.resolve()) and meta["retrofit_dead_codes"] == "keep"
+    assert meta["retrofit_quantizer_before"] == "vq"
+    # respread on a folder of images: live codes kept, report in the metadata
+    out = tmp_path / "respread"
+    assert main(["retrofit", "--model", str(model_dir), "--out", str(out), "--dead-codes", "respread", "--data", str(images)]) == 0
+    report = json.loads(read_model_metadata(out)["retrofit_report"])
+    assert report["strategy"] == "respread" and report["live"] + report["dead"] == 64 and report["dead"] > 0
+    assert "live" in capsys.readouterr().out
+    assert _folder_bytes(model_dir) == before  # the input is never modified
+    # user errors: one line, exit 2, nothing written
+    for argv, message in (
+        (["--out", str(tmp_path / "x"), "--data", str(images)], "use it with --dead-codes respread or fresh"),
+        (["--out", str(model_dir / "inside")], "overlaps the input"),
+        (["--out", str(tmp_path / "keep")], "not empty"),
+    ):
+        assert main(["retrofit", "--model", str(model_dir), *argv]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(lines) == 1 and message in lines[0]
+    assert not (tmp_path / "x").exists() and not (model_dir / "inside").exists()
+    assert main(["retrofit", "--model", str(tmp_path / "keep"), "--out", str(tmp_path / "y")]) == 2
+    assert "already a SimVQ layer" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_train_init_starts_from_the_retrofitted_weights(tmp_path):
+    from simvq.checkpoints import load_model_dir
+    from simvq.cli import main
+
+    model_dir = _vq_model_dir(tmp_path / "vq")
+    assert main(["retrofit", "--model", str(model_dir), "--out", str(tmp_path / "simvq")]) == 0
+    start, _ = load_model_dir(tmp_path / "simvq")
+    code = main(["train", "--config", str(tmp_path / "simvq" / "config.yaml"), "--init", str(tmp_path / "simvq"),
+                 "--out", str(tmp_path / "run"), "--max-steps", "1", "--quiet", "trainer.loggers=[]", "data.batch_size=2"])
+    assert code == 0
+    end, _ = load_model_dir(tmp_path / "run" / "model")
+    # C is frozen: the run started from the retrofitted codebook, not from a fresh random one
+    assert torch.equal(end["quantize.embedding.weight"], start["quantize.embedding.weight"])
