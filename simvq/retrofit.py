@@ -4,8 +4,9 @@
 whose frozen codebook ``C`` is the old codebook and whose linear transform starts at the identity
 (``W = I``, ``b = 0``). At the moment of the swap the effective codebook ``C W^T + b`` equals the old one
 bit for bit, so the model computes exactly what it computed before; training on from there moves every
-code at once through ``W`` (the SimVQ mechanism), which is what revives the dead codes of a collapsed
-codebook.
+code at once through ``W`` (the SimVQ mechanism). That alone does not revive the dead codes of a collapsed
+codebook when they are bunched together (measured in docs/adopt.md): ``dead_codes="respread"`` or
+``"fresh"`` (below) spread them first, at the price of exactness for the dead codes.
 
 Recognised kinds:
 
@@ -717,6 +718,9 @@ def retrofit(
         olds = {name: old for _, _, name, old, _ in swaps}
         feats = _collect_features(model, olds, data) if data is not None else {}
         generator = torch.Generator().manual_seed(seed)
+        if isinstance(counts, dict) and set(counts) - set(olds):
+            unknown = sorted(map(str, set(counts) - set(olds)))
+            raise ValueError(f"counts names {', '.join(unknown)}, which retrofit does not replace (replaced: {', '.join(olds)})")
         for _, _, name, _, new in swaps:
             layer = _inner_simvq(new)
             size = layer.codebook_size

@@ -268,7 +268,7 @@ def test_dead_code_arguments_are_validated():
         (dict(dead_codes="respread", counts=torch.ones(63)), "shape (64,)"),
         (dict(dead_codes="respread", counts=-counts), ">= 0"),
         (dict(dead_codes="respread", counts=torch.zeros(64)), "no live code"),
-        (dict(dead_codes="respread", counts={"elsewhere": counts}), "no entry for the quantizer quantize"),
+        (dict(dead_codes="respread", counts={"elsewhere": counts}), "counts names elsewhere, which retrofit does not replace"),
         (dict(dead_codes="respread", data=x, seed=1.5), "seed must be an integer"),
     ]
     for kwargs, message in cases:
