@@ -27,8 +27,10 @@ def _builtin_data() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantizers", default=None,
-                        help=f"comma-separated variants: {', '.join(VARIANTS)} (default: all for images; "
-                             f"{','.join(MODALITY_DEFAULTS['audio']['quantizers'])} for audio)")
+                        help=f"comma-separated variants: {', '.join(VARIANTS)} (default: "
+                             f"{','.join(MODALITY_DEFAULTS['image']['quantizers'])} for images; "
+                             f"{','.join(MODALITY_DEFAULTS['audio']['quantizers'])} for audio; --config compare/scaling: "
+                             "its own list, see docs/compare.md)")
     parser.add_argument("--codebook-sizes", default=None,
                         help="comma-separated codebook sizes K (FSQ maps each to its recommended levels, LFQ needs "
                              f"powers of two; default: {_defaults('codebook_sizes')})")

@@ -34,6 +34,16 @@ DEFAULT_CONFIG = MODALITY_DEFAULTS["image"]["config"]
 DEFAULT_AUDIO_CONFIG = MODALITY_DEFAULTS["audio"]["config"]
 
 
+def preset_defaults(modality: str, config) -> dict:
+    """What an unset argument means: the modality's defaults, updated by the named compare preset's own
+    (``PRESET_DEFAULTS`` of the modality's compare module, keyed by preset name, e.g. ``compare/scaling``)."""
+    defaults = dict(MODALITY_DEFAULTS[modality])
+    if isinstance(config, str):
+        name = config[:-5] if config.endswith(".yaml") else config
+        defaults.update(getattr(compare_module(modality), "PRESET_DEFAULTS", {}).get(name, {}))
+    return defaults
+
+
 def builtin_data() -> dict[str, str]:
     """Every built-in ``--data`` name -> its modality."""
     return {key: name for name in MODALITY_DEFAULTS for key in compare_module(name).BUILTIN_DATA}
@@ -118,4 +128,4 @@ def compare_modality(config: str | dict | None, data: str | None, overrides: lis
 
 
 __all__ = ["DEFAULT_AUDIO_CONFIG", "DEFAULT_CONFIG", "MODALITY_DEFAULTS", "builtin_data", "compare_modality",
-           "compare_module", "data_modality", "raw_config"]
+           "compare_module", "data_modality", "preset_defaults", "raw_config"]

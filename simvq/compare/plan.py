@@ -123,4 +123,30 @@ def plan_runs(spec: CompareSpec, base: dict | None = None) -> tuple[list[Planned
     return runs, notes
 
 
-__all__ = ["PlannedRun", "base_config", "code_dim", "plan_runs", "run_key"]
+def check_usage_coverage(spec: CompareSpec, base: dict, runs: list[PlannedRun]) -> None:
+    """ValueError, before anything trains, when the usage measurement reads fewer held-out tokens than the
+    largest codebook has codes: utilisation could not reach 100% even if every token chose another code.
+    (Not part of :func:`plan_runs`, which reads no data: it builds the held-out split to count it.)
+
+    The message names the ``--usage-items`` that would be enough, or says that the held-out split is too
+    small. Modalities whose compare module has no ``usage_coverage`` (items of varying length) are not checked.
+    """
+    measure = getattr(compare_module(spec.modality), "usage_coverage", None)
+    if measure is None or not runs:
+        return
+    largest = max(runs, key=lambda r: r.codebook_size)
+    have = measure(base, spec.usage_items)
+    if have["tokens"] >= largest.codebook_size or not have["tokens_per_item"]:
+        return
+    noun = compare_module(spec.modality).NOUN
+    need = -(-largest.codebook_size // have["tokens_per_item"])  # ceil
+    fix = (f"pass --usage-items {need} or more" if need <= have["split"] else
+           f"the held-out split has only {have['split']:,} {noun}: use a smaller K, larger {noun} or more held-out data")
+    raise ValueError(
+        f"{VARIANTS[largest.variant].label} at K={largest.codebook_size:,} cannot be covered by the usage measurement: "
+        f"{have['items']:,} held-out {noun} x {have['tokens_per_item']:,} tokens = {have['tokens']:,} tokens, fewer than "
+        f"K codes; it needs at least {need:,} {noun} ({fix})"
+    )
+
+
+__all__ = ["PlannedRun", "base_config", "check_usage_coverage", "code_dim", "plan_runs", "run_key"]

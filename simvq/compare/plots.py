@@ -106,6 +106,40 @@ def codebook_scaling(results: dict, path: Path, panels: list[tuple[str, float, s
     return _save(fig, path)
 
 
+def step_time(results: dict, path: Path) -> str | None:
+    """Training seconds per step (``1 / steps_per_s``, mean ± std over seeds) against the codebook size actually
+    used, log-log, one line per quantizer; None with fewer than two sizes (nothing to scale over)."""
+    summary = [e for e in results["summary"] if "steps_per_s" in e["metrics"]]
+    if len({e["codebook_size"] for e in summary}) < 2:
+        return None
+    plt = _plt()
+    colors = _colors(results["spec"]["quantizers"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for v in results["spec"]["quantizers"]:
+        entries = sorted((e for e in summary if e["variant"] == v), key=lambda e: e["codebook_size"])
+        if not entries:
+            continue
+        xs, ys, err = [], [], []
+        for e in entries:
+            per_seed = [1.0 / x for x in e["metrics"]["steps_per_s"]["values"] if x > 0]
+            if not per_seed:
+                continue
+            mean = sum(per_seed) / len(per_seed)
+            xs.append(e["codebook_size"])
+            ys.append(mean)
+            err.append((sum((y - mean) ** 2 for y in per_seed) / (len(per_seed) - 1)) ** 0.5 if len(per_seed) > 1 else 0.0)
+        if xs:
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=entries[0]["label"], color=colors[v])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("codebook size K (codes actually used by the quantizer)")
+    ax.set_ylabel("training seconds per step")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title("Training cost against K (mean ± std over seeds)")
+    return _save(fig, path)
+
+
 def code_usage(results: dict, records: list[dict], path: Path) -> str | None:
     runs = _main_runs(records)
     if not runs:
@@ -327,6 +361,7 @@ def make_all(results: dict, records: list[dict], retrofit: dict | None, folder: 
         "utilization_over_steps": lambda p: utilization_over_steps(results, records, p),
         "codebook_scaling": lambda p: (codebook_scaling(results, p, spec["scaling_panels"])
                                        if len(sizes) >= spec["scaling_min_sizes"] else None),
+        "step_time": lambda p: step_time(results, p),
         "code_usage": lambda p: code_usage(results, records, p),
         "reconstructions": lambda p: reconstructions(results, records, p),
         "quality": lambda p: quality_bars(results, p),

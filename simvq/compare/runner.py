@@ -24,7 +24,7 @@ from simvq.compare.modality import (
     compare_module,
     data_modality,
 )
-from simvq.compare.plan import PlannedRun, base_config, code_dim, plan_runs, run_key
+from simvq.compare.plan import PlannedRun, base_config, check_usage_coverage, code_dim, plan_runs, run_key
 from simvq.compare.records import load_run
 from simvq.compare.report import write_report
 from simvq.compare.retrofit import run_retrofit_experiment
@@ -73,6 +73,7 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
     base = base_config(spec)
     runs, notes = plan_runs(spec, base)
     out = prepare_compare_dir(spec)
+    check_usage_coverage(spec, base, runs)  # reads the held-out split: after the output folder's own checks
     finished: dict[tuple, dict] = {}
     pending = []
     for run in runs:

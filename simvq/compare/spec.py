@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simvq.compare.modality import MODALITY_DEFAULTS, compare_modality
+from simvq.compare.modality import compare_modality, preset_defaults
 from simvq.compare.variants import VARIANTS
 
 
@@ -102,11 +102,12 @@ class CompareSpec:
 
     The modality (image or audio) is the base config's ``modality``; without a config it follows ``data``
     (``speech`` or a folder of wav/flac files: audio; otherwise images). Arguments left at ``DEFAULT`` take
-    that modality's default (:data:`MODALITY_DEFAULTS`).
+    that modality's default (:data:`~simvq.compare.modality.MODALITY_DEFAULTS`), or a named preset's own
+    (:func:`~simvq.compare.modality.preset_defaults`: ``compare/scaling`` has its sizes, quantizers, seed and budget).
 
     Args:
-        quantizers: variant keys (see :data:`VARIANTS`), a list or a comma-separated string (default: all
-            nine for images; simvq, vq, ema_vq, fsq, lfq for audio).
+        quantizers: variant keys (see :data:`VARIANTS`), a list or a comma-separated string (default: the nine
+            of ``DEFAULT_QUANTIZERS`` for images; simvq, vq, ema_vq, fsq, lfq for audio).
         codebook_sizes: requested sizes ``K``; FSQ maps each through ``fsq_levels_for`` (the closest
             recommended grid, e.g. 1024 -> 1000 codes), LFQ needs powers of two (default 1024, 8192 for
             images; 4096 for audio).
@@ -154,7 +155,7 @@ class CompareSpec:
             self.usage_items = self.usage_images
         self.overrides = list(self.overrides or [])
         self.modality = compare_modality(self.config, self.data, self.overrides)
-        defaults = MODALITY_DEFAULTS[self.modality]
+        defaults = preset_defaults(self.modality, self.config)  # a named preset may bring its own (compare/scaling)
         for name in ("quantizers", "codebook_sizes", "seeds", "budget", "retrofit", "usage_items"):
             if getattr(self, name) is DEFAULT:
                 value = defaults[name]

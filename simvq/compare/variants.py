@@ -59,9 +59,37 @@ VARIANTS: dict[str, Variant] = {
             {"name": "simvq", "learnable_codebook": True},
             note="both C and W trained (the paper predicts C dominates and usage drops)",
         ),
+        # today's strongest baselines (REFERENCE.md §6); not in the default list (see DEFAULT_QUANTIZERS)
+        Variant(
+            "ibq",
+            "IBQ",
+            {"name": "ibq"},
+            note="index backpropagation: softmax over all K codes, every code gets gradient (Shi et al., arXiv 2412.02692)",
+        ),
+        Variant(
+            "vq_cosine",
+            "VQ (cosine)",
+            {"name": "vq", "l2_normalize": True},
+            note="plain VQ with l2-normalised tokens and codes (ViT-VQGAN; LlamaGen's codebook_l2_norm)",
+        ),
+        Variant(
+            "vq_rotation",
+            "VQ (rotation trick)",
+            {"name": "vq", "rotation_trick": True},
+            note="plain VQ with gradients through a rotation+rescale instead of straight-through (Fifty et al., arXiv 2410.06424)",
+        ),
+        Variant(
+            "vq_kmeans",
+            "VQ (k-means init)",
+            {"name": "vq", "kmeans_init": True},
+            note="plain VQ whose codes start as k-means centroids of the first training batch (vector-quantize-pytorch kmeans_init)",
+        ),
     )
 }
-DEFAULT_QUANTIZERS = tuple(VARIANTS)
+#: the variants an image ``simvq compare`` runs without ``--quantizers``: the nine of the original comparison,
+#: which fit the default run's ~10 minutes on 2 CPU cores; the newer baselines (``ibq``, ``vq_cosine``,
+#: ``vq_rotation``, ``vq_kmeans``) run when named, e.g. ``--quantizers simvq,vq,ibq,vq_cosine``
+DEFAULT_QUANTIZERS = ("simvq", "vq", "ema_vq", "factorized_vq", "lc_vq", "fsq", "lfq", "simvq_mlp", "simvq_learn_c")
 
 def size_for(variant: Variant, requested: int) -> tuple[dict, int]:
     """``(quantizer keywords for this size, actual codebook size)``; ValueError when it cannot be done."""

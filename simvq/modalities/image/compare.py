@@ -11,13 +11,24 @@ from pathlib import Path
 
 import torch
 
-from simvq.modalities.image.data import IMAGE_EXTENSIONS, list_images
+from simvq.modalities.image.data import IMAGE_EXTENSIONS, build_image_datasets, list_images
 
 #: how the report and the CLI help name this modality's items
 NOUN = "images"
 #: what an unset ``simvq compare`` argument means (quantizers None: every variant)
 DEFAULTS = dict(config="compare/default", quantizers=None, codebook_sizes=(1024, 8192), seeds=(0, 1), budget="150",
                 usage_items=2048, eval_limit=None, retrofit=True)
+#: what an unset argument means for a named compare preset (``--config NAME``), over :data:`DEFAULTS`. A
+#: preset name only: a YAML path, or your own config with ``base: compare/scaling``, takes :data:`DEFAULTS`.
+#: ``compare/scaling``: the codebook-scaling question (REFERENCE.md §2: SimVQ 1,024 .. 262,144 codes) with the
+#: families that claim to scale (IBQ, FSQ, LFQ) and the two that collapse (VQ, EMA VQ); one seed, because 30 runs
+#: up to K = 262,144 are long; utilisation over the whole held-out split (10,000 Fashion-MNIST images, 2,560,000
+#: tokens: about 10 per code at K = 262,144); no retrofit experiment (it answers another question).
+PRESET_DEFAULTS = {
+    "compare/scaling": dict(quantizers=("simvq", "vq", "ema_vq", "ibq", "fsq", "lfq"),
+                            codebook_sizes=(1024, 4096, 16384, 65536, 262144), seeds=(0,), budget="300",
+                            usage_items=None, retrofit=False),
+}
 #: --data names of the built-in data sets -> (config data.dataset, natural channels, image size)
 BUILTIN_DATA = {
     "photos": ("photos", 3, 32),
@@ -83,6 +94,23 @@ def _data_section(text: str, base: dict, preset_is_default: bool) -> dict:
 
 def check_data(data: dict) -> None:
     """Image folders were checked by :func:`data_changes`; nothing more to read before training."""
+
+
+def usage_coverage(config: dict, items: int | None) -> dict:
+    """What the usage measurement of a run with this resolved ``config`` reads, found before training.
+
+    Returns ``items`` (held-out images measured: ``items``, or the whole split when None or larger),
+    ``split`` (images in the held-out split), ``tokens_per_item`` (tokens of one image: its height and
+    width divided by the encoder's down-sampling, ``2 ** (len(ch_mult) - 1)``) and ``tokens``.
+    """
+    data = dict(config["data"], eval_limit=None)
+    _, held_out = build_image_datasets(data, seed=config.get("seed", 0))
+    split = len(held_out)
+    factor = 2 ** (len(config["model"]["ch_mult"]) - 1)
+    height, width = held_out[0].shape[-2:] if split else (0, 0)
+    per_item = (int(height) // factor) * (int(width) // factor)
+    used = split if items is None else min(int(items), split)
+    return {"items": used, "split": split, "tokens_per_item": per_item, "tokens": used * per_item}
 
 
 def save_reconstructions(model, eval_set, work: Path, count: int = 8) -> dict:
@@ -203,6 +231,8 @@ def figures(results: dict) -> list[tuple[str, str]]:
     return [
         ("utilization_over_steps", "Codebook utilisation over training (per logging window of training tokens)"),
         ("codebook_scaling", "Codebook-size scaling: held-out utilisation and PSNR against K (error bars: std over seeds)"),
+        ("step_time", "Training seconds per step against K (runs side by side share the CPU: compare within one "
+                      "report only)"),
         ("code_usage", "Sorted code-usage histograms on the held-out set (largest K, first seed)"),
         ("reconstructions", "Reconstructions side by side (largest K, first seed; top row: originals)"),
         ("loss_curves", "Training losses"),
@@ -251,12 +281,12 @@ REPORT = dict(
 #: the figures (simvq.compare.plots): which to draw, the scaling panels (key, scale, axis label), the
 #: retrofit figure's quality axis, and the fewest codebook sizes that make a scaling figure
 PLOTS = dict(
-    figures=("utilization_over_steps", "codebook_scaling", "code_usage", "reconstructions", "loss_curves", "retrofit"),
+    figures=("utilization_over_steps", "codebook_scaling", "step_time", "code_usage", "reconstructions", "loss_curves", "retrofit"),
     scaling_panels=[("utilization", 100.0, "held-out utilisation (%)"),
                     ("psnr_official_batch64", 1.0, "held-out PSNR (dB, batch-64)")],
     scaling_min_sizes=1,
     retrofit_quality=("psnr_official_batch64", "PSNR (dB, batch-64)"),
 )
 
-__all__ = ["BUILD_DATA_FIRST", "BUILTIN_DATA", "PACK_JOBS", "DEFAULTS", "EVAL_LIMIT_REEVALUATES", "NOUN", "PLOTS", "PUBLISHED_IMAGENET", "REPORT", "VERDICT", "check_data", "data_changes",
-           "holds_files", "progress_text", "save_reconstructions", "usage_fields"]
+__all__ = ["BUILD_DATA_FIRST", "BUILTIN_DATA", "PACK_JOBS", "DEFAULTS", "PRESET_DEFAULTS", "EVAL_LIMIT_REEVALUATES", "NOUN", "PLOTS", "PUBLISHED_IMAGENET", "REPORT", "VERDICT", "check_data", "data_changes",
+           "holds_files", "progress_text", "save_reconstructions", "usage_coverage", "usage_fields"]
