@@ -9,6 +9,7 @@ import argparse
 import sys
 
 from simvq import __version__
+from simvq.argtypes import positive_float, positive_int
 from simvq.io import check_output
 
 
@@ -17,30 +18,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (zero or negative sizes, counts and batch sizes are errors)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0."""
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
 
 
 def _one_line(err: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from simvq.argtypes import fraction, positive_int
 from simvq.tune.objective import OBJECTIVES, parse_weights
 from simvq.tune.report import write_outputs
 from simvq.tune.space import SPACE_DIR
@@ -12,33 +13,13 @@ from simvq.tune.study import STUDY_NAME, tune
 HELP = "Search one quantizer's training settings on your config and data (Optuna; resumable)."
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     shipped = ", ".join(sorted(p.stem for p in SPACE_DIR.glob("*.yaml")))
     parser.add_argument("--config", required=True, help="your preset name or YAML config (model, data, training)")
     parser.add_argument("--quantizer", required=True, help=f"quantizer family to tune (default spaces: {shipped})")
     parser.add_argument("--space", default=None, help="search-space YAML (default: the family's shipped space)")
     limit = parser.add_mutually_exclusive_group()
-    limit.add_argument("--trials", type=_positive_int, default=None,
+    limit.add_argument("--trials", type=positive_int, default=None,
                        help="finished trials the study should hold (default 20); a rerun adds only the missing ones")
     limit.add_argument("--budget", default=None, help="stop starting trials after this time, e.g. 30m, 90s, 2h")
     parser.add_argument("--objective", choices=OBJECTIVES, default="psnr",
@@ -46,14 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: %(default)s)")
     parser.add_argument("--weights", default=None,
                         help="terms of --objective weighted, e.g. psnr=1,utilization=10,fid=-0.1 (default: psnr=1,utilization=10)")
-    parser.add_argument("--min-utilization", type=_fraction, default=None,
+    parser.add_argument("--min-utilization", type=fraction, default=None,
                         help="constraint: the best trial must use at least this fraction of the codes (e.g. 0.9)")
-    parser.add_argument("--jobs", type=_positive_int, default=1, help="trials side by side in separate processes")
-    parser.add_argument("--steps", type=_positive_int, default=None,
+    parser.add_argument("--jobs", type=positive_int, default=1, help="trials side by side in separate processes")
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="training steps per trial (default: the config's trainer.max_steps)")
-    parser.add_argument("--segments", type=_positive_int, default=3,
+    parser.add_argument("--segments", type=positive_int, default=3,
                         help="evaluations per trial that the median pruner sees (default: %(default)s)")
-    parser.add_argument("--eval-limit", type=_positive_int, default=None,
+    parser.add_argument("--eval-limit", type=positive_int, default=None,
                         help="held-out items per evaluation (default: the config's data.eval_limit, else 256)")
     parser.add_argument("--seed", type=int, default=0, help="TPE sampler seed (default: %(default)s)")
     parser.add_argument("--storage", default=None,
