@@ -209,3 +209,93 @@ def test_pruned_trial_stops_early(tmp_path):
     outputs = write_outputs(study, settings)
     assert outputs["best"] is None and not (out / "best.yaml").exists()
     assert "No trial completed" in (out / "report.md").read_text()
+
+
+# ----- conditional entries, pruners, the validation slice (no training) --------------------------------------
+COND = {"quantizer.transform": {"type": "categorical", "choices": ["linear", "mlp"]},
+        "quantizer.hidden_dim": {"type": "categorical", "choices": [None, 64], "when": {"quantizer.transform": "mlp"}}}
+
+
+def test_conditional_entry_is_sampled_only_when_its_condition_holds():
+    from simvq.tune.study import _base_config, sample
+
+    params = parse_space(COND)
+    base = _base_config(CONFIG, [], "simvq", 2)
+    linear = sample(params, optuna.trial.FixedTrial({"quantizer.transform": "linear", "quantizer.hidden_dim": 64}), base)
+    assert linear == {"quantizer.transform": "linear"}
+    mlp = sample(params, optuna.trial.FixedTrial({"quantizer.transform": "mlp", "quantizer.hidden_dim": 64}), base)
+    assert mlp == {"quantizer.transform": "mlp", "quantizer.hidden_dim": 64}
+    assert trial_config(base, mlp)["quantizer"]["hidden_dim"] == 64
+    # a condition on a key the space does not search reads the base config
+    (width,) = parse_space({"quantizer.hidden_dim": COND["quantizer.hidden_dim"]})
+    fixed = optuna.trial.FixedTrial({"quantizer.hidden_dim": 64})
+    assert sample([width], fixed, base) == {}
+    assert sample([width], fixed, {**base, "quantizer": {**base["quantizer"], "transform": "mlp"}}) == {
+        "quantizer.hidden_dim": 64}
+    # the shipped SimVQ space makes the width conditional
+    shipped = {p.key: p for p in load_space(SPACE_DIR / "simvq.yaml")}
+    assert shipped["quantizer.hidden_dim"].when == (("quantizer.transform", ("mlp",)),)
+
+
+@pytest.mark.parametrize("when, message", [
+    ({"quantizer.transform": "conv"}, "not among quantizer.transform's choices"),
+    ("mlp", "when must be a mapping"),
+    ({"transform": "mlp"}, "dotted config key"),
+])
+def test_bad_conditions_name_the_entry(when, message):
+    space = {**COND, "quantizer.hidden_dim": {**COND["quantizer.hidden_dim"], "when": when}}
+    with pytest.raises(ValueError, match=f"quantizer.hidden_dim: .*{message}"):
+        parse_space(space)
+
+
+def test_condition_on_a_key_the_schema_lacks_is_refused():
+    from simvq.tune.study import _base_config
+
+    space = {"quantizer.hidden_dim": {"type": "categorical", "choices": [64], "when": {"quantizer.transfrom": "mlp"}}}
+    with pytest.raises(ValueError, match="quantizer.hidden_dim"):
+        validate_space(_base_config(CONFIG, [], "simvq", 2), parse_space(space))
+
+
+def test_pruner_choices(tmp_path):
+    from simvq.tune.study import make_pruner
+
+    hyperband = make_pruner("hyperband", 9, 3)
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
+    assert (hyperband._min_resource, hyperband._max_resource) == (3, 9)  # the first and last segment ends
+    assert isinstance(make_pruner("none", 9, 3), optuna.pruners.NopPruner)
+    with pytest.raises(ValueError, match="choose one of median, hyperband, none"):
+        tune(CONFIG, quantizer="simvq", out=tmp_path / "s", space=SPACE, trials=1, pruner="asha", **TINY)
+
+
+def test_validation_slice_is_never_trained_on():
+    import torch
+
+    from simvq.config import load_config
+    from simvq.modalities import modality_of
+    from simvq.tune.study import TuneSettings, _base_config, carve_validation, validation_data
+
+    base = _base_config(CONFIG, [], "simvq", 2)
+    start, stop = carve_validation(base, 16)
+    config = load_config(base)
+    full = modality_of(config).build_datasets(config)[0]
+    assert stop == len(full) and start == stop - 16
+    s = TuneSettings(base={**base, "data": {**base.get("data", {}), "train_limit": start}}, quantizer="simvq", params=[],
+                     objective="psnr", weights={}, steps=2, segments=1, eval_limit=16, min_utilization=None, out="",
+                     storage="", study_name="", seed=0, validation=(start, stop))
+    val = torch.stack([validation_data(s)[i] for i in range(16)])
+    assert torch.equal(val, torch.stack([full[i] for i in range(start, stop)]))
+    trial_config_ = load_config(s.base)
+    train = modality_of(trial_config_).build_datasets(trial_config_)[0]
+    assert len(train) == start
+    seen = torch.stack([train[i] for i in range(len(train))]).flatten(1)
+    for item in val.flatten(1):  # no validation image is among the images the trials train on
+        assert not (seen == item).all(1).any()
+    with pytest.raises(ValueError, match="leaves no training data"):
+        carve_validation(base, stop)
+
+
+def test_validation_slice_of_random_crops_is_refused():
+    from simvq.tune.study import _base_config, carve_validation
+
+    with pytest.raises(ValueError, match="not cut to a prefix by data.train_limit"):
+        carve_validation(_base_config("image/photos-small", [], "simvq", 2), 16)

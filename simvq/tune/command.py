@@ -8,7 +8,7 @@ from simvq.argtypes import fraction, positive_int
 from simvq.tune.objective import OBJECTIVES, parse_weights
 from simvq.tune.report import write_outputs
 from simvq.tune.space import SPACE_DIR
-from simvq.tune.study import STUDY_NAME, tune
+from simvq.tune.study import PRUNERS, STUDY_NAME, tune
 
 HELP = "Search one quantizer's training settings on your config and data (Optuna; resumable)."
 
@@ -41,7 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Optuna RDB URL shared by several machines, e.g. postgresql://user:pw@host/db "
                              "(default: sqlite:///OUT/study.db)")
     parser.add_argument("--study-name", default=STUDY_NAME, help="study name in --storage (default: %(default)s)")
-    parser.add_argument("--no-pruning", action="store_true", help="train every trial to the end")
+    parser.add_argument("--pruner", choices=PRUNERS, default="median",
+                        help="stop poor trials early: median (from the third trial, below the median at the same "
+                             "step), hyperband (Optuna's Hyperband over the segments) or none (default: %(default)s)")
+    parser.add_argument("--no-pruning", action="store_true", help="train every trial to the end (= --pruner none)")
+    parser.add_argument("--validation", type=positive_int, default=None, metavar="N",
+                        help="score trials on the last N items of the training split (trials train without them) "
+                             "instead of the held-out split, which then stays untouched by the search")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key of the base config, e.g. --set data.batch_size=32 (repeatable)")
     parser.add_argument("--out", required=True, help="study folder; rerunning the same command resumes it")
@@ -49,17 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    pruner = None
-    if args.no_pruning:
-        import optuna
-
-        pruner = optuna.pruners.NopPruner()
+    pruner = "none" if args.no_pruning else args.pruner
     trials = args.trials if args.trials is not None or args.budget is not None else 20
     study, settings = tune(
         args.config, quantizer=args.quantizer, out=args.out, space=args.space, trials=trials, budget=args.budget,
         objective=args.objective, weights=parse_weights(args.weights), min_utilization=args.min_utilization,
         jobs=args.jobs, steps=args.steps, segments=args.segments, eval_limit=args.eval_limit,
         overrides=args.overrides, storage=args.storage, study_name=args.study_name, seed=args.seed, pruner=pruner,
+        validation=args.validation,
         progress=not args.quiet,
     )
     result = write_outputs(study, settings)

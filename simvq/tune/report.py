@@ -29,7 +29,7 @@ def best_trial(study, s: TuneSettings):
     return max(done, key=lambda t: (_feasible(t), sign * t.value))
 
 
-def _params(trial, s: TuneSettings) -> dict:
+def trial_params(trial, s: TuneSettings) -> dict:
     """A trial's sampled values as config values (categorical labels mapped back to lists)."""
     by_key = {p.key: p for p in s.params}
     return {k: (by_key[k].value_of(v) if k in by_key else v) for k, v in trial.params.items()}
@@ -54,7 +54,7 @@ def write_trials_csv(study, s: TuneSettings, path: Path) -> None:
     for t in study.get_trials(deepcopy=False):
         duration = t.duration.total_seconds() if t.duration is not None else None
         metrics = t.user_attrs.get("metrics", {})
-        params = _params(t, s)
+        params = trial_params(t, s)
         w.writerow([t.number, t.state.name, _raw(t.value), _raw(duration and round(duration, 3)),
                     t.user_attrs.get("steps", ""), *[_raw(params.get(k)) for k in keys],
                     *[_raw(metrics.get(m)) for m in metric_names], _feasible(t), t.user_attrs.get("diverged", "")])
@@ -62,12 +62,20 @@ def write_trials_csv(study, s: TuneSettings, path: Path) -> None:
 
 
 def write_best_yaml(trial, s: TuneSettings, path: Path) -> dict:
-    config = trial_config(s.base, _params(trial, s))
+    config = trial_config(s.base, trial_params(trial, s))
     header = (f"# simvq tune: best trial {trial.number} of the study in this folder ({s.objective} {trial.value:.6g} after "
-              f"{s.steps} steps; evaluated on {s.eval_limit} held-out items).\n"
+              f"{s.steps} steps; evaluated on {_scored_on(s)}).\n"
               f"# Train it: simvq train --config {path} --out runs/tuned\n")
     save_file_atomic(path, header + yaml.safe_dump(config, sort_keys=False))
     return config
+
+
+def _scored_on(s: TuneSettings) -> str:
+    if s.validation is None:
+        return f"{s.eval_limit} held-out items"
+    start, stop = s.validation
+    return (f"{min(s.eval_limit, stop - start)} validation items, training-split items {start}..{stop - 1} "
+            f"(data.train_limit {start}: trials never train on them)")
 
 
 def write_plots(study, folder: Path, target_name: str = "Objective Value") -> dict[str, str]:
@@ -112,7 +120,7 @@ def write_report(study, s: TuneSettings, out: Path, plots: dict, best) -> None:
     lines = [f"# simvq tune: {s.quantizer}", ""]
     settings = (f"Objective **{s.objective}** ({study.direction.name.lower()}"
                 + (f", weights {s.weights}" if s.objective == "weighted" else "") + f"), {s.steps} training steps per trial "
-                f"in {s.segments} segment(s), evaluated on {s.eval_limit} held-out items"
+                f"in {s.segments} segment(s), evaluated on {_scored_on(s)}"
                 + (f", constraint utilisation >= {s.min_utilization}" if s.min_utilization is not None else "") + ".")
     lines += [settings, ""]
     if best is None:
@@ -120,15 +128,15 @@ def write_report(study, s: TuneSettings, out: Path, plots: dict, best) -> None:
     else:
         feasible = "" if _feasible(best) else " (NO trial met the constraint; this is the best infeasible one)"
         lines += [f"## Best: trial {best.number}, {s.objective} {best.value:.4g}{feasible}", ""]
-        lines += [f"- `{k}`: {'null' if v is None else _fmt(v)}" for k, v in _params(best, s).items()]
+        lines += [f"- `{k}`: {'null' if v is None else _fmt(v)}" for k, v in trial_params(best, s).items()]
         m = best.user_attrs.get("metrics", {})
-        lines += ["", "Held-out metrics: " + ", ".join(f"{k} {_fmt(v)}" for k, v in m.items()), "",
+        lines += ["", ("Held-out" if s.validation is None else "Validation") + " metrics: " + ", ".join(f"{k} {_fmt(v)}" for k, v in m.items()), "",
                   "Train it: `simvq train --config best.yaml`; its model from the search: "
                   f"`{Path(best.user_attrs.get('dir', '')).name}/model` under `trials/`.", ""]
     lines += ["## Trials", "", "| # | state | value | steps | " + " | ".join(f"`{k}`" for k in keys) + " | utilisation | s |",
               "|" + "---|" * (len(keys) + 6)]
     for t in study.get_trials(deepcopy=False):
-        p = _params(t, s)
+        p = trial_params(t, s)
         dur = t.duration.total_seconds() if t.duration is not None else None
         util = t.user_attrs.get("metrics", {}).get("utilization")
         lines.append(f"| {t.number} | {t.state.name.lower()} | {_fmt(t.value)} | {t.user_attrs.get('steps', '')} | "
@@ -150,4 +158,4 @@ def write_outputs(study, s: TuneSettings) -> dict:
     return {"best": best, "best_config": best_config, "plots": plots}
 
 
-__all__ = ["best_trial", "write_outputs"]
+__all__ = ["best_trial", "trial_params", "write_outputs"]

@@ -4,7 +4,12 @@ A space file maps a dotted config key to one distribution::
 
     optim.lr: {type: float, low: 3.0e-4, high: 1.0e-2, log: true}
     quantizer.transform: {type: categorical, choices: [linear, mlp]}
+    quantizer.hidden_dim: {type: categorical, choices: [null, 64, 256], when: {quantizer.transform: mlp}}
     model.num_res_blocks: {type: int, low: 1, high: 3}
+
+``when`` makes an entry conditional (Optuna's define-by-run): it is sampled only in trials where each named
+key has the given value (or one of a list of values): the value sampled earlier in the same trial, else the
+base config's own; a key that neither sets never matches.
 
 The defaults per quantizer family ship in ``simvq/configs/tune/spaces/<quantizer>.yaml``.
 """
@@ -32,6 +37,7 @@ class Param:
     high: float | None = None
     log: bool = False
     choices: tuple = ()
+    when: tuple = ()                # ((config key, (accepted values, ...)), ...): sampled only when all hold
 
     @property
     def labels(self) -> tuple:
@@ -43,6 +49,10 @@ class Param:
         if self.kind != "categorical":
             return sampled
         return copy.deepcopy(self.choices[self.labels.index(sampled)])
+
+    def active(self, values: dict) -> bool:
+        """Whether this entry is sampled, given ``values`` (dotted key -> the trial's value so far / the base's)."""
+        return all(key in values and values[key] in accepted for key, accepted in self.when)
 
     def suggest(self, trial):
         if self.kind == "float":
@@ -101,7 +111,7 @@ def parse_space(raw, *, source: str = "search space") -> list[Param]:
         kind = spec.get("type")
         if kind not in TYPES:
             raise ValueError(f"{where}: type must be one of {', '.join(TYPES)}, got {kind!r}")
-        allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log"}
+        allowed = {"type", "choices", "when"} if kind == "categorical" else {"type", "low", "high", "log", "when"}
         extra = sorted(set(spec) - allowed)
         if extra:
             raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, extra))} for type {kind}; allowed: {', '.join(sorted(allowed))}")
@@ -112,7 +122,7 @@ def parse_space(raw, *, source: str = "search space") -> list[Param]:
             labels = [_label(c) for c in choices]
             if len(set(map(repr, labels))) != len(labels):
                 raise ValueError(f"{where}: choices repeat a value: {choices!r}")
-            params.append(Param(key, kind, choices=tuple(choices)))
+            params.append(Param(key, kind, choices=tuple(choices), when=_when(spec.get("when"), where, params)))
             continue
         for field in ("low", "high"):
             if field not in spec:
@@ -127,8 +137,34 @@ def parse_space(raw, *, source: str = "search space") -> list[Param]:
             raise ValueError(f"{where}: empty range: low ({low:g}) must be below high ({high:g})")
         if log and low <= 0:
             raise ValueError(f"{where}: a log range needs low > 0, got {low:g}")
-        params.append(Param(key, kind, low=low, high=high, log=log))
+        params.append(Param(key, kind, low=low, high=high, log=log, when=_when(spec.get("when"), where, params)))
     return params
+
+
+def _when(raw, where: str, earlier: list[Param]) -> tuple:
+    """``{key: value or [values]}`` -> ``((key, (values, ...)), ...)``; a key searched in this space must come
+    earlier in the file (it is sampled first) and the values must be among its choices."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{where}: when must be a mapping of config keys to values, e.g. {{quantizer.transform: mlp}}, "
+                         f"got {raw!r}")
+    by_key = {p.key: p for p in earlier}
+    out = []
+    for key, value in raw.items():
+        if not isinstance(key, str) or "." not in key:
+            raise ValueError(f"{where}: when key {key!r} must be a dotted config key such as quantizer.transform")
+        accepted = tuple(value) if isinstance(value, list) else (value,)
+        if not accepted:
+            raise ValueError(f"{where}: when {key} lists no value")
+        source = by_key.get(key)
+        if source is not None and source.kind == "categorical":
+            missing = [v for v in accepted if v not in source.choices]
+            if missing:
+                raise ValueError(f"{where}: when {key} = {missing[0]!r} is not among {key}'s choices {list(source.choices)}")
+        out.append((key, accepted))
+    return tuple(out)
+
 
 
 def load_space(path: str | Path) -> list[Param]:

@@ -22,7 +22,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from simvq.config import apply_overrides, config_source_file, load_config, load_raw_config
+from simvq.config import apply_overrides, config_source_file, get, load_config, load_raw_config
 from simvq.io import prepare_output_dir
 from simvq.tune.objective import (
     DEFAULT_WEIGHTS,
@@ -37,6 +37,8 @@ from simvq.tune.space import Param, default_space_file, load_space, parse_space,
 
 STUDY_NAME = "simvq-tune"
 FINISHED = ("COMPLETE", "PRUNED")
+PRUNERS = ("median", "hyperband", "none")
+_UNSET = object()
 
 
 def _optuna():
@@ -77,6 +79,7 @@ class TuneSettings:
     pruner: object = None           # None: the median pruner
     threads: int | None = None
     startup_trials: int = 10        # random trials before TPE models the results
+    validation: tuple | None = None  # (start, stop): score on these training-split items (never trained on)
     fingerprint: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -108,17 +111,111 @@ def _base_config(config, overrides, quantizer: str, steps: int) -> dict:
 
 def validate_space(base: dict, params: list[Param]) -> None:
     """Resolve a config with each end of each range (each choice) set: a key the schema lacks, or a value it
-    refuses, is a ValueError naming the search-space entry."""
+    refuses, is a ValueError naming the search-space entry. A conditional entry is checked with its condition
+    met (so a ``when`` key the schema lacks is refused too)."""
     for p in params:
+        condition = {key: accepted[0] for key, accepted in p.when}
         for value in p.examples():
             try:
-                trial_config(base, {p.key: value})
+                trial_config(base, {**condition, p.key: value})
             except (ValueError, TypeError) as err:
                 raise ValueError(f"search space entry {p.key} = {value!r}: {err}") from None
 
 
+def sample(params: list[Param], trial, base: dict) -> dict:
+    """One trial's assignments, define-by-run: an entry whose ``when`` does not hold (against the values
+    sampled so far, else the base config's) is not sampled and leaves the config as it is."""
+    assignments: dict = {}
+    for p in params:
+        if p.when:
+            values = {}
+            for key, _ in p.when:
+                value = assignments[key] if key in assignments else get(base, key, _UNSET)
+                if value is not _UNSET:
+                    values[key] = value
+            if not p.active(values):
+                continue
+        assignments[p.key] = p.suggest(trial)
+    return assignments
+
+
+def make_pruner(name: str, steps: int, segments: int):
+    """``median`` (default: from the third trial, stop a trial below the median at the same step), ``hyperband``
+    (Optuna's HyperbandPruner over the segment ends) or ``none``."""
+    optuna = _optuna()
+    if name == "median":
+        return _default_pruner(optuna)
+    if name == "hyperband":
+        ends = segment_ends(steps, segments)
+        return optuna.pruners.HyperbandPruner(min_resource=ends[0], max_resource=ends[-1], reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"pruner {name!r}: choose one of {', '.join(PRUNERS)}")
+
+
+def carve_validation(base: dict, items: int) -> tuple[int, int]:
+    """``(start, stop)``: the last ``items`` items of the training split, scored instead of the held-out split;
+    trials train on the first ``start`` (``data.train_limit``). ValueError, with the reason, when the data
+    cannot give such a slice: no ``data.train_limit``, a training split that ``train_limit`` does not cut to a
+    prefix (random crops), or training items unlike the held-out ones."""
+    import torch
+
+    from simvq.modalities import modality_of
+
+    if isinstance(items, bool) or not isinstance(items, int) or items < 1:
+        raise ValueError(f"validation items must be a positive integer, got {items!r}")
+    config = load_config(base)
+    data = config["data"]
+    what = f"the training split of data.dataset {data.get('dataset')!r}"
+    if "train_limit" not in data:
+        raise ValueError(f"a validation slice needs data.train_limit, which the {config.get('modality', 'image')} data "
+                         "section lacks; score on the held-out split instead")
+    modality = modality_of(config)
+    full, held = modality.build_datasets(config)
+    n = len(full)
+    if items >= n:
+        raise ValueError(f"a validation slice of {items} items leaves no training data: {what} has {n} items")
+    short_config = copy.deepcopy(config)
+    short_config["data"]["train_limit"] = n - items
+    short = modality.build_datasets(short_config)[0]
+    try:
+        same_prefix = len(short) == n - items and torch.equal(short[n - items - 1], full[n - items - 1])
+        like_held = tuple(full[n - 1].shape) == tuple(held[0].shape)
+    except (TypeError, IndexError, AttributeError):  # items that are not plain tensors by index (random crops)
+        same_prefix = like_held = False
+    if not same_prefix:
+        raise ValueError(f"{what} is not cut to a prefix by data.train_limit (e.g. random crops), so no slice of it "
+                         "stays unseen by training; score on the held-out split instead")
+    if not like_held:
+        raise ValueError(f"{what} yields items unlike the held-out ones; score on the held-out split instead")
+    return n - items, n
+
+
+_VALIDATION_DATA: dict = {}
+
+
+def validation_data(s: TuneSettings):
+    """The validation slice of ``s`` as a Dataset (built once per process), or None for the held-out split."""
+    if s.validation is None:
+        return None
+    from torch.utils.data import Subset
+
+    from simvq.modalities import modality_of
+
+    start, stop = s.validation
+    config = load_config(s.base)
+    config["data"]["train_limit"] = stop
+    key = json.dumps([config["data"], config.get("seed"), start, stop], sort_keys=True, default=str)
+    if key not in _VALIDATION_DATA:
+        full = modality_of(config).build_datasets(config)[0]
+        _VALIDATION_DATA.clear()
+        _VALIDATION_DATA[key] = Subset(full, range(start, stop))
+    return _VALIDATION_DATA[key]
+
+
 def _fingerprint(base: dict, s: TuneSettings) -> str:
     what = {"config": base, "quantizer": s.quantizer, "space": [asdict(p) for p in s.params], "objective": s.objective,
+            **({"validation": list(s.validation)} if s.validation is not None else {}),
             "weights": s.weights if s.objective == "weighted" else None, "steps": s.steps, "segments": s.segments,
             "eval_limit": s.eval_limit, "min_utilization": s.min_utilization}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -151,8 +248,9 @@ def run_trial(trial, s: TuneSettings) -> float:
     from simvq.evaluation import evaluate
     from simvq.training import train
 
-    assignments = {p.key: p.suggest(trial) for p in s.params}
+    assignments = sample(s.params, trial, s.base)
     config = trial_config(s.base, assignments)
+    validation = validation_data(s)
     trial_dir = Path(s.out) / "trials" / f"trial-{trial.number:04d}"
     trial.set_user_attr("dir", str(trial_dir))
     value = math.nan
@@ -162,7 +260,8 @@ def run_trial(trial, s: TuneSettings) -> float:
         if result.diverged or result.model_dir is None:
             trial.set_user_attr("diverged", result.diverged_reason or "no finite weights")
             raise optuna.TrialPruned(f"diverged at step {result.steps}")
-        ev = evaluate(result.model_dir, limit=s.eval_limit, progress=False)
+        ev = evaluate(result.model_dir, validation, limit=min(s.eval_limit, len(validation)) if validation is not None
+                      else s.eval_limit, progress=False)
         metrics = metrics_of(ev)
         value = score(ev, s.objective, s.weights)
         trial.set_user_attr("metrics", metrics)
@@ -234,6 +333,7 @@ def tune(
     study_name: str = STUDY_NAME,
     seed: int = 0,
     pruner=None,
+    validation: int | None = None,
     progress: bool = True,
 ):
     """Search ``quantizer``'s training settings on ``config``; returns the study (outputs written by
@@ -256,7 +356,10 @@ def tune(
             of evaluations the pruner sees.
         eval_limit: held-out items per evaluation (default the config's ``data.eval_limit``, else 256).
         storage: an Optuna RDB URL (e.g. ``postgresql://...``) instead of ``sqlite:///out/study.db``.
-        pruner: an Optuna pruner (default ``MedianPruner(n_startup_trials=2)``).
+        pruner: ``"median"`` (default: ``MedianPruner(n_startup_trials=2)``), ``"hyperband"``, ``"none"`` or any
+            Optuna pruner.
+        validation: score trials on this many items carved from the end of the training split (trials train
+            without them) instead of the held-out split (see :func:`carve_validation`).
     """
     optuna = _optuna()
     if objective not in OBJECTIVES:
@@ -272,6 +375,8 @@ def tune(
     if jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs}")
     timeout = parse_budget(budget)
+    if isinstance(pruner, str) and pruner not in PRUNERS:
+        raise ValueError(f"pruner {pruner!r}: choose one of {', '.join(PRUNERS)}")
     weights = dict(weights) if weights is not None else dict(DEFAULT_WEIGHTS)
 
     # ----- everything is checked before the folder is touched -----------------------------------------------
@@ -281,7 +386,13 @@ def tune(
         raise ValueError("give the training steps per trial (--steps): the config sets no trainer.max_steps")
     if eval_limit is None:
         eval_limit = user["data"].get("eval_limit") or 256
+    if pruner is None or isinstance(pruner, str):
+        pruner = make_pruner(pruner or "median", steps, segments)
     base = _base_config(config, overrides, quantizer, steps)
+    carved = None
+    if validation is not None:
+        carved = carve_validation(base, validation)
+        base["data"] = {**(base.get("data") or {}), "train_limit": carved[0]}
     if isinstance(space, dict):
         params = parse_space(space)
         space_file = None
@@ -297,7 +408,7 @@ def tune(
     storage_url = storage or f"sqlite:///{(out_dir / 'study.db').resolve()}"
     s = TuneSettings(base=base, quantizer=quantizer, params=params, objective=objective, weights=weights, steps=steps,
                      segments=segments, eval_limit=int(eval_limit), min_utilization=min_utilization, out=str(out_dir),
-                     storage=storage_url, study_name=study_name, seed=seed, pruner=pruner,
+                     storage=storage_url, study_name=study_name, seed=seed, pruner=pruner, validation=carved,
                      startup_trials=max(2, min(10, (trials or 30) // 3)))
     s.fingerprint = _fingerprint(base, s)
 
@@ -319,7 +430,8 @@ def tune(
                             f"({objective}, {steps} steps)")
         study.set_user_attr("settings", {"quantizer": quantizer, "objective": objective, "weights": weights,
                                          "steps": steps, "segments": segments, "eval_limit": int(eval_limit),
-                                         "min_utilization": min_utilization, "seed": seed})
+                                         "min_utilization": min_utilization, "seed": seed,
+                                         "validation": list(carved) if carved else None})
     if local:
         stale = _fail_stale_trials(study, optuna)
         if stale and progress:
@@ -361,5 +473,5 @@ def _probe_objective(base: dict, params: list[Param], objective: str, weights: d
     check_available(result, names, config.get("modality", "image"))
 
 
-__all__ = ["STUDY_NAME", "TuneSettings", "parse_budget", "run_trial", "segment_ends", "trial_config", "tune",
-           "validate_space"]
+__all__ = ["PRUNERS", "STUDY_NAME", "TuneSettings", "carve_validation", "make_pruner", "parse_budget", "run_trial",
+           "sample", "segment_ends", "trial_config", "tune", "validate_space", "validation_data"]
