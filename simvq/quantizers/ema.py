@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from simvq.quantizers.base import Quantizer, TokenResult, _check_weight, straight_through, vq_loss_terms
 from simvq.quantizers.registry import register_quantizer
-from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
+from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, check_search, nearest_code
 
 
 _EMA_STATE = ("embedding", "ema_cluster_size", "ema_embed_sum")
@@ -50,7 +50,7 @@ class EMAVectorQuantizer(Quantizer):
         dead_code_threshold: codes with EMA cluster size below this are re-seeded from the batch;
             0 turns the reset off (default, as in VQ-VAE-2).
         init_codebook: optional ``(K, dim)`` starting codebook; default ``Normal(0, 1)`` (VQ-VAE-2).
-        channel_first, check_finite, search_chunk_elements: as for every quantizer.
+        channel_first, check_finite, search_chunk_elements, search: as for every quantizer (see :class:`SimVQ`).
 
     Output: ``loss = commitment_weight * commitment_loss``; ``codebook_loss`` is the unweighted
     ``mean((sg(z) - q)^2)`` for monitoring only (it is not part of ``loss``).
@@ -72,6 +72,7 @@ class EMAVectorQuantizer(Quantizer):
         channel_first: bool = True,
         check_finite: bool = True,
         search_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+        search: str = "auto",
     ) -> None:
         super().__init__(dim=dim, codebook_size=codebook_size, channel_first=channel_first, check_finite=check_finite)
         decay, eps = float(decay), float(eps)
@@ -84,6 +85,7 @@ class EMAVectorQuantizer(Quantizer):
         self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
         self.dead_code_threshold = _check_weight("dead_code_threshold", dead_code_threshold)
         self.search_chunk_elements = check_chunk_elements(search_chunk_elements, "search_chunk_elements")
+        self.search = check_search(search)
         if init_codebook is None:
             embedding = torch.randn(codebook_size, dim)
         else:
@@ -114,7 +116,7 @@ class EMAVectorQuantizer(Quantizer):
 
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
         z = z.to(self.compute_dtype(z))
-        indices = nearest_code(z, self.embedding, max_chunk_elements=self.search_chunk_elements)
+        indices = nearest_code(z, self.embedding, max_chunk_elements=self.search_chunk_elements, search=self.search)
         q = self.embedding[indices].to(z.dtype)
         commitment, codebook = vq_loss_terms(z, q)
         out = straight_through(z, q)

@@ -23,7 +23,7 @@ from simvq.quantizers.base import (
     vq_loss_terms,
 )
 from simvq.quantizers.registry import register_quantizer
-from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
+from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, check_search, nearest_code
 
 
 @register_quantizer("factorized_vq")
@@ -37,7 +37,7 @@ class FactorizedVectorQuantizer(Quantizer):
         l2_normalize: normalise projected tokens and codes to the unit sphere (ViT-VQGAN: True).
         rotation_trick: rotation-trick gradients (in the low-dim space) instead of straight-through.
         commitment_weight, codebook_weight: the two named loss weights (0.25, 1.0).
-        channel_first, check_finite, search_chunk_elements: as for every quantizer.
+        channel_first, check_finite, search_chunk_elements, search: as for every quantizer (see :class:`SimVQ`).
 
     Parameters: ``project_in`` (``dim -> codebook_dim``), ``embedding.weight`` ``(K, codebook_dim)``,
     ``project_out`` (``codebook_dim -> dim``). :attr:`codebook` is ``project_out(normalise(embedding))``,
@@ -57,6 +57,7 @@ class FactorizedVectorQuantizer(Quantizer):
         channel_first: bool = True,
         check_finite: bool = True,
         search_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+        search: str = "auto",
     ) -> None:
         super().__init__(dim=dim, codebook_size=codebook_size, channel_first=channel_first, check_finite=check_finite)
         if not isinstance(codebook_dim, int) or isinstance(codebook_dim, bool) or codebook_dim < 1:
@@ -67,6 +68,7 @@ class FactorizedVectorQuantizer(Quantizer):
         self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
         self.codebook_weight = _check_weight("codebook_weight", codebook_weight)
         self.search_chunk_elements = check_chunk_elements(search_chunk_elements, "search_chunk_elements")
+        self.search = check_search(search)
         self.project_in = nn.Linear(dim, codebook_dim)
         self.embedding = nn.Embedding(codebook_size, codebook_dim)
         if not self.l2_normalize:
@@ -97,7 +99,9 @@ class FactorizedVectorQuantizer(Quantizer):
         z = z.to(self.compute_dtype(z))
         with torch.autocast(device_type=z.device.type, enabled=False):
             x = self._normalize(call_in_dtype(self.project_in, z))  # (N, codebook_dim)
-            indices = nearest_code(x, self.low_dim_codebook, max_chunk_elements=self.search_chunk_elements)
+            indices = nearest_code(
+                x, self.low_dim_codebook, max_chunk_elements=self.search_chunk_elements, search=self.search
+            )
             q = self._low_dim_codes(self.embedding.weight[indices]).to(x.dtype)  # differentiable in the codebook
             commitment, codebook = vq_loss_terms(x, q)
             loss = self.commitment_weight * commitment + self.codebook_weight * codebook

@@ -113,7 +113,7 @@ class LCVectorQuantizer(SimVQ):
         feature_dim: width of the features (default: ``init_features.shape[1]``, else ``dim``).
         bias: projector bias.
         commitment_weight, codebook_weight: the two named loss weights (official VQGAN-LC: 1.0, 0.33).
-        rotation_trick, channel_first, check_finite, search_chunk_elements: as for :class:`SimVQ`.
+        rotation_trick, channel_first, check_finite, search_chunk_elements, search: as for :class:`SimVQ`.
 
     State-dict keys: ``embedding.weight`` (``C``, frozen, saved), ``embedding_proj.weight`` / ``.bias``
     (the projector). :attr:`codebook` is ``(K, dim)``, the projected features.
@@ -133,6 +133,7 @@ class LCVectorQuantizer(SimVQ):
         channel_first: bool = True,
         check_finite: bool = True,
         search_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+        search: str = "auto",
     ) -> None:
         if init_features is not None:
             if not isinstance(init_features, torch.Tensor) or init_features.dim() != 2:
@@ -166,6 +167,7 @@ class LCVectorQuantizer(SimVQ):
             channel_first=channel_first,
             check_finite=check_finite,
             search_chunk_elements=search_chunk_elements,
+            search=search,
         )
         self.feature_dim = self.frozen_codebook_dim
         with torch.no_grad():

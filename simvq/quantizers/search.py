@@ -23,9 +23,29 @@ How the answer is kept exact at matmul speed:
    and exact ties go to the lowest index.
 
 The result is therefore the argmin of the fp64 distance ``sum((z - c)^2)``, not of the fp32 matmul form.
+
+Paths (``search=``; every path returns the same indices):
+
+- ``"exact-fp32"``: the steps above (fp64 throughout for fp64 inputs).
+- ``"bf16-candidates"``: the distance matmul runs in bf16 (5-7x the fp32 rate on CPUs with AVX512-BF16, and
+  tensor cores on GPUs), with fp32 accumulation. A per-token bound on its error (bf16 rounding of both
+  inputs, fp32 accumulation, the bf16 rounding of the output; :func:`_bf16_error_terms`) gives a
+  threshold above the row minimum beyond which no code can be as near as the best; every code under it is
+  a candidate, and the candidates are re-ranked by the exact path's rule (fp32 ``||c'||^2 - 2 z'.c'`` with
+  its certificate, fp64 ``sum((z - c)^2)`` for near-ties). Tokens with more than ``MAX_CANDIDATES``
+  candidates (or candidates spread over more than ``MAX_CANDIDATE_BLOCKS`` reduction blocks: duplicated
+  codes, dense clusters) are searched again by the exact path. The bound assumes round-to-nearest bf16
+  conversions and fp32 accumulation inside the matmul, as AVX512-BF16, AMX and tensor cores do;
+  tests/test_search_paths.py checks it against float64 on the running machine.
+- ``"auto"`` (default): ``"bf16-candidates"`` on CPUs with hardware bf16 for fp32 searches of at least
+  ``BF16_MIN_DISTANCES`` distances, ``"exact-fp32"`` otherwise (:func:`resolve_search`).
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
+from typing import NamedTuple
 
 import torch
 
@@ -41,6 +61,16 @@ REDUCE_BLOCK = 64
 # Unit roundoff of the matmul inputs per torch.get_float32_matmul_precision(): "high" allows TF32 (10
 # explicit mantissa bits), "medium" bf16 (7); "highest" keeps fp32 inputs (no extra rounding).
 _INPUT_ROUNDOFF = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}
+# The search paths (see nearest_code). "auto" resolves to one of the others per call (resolve_search).
+SEARCH_PATHS = ("auto", "exact-fp32", "bf16-candidates")
+# "auto" uses the bf16 path on CPUs from this many distances (tokens x codes) per call up: below it the fixed
+# cost of the candidate bookkeeping outweighs the faster matmul (1,024 x 512: 0.9x the exact path's speed,
+# 1,024 x 1,024: 1.2x, 4,096 x 256: 1.1x; one thread, SimVQ codebooks; docs/benchmarks.md)
+BF16_MIN_DISTANCES = 2**20
+# Tokens whose bf16 candidates span more blocks of REDUCE_BLOCK codes than this, or number more than
+# MAX_CANDIDATES, fall back to the exact path (bounds the candidate bookkeeping on tie-heavy data)
+MAX_CANDIDATE_BLOCKS = 64
+MAX_CANDIDATES = 128
 
 
 def check_chunk_elements(value: int | None, name: str = "max_chunk_elements") -> int | None:
@@ -132,6 +162,21 @@ def _rounding_bound(dim: int, dtype: torch.dtype, code_norm: torch.Tensor, token
     return 1.1 * (gamma * (c * c + 2 * c * token_norm) + 2 * u * (1 + u) * (token_norm + c).pow(2))
 
 
+def _best_of_pairs(z, codebook, rows, cols, best, best_idx, pair_chunk):
+    """Fold the fp64 distances ``sum((z[r] - c[k])^2)`` of the pairs ``(rows, cols)`` into the running
+    ``best`` / ``best_idx`` (in place semantics, returned); exact ties keep the lowest code index."""
+    num_codes = codebook.shape[0]
+    for p0 in range(0, rows.numel(), pair_chunk):
+        r, c = rows[p0 : p0 + pair_chunk], cols[p0 : p0 + pair_chunk]
+        exact = (z[r].double() - codebook[c].double()).pow(2).sum(dim=1)
+        new_best = best.scatter_reduce(0, r, exact, reduce="amin")
+        best_idx = torch.where(best == new_best, best_idx, num_codes)  # an old winner survives a tie
+        hit = exact == new_best[r]
+        best_idx = best_idx.scatter_reduce(0, r[hit], c[hit], reduce="amin")
+        best = new_best
+    return best, best_idx
+
+
 def _rerank(z, codebook, zc, cc_t, c_sq, thr, max_elements):
     """Exact argmin for a few tokens: codes whose evaluated distance is within ``thr`` are compared by
     ``sum((z - c)^2)`` in fp64 on the original coordinates; exact ties go to the lowest index."""
@@ -147,24 +192,368 @@ def _rerank(z, codebook, zc, cc_t, c_sq, thr, max_elements):
         for k0 in range(0, num_codes, code_chunk):
             dist = torch.addmm(c_sq[k0 : k0 + code_chunk], zt, cc_t[:, k0 : k0 + code_chunk], beta=1.0, alpha=-2.0)
             rows, cols = (dist <= thr[t0 : t0 + token_chunk, None]).nonzero(as_tuple=True)
-            rows, cols = rows + t0, cols + k0
-            for p0 in range(0, rows.numel(), pair_chunk):
-                r, c = rows[p0 : p0 + pair_chunk], cols[p0 : p0 + pair_chunk]
-                exact = (z[r].double() - codebook[c].double()).pow(2).sum(dim=1)
-                new_best = best.scatter_reduce(0, r, exact, reduce="amin")
-                best_idx = torch.where(best == new_best, best_idx, num_codes)  # an old winner survives a tie
-                hit = exact == new_best[r]
-                best_idx = best_idx.scatter_reduce(0, r[hit], c[hit], reduce="amin")
-                best = new_best
+            best, best_idx = _best_of_pairs(z, codebook, rows + t0, cols + k0, best, best_idx, pair_chunk)
     return best_idx
 
 
+def _exact_search(z, codebook, zc, cc, c_sq, max_chunk_elements):
+    """The exact path: matmul in the centred inputs' precision, certificate, fp64 re-rank of near-ties."""
+    num_tokens, num_codes = zc.shape[0], cc.shape[0]
+    dtype = zc.dtype
+    out = torch.empty(num_tokens, dtype=torch.long, device=zc.device)
+    if num_tokens == 0:
+        return out
+    # CPU: min-with-index over a long row is a scalar loop, so reduce in two levels; GPUs reduce a row with
+    # its index at memory speed, and the two-level form costs them 20-30% of the search (measured on H200)
+    row_min = _row_min if zc.device.type == "cpu" else _plain_row_min
+    tol = 2 * _rounding_bound(zc.shape[1], dtype, c_sq.max().sqrt(), zc.norm(dim=1))
+    token_chunk, code_chunk = _chunk_sizes(num_tokens, num_codes, max_chunk_elements)
+    cc_t = cc.t()
+    buffer = torch.empty(token_chunk, code_chunk, dtype=dtype, device=zc.device)
+    thr = torch.empty(num_tokens, dtype=dtype, device=zc.device)
+    rival = torch.empty(num_tokens, dtype=torch.bool, device=zc.device)
+    for t0 in range(0, num_tokens, token_chunk):
+        zt, tol_t = zc[t0 : t0 + token_chunk], tol[t0 : t0 + token_chunk]
+        nt = zt.shape[0]
+        best = None
+        for k0 in range(0, num_codes, code_chunk):
+            k1 = min(k0 + code_chunk, num_codes)
+            dist = buffer[:nt, : k1 - k0]
+            # dist = ||c'||^2 - 2 z' c', written in place into the reused buffer
+            torch.addmm(c_sq[k0:k1], zt, cc_t[:, k0:k1], beta=1.0, alpha=-2.0, out=dist)
+            val, idx, near = row_min(dist, tol_t)
+            best = (val, idx, near) if best is None else _merge(best, (val, idx + k0, near), tol_t)
+        out[t0 : t0 + nt], rival[t0 : t0 + nt] = best[1], best[2]
+        thr[t0 : t0 + nt] = best[0] + tol_t
+    ties = rival.nonzero().squeeze(1)
+    if ties.numel():
+        out[ties] = _rerank(z[ties], codebook, zc[ties], cc_t, c_sq, thr[ties], max_chunk_elements)
+    return out
+
+
+def _bf16_error_terms(zc: torch.Tensor, z_norm: torch.Tensor, c_sq: torch.Tensor):
+    """Per-token bound ``E`` (fp64) on the bf16 matmul error, and the row shift ``S`` that keeps outputs positive.
+
+    The matmul evaluates ``x = S + ||c'||^2 - 2 z'.c'`` from bf16 inputs ``z'(1+a)``, ``c'(1+b)`` (|a|, |b| <=
+    u = 2**-8 each, round to nearest), with ``||c'||^2`` and ``S`` passed as bf16 hi + lo pairs (relative
+    error <= 2 u^2 plus the fp32 rounding of the norm, gamma_d) and products accumulated in fp32 (gamma_{d+4}
+    of the sum of the magnitudes). Against ``D - ||z'||^2 + S`` (``D`` the distance of the fp32 centred vectors) that
+    gives ``|x - D + ||z'||^2 - S| <= 2 (2u + u^2) |z'| |c'| + (gamma_d + 2u^2) |c'|^2 + gamma_{d+4} sum|terms|``, and
+    the fp32 centring adds ``2 u32 (1 + u32) (|z'| + |c'|)^2`` against the true distance (as in
+    :func:`_rounding_bound`). Everything is taken at the largest code norm and inflated by 10%. The bf16
+    rounding of the output is handled separately (relative to the output, see :func:`_bf16_threshold_key`).
+    ``S = 2 |z'| max|c'| + M`` with ``M`` above the error, so that every output is >= +0 and bf16 values
+    order as their int16 bit patterns; ``S`` is the same for every code of a token and cannot change its
+    argmin.
+    """
+    d = zc.shape[1]
+    u, u32 = 2.0**-8, 2.0**-24
+
+    def gamma(n):
+        return n * u32 / (1 - n * u32)
+
+    z_norm = z_norm.double() * (1 + 1e-5)  # covers the fp32 rounding of the norm itself
+    c_max = c_sq.double().max().sqrt() * (1 + 1e-6)
+    zc_prod = z_norm * c_max
+    base = 1.1 * (
+        2 * (2 * u + u * u) * zc_prod
+        + (gamma(d) + 2 * u * u) * c_max**2
+        + gamma(d + 4) * (2.1 * zc_prod + 1.01 * c_max**2)
+        + 2 * u32 * (1 + u32) * (z_norm + c_max) ** 2
+    )
+    # ||c'||^2 - 2 z'.c' >= -2 |z'| |c'| (Cauchy-Schwarz): this shift keeps every output >= +0 while keeping
+    # the outputs, and so their bf16 rounding, as small as a per-token constant can
+    shift = 2 * zc_prod * (1 + 1e-4) + 4 * base + 1e-30
+    err = base + 1.1 * gamma(d + 4) * 1.01 * shift + 1e-30
+    return err, shift
+
+
+def _hi_lo(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` (fp32) as two bf16 numbers whose sum is within 2 u^2 |values| of it."""
+    hi = values.bfloat16()
+    return hi, (values - hi.float()).bfloat16()
+
+
+def _bf16_threshold_key(min_key: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    """The int16 key of the largest bf16 output a code can have and still be as near as the row's minimum.
+
+    With ``y`` the bf16 outputs (>= 0) and ``u' = u / (1 - u)`` their relative rounding, a code ``k`` can be
+    no farther than the row's best ``w`` only if ``y_k (1 - u') <= y_w (1 + u') + 2 E``. The threshold is
+    computed in fp64 and rounded up to the next bf16 value, so that no such code is screened out.
+    """
+    u = 2.0**-8
+    u_out = u / (1 - u)
+    y_min = min_key.view(torch.bfloat16).double()
+    thr = (y_min * (1 + u_out) + 2 * err) / (1 - u_out)
+    thr_b = thr.float().bfloat16()
+    key = thr_b.view(torch.int16).to(torch.int32)
+    key = key + (thr_b.double() < thr).to(torch.int32)  # round up, never down
+    return key.clamp(max=2**15 - 1).to(torch.int16)
+
+
+def _bf16_operands(zc, cc, c_sq, z_norm):
+    """bf16 matrices ``a`` (N, d + 4) and ``b_t`` (d + 4, K) with ``a @ b_t ~ S + ||c'||^2 - 2 z'.c'``, and the
+    per-token error bound ``E`` of that product before its output is rounded (see :func:`_bf16_error_terms`).
+
+    ``a = [z', 1, 1, S_hi, S_lo]``, ``b = [-2 c', |c'|^2_hi, |c'|^2_lo, 1, 1]``: one plain matmul, with no
+    separate pass over the N x K output to add the code norms.
+    """
+    num_tokens, dim = zc.shape
+    err, shift = _bf16_error_terms(zc, z_norm, c_sq)
+    s_hi, s_lo = _hi_lo(shift.float())
+    c_hi, c_lo = _hi_lo(c_sq.float())
+    a = torch.empty(num_tokens, dim + 4, dtype=torch.bfloat16, device=zc.device)
+    a[:, :dim] = zc.float()
+    a[:, dim : dim + 2] = 1
+    a[:, dim + 2], a[:, dim + 3] = s_hi, s_lo
+    # built row-major (a transposed copy is ~4x slower on CPU) and handed to the matmul as a transposed view
+    b = torch.empty(cc.shape[0], dim + 4, dtype=torch.bfloat16, device=zc.device)
+    b[:, :dim] = cc
+    b[:, :dim] *= -2  # exact in bf16: a power of two
+    b[:, dim], b[:, dim + 1] = c_hi, c_lo
+    b[:, dim + 2 :] = 1
+    return a, b.t(), err
+
+
+def _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements):
+    """bf16 matmul, candidates within a proven bound of each row's minimum, fp64 re-rank of the candidates.
+
+    Returns ``(indices, fallback, reranked)``: ``fallback`` marks tokens with more than
+    ``MAX_CANDIDATE_BLOCKS`` blocks or ``MAX_CANDIDATES`` candidates (their indices are left for the exact
+    path), ``reranked`` counts the tokens with more than one candidate.
+    """
+    num_tokens, dim = zc.shape
+    num_codes = cc.shape[0]
+    device = zc.device
+    z_norm = zc.norm(dim=1)
+    a, b_t, err = _bf16_operands(zc, cc, c_sq, z_norm)
+    token_chunk, code_chunk = _chunk_sizes(num_tokens, num_codes, max_chunk_elements)
+    buffer = torch.empty(token_chunk * code_chunk, dtype=torch.bfloat16, device=device)
+    out = torch.empty(num_tokens, dtype=torch.long, device=device)
+    fallback = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    reranked = 0
+    for t0 in range(0, num_tokens, token_chunk):
+        at = a[t0 : t0 + token_chunk]
+        nt = at.shape[0]
+        err_t = err[t0 : t0 + nt]
+        run_min = torch.full((nt,), 2**15 - 1, dtype=torch.int16, device=device)
+        blocks_seen = torch.zeros(nt, dtype=torch.long, device=device)
+        entries_seen = torch.zeros(nt, dtype=torch.long, device=device)
+        rows_l, cols_l, keys_l = [], [], []
+        for k0 in range(0, num_codes, code_chunk):
+            k1 = min(k0 + code_chunk, num_codes)
+            w = k1 - k0
+            y = buffer[: nt * w].view(nt, w)  # contiguous whatever the chunk width
+            torch.mm(at, b_t[:, k0:k1], out=y)
+            flat = y.view(torch.int16).view(-1)  # outputs are >= +0: bf16 order is int16 order
+            keys = flat.view(nt, w)
+            blocks = w // REDUCE_BLOCK
+            head_w = blocks * REDUCE_BLOCK
+            tail = keys[:, head_w:]
+            if blocks:
+                block_min = keys[:, :head_w].unflatten(1, (blocks, REDUCE_BLOCK)).amin(dim=2)
+                chunk_min = block_min.amin(dim=1)
+                if head_w < w:
+                    chunk_min = torch.minimum(chunk_min, tail.amin(dim=1))
+            else:
+                chunk_min = tail.amin(dim=1)
+            run_min = torch.minimum(run_min, chunk_min)
+            thr = _bf16_threshold_key(run_min, err_t)
+            if blocks:
+                sel = block_min <= thr[:, None]
+                blocks_seen += sel.sum(dim=1)
+                sel &= (blocks_seen <= MAX_CANDIDATE_BLOCKS)[:, None]
+                r, blk = sel.nonzero(as_tuple=True)
+                # the selected blocks, gathered as whole rows of REDUCE_BLOCK keys from overlapping windows
+                windows = flat.as_strided((flat.numel() - REDUCE_BLOCK + 1, REDUCE_BLOCK), (1, 1))
+                vals = windows.index_select(0, r * w + blk * REDUCE_BLOCK)
+                hit = vals <= thr.index_select(0, r)[:, None]
+                if int(hit.sum()) > nt * MAX_CANDIDATES // 8:
+                    # many candidates (ties, dense clusters): rows past MAX_CANDIDATES keep no pairs, so at
+                    # most MAX_CANDIDATES pairs per token are ever held
+                    entries_seen.index_add_(0, r, hit.sum(dim=1))
+                    hit &= (entries_seen <= MAX_CANDIDATES).index_select(0, r)[:, None]
+                pr, pj = hit.nonzero(as_tuple=True)
+                rows_l.append(r.index_select(0, pr))
+                cols_l.append(k0 + blk.index_select(0, pr) * REDUCE_BLOCK + pj)
+                keys_l.append(vals.view(-1).index_select(0, pr * REDUCE_BLOCK + pj))
+            if head_w < w:
+                hit = tail <= thr[:, None]
+                entries_seen += hit.sum(dim=1)
+                tr, tj = (hit & (entries_seen <= MAX_CANDIDATES)[:, None]).nonzero(as_tuple=True)
+                rows_l.append(tr)
+                cols_l.append(k0 + head_w + tj)
+                keys_l.append(tail[tr, tj])
+        over = (blocks_seen > MAX_CANDIDATE_BLOCKS) | (entries_seen > MAX_CANDIDATES)  # counts below add the rest
+        thr = _bf16_threshold_key(run_min, err_t)
+        rows, cols, keys = torch.cat(rows_l), torch.cat(cols_l), torch.cat(keys_l)
+        keep = (keys <= thr[rows]) & ~over[rows]
+        rows, cols = rows[keep], cols[keep]
+        counts = torch.bincount(rows, minlength=nt)
+        # every row that did not overflow holds its own minimum; a row without one would be a bug upstream
+        over |= (counts == 0) | (counts > MAX_CANDIDATES)
+        keep = ~over[rows]
+        rows, cols = rows[keep], cols[keep]
+        single = counts[rows] == 1
+        out[t0 + rows[single]] = cols[single]
+        rows, cols = t0 + rows[~single], cols[~single]
+        if rows.numel():
+            reranked += _settle_pairs(z, codebook, zc, cc, c_sq, z_norm, rows, cols, out, max_chunk_elements)
+        fallback[t0 : t0 + nt] = over
+    return out, fallback, reranked
+
+
+def _pair_dots(zc: torch.Tensor, cc: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``zc[rows] . cc[cols]`` for row-major sorted pairs, without materialising the gathered rows.
+
+    A sampled dense-dense matmul (``torch.sparse.sampled_addmm`` on the CSR pattern of the pairs) reads each
+    token once, where gathering both sides would copy ``d`` values per pair; it is about 7x faster on CPU
+    for a few candidates per token. Each dot is an ordinary length-``d`` sum in the inputs' precision.
+    """
+    counts = torch.bincount(rows, minlength=zc.shape[0])
+    crow = torch.zeros(zc.shape[0] + 1, dtype=torch.long, device=zc.device)
+    crow[1:] = counts.cumsum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CSR layout is marked beta; the pattern is valid by construction
+        pattern = torch.sparse_csr_tensor(
+            crow, cols, torch.zeros(cols.numel(), dtype=zc.dtype, device=zc.device), size=(zc.shape[0], cc.shape[0])
+        )
+        return torch.sparse.sampled_addmm(pattern, zc, cc.t(), beta=0.0).values()
+
+
+def _settle_pairs(z, codebook, zc, cc, c_sq, z_norm, rows, cols, out, max_chunk_elements) -> int:
+    """Exact winner of each token in ``rows`` among its candidate codes ``cols`` (pairs), written into ``out``.
+
+    The pairs are evaluated as ``||c'||^2 - 2 z'.c'`` in the centred precision (fp32), with the rounding
+    bound of :func:`_rounding_bound`; tokens with a second candidate within twice the bound of the best are
+    settled by the fp64 ``sum((z - c)^2)`` on the original coordinates, lowest index on exact ties.
+    Returns the number of tokens settled.
+    """
+    num_tokens, dim = zc.shape
+    num_codes = cc.shape[0]
+    pair_chunk = max(1, max_chunk_elements // 8 // dim)
+    if rows.numel() > 1 and not bool((rows[1:] >= rows[:-1]).all()):
+        order = torch.argsort(rows * num_codes + cols)  # row-major, as the sparse (CSR) layout needs
+        rows, cols = rows[order], cols[order]
+    dist = c_sq.index_select(0, cols) - 2 * _pair_dots(zc, cc, rows, cols)
+    tol = 2 * _rounding_bound(dim, zc.dtype, c_sq.max().sqrt(), z_norm.index_select(0, rows))
+    best = torch.full((num_tokens,), float("inf"), dtype=dist.dtype, device=dist.device)
+    best = best.scatter_reduce(0, rows, dist, reduce="amin")
+    close = dist <= best[rows] + tol
+    rows, cols = rows[close], cols[close]
+    counts = torch.bincount(rows, minlength=num_tokens)
+    single = counts[rows] == 1
+    out[rows[single]] = cols[single]
+    rows, cols = rows[~single], cols[~single]
+    if rows.numel():
+        best = torch.full((num_tokens,), float("inf"), dtype=torch.float64, device=zc.device)
+        best_idx = torch.full((num_tokens,), codebook.shape[0], dtype=torch.long, device=zc.device)
+        best, best_idx = _best_of_pairs(z, codebook, rows, cols, best, best_idx, pair_chunk)
+        tied = torch.unique(rows)
+        out[tied] = best_idx[tied]
+    return int((counts > 0).sum())
+
+
+class SearchInfo(NamedTuple):
+    """How one :func:`nearest_code_info` call found its answer.
+
+    Attributes:
+        path: the path that ran, ``"exact-fp32"`` or ``"bf16-candidates"`` (``"auto"`` resolved).
+        reranked: tokens whose bf16 candidates were re-ranked in fp64 (0 on the exact path).
+        fallback: tokens the bf16 bound could not settle within ``MAX_CANDIDATE_BLOCKS`` blocks, searched
+            again by the exact path (0 on the exact path).
+    """
+
+    path: str
+    reranked: int
+    fallback: int
+
+
+def check_search(value, name: str = "search") -> str:
+    """Validate a ``search`` setting: one of :data:`SEARCH_PATHS`."""
+    if not isinstance(value, str) or value not in SEARCH_PATHS:
+        raise ValueError(f"{name} must be one of {', '.join(repr(p) for p in SEARCH_PATHS)}, got {value!r}")
+    return value
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX-BF16; Linux flags)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_search(
+    search: str, device: torch.device | str, dtype: torch.dtype, num_tokens: int, num_codes: int
+) -> str:
+    """The path ``search`` runs for ``num_tokens`` tokens and ``num_codes`` codes on ``device`` in ``dtype``.
+
+    ``"auto"`` picks ``"bf16-candidates"`` on CPUs with hardware bf16 (AVX512-BF16 or AMX) for fp32
+    searches of at least ``BF16_MIN_DISTANCES`` distances, and ``"exact-fp32"`` otherwise: fp64 inputs,
+    small searches, CPUs without bf16, and accelerators (where the bf16 path has not been measured yet;
+    pass ``search="bf16-candidates"`` to use it there).
+    """
+    search = check_search(search)
+    if search != "auto":
+        return search
+    device_type = torch.device(device).type
+    big = num_tokens * num_codes >= BF16_MIN_DISTANCES
+    if dtype == torch.float32 and device_type == "cpu" and big and cpu_has_fast_bf16():
+        return "bf16-candidates"
+    return "exact-fp32"
+
+
 @torch.no_grad()
+def nearest_code_info(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    max_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+    search: str = "auto",
+) -> tuple[torch.Tensor, SearchInfo]:
+    """:func:`nearest_code` and a :class:`SearchInfo` saying which path ran and how often it fell back."""
+    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"nearest_code expects z (N, d) and codebook (K, d) with the same d, got {tuple(z.shape)} "
+            f"and {tuple(codebook.shape)}"
+        )
+    max_chunk_elements = check_chunk_elements(max_chunk_elements)
+    check_search(search)
+    num_tokens, num_codes = z.shape[0], codebook.shape[0]
+    device_type = z.device.type
+    dtype = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
+    path = resolve_search(search, z.device, dtype, num_tokens, num_codes)
+    if num_tokens == 0:
+        return torch.empty(0, dtype=torch.long, device=z.device), SearchInfo(path, 0, 0)
+    if max_chunk_elements is None:
+        max_chunk_elements = CPU_CHUNK_ELEMENTS if device_type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+    with torch.autocast(device_type=device_type, enabled=False):
+        mean = codebook.to(dtype).mean(dim=0)
+        zc = z.to(dtype) - mean
+        cc = codebook.to(dtype) - mean
+        c_sq = cc.pow(2).sum(dim=1)
+        if path == "exact-fp32":
+            return _exact_search(z, codebook, zc, cc, c_sq, max_chunk_elements), SearchInfo(path, 0, 0)
+        out, fallback, reranked = _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements)
+        rows = fallback.nonzero().squeeze(1)
+        if rows.numel():
+            out[rows] = _exact_search(z[rows], codebook, zc[rows], cc, c_sq, max_chunk_elements)
+    return out, SearchInfo(path, reranked, int(rows.numel()))
+
+
 def nearest_code(
     z: torch.Tensor,
     codebook: torch.Tensor,
     *,
     max_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+    search: str = "auto",
 ) -> torch.Tensor:
     """Index of the nearest code (squared L2) for every token, exact (see the module docstring).
 
@@ -173,52 +562,11 @@ def nearest_code(
         codebook: ``(K, d)`` codes.
         max_chunk_elements: bound on the number of distances held at once (``None``: 2**25 on CPU,
             2**27 on accelerators).
+        search: ``"auto"`` (default; see :func:`resolve_search`), ``"exact-fp32"`` (fp32 matmul, or fp64
+            for fp64 inputs) or ``"bf16-candidates"`` (bf16 matmul, exact re-rank). Every path returns the
+            same indices.
 
     Returns:
         ``(N,)`` int64 indices in ``[0, K)``.
     """
-    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
-        raise ValueError(
-            f"nearest_code expects z (N, d) and codebook (K, d) with the same d, got {tuple(z.shape)} "
-            f"and {tuple(codebook.shape)}"
-        )
-    max_chunk_elements = check_chunk_elements(max_chunk_elements)
-    num_tokens, num_codes = z.shape[0], codebook.shape[0]
-    out = torch.empty(num_tokens, dtype=torch.long, device=z.device)
-    if num_tokens == 0:
-        return out
-    device_type = z.device.type
-    if max_chunk_elements is None:
-        max_chunk_elements = CPU_CHUNK_ELEMENTS if device_type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
-    # CPU: min-with-index over a long row is a scalar loop, so reduce in two levels; GPUs reduce a row with
-    # its index at memory speed, and the two-level form costs them 20-30% of the search (measured on H200)
-    row_min = _row_min if device_type == "cpu" else _plain_row_min
-    dtype = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
-    with torch.autocast(device_type=device_type, enabled=False):
-        mean = codebook.to(dtype).mean(dim=0)
-        zc = z.to(dtype) - mean
-        cc = codebook.to(dtype) - mean
-        c_sq = cc.pow(2).sum(dim=1)
-        tol = 2 * _rounding_bound(z.shape[1], dtype, c_sq.max().sqrt(), zc.norm(dim=1))
-        token_chunk, code_chunk = _chunk_sizes(num_tokens, num_codes, max_chunk_elements)
-        cc_t = cc.t()
-        buffer = torch.empty(token_chunk, code_chunk, dtype=dtype, device=z.device)
-        thr = torch.empty(num_tokens, dtype=dtype, device=z.device)
-        rival = torch.empty(num_tokens, dtype=torch.bool, device=z.device)
-        for t0 in range(0, num_tokens, token_chunk):
-            zt, tol_t = zc[t0 : t0 + token_chunk], tol[t0 : t0 + token_chunk]
-            nt = zt.shape[0]
-            best = None
-            for k0 in range(0, num_codes, code_chunk):
-                k1 = min(k0 + code_chunk, num_codes)
-                dist = buffer[:nt, : k1 - k0]
-                # dist = ||c'||^2 - 2 z' c', written in place into the reused buffer
-                torch.addmm(c_sq[k0:k1], zt, cc_t[:, k0:k1], beta=1.0, alpha=-2.0, out=dist)
-                val, idx, near = row_min(dist, tol_t)
-                best = (val, idx, near) if best is None else _merge(best, (val, idx + k0, near), tol_t)
-            out[t0 : t0 + nt], rival[t0 : t0 + nt] = best[1], best[2]
-            thr[t0 : t0 + nt] = best[0] + tol_t
-        ties = rival.nonzero().squeeze(1)
-        if ties.numel():
-            out[ties] = _rerank(z[ties], codebook, zc[ties], cc_t, c_sq, thr[ties], max_chunk_elements)
-    return out
+    return nearest_code_info(z, codebook, max_chunk_elements=max_chunk_elements, search=search)[0]

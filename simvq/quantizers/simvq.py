@@ -32,7 +32,7 @@ from simvq.quantizers.base import (
     vq_loss_terms,
 )
 from simvq.quantizers.registry import QUANTIZERS, register_quantizer
-from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
+from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, check_search, nearest_code
 
 TRANSFORMS = ("linear", "mlp")
 
@@ -70,6 +70,8 @@ class SimVQ(Quantizer):
         codebook_weight: weight of ``mean((sg(z) - q)^2)`` (official 1.0).
         channel_first, check_finite: see :class:`~simvq.quantizers.base.Quantizer`.
         search_chunk_elements: memory bound of the nearest-code search, in fp32 distances.
+        search: nearest-code search path, ``"auto"``, ``"exact-fp32"`` or ``"bf16-candidates"`` (same
+            indices on every path; see :func:`~simvq.quantizers.search.nearest_code`).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class SimVQ(Quantizer):
         channel_first: bool = True,
         check_finite: bool = True,
         search_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+        search: str = "auto",
     ) -> None:
         super().__init__(dim=dim, codebook_size=codebook_size, channel_first=channel_first, check_finite=check_finite)
         cdim = dim if frozen_codebook_dim is None else frozen_codebook_dim
@@ -99,6 +102,7 @@ class SimVQ(Quantizer):
         self.use_rotation_trick = bool(rotation_trick)
         self.learnable_codebook = bool(learnable_codebook)
         self.search_chunk_elements = check_chunk_elements(search_chunk_elements, "search_chunk_elements")
+        self.search = check_search(search)
         self.embedding = nn.Embedding(codebook_size, cdim)
         nn.init.normal_(self.embedding.weight, mean=0.0, std=cdim**-0.5)
         self.embedding.weight.requires_grad_(self.learnable_codebook)
@@ -128,7 +132,7 @@ class SimVQ(Quantizer):
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
         z = z.to(self.compute_dtype(z))  # bf16 / fp16 features are upcast; fp64 stays fp64
         with torch.no_grad():
-            indices = nearest_code(z, self.codebook, max_chunk_elements=self.search_chunk_elements)
+            indices = nearest_code(z, self.codebook, max_chunk_elements=self.search_chunk_elements, search=self.search)
         q = self.codes_from_indices(indices).to(z.dtype)  # differentiable in W, b (and C if learnable)
         commitment, codebook = vq_loss_terms(z, q)
         loss = self.commitment_weight * commitment + self.codebook_weight * codebook
@@ -150,6 +154,7 @@ class SimVQ(Quantizer):
             channel_first=self.channel_first,
             check_finite=self.check_finite,
             search_chunk_elements=self.search_chunk_elements,
+            search=self.search,
         ).to(self.embedding.weight.device)
         folded.embedding.weight.copy_(self.codebook)
         return folded

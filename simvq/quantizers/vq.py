@@ -25,7 +25,7 @@ from torch import nn
 
 from simvq.quantizers.base import Quantizer, TokenResult, _check_weight, rotation_trick, straight_through, vq_loss_terms
 from simvq.quantizers.registry import register_quantizer
-from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, nearest_code
+from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, check_search, nearest_code
 
 # k-means++ seeding is K sequential passes over the features; above this many codes random seeding is used
 KMEANS_PLUS_PLUS_MAX_CODES = 4096
@@ -58,7 +58,7 @@ class VectorQuantizer(Quantizer):
         kmeans_init_batches: how many training forward passes' tokens to collect first (1). With fewer
             than ``K`` tokens the tokens are repeated to ``K`` rows, and some centroids will coincide.
         commitment_weight, codebook_weight: the two named loss weights (0.25, 1.0).
-        channel_first, check_finite, search_chunk_elements: as for every quantizer.
+        channel_first, check_finite, search_chunk_elements, search: as for every quantizer (see :class:`SimVQ`).
     """
 
     def __init__(
@@ -78,6 +78,7 @@ class VectorQuantizer(Quantizer):
         channel_first: bool = True,
         check_finite: bool = True,
         search_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+        search: str = "auto",
     ) -> None:
         super().__init__(dim=dim, codebook_size=codebook_size, channel_first=channel_first, check_finite=check_finite)
         self.commitment_weight = _check_weight("commitment_weight", commitment_weight)
@@ -93,6 +94,7 @@ class VectorQuantizer(Quantizer):
         if self.use_kmeans_init and init_codebook is not None:
             raise ValueError("pass either init_codebook or kmeans_init=True, not both")
         self.search_chunk_elements = check_chunk_elements(search_chunk_elements, "search_chunk_elements")
+        self.search = check_search(search)
         self.embedding = nn.Embedding(codebook_size, dim)
         with torch.no_grad():
             if init_codebook is None:
@@ -166,7 +168,7 @@ class VectorQuantizer(Quantizer):
             self._collect_for_kmeans(z32)
         with torch.no_grad():
             codes = self.codebook
-        indices = nearest_code(z32, codes, max_chunk_elements=self.search_chunk_elements)
+        indices = nearest_code(z32, codes, max_chunk_elements=self.search_chunk_elements, search=self.search)
         q = self.codes_from_indices(indices).to(z32.dtype)
         commitment, codebook = vq_loss_terms(z32, q)
         loss = self.commitment_weight * commitment + self.codebook_weight * codebook
