@@ -381,3 +381,24 @@ def test_the_cli_wires_the_generation_commands(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and word in err[0] and "does not exist" in err[0], err
     assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
+
+
+@pytest.mark.slow
+def test_eval_reuses_a_held_out_nll_only_when_it_covers_the_eval_split(trained_prior, tmp_path):
+    from safetensors.torch import load_file
+
+    from simvq.prior.metrics import evaluate_prior
+    from simvq.prior.train import load_prior
+
+    out, _ = trained_prior
+    prior, _ = load_prior(out)
+    cached = load_file(str(out / "tokens" / "eval.safetensors"))
+    reference = held_out_nll(prior, cached["tokens"].long(), cached["labels"].long())  # the grids evaluation scores
+    kwargs = dict(samples=4, classifier_dir=tmp_path / "cls", classifier_steps=2)
+    given = {"bits_per_token": 1.5, "bits_per_image": 96.0, "images": len(cached["tokens"])}
+    reused = evaluate_prior(out, held_out=given, **kwargs)
+    assert (reused["bits_per_token"], reused["bits_per_image"]) == (1.5, 96.0)
+    # a figure over another number of grids is not this prior's held-out figure: computed again
+    other = evaluate_prior(out, held_out=dict(given, images=len(cached["tokens"]) - 1), **kwargs)
+    assert other["bits_per_token"] == pytest.approx(reference["bits_per_token"], rel=1e-6)
+    assert other["nll_images"] == len(cached["tokens"])

@@ -134,7 +134,7 @@ def run_eval_prior(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """A stand-alone parser of the three commands (``python -m simvq.prior.command``) until the CLI wires them."""
+    """A stand-alone parser of the three commands (``python -m simvq.prior.command``); ``simvq`` registers the same."""
     parser = argparse.ArgumentParser(prog="simvq-prior")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, add, run in (("train", add_prior_train_arguments, run_prior_train), ("sample", add_sample_arguments, run_sample),

@@ -261,6 +261,7 @@ def evaluate_prior(
     classifier_dir: str | Path | None = None,
     classifier_steps: int | None = None,
     held_out_limit: int | None = None,
+    held_out: dict | None = None,
     device: str = "cpu",
     progress: bool = False,
     return_images: bool = False,
@@ -268,7 +269,9 @@ def evaluate_prior(
     """Held-out bits/token and bits/image, gFID (or its labelled proxy), precision/recall, class accuracy.
 
     Settings default to the prior config's ``eval`` section. ``held_out_limit`` evaluates bits/token on the
-    first N held-out grids only (default: all of the prior's eval split). Class-conditional priors are sampled with the
+    first N held-out grids only (default: all of the prior's eval split); ``held_out``, the
+    :func:`held_out_nll` result that training already computed for this prior on its whole eval split (the
+    ``metrics`` of :func:`~simvq.prior.train.train_prior`), is used instead of computing it again. Class-conditional priors are sampled with the
     classes in turn (sample ``i`` asks for class ``i mod num_classes``); unconditional ones without a class.
     """
     import time
@@ -298,8 +301,11 @@ def evaluate_prior(
     )
     result: dict = {"prior": str(Path(prior_dir)), "tokenizer": config["tokenizer"]["path"], "codebook_size": prior.codebook_size,
                     "grid": list(prior.grid), "num_classes": prior.num_classes}
-    nll = held_out_nll(prior, eval_tokens, eval_labels if prior.conditional else None,
-                       batch_size=config["data"]["eval_batch_size"], limit=held_out_limit)
+    if held_out is not None and held_out_limit is None and held_out.get("images") == len(eval_tokens):
+        nll = held_out
+    else:
+        nll = held_out_nll(prior, eval_tokens, eval_labels if prior.conditional else None,
+                           batch_size=config["data"]["eval_batch_size"], limit=held_out_limit)
     result.update(bits_per_token=nll["bits_per_token"], bits_per_image=nll["bits_per_image"], nll_images=nll["images"])
 
     gen_indices = sample(prior, n, classes=classes, temperature=ev["temperature"], top_k=ev["top_k"], top_p=ev["top_p"],
