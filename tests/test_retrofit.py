@@ -196,20 +196,20 @@ def test_unsupported_kinds_are_left_alone_and_reported():
         def forward(self, z):
             return z.round()
 
-    cosine = vqp.VectorQuantize(dim=8, codebook_size=16, use_cosine_sim=True)
+    sampling = vqp.VectorQuantize(dim=8, codebook_size=16, stochastic_sample_codes=True)
     vq = VectorQuantizer(dim=8, codebook_size=16)
     model = nn.ModuleDict(
-        {"tok_emb": nn.Embedding(100, 8), "odd": MyQuantizer(), "cos": cosine, "already": SimVQ(dim=8, codebook_size=16), "vq": vq}
+        {"tok_emb": nn.Embedding(100, 8), "odd": MyQuantizer(), "cos": sampling, "already": SimVQ(dim=8, codebook_size=16), "vq": vq}
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = retrofit(model)
     assert list(result) == ["vq"]
     assert set(result.skipped) == {"odd", "cos", "already"}
-    assert "cosine" in result.skipped["cos"] and "unknown" in result.skipped["odd"]
+    assert "stochastic" in result.skipped["cos"] and "unknown" in result.skipped["odd"]
     assert any("odd" in str(w.message) for w in caught)
     assert isinstance(model["tok_emb"], nn.Embedding)  # a token embedding is not a VQ layer
-    assert model["cos"] is cosine
+    assert model["cos"] is sampling
 
 
 def test_bare_quantizer_and_bad_arguments():
