@@ -12,6 +12,7 @@ import torch
 from simvq.quantizers import search as search_mod
 from simvq.quantizers.registry import build_quantizer
 from simvq.quantizers.search import (
+    BF16_MIN_DIM,
     BF16_MIN_DISTANCES,
     SEARCH_PATHS,
     nearest_code,
@@ -137,6 +138,9 @@ def test_resolve_search_rules(monkeypatch):
     assert resolve_search("auto", "cpu", torch.float32, n, BF16_MIN_DISTANCES // n) == "bf16-candidates"
     assert resolve_search("auto", "cpu", torch.float32, n, BF16_MIN_DISTANCES // n - 1) == "exact-fp32"
     assert resolve_search("auto", "cpu", torch.float64, n, 10**6) == "exact-fp32"
+    # narrow codes stay on the exact path (the bf16 path is slower there), wide ones take the bf16 path
+    assert resolve_search("auto", "cpu", torch.float32, n, 10**6, BF16_MIN_DIM - 1) == "exact-fp32"
+    assert resolve_search("auto", "cpu", torch.float32, n, 10**6, BF16_MIN_DIM) == "bf16-candidates"
     assert resolve_search("auto", "meta", torch.float32, n, 10**6) == "exact-fp32"
     monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: False)
     assert resolve_search("auto", "cpu", torch.float32, n, 10**6) == "exact-fp32"

@@ -38,7 +38,8 @@ Paths (``search=``; every path returns the same indices):
   conversions and fp32 accumulation inside the matmul, as AVX512-BF16, AMX and tensor cores do;
   tests/test_search_paths.py checks it against float64 on the running machine.
 - ``"auto"`` (default): ``"bf16-candidates"`` on CPUs with hardware bf16 for fp32 searches of at least
-  ``BF16_MIN_DISTANCES`` distances, ``"exact-fp32"`` otherwise (:func:`resolve_search`).
+  ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide, ``"exact-fp32"`` otherwise
+  (:func:`resolve_search`).
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ SEARCH_PATHS = ("auto", "exact-fp32", "bf16-candidates")
 # cost of the candidate bookkeeping outweighs the faster matmul (1,024 x 512: 0.9x the exact path's speed,
 # 1,024 x 1,024: 1.2x, 4,096 x 256: 1.1x; one thread, SimVQ codebooks; docs/benchmarks.md)
 BF16_MIN_DISTANCES = 2**20
+# ... and only for codes at least this wide: with narrow codes the matmul is a small part of the search (writing
+# the distances dominates), and the bf16 path's extra columns and candidate re-ranking make it slower (d = 4:
+# 1.2x the exact path's time at 2,048 x 1,024, 2.3x at 2,048 x 8,192; d = 16: 0.5x at 2,048 x 16,384; one thread)
+BF16_MIN_DIM = 16
 # Tokens whose bf16 candidates span more blocks of REDUCE_BLOCK codes than this, or number more than
 # MAX_CANDIDATES, fall back to the exact path (bounds the candidate bookkeeping on tie-heavy data)
 MAX_CANDIDATE_BLOCKS = 64
@@ -491,20 +496,20 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_search(
-    search: str, device: torch.device | str, dtype: torch.dtype, num_tokens: int, num_codes: int
+    search: str, device: torch.device | str, dtype: torch.dtype, num_tokens: int, num_codes: int, dim: int | None = None
 ) -> str:
     """The path ``search`` runs for ``num_tokens`` tokens and ``num_codes`` codes on ``device`` in ``dtype``.
 
     ``"auto"`` picks ``"bf16-candidates"`` on CPUs with hardware bf16 (AVX512-BF16 or AMX) for fp32
-    searches of at least ``BF16_MIN_DISTANCES`` distances, and ``"exact-fp32"`` otherwise: fp64 inputs,
-    small searches, CPUs without bf16, and accelerators (where the bf16 path has not been measured yet;
+    searches of at least ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide (``dim``;
+    None: not checked), and ``"exact-fp32"`` otherwise: fp64 inputs, small searches, narrow codes, CPUs without bf16, and accelerators (where the bf16 path has not been measured yet;
     pass ``search="bf16-candidates"`` to use it there).
     """
     search = check_search(search)
     if search != "auto":
         return search
     device_type = torch.device(device).type
-    big = num_tokens * num_codes >= BF16_MIN_DISTANCES
+    big = num_tokens * num_codes >= BF16_MIN_DISTANCES and (dim is None or dim >= BF16_MIN_DIM)
     if dtype == torch.float32 and device_type == "cpu" and big and cpu_has_fast_bf16():
         return "bf16-candidates"
     return "exact-fp32"
@@ -529,7 +534,7 @@ def nearest_code_info(
     num_tokens, num_codes = z.shape[0], codebook.shape[0]
     device_type = z.device.type
     dtype = torch.float64 if torch.float64 in (z.dtype, codebook.dtype) else torch.float32
-    path = resolve_search(search, z.device, dtype, num_tokens, num_codes)
+    path = resolve_search(search, z.device, dtype, num_tokens, num_codes, z.shape[1])
     if num_tokens == 0:
         return torch.empty(0, dtype=torch.long, device=z.device), SearchInfo(path, 0, 0)
     if max_chunk_elements is None:
