@@ -110,9 +110,31 @@ def _remove_stale_temp_files(folder: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _reset_peak_memory() -> None:
+    """Start a new peak-memory window: CUDA's allocator peak and, on Linux, the process's resident-set
+    high-water mark (writing "5" to /proc/self/clear_refs resets VmHWM), so that a worker process that trains
+    several runs one after another reports each run's own peak, not the largest of all its runs."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def _peak_memory_mb(device_type: str) -> float:
+    """Peak memory since :func:`_reset_peak_memory`: CUDA allocator peak, else the peak resident set (VmHWM;
+    where /proc is missing, the process's lifetime peak ``ru_maxrss``)."""
     if device_type == "cuda" and torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     try:
         import resource
 
@@ -284,8 +306,7 @@ def train(
             trainer.callbacks.append(StepProgress(steps))
         if trainer.global_rank == 0 and write_config:
             save_config(config, out_dir / "config.yaml")
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+        _reset_peak_memory()
         fit_t0 = time.perf_counter()
         if steps is not None and done >= steps:
             log.info("run in %s already reached step %d; exporting without training", out_dir, done)
