@@ -3,7 +3,8 @@
 ``evaluate(model_or_dir, data)`` resets the quantizer's usage counters, reconstructs every evaluation item
 (with the weights the model holds; exported model directories hold the EMA weights), and reports:
 
-- ``utilization`` (codes used at least once over the whole set / K), ``perplexity``, ``dead_codes``;
+- ``utilization`` (codes used at least once over the whole set / K), ``perplexity``, ``dead_codes``; for a
+  residual stack these are level 0's, and ``levels`` lists every level's own (level 0 first);
 - the modality's metrics (images: :class:`simvq.modalities.image.metrics.ImageMetrics`: PSNR in both conventions,
   SSIM x100, LPIPS / rFID or their labelled proxies).
 
@@ -129,7 +130,10 @@ def evaluate(
 
     weight_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     usage = model.quantize.usage
-    saved_counts = usage.counts.clone()
+    level_usage = getattr(model.quantize, "level_usage", None)  # residual stacks: one counter per level
+    stack_levels = list(model.quantize.levels) if callable(level_usage) else []  # (FSQ's ``levels`` are its grid)
+    counters = [usage] + [level.usage for level in stack_levels]
+    saved_counts = [c.counts.clone() for c in counters]
     usage.reset()
     metric = task.build_metrics(device) if metrics else None
     n_items = 0
@@ -150,8 +154,10 @@ def evaluate(
                 metric.update(x, x_hat.to(x.dtype))
             n_items += x.shape[0]
         stats = usage.compute(reduce=distributed)
+        levels = level_usage(reduce=distributed) if callable(level_usage) else None
     finally:
-        usage.counts.copy_(saved_counts)  # evaluation never changes a model's training tallies
+        for counter, saved in zip(counters, saved_counts):
+            counter.counts.copy_(saved)  # evaluation never changes a model's training tallies
         model.train(was_training)
     result: dict = {
         "modality": config.get("modality", "image"),
@@ -161,6 +167,8 @@ def evaluate(
         "data": description,
     }
     result.update(stats.as_dict())
+    if levels is not None:  # the top-level figures are level 0's; each level's own beside them
+        result["levels"] = [{k: v for k, v in level.as_dict().items()} for level in levels]
     result.update(modality.rate(model, config))
     if metric is not None:
         result.update(metric.compute())
@@ -217,6 +225,9 @@ def format_result(result: dict) -> str:
     for k, v in result.items():
         if isinstance(v, float):
             v = f"{v:.4f}" if abs(v) < 1e5 else f"{v:.0f}"
+        elif k == "levels":  # a residual stack's per-level usage, one level per part
+            v = "; ".join(f"level {i}: {100 * lv['utilization']:.1f}% ({lv['used_codes']:,} codes, perplexity "
+                          f"{lv['perplexity']:.1f})" for i, lv in enumerate(v))
         lines.append(f"{k.ljust(width)}  {v}")
     return "\n".join(lines)
 

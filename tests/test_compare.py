@@ -165,21 +165,33 @@ def test_report_contents_and_resume(tmp_path, monkeypatch):
     verdict_text = "\n".join(stored["verdict"])
     assert fmt_stat(sim_u, "pct") in verdict_text
     assert fmt_stat(by["vq"]["metrics"]["utilization"], "pct") in verdict_text
-    # retrofit experiment: VQ K=16 seed 0 -> SimVQ, trained 2 more steps; control trained as long
+    # retrofit experiment: VQ K=16 of each seed -> SimVQ with each strategy, trained 2 more steps; control as long
     retro = stored["retrofit"]
-    assert retro["replaced"] == ["quantize"]
-    assert retro["after_retrofit"]["steps"] == retro["control_vq_trained_on"]["steps"] == 4
-    assert retro["before"]["steps"] == 2
-    assert retro["before"]["utilization"] == next(
-        r["usage_eval"]["utilization"] for r in stored["runs"] if r["variant"] == "vq" and r["seed"] == 0)
-    # the retrofitted run started from the VQ model: its frozen C is still the VQ codebook after training on
+    assert retro["replaced"] == ["quantize"] and retro["seeds"] == [0, 1] and retro["codebook_size"] == 16
+    rows = {r["name"]: r for r in retro["rows"]}
+    assert list(rows) == ["before", "control", "keep", "respread", "fresh", "simvq"]
+    for name, row in rows.items():
+        assert [r["seed"] for r in row["runs"]] == [0, 1] and {r["steps"] for r in row["runs"]} == {2}
+    vq_runs = {r["seed"]: r for r in stored["runs"] if r["variant"] == "vq"}
+    assert [r["utilization"] for r in rows["before"]["runs"]] == [vq_runs[s]["usage_eval"]["utilization"] for s in (0, 1)]
+    # the summary is the mean and sample spread of the per-seed values
+    u = [r["utilization"] for r in rows["respread"]["runs"]]
+    assert rows["respread"]["metrics"]["utilization"]["mean"] == pytest.approx(sum(u) / 2)
+    assert rows["respread"]["metrics"]["utilization"]["std"] == pytest.approx(abs(u[0] - u[1]) / 2**0.5)
+    assert {r["seed"] for r in retro["dead_codes"]["fresh"]} == {0, 1}
+    # the retrofitted runs started from the VQ model: with `keep` its frozen C is still the VQ codebook, with
+    # `respread` the live codes are
     from simvq.checkpoints import load_tokenizer
 
-    vq_model = load_tokenizer(out / "work" / retro["before"]["key"] / "model")
-    retro_model = load_tokenizer(out / "work" / retro["after_retrofit"]["key"] / "model")
-    assert type(retro_model.quantize).__name__ == "SimVQ"
-    assert torch.equal(retro_model.quantize.embedding.weight, vq_model.quantize.embedding.weight)
-    assert not torch.equal(retro_model.quantize.embedding_proj.weight, torch.eye(4))  # W trained from I
+    vq_model = load_tokenizer(out / "work" / rows["before"]["runs"][0]["key"] / "model")
+    keep_model = load_tokenizer(out / "work" / rows["keep"]["runs"][0]["key"] / "model")
+    assert type(keep_model.quantize).__name__ == "SimVQ"
+    assert torch.equal(keep_model.quantize.embedding.weight, vq_model.quantize.embedding.weight)
+    assert not torch.equal(keep_model.quantize.embedding_proj.weight, torch.eye(4))  # W trained from I
+    respread = load_tokenizer(out / "work" / rows["respread"]["runs"][0]["key"] / "model").quantize.embedding.weight
+    same = (respread == vq_model.quantize.embedding.weight).all(1)
+    assert int(same.sum()) == retro["dead_codes"]["respread"][0]["live"] and int((~same).sum()) == retro["dead_codes"]["respread"][0]["dead"]
+    assert any(line.startswith("Retrofit target (utilisation above 50% with PSNR at least the control's): met by") for line in stored["verdict"])
     # published table beside ours
     assert any(row["method"] == "SimVQ" and row["codebook_size"] == 8192 for row in stored["published_imagenet"])
     md = (out / "report.md").read_text()

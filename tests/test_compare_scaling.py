@@ -48,12 +48,19 @@ def test_list_names_every_new_variant_and_its_reference(capsys):
         assert key in lines and ref in lines[key]
 
 
-def test_the_default_run_keeps_its_nine_variants():
+def test_the_default_run_adds_todays_baselines_at_the_smaller_size(forbid_training):
     spec = CompareSpec(data="digits").check()
-    assert tuple(spec.quantizers) == ORIGINAL_NINE == DEFAULT_QUANTIZERS
-    assert not set(NEW) & set(spec.quantizers)
-    named = CompareSpec(quantizers="simvq,ibq,vq_cosine", data="digits").check()
-    assert named.quantizers == ["simvq", "ibq", "vq_cosine"]
+    assert tuple(spec.quantizers) == ORIGINAL_NINE + NEW == DEFAULT_QUANTIZERS
+    assert spec.size_limits == {key: 1024 for key in NEW}
+    runs, notes = plan_runs(spec)
+    sizes = {}
+    for r in runs:
+        sizes.setdefault(r.variant, set()).add(r.requested_size)
+    assert all(sizes[v] == {1024, 8192} for v in ORIGINAL_NINE) and all(sizes[v] == {1024} for v in NEW)
+    assert len(runs) == (9 * 2 + 4) * 2 and len(notes) == 4
+    # named quantizers run at every size asked
+    named = CompareSpec(quantizers="simvq,ibq,vq_cosine", quantizers_given=True, data="digits").check()
+    assert named.quantizers == ["simvq", "ibq", "vq_cosine"] and named.size_limits == {}
 
 
 def test_new_variants_plan_and_build_at_small_k(forbid_training):
@@ -99,8 +106,10 @@ def test_scaling_preset_brings_its_own_defaults_and_16d_codes():
     spec = CompareSpec(config="compare/scaling").check()
     assert spec.quantizers == ["simvq", "vq", "ema_vq", "ibq", "fsq", "lfq"]
     assert spec.codebook_sizes == list(SCALING_SIZES)
-    assert spec.seeds == [0] and spec.usage_items is None and spec.retrofit is False
-    assert spec.budget.steps is not None
+    assert spec.seeds == [0] and spec.usage_items == 4096 and spec.retrofit is False
+    assert spec.budget.steps == 300 and spec.size_limits == {"ibq": 4096}
+    # 4,096 held-out images x 256 tokens = 4 tokens per code at the largest K
+    assert spec.usage_items * 256 == 4 * max(SCALING_SIZES)
     assert code_dim(base_config(spec)) == 16
     # arguments given still win over the preset's defaults
     given = CompareSpec(config="compare/scaling", codebook_sizes="1024", seeds="0,1", quantizers="simvq").check()
@@ -111,7 +120,7 @@ def test_scaling_preset_brings_its_own_defaults_and_16d_codes():
 
 @pytest.mark.skipif(not Path(FASHION_MNIST_DIR).is_dir(), reason="needs Debian's dataset-fashion-mnist (scripts/install.sh)")
 def test_scaling_preset_plans_five_sizes_per_family_with_the_sizes_used(forbid_training):
-    spec = CompareSpec(config="compare/scaling")
+    spec = CompareSpec(config="compare/scaling", size_limits="ibq=none")
     runs, notes = plan_runs(spec)
     assert not notes
     actual = {}
@@ -206,3 +215,98 @@ def test_step_time_needs_two_sizes(tmp_path):
     assert not (tmp_path / "t.png").exists()
     assert plots.step_time(_results(), tmp_path / "t.png").endswith("t.png")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----- size limits (the CPU preset's cut) ----------------------------------------------------------------
+def test_size_limits_skip_runs_above_the_limit_with_a_note(forbid_training):
+    runs, notes = plan_runs(CompareSpec(config="compare/scaling", data="digits"))
+    ibq = sorted(r.requested_size for r in runs if r.variant == "ibq")
+    assert ibq == [1024, 4096]
+    assert len(runs) == 5 * 5 + 2
+    assert [n.split(":")[0] for n in notes] == [f"IBQ skipped at K={k}" for k in (16384, 65536, 262144)]
+    assert all("--size-limit ibq=none" in n for n in notes)
+    # a limit given by the user adds to the preset's, and "none" lifts one
+    spec = CompareSpec(config="compare/scaling", data="digits", size_limits="vq=4096,ibq=none").check()
+    assert spec.size_limits == {"vq": 4096}
+    named = CompareSpec(config="compare/scaling", quantizers="simvq,ibq", quantizers_given=True).check()
+    assert named.size_limits == {}
+    assert CompareSpec(config="compare/scaling-gpu").check().size_limits == {}
+
+
+@pytest.mark.parametrize("text, words", [("ibq", "VARIANT=K"), ("nope=4", "unknown quantizer 'nope'"),
+                                         ("ibq=big", "whole codebook size"), ("ibq=1", ">= 2")])
+def test_size_limit_errors_are_one_line(tmp_path, capsys, forbid_training, text, words):
+    from simvq.cli import main
+
+    out = tmp_path / "report"
+    assert main(["compare", "--data", "digits", "--size-limit", text, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
+    assert not out.exists()
+
+
+def test_scaling_gpu_preset_runs_every_size_at_batch_32():
+    spec = CompareSpec(config="compare/scaling-gpu").check()
+    cfg = base_config(spec)
+    assert cfg["data"]["batch_size"] == 32 and code_dim(cfg) == 16
+    assert spec.usage_items is None and spec.seeds == [0, 1] and spec.budget.steps == 3000
+
+
+def test_uniform_ceiling_matches_the_occupancy_formula():
+    # K codes drawn uniformly T times: a code is missed with probability (1 - 1/K)^T; by hand for K = 4, T = 2:
+    # 1 - (3/4)^2 = 7/16
+    assert plots._uniform_ceiling(4, 2) == pytest.approx(100 * 7 / 16, rel=1e-12)
+    # K = 262,144 with 4 tokens per code: 1 - exp(-4) to within 1e-6 (the Poisson limit)
+    assert plots._uniform_ceiling(262144, 4 * 262144) == pytest.approx(100 * (1 - math.exp(-4)), abs=1e-4)
+
+
+def _scaling_summary():
+    def entry(variant, label, k, used, util, psnr, tokens=20_000):
+        def stat(v):
+            return {"mean": v, "std": None, "values": [v], "n": 1, "min": v, "max": v}
+
+        return {"variant": variant, "label": label, "requested_size": k, "codebook_size": used, "seeds": [0],
+                "diverged": [], "metrics": {"utilization": stat(util), "psnr_official_batch64": stat(psnr),
+                                            "tokens": stat(tokens), "perplexity": stat(util * used / 2),
+                                            "peak_memory_mb": stat(100.0 + k / 1000), "steps_per_s": stat(2.0)}}
+
+    return [entry("simvq", "SimVQ", 1024, 1024, 0.99, 20.0), entry("simvq", "SimVQ", 4096, 4096, 0.95, 20.5),
+            entry("simvq", "SimVQ", 16384, 16384, 0.85, 21.0),
+            entry("vq", "plain VQ", 1024, 1024, 0.10, 19.0), entry("vq", "plain VQ", 4096, 4096, 0.05, 19.2),
+            entry("vq", "plain VQ", 16384, 16384, 0.001, 18.0)]
+
+
+def test_scaling_verdict_states_simvq_floor_and_where_baselines_stop():
+    from simvq.compare.verdict import verdict
+
+    lines = [line for line in verdict(_scaling_summary(), None, [1024, 4096, 16384]) if line.startswith("Scaling")]
+    simvq_line, vq_line = lines
+    # SimVQ: 0.99 x 1024 = 1,014, 0.95 x 4096 = 3,891, 0.85 x 16384 = 13,926 codes; lowest 85% < 90%
+    assert "codes in use 1,014 -> 3,891 -> 13,926" in simvq_line
+    assert "above 90% at every K: no (lowest 85.0% at K=16,384)" in simvq_line
+    assert "PSNR 20.00 -> 21.00 dB, improving at every step of K" in simvq_line
+    # VQ: 102 -> 205 -> 16 codes: the number in use peaks at K = 4,096; PSNR best there (19.20)
+    assert "codes in use 102 -> 205 -> 16" in vq_line
+    assert "stops growing after K=4,096 (205 codes)" in vq_line
+    assert "best at K=4,096 (19.20 dB)" in vq_line
+    assert not [line for line in verdict(_scaling_summary(), None, [1024, 4096]) if line.startswith("Scaling")]
+
+
+def test_scaling_figure_panels_and_memory_panel(tmp_path, monkeypatch):
+    figures = _capture(monkeypatch)
+    results = {"summary": _scaling_summary(), "spec": {"quantizers": ["simvq", "vq"]}}
+    from simvq.compare.modality import compare_module
+
+    panels = compare_module("image").PLOTS["scaling_panels"]
+    plots.codebook_scaling(results, tmp_path / "s.png", panels)
+    plots.step_time(results, tmp_path / "t.png")
+    scaling, cost = figures
+    visible = [ax for ax in scaling.axes if ax.get_visible()]
+    assert len(visible) == 3  # utilisation, perplexity, PSNR: the metrics these runs have (no SSIM, FID)
+    ceiling = [line for line in visible[0].lines if line.get_linestyle() == "--"]
+    assert len(ceiling) == 1  # 20,000 tokens cannot show every one of 16,384 codes even under uniform use
+    ys = list(ceiling[0].get_ydata())
+    assert ys == pytest.approx([100 * (1 - (1 - 1 / k) ** 20_000) for k in (1024, 4096, 16384)])
+    memory = cost.axes[1]
+    pts = {tuple(line.get_xdata()): list(line.get_ydata()) for line in memory.lines if line.get_marker() == "o"}
+    assert pts[(1024, 4096, 16384)] == pytest.approx([(100 + k / 1000) / 1024 for k in (1024, 4096, 16384)])

@@ -5,8 +5,10 @@ quality improve, and what does it cost? For image tokenizers and for audio token
 ``modality``; ``--data speech``, a folder of wav/flac files or ``--config compare/audio`` select audio). See
 ``docs/compare.md``.
 
-Imports run one way: ``runner`` (``run_compare``) > ``retrofit`` > ``execute`` > ``measure`` / ``lc`` > ``plan`` >
-``spec`` > ``modality`` > ``variants``; ``runner`` > ``report`` > ``verdict`` / ``summary`` / ``plots`` > ``records``.
+Imports run one way: ``runner`` (``run_compare``) > ``tuned`` / ``generation`` / ``retrofit`` > ``execute`` >
+``measure`` / ``lc`` > ``plan`` > ``spec`` > ``modality`` > ``variants``; ``runner`` > ``report`` > ``verdict`` /
+``retrofit_report`` / ``summary`` / ``plots`` > ``records``. ``tuned`` runs Optuna studies through
+:mod:`simvq.tune`, ``generation`` trains token priors through :mod:`simvq.prior` (both below ``compare``).
 Everything modality-specific (defaults, ``--data`` handling, report sections) is in
 ``simvq.modalities.<name>.compare``, reached through :func:`simvq.compare.modality.compare_module`.
 """

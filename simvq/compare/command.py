@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from simvq.argtypes import positive_int
 from simvq.compare.modality import DEFAULT_AUDIO_CONFIG, DEFAULT_CONFIG, MODALITY_DEFAULTS, compare_module
 from simvq.compare.runner import run_compare
 from simvq.compare.spec import DEFAULT, CompareSpec
@@ -67,6 +68,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="run the retrofit experiment (default for images)")
     group.add_argument("--no-retrofit", dest="retrofit", action="store_const", const=False,
                        help="skip the retrofit experiment (default for audio)")
+    gen = parser.add_mutually_exclusive_group()
+    gen.add_argument("--generation", dest="generation", action="store_const", const=True, default=None,
+                     help="train one token prior per run (same prior config, steps and seed) and add a generation "
+                          "section: bits/token, bits/image, gFID or its labelled proxy, precision/recall, class "
+                          "accuracy, sample grids (default for --config compare/generation; images only)")
+    gen.add_argument("--no-generation", dest="generation", action="store_const", const=False,
+                     help="no priors (the default except for compare/generation)")
+    parser.add_argument("--prior-config", default=None, metavar="PRESET",
+                        help="prior preset or YAML of every prior (default prior/compare-cpu; e.g. prior/fashion-cpu); "
+                             "needs --generation")
+    parser.add_argument("--prior-set", dest="prior_overrides", action="append", default=None, metavar="KEY=VALUE",
+                        help="override a key of the prior config, e.g. --prior-set trainer.max_steps=400 (repeatable)")
+    parser.add_argument("--tune", type=positive_int, default=0, metavar="N",
+                        help="first give each quantizer an Optuna study of N trials (same budget for all), then run "
+                             "the comparison again at each one's best settings; the report shows both (needs optuna; "
+                             "see docs/tune.md)")
+    parser.add_argument("--tune-budget", type=positive_int, default=None, metavar="STEPS",
+                        help="training steps per tuning trial (default: half the steps per run)")
+    parser.add_argument("--size-limit", dest="size_limits", action="append", default=None, metavar="VARIANT=K",
+                        help="skip a quantizer's runs above codebook size K (repeatable; VARIANT=none lifts a "
+                             "preset's limit; compare/scaling limits ibq to 4096 on a CPU)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.add_argument("--list", action="store_true", help="list the quantizer variants and exit")
 
@@ -104,6 +126,12 @@ def run(args: argparse.Namespace) -> int:
         eval_limit=args.eval_limit,
         usage_items=_usage_items(args.usage_items),
         overrides=args.overrides,
+        generation=given(args.generation),
+        prior_config=given(args.prior_config),
+        prior_overrides=given(args.prior_overrides),
+        size_limits=given(",".join(args.size_limits) if args.size_limits else None),
+        tune=args.tune,
+        tune_budget=args.tune_budget,
     )
     try:
         results = run_compare(spec, progress=not args.quiet, jobs=args.jobs)

@@ -57,7 +57,10 @@ def measure_usage(model_dir: str | Path, config: dict, items: int | None, work: 
     work.mkdir(parents=True, exist_ok=True)
     path = work / "usage_counts.pt"
     torch.save(result["counts"], path)
-    measured = {k: result[k] for k in ("utilization", "perplexity", "dead_codes", "used_codes", "tokens") if k in result}
+    measured = {k: result[k] for k in ("utilization", "perplexity", "dead_codes", "used_codes", "tokens", "sample_coverage",
+                                       "estimated_used_codes") if k in result}
+    if "levels" in result:  # a residual stack: the figures above are level 0's, every level's utilisation here
+        measured["level_utilization"] = [level["utilization"] for level in result["levels"]]
     measured["items"] = len(dataset)
     measured.update(compare_module(modality_of(config).name).usage_fields(len(dataset), tally.samples, config))
     return {"usage_counts": str(path), "usage_eval": measured}

@@ -99,6 +99,11 @@ def plan_runs(spec: CompareSpec, base: dict | None = None) -> tuple[list[Planned
     for name in spec.quantizers:
         variant = VARIANTS[name]
         for requested in spec.codebook_sizes:
+            limit = spec.size_limits.get(name)
+            if limit is not None and requested > limit:
+                notes.append(f"{variant.label} skipped at K={requested}: above its size limit {limit} for this run "
+                             f"(--size-limit {name}=none runs it)")
+                continue
             try:
                 qcfg, actual = size_for(variant, requested)
             except ValueError as err:

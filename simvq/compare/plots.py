@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
-
-from simvq.compare.records import merged_eval
 
 
 def _plt():
@@ -76,15 +75,35 @@ def utilization_over_steps(results: dict, records: list[dict], path: Path) -> st
     return _save(fig, path)
 
 
-def codebook_scaling(results: dict, path: Path, panels: list[tuple[str, float, str]]) -> str | None:
-    """One panel per (summary key, scale, axis label): the mean ± std over seeds against K, per quantizer."""
+def _uniform_ceiling(size: int, tokens: float) -> float:
+    """Utilisation (%) that a quantizer using all ``size`` codes equally would show on ``tokens`` tokens:
+    ``1 - (1 - 1/K)^T``. A finite sample misses codes, so this is the most a usage measurement can show."""
+    return 100.0 * -math.expm1(tokens * math.log1p(-1.0 / size))
+
+
+def codebook_scaling(results: dict, path: Path, panels: list[tuple]) -> str | None:
+    """One panel per metric against K (log2 axis), mean ± std over seeds, per quantizer.
+
+    A panel is ``(summary key, scale, axis label[, options])``; options: ``"log"`` (log y axis), ``"ceiling"``
+    (utilisation: the dashed line a perfectly uniform quantizer would reach on the tokens counted, which
+    matters when K approaches the number of held-out tokens). Panels whose metric no run has are left out.
+    """
     summary = results["summary"]
     if not summary:
         return None
+    panels = [pn for pn in panels if any(pn[0] in e["metrics"] for e in summary)]
+    if not panels:
+        return None
     plt = _plt()
     colors = _colors(results["spec"]["quantizers"])
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
-    for (key, scale, ylabel), ax in zip(panels, axes):
+    cols = min(len(panels), 3)
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for panel, ax in zip(panels, axes.flat):
+        key, scale, ylabel = panel[:3]
+        options = panel[3] if len(panel) > 3 else ()
         for v in results["spec"]["quantizers"]:
             pts = sorted(
                 (e["codebook_size"], e["metrics"][key]) for e in summary if e["variant"] == v and key in e["metrics"]
@@ -96,47 +115,59 @@ def codebook_scaling(results: dict, path: Path, panels: list[tuple[str, float, s
             ys = [p[1]["mean"] * scale for p in pts]
             err = [(p[1]["std"] or 0.0) * scale for p in pts]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label, color=colors[v])
+        if "ceiling" in options:
+            pts = sorted({(e["codebook_size"], e["metrics"]["tokens"]["mean"]) for e in summary if "tokens" in e["metrics"]})
+            if pts and any(_uniform_ceiling(k, t) < 99.5 for k, t in pts):
+                ax.plot([k for k, _ in pts], [_uniform_ceiling(k, t) for k, t in pts], "k--", lw=1,
+                        label="uniform use of K codes, same tokens")
+            ax.set_ylim(0, 102)
+        if "log" in options:
+            ax.set_yscale("log")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("codebook size K")
         ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylim(0, 102)
-    axes[-1].legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both" if "log" in options else "major")
+    axes.flat[0].legend(fontsize=7)
     fig.suptitle("Codebook-size scaling (mean ± std over seeds)")
     return _save(fig, path)
 
 
 def step_time(results: dict, path: Path) -> str | None:
-    """Training seconds per step (``1 / steps_per_s``, mean ± std over seeds) against the codebook size actually
-    used, log-log, one line per quantizer; None with fewer than two sizes (nothing to scale over)."""
+    """The cost of a large codebook against the codebook size actually used, log-log, one line per quantizer:
+    training seconds per step (``1 / steps_per_s``) and, when recorded, each run's peak memory (the search's
+    buffers and, for IBQ, its ``(N, K)`` logits); mean ± std over seeds. None with fewer than two sizes."""
     summary = [e for e in results["summary"] if "steps_per_s" in e["metrics"]]
     if len({e["codebook_size"] for e in summary}) < 2:
         return None
     plt = _plt()
     colors = _colors(results["spec"]["quantizers"])
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for v in results["spec"]["quantizers"]:
-        entries = sorted((e for e in summary if e["variant"] == v), key=lambda e: e["codebook_size"])
-        if not entries:
-            continue
-        xs, ys, err = [], [], []
-        for e in entries:
-            per_seed = [1.0 / x for x in e["metrics"]["steps_per_s"]["values"] if x > 0]
-            if not per_seed:
-                continue
-            mean = sum(per_seed) / len(per_seed)
-            xs.append(e["codebook_size"])
-            ys.append(mean)
-            err.append((sum((y - mean) ** 2 for y in per_seed) / (len(per_seed) - 1)) ** 0.5 if len(per_seed) > 1 else 0.0)
-        if xs:
-            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=entries[0]["label"], color=colors[v])
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("codebook size K (codes actually used by the quantizer)")
-    ax.set_ylabel("training seconds per step")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    ax.set_title("Training cost against K (mean ± std over seeds)")
+    memory = any("peak_memory_mb" in e["metrics"] for e in summary)
+    fig, axes = plt.subplots(1, 2 if memory else 1, figsize=(13 if memory else 6.5, 4.2), squeeze=False)
+    panels = [("steps_per_s", lambda x: 1.0 / x if x > 0 else None, "training seconds per step")]
+    if memory:
+        panels.append(("peak_memory_mb", lambda x: x / 1024, "peak memory of the run (GiB)"))
+    for (key, convert, ylabel), ax in zip(panels, axes.flat):
+        for v in results["spec"]["quantizers"]:
+            entries = sorted((e for e in summary if e["variant"] == v and key in e["metrics"]),
+                             key=lambda e: e["codebook_size"])
+            xs, ys, err = [], [], []
+            for e in entries:
+                per_seed = [y for y in (convert(x) for x in e["metrics"][key]["values"]) if y is not None]
+                if not per_seed:
+                    continue
+                mean = sum(per_seed) / len(per_seed)
+                xs.append(e["codebook_size"])
+                ys.append(mean)
+                err.append((sum((y - mean) ** 2 for y in per_seed) / (len(per_seed) - 1)) ** 0.5 if len(per_seed) > 1 else 0.0)
+            if xs:
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=entries[0]["label"], color=colors[v])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("codebook size K (codes actually used by the quantizer)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Cost of the codebook size (mean ± std over seeds)")
     return _save(fig, path)
 
 
@@ -236,28 +267,35 @@ def loss_curves(results: dict, records: list[dict], path: Path) -> str | None:
 
 
 def retrofit_figure(retrofit: dict | None, path: Path, quality: tuple[str, str] = ("psnr_official_batch64", "PSNR (dB, batch-64)")) -> str | None:
-    if not retrofit:
+    """Bars of held-out utilisation and quality per row of the retrofit summary, error bars the seed spread."""
+    if not retrofit or "rows" not in retrofit:
         return None
     key, ylabel = quality
-    rows = [("VQ before", retrofit["before"]), ("retrofit -> SimVQ", retrofit["after"]), ("VQ trained on", retrofit["control"])]
-    rows = [(name, {"eval": merged_eval(r)}) for name, r in rows]
-    if not all("utilization" in r["eval"] and key in r["eval"] for _, r in rows):
+    rows = [r for r in retrofit["rows"] if r["metrics"].get("utilization", {}).get("n") and r["metrics"].get(key, {}).get("n")]
+    if not rows:
         return None
+    names = {"before": "VQ at swap", "control": "VQ trained on", "keep": "keep", "respread": "respread",
+             "fresh": "fresh", "simvq": "SimVQ scratch"}
+    colors = {"before": "#999", "control": "#ff7f0e", "keep": "#aec7e8", "respread": "#1f77b4", "fresh": "#2ca02c",
+              "simvq": "#9467bd"}
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    names = [n for n, _ in rows]
-    axes[0].bar(names, [100 * r["eval"]["utilization"] for _, r in rows], color=["#999", "#1f77b4", "#ff7f0e"])
-    axes[0].set_ylabel("held-out utilisation (%)")
-    axes[0].set_ylim(0, 102)
-    axes[1].bar(names, [r["eval"][key] for _, r in rows], color=["#999", "#1f77b4", "#ff7f0e"])
-    axes[1].set_ylabel(ylabel)
-    if key == "psnr_official_batch64":
-        lo = min(r["eval"][key] for _, r in rows)
-        axes[1].set_ylim(max(0, lo - 3), None)
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    labels = [names.get(r["name"], r["name"]) for r in rows]
+    for ax, metric_key, scale, label in ((axes[0], "utilization", 100, "held-out utilisation (%)"), (axes[1], key, 1, ylabel)):
+        means = [scale * r["metrics"][metric_key]["mean"] for r in rows]
+        errs = [scale * (r["metrics"][metric_key]["std"] or 0.0) for r in rows]
+        ax.bar(labels, means, yerr=errs, capsize=3, color=[colors.get(r["name"], "#777") for r in rows])
+        ax.set_ylabel(label)
+        if metric_key == "utilization":
+            ax.set_ylim(0, 102)
+        elif key == "psnr_official_batch64":
+            ax.set_ylim(max(0, min(means) - 3), None)
+        ax.tick_params(axis="x", labelsize=8, rotation=30)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(f"Retrofit of a trained plain-VQ model, K = {retrofit['size']}")
+    seeds = retrofit.get("seeds") or []
+    fig.suptitle(f"Retrofit of the trained plain-VQ models, K = {retrofit['codebook_size']} "
+                 f"(mean ± std over {len(seeds)} seed{'' if len(seeds) == 1 else 's'})")
+    fig.tight_layout()
     return _save(fig, path)
 
 

@@ -15,7 +15,8 @@ RESULT_VERSION = 1
 HISTORY_KEYS = ("step", "loss", "l1", "mel_loss", "quant_loss", "commitment", "codebook", "aux", "utilization",
                 "perplexity", "dead_codes", "time_s", "diverged", "reason")
 #: the numbers the usage measurement provides (over its larger held-out set)
-USAGE_KEYS = ("utilization", "perplexity", "dead_codes", "used_codes", "tokens")
+USAGE_KEYS = ("utilization", "perplexity", "dead_codes", "used_codes", "tokens", "sample_coverage", "estimated_used_codes",
+              "level_utilization")
 
 
 def json_default(obj):

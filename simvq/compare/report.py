@@ -20,8 +20,10 @@ import markdown
 import torch
 
 from simvq.compare import plots
+from simvq.compare.generation import section_markdown as generation_section
 from simvq.compare.modality import compare_module
 from simvq.compare.records import merged_eval
+from simvq.compare.retrofit_report import retrofit_section, summarise_retrofit
 from simvq.compare.summary import SUMMARY_METRICS, fmt, fmt_stat, get, stats, summarise
 from simvq.compare.variants import VARIANTS
 from simvq.compare.verdict import verdict
@@ -48,12 +50,15 @@ def _environment() -> dict:
 
 
 def write_report(spec, base: dict, records: list[dict], *, notes: list[str], retrofit: dict | None, out: Path,
-                 wall_time_s: float, reused: int, parallel_runs: int | None = None) -> dict:
-    """Write ``results.json``, the plots, ``report.md`` and ``report.html`` into ``out``; return the results."""
+                 wall_time_s: float, reused: int, parallel_runs: int | None = None, tuned: dict | None = None,
+                 generation: dict | None = None) -> dict:
+    """Write ``results.json``, the plots, ``report.md`` and ``report.html`` into ``out``; return the results.
+    ``tuned``: the ``--tune`` section (:func:`simvq.compare.tuned.tuned_section`), or None."""
     out = Path(out)
     module = compare_module(base.get("modality", "image"))
     summary = summarise(records)
     sizes = sorted({e["requested_size"] for e in summary})
+    retro = summarise_retrofit(retrofit, module.REPORT["retrofit_keys"])
     results = {
         "version": 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -74,14 +79,17 @@ def write_report(spec, base: dict, records: list[dict], *, notes: list[str], ret
         "parallel_runs": parallel_runs,
         "notes": list(notes),
         "summary": summary,
-        "verdict": verdict(summary, retrofit, sizes, modality=base.get("modality", "image")),
-        "retrofit": _retrofit_summary(retrofit, module.REPORT["retrofit_keys"]),
+        "verdict": verdict(summary, retro, sizes, modality=base.get("modality", "image"))
+        + ([tuned["verdict_line"]] if tuned else []) + (list(generation["verdict"]) if generation else []),
+        "retrofit": retro,
         **module.REPORT["published_json"](),
         "runs_wall_time_s_sum": sum(r.get("wall_time_s", 0.0) for r in records),
         "runs": [_portable(r, out) for r in records],
+        **({"tuned": tuned} if tuned else {}),
+        **({"generation": generation} if generation else {}),
     }
     save_file_atomic(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
-    figures = plots.make_all(results, records, retrofit, out / "plots", module.PLOTS)
+    figures = plots.make_all(results, records, retro, out / "plots", module.PLOTS)
     md = render_markdown(results, figures, VARIANTS)
     save_file_atomic(out / "report.md", md)
     save_file_atomic(out / "report.html", markdown_to_html(md, title="simvq compare report"))
@@ -100,23 +108,6 @@ def _portable(record: dict, out: Path) -> dict:
     return rec
 
 
-def _retrofit_summary(retrofit: dict | None, keys: tuple[str, ...]) -> dict | None:
-    if not retrofit:
-        return None
-
-    def pick(rec):
-        ev = merged_eval(rec)
-        return {"key": rec.get("key"), "steps": rec.get("steps"), "status": rec.get("status"),
-                **{k: ev.get(k) for k in keys}}
-
-    before, after, control = pick(retrofit["before"]), pick(retrofit["after"]), pick(retrofit["control"])
-    for rec in (after, control):  # the continuations count their own steps; report totals
-        if rec["steps"] is not None and before["steps"] is not None:
-            rec["steps"] = before["steps"] + rec["steps"]
-    return {"codebook_size": retrofit["size"], "seed": retrofit["seed"], "replaced": retrofit.get("replaced"),
-            "before": before, "after_retrofit": after, "control_vq_trained_on": control}
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -129,20 +120,35 @@ def _cell(metrics: dict, key: str, kind: str, how: str) -> str:
     return fmt_stat(metrics.get(key), kind)
 
 
+def _coverage_cell(metrics: dict) -> str:
+    """Held-out tokens of the usage pass and the Good-Turing coverage (lowest over seeds): near 1, more tokens
+    would not reveal more codes in use."""
+    if "sample_coverage" not in metrics or "tokens" not in metrics:
+        return "n/a"
+    return f"{metrics['tokens']['mean']:,.0f} ({metrics['sample_coverage']['min']:.3f})"
+
+
 def _results_table(results: dict, report: dict) -> str:
     """One row per (codebook size, quantizer): usage, the modality's quality columns, then the run's costs."""
     quality = report["columns"](results)
-    header = ["quantizer", "K", "utilisation %", "perplexity", "dead codes", *(c[0] for c in quality),
+    summary = results["summary"]
+    coverage = any("sample_coverage" in e["metrics"] for e in summary)  # reports written before it was measured lack it
+    levels = any("level_utilization" in e["metrics"] for e in summary)
+    header = ["quantizer", "K", "utilisation %", *(["usage tokens (Good-Turing coverage)"] if coverage else []),
+              *(["utilisation % per level"] if levels else []), "perplexity", "dead codes", *(c[0] for c in quality),
               "steps", "steps/s", "quantizer params (trainable)", "diverged"]
     rows = []
-    summary = results["summary"]
     for size in sorted({e["requested_size"] for e in summary}):
         for v in results["spec"]["quantizers"]:
             e = get(summary, v, size)
             if e is None:
                 continue
             mt = e["metrics"]
-            rows.append([e["label"], str(e["codebook_size"]), fmt_stat(mt.get("utilization"), "pct"),
+            extra = [_coverage_cell(mt)] if coverage else []
+            if levels:
+                extra.append(" / ".join(fmt(s["mean"], "pct") for s in mt["level_utilization"])
+                             if "level_utilization" in mt else "n/a")
+            rows.append([e["label"], str(e["codebook_size"]), fmt_stat(mt.get("utilization"), "pct"), *extra,
                          fmt_stat(mt.get("perplexity"), "0f"), fmt_stat(mt.get("dead_codes"), "0f"),
                          *(_cell(mt, key, kind, how) for _, key, kind, how in quality),
                          fmt_stat(mt.get("steps"), "0f"), fmt_stat(mt.get("steps_per_s"), report["steps_per_s_format"]),
@@ -154,6 +160,8 @@ def _results_table(results: dict, report: dict) -> str:
 def _retrofit_section(r: dict | None, columns: list[tuple[str, str, str]]) -> dict | None:
     if not r:
         return None
+    if "rows" in r:  # every strategy over every seed; below: one seed, the exact swap (earlier results.json)
+        return retrofit_section(r, columns)
     rows = []
     for name, key in (("trained plain VQ (before)", "before"), ("retrofitted to SimVQ, trained on", "after_retrofit"),
                       ("plain VQ trained on (control)", "control_vq_trained_on")):
@@ -218,6 +226,8 @@ def render_markdown(results: dict, figures: dict, variants: dict) -> str:
         retrofit=_retrofit_section(results.get("retrofit"), report["retrofit_columns"]),
         figures=[(caption, figures[key]) for key, caption in report["figures"](results) if figures.get(key)],
         published={**published, "table": _table(published["header"], published["rows"])},
+        tuned=results.get("tuned"),
+        generation=generation_section(results.get("generation")),
     )
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from simvq.compare.execute import Progress, Scheduler, default_jobs, execute_run, packed_jobs, time_slice
+from simvq.compare.generation import run_generation
 from simvq.compare.measure import ensure_eval, ensure_usage, evaluate_run, measure_usage
 from simvq.compare.modality import (
     DEFAULT_AUDIO_CONFIG,
@@ -27,8 +28,9 @@ from simvq.compare.modality import (
 from simvq.compare.plan import PlannedRun, base_config, check_usage_coverage, code_dim, plan_runs, run_key
 from simvq.compare.records import load_run
 from simvq.compare.report import write_report
-from simvq.compare.retrofit import run_retrofit_experiment
+from simvq.compare.retrofit import finish_retrofit_experiment, retrofit_run_count, run_retrofit_experiment
 from simvq.compare.spec import DEFAULT, Budget, CompareSpec, parse_budget
+from simvq.compare.tuned import check_tunable, run_tuned, tuned_section
 from simvq.compare.variants import DEFAULT_QUANTIZERS, VARIANTS, Variant, size_for
 from simvq.io import OUTPUT_MARKER, prepare_output_dir, save_file_atomic
 from simvq.modalities import build_datasets
@@ -72,6 +74,8 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
     module = compare_module(spec.modality)
     base = base_config(spec)
     runs, notes = plan_runs(spec, base)
+    if spec.tune:
+        check_tunable(spec)
     out = prepare_compare_dir(spec)
     check_usage_coverage(spec, base, runs)  # reads the held-out split: after the output folder's own checks
     finished: dict[tuple, dict] = {}
@@ -85,6 +89,7 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
     if module.BUILD_DATA_FIRST and pending:
         build_datasets(base)
     do_retrofit = spec.retrofit and "vq" in spec.quantizers
+    n_retrofit = retrofit_run_count(spec) if do_retrofit else 0
     (out / "runs").mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
     deadline = t_start + spec.budget.minutes * 60 if spec.budget.minutes else None
@@ -92,7 +97,7 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
     if not jobs_given and module.PACK_JOBS and jobs > 1:
         # long, equally long runs: keep every core busy to the end (at most three one-thread processes per core)
         jobs = packed_jobs(len([r for r in pending if r.variant != "lc_vq"]), jobs, limit=3 * jobs)
-    bar = Progress(len(runs) + (2 if do_retrofit else 0), progress)
+    bar = Progress(len(runs) + n_retrofit, progress)
     bar.done = reused
     if reused and progress:
         print(f"reusing {reused} finished run(s) from {out / 'runs'}", file=sys.stderr)
@@ -100,7 +105,7 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
     try:
         # VQGAN-LC takes its k-means features from the trained SimVQ encoders: it runs in a second wave
         waves = [[r for r in pending if r.variant != "lc_vq"], [r for r in pending if r.variant == "lc_vq"]]
-        left = len(pending) + (2 if do_retrofit else 0)
+        left = len(pending) + n_retrofit
         for wave in waves:
             items = []
             for run in wave:
@@ -115,7 +120,9 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
         retro = None
         if do_retrofit:
             retro = run_retrofit_experiment(spec, base, finished, out=out, scheduler=scheduler,
-                                            max_minutes=time_slice(deadline, 2, jobs))
+                                            max_minutes=time_slice(deadline, n_retrofit, jobs))
+        # --tune N: a study per quantizer, then every run again at its quantizer's best settings
+        tuned = run_tuned(spec, base, runs, out=out, scheduler=scheduler, jobs=jobs, progress=progress) if spec.tune else None
     finally:
         scheduler.close()
     # runs reused from an earlier invocation may have measured usage on another number of items (or scored
@@ -123,15 +130,15 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
     for r in runs:
         rec = ensure_eval(finished[(r.variant, r.requested_size, r.seed)], r.config, out)
         finished[(r.variant, r.requested_size, r.seed)] = ensure_usage(rec, r.config, spec.usage_images, out)
-    if retro:
-        for part in ("after", "control"):
-            retro[part] = ensure_eval(retro[part], base, out)  # only the data section is used
-            retro[part] = ensure_usage(retro[part], base, spec.usage_images, out)
-        retro["before"] = finished[("vq", retro["size"], retro["seed"])]
+    retro = finish_retrofit_experiment(retro, finished, base, spec.usage_images, out)
+    # one token prior per tokenizer run (same prior config, steps and seed); finished priors are reused
+    generation = run_generation(spec, runs, finished, out=out, jobs=jobs, progress=progress) if spec.generation else None
     records = [finished[(r.variant, r.requested_size, r.seed)] for r in runs]
     results = write_report(spec, base, records, notes=notes, retrofit=retro, out=out,
                            wall_time_s=time.perf_counter() - t_start, reused=reused,
-                           parallel_runs=min(jobs, max(1, len(pending))) if pending else None)
+                           parallel_runs=min(jobs, max(1, len(pending))) if pending else None,
+                           tuned=tuned_section(spec, base, records, tuned) if tuned else None,
+                           generation=generation)
     if progress:
         print(f"report written to {out / 'report.md'} ({(time.perf_counter() - t_start) / 60:.1f} min)", file=sys.stderr)
     return results

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from simvq.compare.generation import check_spec as check_generation
 from simvq.compare.modality import compare_modality, preset_defaults
 from simvq.compare.variants import VARIANTS
 
@@ -96,6 +97,31 @@ def _name_list(values) -> list[str]:
     return names
 
 
+def _size_limits(value) -> dict:
+    """``{variant: largest K or None}`` from a dict or ``"ibq=4096,vq=none"``."""
+    if isinstance(value, str):
+        pairs = [p for p in re.split(r"[,\s]+", value.strip()) if p]
+        if any("=" not in p for p in pairs):
+            raise ValueError(f"--size-limit takes VARIANT=K pairs (e.g. ibq=4096, or ibq=none to lift a limit), got {value!r}")
+        value = dict(p.split("=", 1) for p in pairs)
+    if not isinstance(value, dict):
+        raise ValueError(f"size_limits must be a dict or 'variant=K,...', got {value!r}")
+    out = {}
+    for name, limit in value.items():
+        if name not in VARIANTS:
+            raise ValueError(f"--size-limit names an unknown quantizer {name!r}; known: {', '.join(VARIANTS)}")
+        if limit is None or str(limit).strip().lower() == "none":
+            out[name] = None
+            continue
+        try:
+            out[name] = int(limit)
+        except (TypeError, ValueError):
+            raise ValueError(f"--size-limit {name}={limit!r}: the limit must be a whole codebook size or 'none'") from None
+        if out[name] < 2:
+            raise ValueError(f"--size-limit {name}={limit}: the limit must be >= 2")
+    return out
+
+
 @dataclass
 class CompareSpec:
     """Everything that defines a comparison (validated by :meth:`check` before any training).
@@ -129,6 +155,18 @@ class CompareSpec:
             whole held-out split; default 2048 images, every held-out utterance); more than the metrics,
             since covering K codes needs many tokens. ``usage_images`` is the same setting's older name.
         overrides: ``key.sub=value`` strings applied to the base config.
+        generation: train one token prior per run and add the generation section (default off; on for
+            ``compare/generation``); see :mod:`simvq.compare.generation`.
+        prior_config: the prior preset or YAML of every prior (default ``prior/compare-cpu``);
+            prior_overrides: ``key.sub=value`` strings applied to it. Both need ``generation``.
+        tune: trials per quantizer of an Optuna study before the comparison is run again at each quantizer's
+            best settings (0: no tuning; see :mod:`simvq.compare.tuned`).
+        tune_budget: training steps per trial (default half the comparison's steps per run).
+        size_limits: ``{variant: largest K}``: runs of that quantizer above that size are skipped with a note
+            in the report (a dict, or ``"ibq=4096,vq=none"``; ``none`` lifts a default limit). Default limits
+            keep default runs within their time and apply only when ``quantizers`` is not given: the image
+            default runs today's baselines (ibq, vq_cosine, vq_rotation, vq_kmeans) at K = 1,024 only;
+            ``compare/scaling`` on a CPU runs IBQ up to K = 4,096.
     """
 
     quantizers: list = DEFAULT  # type: ignore[assignment]
@@ -144,7 +182,13 @@ class CompareSpec:
     overrides: list = field(default_factory=list)
     quantizers_given: bool = False  # the user named the quantizers (then an unrepresentable size is an error)
     usage_images: int | None = DEFAULT  # type: ignore[assignment]
+    generation: bool = DEFAULT  # type: ignore[assignment]  # one token prior per run (simvq.compare.generation)
+    prior_config: str | dict = DEFAULT  # type: ignore[assignment]  # default prior/compare-cpu
+    prior_overrides: list = DEFAULT  # type: ignore[assignment]  # key=value on the prior config
     modality: str = ""  # filled by check(): "image" or "audio"
+    tune: int = 0
+    tune_budget: int | None = None
+    size_limits: dict | str = DEFAULT  # type: ignore[assignment]
 
     def check(self) -> "CompareSpec":
         """Validate and normalise every argument; raises ValueError / FileNotFoundError with the fix."""
@@ -177,7 +221,21 @@ class CompareSpec:
                                              or self.usage_items < 1):
             raise ValueError(f"usage_items must be a positive integer or None (all), got {self.usage_items!r}")
         self.usage_images = self.usage_items
+        if isinstance(self.tune, bool) or not isinstance(self.tune, int) or self.tune < 0:
+            raise ValueError(f"--tune must be a whole number of trials per quantizer (0: no tuning), got {self.tune!r}")
+        if self.tune_budget is not None and (isinstance(self.tune_budget, bool) or not isinstance(self.tune_budget, int)
+                                             or self.tune_budget < 1):
+            raise ValueError(f"--tune-budget must be a positive number of training steps per trial, got {self.tune_budget!r}")
+        if self.tune and self.tune_budget is None and self.budget.steps is None:
+            raise ValueError("--tune with a time --budget needs --tune-budget STEPS (training steps per trial)")
+        if self.tune_budget is not None and not self.tune:
+            raise ValueError("--tune-budget sets the steps of a tuning trial; it needs --tune N")
+        given = {} if self.size_limits is DEFAULT else _size_limits(self.size_limits)
+        # a default limit keeps a default run within its time; quantizers the user named run at every size asked
+        preset = {k: v for k, v in defaults.get("size_limits", {}).items() if not self.quantizers_given}
+        self.size_limits = {k: v for k, v in {**preset, **given}.items() if v is not None}
         self.retrofit = bool(self.retrofit)
+        check_generation(self, defaults, DEFAULT)
         self.out = Path(self.out)
         if self.out.exists() and not self.out.is_dir():
             raise FileExistsError(f"--out {self.out} exists and is not a folder; choose another report folder")

@@ -11,6 +11,9 @@ SUMMARY_METRICS = [
     ("utilization", "eval", "utilisation (%)", "pct"),
     ("perplexity", "eval", "perplexity", "0f"),
     ("dead_codes", "eval", "dead codes", "0f"),
+    ("tokens", "eval", "held-out tokens counted for usage", "0f"),
+    ("sample_coverage", "eval", "Good-Turing coverage of the usage sample", "3f"),
+    ("estimated_used_codes", "eval", "codes in use, Chao1 estimate", "0f"),
     ("psnr_official_batch64", "eval", "PSNR (dB, batch-64)", "2f"),
     ("psnr_per_image", "eval", "PSNR (dB, per image)", "2f"),
     ("ssim_x100", "eval", "SSIM x100", "1f"),
@@ -92,6 +95,9 @@ def summarise(records: list[dict]) -> list[dict]:
             vals = [v for v in (_value(r, key, source) for r in ok) if v is not None]
             if vals:
                 entry["metrics"][key] = stats(vals)
+        levels = [merged_eval(r).get("level_utilization") for r in ok]
+        if levels and all(isinstance(x, list) and len(x) == len(levels[0]) for x in levels):  # residual stacks
+            entry["metrics"]["level_utilization"] = [stats([x[i] for x in levels]) for i in range(len(levels[0]))]
         out.append(entry)
     return out
 

@@ -4,7 +4,7 @@ modality's ``VERDICT`` (its quality metrics and sentence shapes, in ``simvq.moda
 from __future__ import annotations
 
 from simvq.compare.modality import compare_module
-from simvq.compare.records import merged_eval
+from simvq.compare.retrofit_report import retrofit_verdict
 from simvq.compare.summary import beyond_spread, fmt_stat, get, metric
 
 #: SimVQ variants whose effect on SimVQ the verdict states
@@ -112,23 +112,67 @@ def _cost_line(sim: dict | None, vq: dict | None, size: int) -> list[str]:
 
 
 def _retrofit_line(p: dict, retrofit: dict) -> list[str]:
-    key, kind, prefix, unit = p["retrofit"]
-    b, a, c = (merged_eval(retrofit[k]) for k in ("before", "after", "control"))
-    if not all(k in d for d in (a, b, c) for k in ("utilization", key)):
+    """The retrofit experiment's sentences (``retrofit``: its summary, see simvq.compare.retrofit_report)."""
+    return retrofit_verdict(p, retrofit)
+
+
+#: the fewest codebook sizes that make the scaling sentences (with two, the per-K lines say it all)
+SCALING_MIN_SIZES = 3
+#: utilisation SimVQ should keep at every K (the paper: 100% from 1,024 to 262,144 codes)
+SCALING_UTILISATION = 0.9
+
+
+def _series(summary: list[dict], variant: str, key: str) -> list[tuple[int, int, dict]]:
+    """``(requested K, K used, stats)`` of one metric of one quantizer, by K."""
+    rows = sorted((e for e in summary if e["variant"] == variant and metric(e, key)), key=lambda e: e["requested_size"])
+    return [(e["requested_size"], e["codebook_size"], e["metrics"][key]) for e in rows]
+
+
+def _scaling_lines(p: dict, summary: list[dict], sizes: list[int]) -> list[str]:
+    """Across K: does SimVQ keep its codes in use and gain quality with K, and where each baseline stops.
+
+    "Stops scaling" is read from the numbers: the K after which the number of codes in use (utilisation x K)
+    no longer grows, and the K of the best quality; both stated with the values.
+    """
+    if len(sizes) < SCALING_MIN_SIZES:
         return []
-    return [
-        f"Retrofit (K={retrofit['size']}): the trained plain-VQ model used {100 * b['utilization']:.1f}% of its "
-        f"codes at {prefix}{b[key]:.{kind}}{unit}; swapped to SimVQ (outputs unchanged at the swap) and "
-        f"trained {retrofit['after'].get('steps', 0)} more steps it uses {100 * a['utilization']:.1f}% at "
-        f"{a[key]:.{kind}}{unit}, while plain VQ trained as long uses {100 * c['utilization']:.1f}% at "
-        f"{c[key]:.{kind}}{unit} (one seed)."
-    ]
+    key, label, kind, higher, unit = p["quality"][0]
+    lines = []
+    variants = list(dict.fromkeys(e["variant"] for e in summary))
+    for v in variants:
+        usage = _series(summary, v, "utilization")
+        quality = _series(summary, v, key)
+        if len(usage) < SCALING_MIN_SIZES:
+            continue
+        name = next(e["label"] for e in summary if e["variant"] == v)
+        in_use = [(k, used, s["mean"] * used) for k, used, s in usage]
+        peak_k, _, peak_n = max(in_use, key=lambda t: t[2])
+        trend = " -> ".join(f"{n:,.0f}" for _, _, n in in_use)
+        text = (f"Scaling, {name}: codes in use {trend} over K = {in_use[0][0]:,} .. {in_use[-1][0]:,} "
+                f"(utilisation {100 * usage[0][2]['mean']:.1f}% -> {100 * usage[-1][2]['mean']:.1f}%)")
+        if v == "simvq":
+            low_k, _, low = min(usage, key=lambda t: t[2]["mean"])
+            above = low["mean"] > SCALING_UTILISATION
+            text += (f"; above {100 * SCALING_UTILISATION:.0f}% at every K: {'yes' if above else 'no'} (lowest "
+                     f"{100 * low['mean']:.1f}% at K={low_k:,})")
+        elif peak_k != in_use[-1][0]:
+            text += f"; the number in use stops growing after K={peak_k:,} ({peak_n:,.0f} codes)"
+        if len(quality) >= 2:
+            values = [s["mean"] for _, _, s in quality]
+            rising = all((b > a) == higher for a, b in zip(values, values[1:]))
+            best_k, _, best = (max if higher else min)(quality, key=lambda t: t[2]["mean"])
+            text += (f"; {label} {values[0]:.{kind[0]}f} -> {values[-1]:.{kind[0]}f}{unit}, "
+                     + ("improving at every step of K" if rising else
+                        f"best at K={best_k:,} ({best['mean']:.{kind[0]}f}{unit})"))
+        lines.append(text + ".")
+    return lines
 
 
 def verdict(summary: list[dict], retrofit: dict | None, sizes: list[int], modality: str = "image") -> list[str]:
     """Sentences that state who wins on what, by how much, with the spread; all from the numbers."""
     p = compare_module(modality).VERDICT
     lines = [line for size in sizes for line in _size_lines(p, summary, size)]
+    lines += _scaling_lines(p, summary, sizes)
     if p["low_quality"]:
         key, limit, text = p["low_quality"]
         values = [e["metrics"][key]["max"] for e in summary if metric(e, key)]

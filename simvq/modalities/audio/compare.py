@@ -323,7 +323,7 @@ REPORT = dict(
 PLOTS = dict(
     figures=("utilization_over_steps", "quality", "code_usage", "spectrograms", "loss_curves", "codebook_scaling",
              "retrofit"),
-    scaling_panels=[("utilization", 100.0, "held-out utilisation (%)"), ("pesq", 1.0, "held-out PESQ (wide-band)"),
+    scaling_panels=[("utilization", 100.0, "held-out utilisation (%)", ("ceiling",)), ("pesq", 1.0, "held-out PESQ (wide-band)"),
                     ("mel_distance", 1.0, "held-out mel distance (lower is better)")],
     scaling_min_sizes=2,
     retrofit_quality=("mel_distance", "mel distance (lower is better)"),

@@ -17,17 +17,28 @@ from simvq.modalities.image.data import IMAGE_EXTENSIONS, build_image_datasets, 
 NOUN = "images"
 #: what an unset ``simvq compare`` argument means (quantizers None: every variant)
 DEFAULTS = dict(config="compare/default", quantizers=None, codebook_sizes=(1024, 8192), seeds=(0, 1), budget="150",
-                usage_items=2048, eval_limit=None, retrofit=True)
+                usage_items=2048, eval_limit=None, retrofit=True,
+                size_limits={"ibq": 1024, "vq_cosine": 1024, "vq_rotation": 1024, "vq_kmeans": 1024})
 #: what an unset argument means for a named compare preset (``--config NAME``), over :data:`DEFAULTS`. A
 #: preset name only: a YAML path, or your own config with ``base: compare/scaling``, takes :data:`DEFAULTS`.
 #: ``compare/scaling``: the codebook-scaling question (REFERENCE.md §2: SimVQ 1,024 .. 262,144 codes) with the
-#: families that claim to scale (IBQ, FSQ, LFQ) and the two that collapse (VQ, EMA VQ); one seed, because 30 runs
-#: up to K = 262,144 are long; utilisation over the whole held-out split (10,000 Fashion-MNIST images, 2,560,000
-#: tokens: about 10 per code at K = 262,144); no retrofit experiment (it answers another question).
+#: families that claim to scale (IBQ, FSQ, LFQ) and the two that collapse (VQ, EMA VQ), sized for 30 minutes on a
+#: 2-core CPU: one seed, 300 steps, utilisation over 4,096 held-out images (1,048,576 tokens: 4 per code at
+#: K = 262,144, where a perfectly uniform quantizer would show 98.2%; the report gives the Good-Turing coverage),
+#: IBQ up to K = 4,096 (its (N, K) softmax costs 2.1 s per step at 16,384 and 10 s at 65,536 on one core); no
+#: retrofit experiment (it answers another question). ``compare/scaling-gpu``: the same question without the
+#: cuts (every quantizer at every K, two seeds, 3,000 steps of batch 32, usage over all 10,000 held-out images).
 PRESET_DEFAULTS = {
     "compare/scaling": dict(quantizers=("simvq", "vq", "ema_vq", "ibq", "fsq", "lfq"),
                             codebook_sizes=(1024, 4096, 16384, 65536, 262144), seeds=(0,), budget="300",
-                            usage_items=None, retrofit=False),
+                            usage_items=4096, retrofit=False, size_limits={"ibq": 4096}),
+    "compare/scaling-gpu": dict(quantizers=("simvq", "vq", "ema_vq", "ibq", "fsq", "lfq"),
+                                codebook_sizes=(1024, 4096, 16384, 65536, 262144), seeds=(0, 1), budget="3000",
+                                usage_items=None, retrofit=False, size_limits={}),
+    # compare/default's tokenizers (150 steps) plus one prior/compare-cpu prior per run: 20 tokenizers and 20
+    # priors, an estimated 35-45 min on an idle 2-core CPU with --jobs 2 (docs/generation.md)
+    "compare/generation": dict(quantizers=("simvq", "vq", "ema_vq", "fsq", "lfq"), codebook_sizes=(1024, 8192),
+                               seeds=(0, 1), retrofit=False, generation=True, prior_config="prior/compare-cpu"),
 }
 #: --data names of the built-in data sets -> (config data.dataset, natural channels, image size)
 BUILTIN_DATA = {
@@ -230,9 +241,11 @@ def figures(results: dict) -> list[tuple[str, str]]:
     """(figure name, caption) in report order."""
     return [
         ("utilization_over_steps", "Codebook utilisation over training (per logging window of training tokens)"),
-        ("codebook_scaling", "Codebook-size scaling: held-out utilisation and PSNR against K (error bars: std over seeds)"),
-        ("step_time", "Training seconds per step against K (runs side by side share the CPU: compare within one "
-                      "report only)"),
+        ("codebook_scaling", "Codebook-size scaling: held-out utilisation (dashed: what uniform use of all K codes would "
+                             "show on the tokens counted), perplexity and reconstruction quality against K (error bars: "
+                             "std over seeds)"),
+        ("step_time", "Cost against K: training seconds per step and peak memory per run (runs side by side share "
+                      "the CPU: compare within one report only)"),
         ("code_usage", "Sorted code-usage histograms on the held-out set (largest K, first seed)"),
         ("reconstructions", "Reconstructions side by side (largest K, first seed; top row: originals)"),
         ("loss_curves", "Training losses"),
@@ -282,8 +295,12 @@ REPORT = dict(
 #: retrofit figure's quality axis, and the fewest codebook sizes that make a scaling figure
 PLOTS = dict(
     figures=("utilization_over_steps", "codebook_scaling", "step_time", "code_usage", "reconstructions", "loss_curves", "retrofit"),
-    scaling_panels=[("utilization", 100.0, "held-out utilisation (%)"),
-                    ("psnr_official_batch64", 1.0, "held-out PSNR (dB, batch-64)")],
+    scaling_panels=[("utilization", 100.0, "held-out utilisation (%)", ("ceiling",)),
+                    ("perplexity", 1.0, "held-out perplexity of code use", ("log",)),
+                    ("psnr_official_batch64", 1.0, "held-out PSNR (dB, batch-64)"),
+                    ("ssim_x100", 1.0, "held-out SSIM x100"),
+                    ("proxy_fid_random_conv", 1.0, "proxy FID (random-conv features; not rFID)"),
+                    ("rfid", 1.0, "rFID (Inception)")],
     scaling_min_sizes=1,
     retrofit_quality=("psnr_official_batch64", "PSNR (dB, batch-64)"),
 )
