@@ -227,7 +227,11 @@ def test_size_limits_skip_runs_above_the_limit_with_a_note(forbid_training):
     assert all("--size-limit ibq=none" in n for n in notes)
     # a limit given by the user adds to the preset's, and "none" lifts one
     spec = CompareSpec(config="compare/scaling", data="digits", size_limits="vq=4096,ibq=none").check()
-    assert spec.size_limits == {"vq": 4096}
+    assert spec.size_limits == {"ibq": None, "vq": 4096}
+    # run_compare checks the spec again inside plan_runs: a lifted limit stays lifted
+    runs, notes = plan_runs(spec)
+    assert sorted(r.requested_size for r in runs if r.variant == "ibq") == list(SCALING_SIZES)
+    assert max(r.requested_size for r in runs if r.variant == "vq") == 4096 and len(notes) == 3
     named = CompareSpec(config="compare/scaling", quantizers="simvq,ibq", quantizers_given=True).check()
     assert named.size_limits == {}
     assert CompareSpec(config="compare/scaling-gpu").check().size_limits == {}

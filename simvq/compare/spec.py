@@ -233,7 +233,7 @@ class CompareSpec:
         given = {} if self.size_limits is DEFAULT else _size_limits(self.size_limits)
         # a default limit keeps a default run within its time; quantizers the user named run at every size asked
         preset = {k: v for k, v in defaults.get("size_limits", {}).items() if not self.quantizers_given}
-        self.size_limits = {k: v for k, v in {**preset, **given}.items() if v is not None}
+        self.size_limits = {**preset, **given}  # None: no limit (kept, so that a second check() keeps it lifted)
         self.retrofit = bool(self.retrofit)
         check_generation(self, defaults, DEFAULT)
         self.out = Path(self.out)
