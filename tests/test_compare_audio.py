@@ -63,7 +63,7 @@ def test_audio_default_plan():
     image = CompareSpec()
     image.check()
     assert image.modality == "image" and image.codebook_sizes == [1024, 8192] and image.seeds == [0, 1]
-    assert image.usage_items == 2048 and image.retrofit is True and len(image.quantizers) == 9
+    assert image.usage_items == 2048 and image.retrofit is True and len(image.quantizers) == 13
 
 
 def test_user_audio_config_gets_a_small_eval_limit_and_keeps_its_own():
