@@ -386,20 +386,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parsed
 
 
+def set_dotted(config: dict, keys: list[str], value, what: str) -> None:
+    """``config[k0][k1]... = value`` in place, sections created as needed; ``what`` names the setting in the
+    error when a key on the way is a value, not a section."""
+    node = config
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"{what}: {'.'.join(keys[: i + 1])} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
 def apply_overrides(config: dict, overrides: list[str] | None) -> dict:
     """A copy of ``config`` with each ``key.sub=value`` applied (validation happens in resolve_config)."""
     out = copy.deepcopy(config)
     for text in overrides or []:
         keys, value = parse_override(text)
-        node = out
-        for i, k in enumerate(keys[:-1]):
-            nxt = node.get(k)
-            if nxt is None:
-                nxt = node[k] = {}
-            if not isinstance(nxt, dict):
-                raise ValueError(f"override {text!r}: {'.'.join(keys[: i + 1])} is not a section")
-            node = nxt
-        node[keys[-1]] = value
+        set_dotted(out, keys, value, f"override {text!r}")
     return out
 
 
@@ -497,5 +503,6 @@ __all__ = [
     "parse_override",
     "resolve_config",
     "save_config",
+    "set_dotted",
 ]
 

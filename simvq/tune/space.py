@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from simvq.config import set_dotted
+
 SPACE_DIR = Path(__file__).resolve().parent.parent / "configs" / "tune" / "spaces"
 TYPES = ("float", "int", "categorical")
 
@@ -180,17 +182,8 @@ def load_space(path: str | Path) -> list[Param]:
 
 
 def set_key(raw: dict, dotted: str, value) -> None:
-    """``raw["a"]["b"] = value`` for ``"a.b"`` (sections created as needed)."""
-    *sections, last = dotted.split(".")
-    node = raw
-    for name in sections:
-        nxt = node.get(name)
-        if nxt is None:
-            nxt = node[name] = {}
-        if not isinstance(nxt, dict):
-            raise ValueError(f"{dotted}: {name} is not a config section")
-        node = nxt
-    node[last] = copy.deepcopy(value)
+    """``raw["a"]["b"] = value`` for ``"a.b"`` (sections created as needed; the value is copied)."""
+    set_dotted(raw, dotted.split("."), copy.deepcopy(value), dotted)
 
 
 __all__ = ["SPACE_DIR", "Param", "default_space_file", "load_space", "parse_space", "set_key"]
