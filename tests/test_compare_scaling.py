@@ -314,3 +314,8 @@ def test_scaling_figure_panels_and_memory_panel(tmp_path, monkeypatch):
     memory = cost.axes[1]
     pts = {tuple(line.get_xdata()): list(line.get_ydata()) for line in memory.lines if line.get_marker() == "o"}
     assert pts[(1024, 4096, 16384)] == pytest.approx([(100 + k / 1000) / 1024 for k in (1024, 4096, 16384)])
+
+
+def test_every_default_quantizer_gets_its_own_colour():
+    colours = plots._colors(list(DEFAULT_QUANTIZERS))
+    assert len(DEFAULT_QUANTIZERS) == 13 and len(set(colours.values())) == 13

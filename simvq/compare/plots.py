@@ -19,8 +19,9 @@ def _plt():
 
 def _colors(variants: list[str]) -> dict:
     plt = _plt()
-    cmap = plt.get_cmap("tab10")
-    return {v: cmap(i % 10) for i, v in enumerate(variants)}
+    # tab10, then Dark2 (distinct hues) beyond ten quantizers: no two lines of one report share a colour
+    palette = [plt.get_cmap("tab10")(i) for i in range(10)] + [plt.get_cmap("Dark2")(i) for i in range(8)]
+    return {v: palette[i % len(palette)] for i, v in enumerate(variants)}
 
 
 def _save(fig, path: Path) -> str:
