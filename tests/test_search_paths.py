@@ -91,6 +91,33 @@ def test_bf16_path_falls_back_to_the_exact_path_and_stays_exact():
     assert got.tolist() == [3] * 50  # the lowest index among the copies
 
 
+def test_bf16_path_gives_up_on_a_crowded_codebook_after_its_first_token_chunk(monkeypatch):
+    # every token ties with 300 copies of one code: the first chunk (256 tokens at this budget) all falls back,
+    # so the bf16 pass stops there and its reranking is not attempted for the other chunks
+    g = torch.Generator().manual_seed(4)
+    codebook = torch.cat([10 + torch.randn(3, 16, generator=g), torch.randn(1, 16, generator=g).expand(300, 16)])
+    z = torch.randn(768, 16, generator=g)
+    calls = []
+    real_mm = torch.mm
+
+    def counting_mm(a, b, **kwargs):
+        if a.dtype == torch.bfloat16:
+            calls.append(a.shape[0])
+        return real_mm(a, b, **kwargs)
+
+    monkeypatch.setattr(search_mod.torch, "mm", counting_mm)
+    got, info = nearest_code_info(z, codebook, search="bf16-candidates", max_chunk_elements=256 * 303)
+    assert calls == [256]  # one bf16 matmul: the first token chunk, then the exact path for all
+    assert info.fallback == 768
+    assert torch.equal(got, reference_argmin(z, codebook))
+    # a chunk with few fallbacks keeps going: random data, same budget, every chunk through the bf16 matmul
+    calls.clear()
+    z, codebook = _data("random", n=768, k=303, d=16, seed=6)
+    got, info = nearest_code_info(z, codebook, search="bf16-candidates", max_chunk_elements=256 * 303)
+    assert calls == [256] * 3 and info.fallback < 64
+    assert torch.equal(got, reference_argmin(z, codebook))
+
+
 def test_bf16_path_reranks_and_most_random_tokens_settle_without_fallback():
     z, codebook = _data("random", n=500, k=1024, d=64, seed=5)
     got, info = nearest_code_info(z, codebook, search="bf16-candidates")

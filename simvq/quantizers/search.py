@@ -34,7 +34,8 @@ Paths (``search=``; every path returns the same indices):
   a candidate, and the candidates are re-ranked by the exact path's rule (fp32 ``||c'||^2 - 2 z'.c'`` with
   its certificate, fp64 ``sum((z - c)^2)`` for near-ties). Tokens with more than ``MAX_CANDIDATES``
   candidates (or candidates spread over more than ``MAX_CANDIDATE_BLOCKS`` reduction blocks: duplicated
-  codes, dense clusters) are searched again by the exact path. The bound assumes round-to-nearest bf16
+  codes, dense clusters) are searched again by the exact path; when more than ``BF16_GIVE_UP_FRACTION`` of
+  the first token chunk does, the other chunks go straight to the exact path. The bound assumes round-to-nearest bf16
   conversions and fp32 accumulation inside the matmul, as AVX512-BF16, AMX and tensor cores do;
   tests/test_search_paths.py checks it against float64 on the running machine.
 - ``"auto"`` (default): ``"bf16-candidates"`` on CPUs with hardware bf16 for fp32 searches of at least
@@ -76,6 +77,10 @@ BF16_MIN_DIM = 16
 # MAX_CANDIDATES, fall back to the exact path (bounds the candidate bookkeeping on tie-heavy data)
 MAX_CANDIDATE_BLOCKS = 64
 MAX_CANDIDATES = 128
+# When more than this share of the first token chunk falls back, the bf16 path stops and sends the other tokens
+# to the exact path: on a crowded codebook (trained SimVQ, 16-d codes, K = 262,144: 57% of tokens with more
+# than MAX_CANDIDATES candidates) finishing the bf16 pass would cost 1.6x the exact search
+BF16_GIVE_UP_FRACTION = 0.25
 
 
 def check_chunk_elements(value: int | None, name: str = "max_chunk_elements") -> int | None:
@@ -236,40 +241,49 @@ def _exact_search(z, codebook, zc, cc, c_sq, max_chunk_elements):
     return out
 
 
-def _bf16_error_terms(zc: torch.Tensor, z_norm: torch.Tensor, c_sq: torch.Tensor):
+def _bf16_error_terms(dim: int, z_norm: torch.Tensor, c_max: torch.Tensor, dz_norm: torch.Tensor, dc_max: torch.Tensor):
     """Per-token bound ``E`` (fp64) on the bf16 matmul error, and the row shift ``S`` that keeps outputs positive.
 
-    The matmul evaluates ``x = S + ||c'||^2 - 2 z'.c'`` from bf16 inputs ``z'(1+a)``, ``c'(1+b)`` (|a|, |b| <=
-    u = 2**-8 each, round to nearest), with ``||c'||^2`` and ``S`` passed as bf16 hi + lo pairs (relative
-    error <= 2 u^2 plus the fp32 rounding of the norm, gamma_d) and products accumulated in fp32 (gamma_{d+4}
-    of the sum of the magnitudes). Against ``D - ||z'||^2 + S`` (``D`` the distance of the fp32 centred vectors) that
-    gives ``|x - D + ||z'||^2 - S| <= 2 (2u + u^2) |z'| |c'| + (gamma_d + 2u^2) |c'|^2 + gamma_{d+4} sum|terms|``, and
-    the fp32 centring adds ``2 u32 (1 + u32) (|z'| + |c'|)^2`` against the true distance (as in
-    :func:`_rounding_bound`). Everything is taken at the largest code norm and inflated by 10%. The bf16
-    rounding of the output is handled separately (relative to the output, see :func:`_bf16_threshold_key`).
-    ``S = 2 |z'| max|c'| + M`` with ``M`` above the error, so that every output is >= +0 and bf16 values
-    order as their int16 bit patterns; ``S`` is the same for every code of a token and cannot change its
-    argmin.
+    The matmul evaluates ``x = S + ||c'||^2 - 2 z~.c~`` from the bf16 inputs ``z~ = z' - dz``, ``c~ = c' - dc``
+    (round to nearest), with ``||c'||^2`` and ``S`` passed as bf16 hi + lo pairs (relative error <= 2 u^2 plus
+    the fp32 rounding of the norm, gamma_d) and products accumulated in fp32 (gamma_{d+4} of the sum of the
+    magnitudes). ``z'.c' - z~.c~ = dz.c~ + z'.dc``, so against ``T = ||c'||^2 - 2 z'.c'`` (``D - ||z'||^2``,
+    ``D`` the distance of the fp32 centred vectors) ``|x - S - T| <= 2 (|dz| max|c~| + |z'| max|dc|) +
+    (gamma_d + 2u^2) |c'|^2 + gamma_{d+4} sum|terms|``, with the rounding residuals' own norms ``|dz|`` (per
+    token) and ``max |dc|`` (over the codes) measured, not bounded by ``u |z'|``: typically 2.5x smaller.
+    The fp32 centring adds ``2 u32 (1 + u32) (|z'| + |c'|)^2`` against the true distance (as in
+    :func:`_rounding_bound`). Codes enter at the largest norms; every norm is inflated for its own fp32
+    rounding and the sum by 10%. The bf16 rounding of the output is handled separately (relative to the
+    output, see :func:`_bf16_threshold_key`).
+
+    By Cauchy-Schwarz ``T >= r^2 - 2 |z'| r`` with ``r = |c'| <= max|c'|``, whose least value is ``-S0``,
+    ``S0 = 2 |z'| r* - r*^2`` at ``r* = min(|z'|, max|c'|)``. ``S = S0 + margin``, with the margin above the
+    error, keeps every output >= +0 (bf16 values then order as their int16 bit patterns) and as small as a
+    per-token constant can: the bf16 rounding of the outputs, relative to their size, enters the threshold.
+    ``S`` is the same for every code of a token and cannot change its argmin.
     """
-    d = zc.shape[1]
     u, u32 = 2.0**-8, 2.0**-24
 
     def gamma(n):
         return n * u32 / (1 - n * u32)
 
-    z_norm = z_norm.double() * (1 + 1e-5)  # covers the fp32 rounding of the norm itself
-    c_max = c_sq.double().max().sqrt() * (1 + 1e-6)
+    grow = 1 + gamma(dim + 1) + 2 * u32  # a norm computed in fp32: sum of squares, then the square root
+    z_norm = z_norm.double() * grow
+    dz_norm = dz_norm.double() * grow
+    c_max = c_max.double() * grow
+    dc_max = dc_max.double() * grow
     zc_prod = z_norm * c_max
     base = 1.1 * (
-        2 * (2 * u + u * u) * zc_prod
-        + (gamma(d) + 2 * u * u) * c_max**2
-        + gamma(d + 4) * (2.1 * zc_prod + 1.01 * c_max**2)
+        2 * (dz_norm * (c_max + dc_max) + z_norm * dc_max)
+        + (gamma(dim) + 2 * u * u) * c_max**2
+        + gamma(dim + 4) * (2.1 * zc_prod + 1.01 * c_max**2)
         + 2 * u32 * (1 + u32) * (z_norm + c_max) ** 2
     )
-    # ||c'||^2 - 2 z'.c' >= -2 |z'| |c'| (Cauchy-Schwarz): this shift keeps every output >= +0 while keeping
-    # the outputs, and so their bf16 rounding, as small as a per-token constant can
-    shift = 2 * zc_prod * (1 + 1e-4) + 4 * base + 1e-30
-    err = base + 1.1 * gamma(d + 4) * 1.01 * shift + 1e-30
+    g = gamma(dim + 4)
+    r = torch.minimum(z_norm, c_max)
+    reach = 2 * z_norm * r - r * r  # S0, from norms inflated above the true ones: >= the true S0
+    shift = reach * (1 + 1e-5) + 4 * g * zc_prod + 2 * base + 1e-30
+    err = base + 1.1 * g * 1.01 * shift + 1e-30
     return err, shift
 
 
@@ -304,16 +318,20 @@ def _bf16_operands(zc, cc, c_sq, z_norm):
     separate pass over the N x K output to add the code norms.
     """
     num_tokens, dim = zc.shape
-    err, shift = _bf16_error_terms(zc, z_norm, c_sq)
-    s_hi, s_lo = _hi_lo(shift.float())
-    c_hi, c_lo = _hi_lo(c_sq.float())
     a = torch.empty(num_tokens, dim + 4, dtype=torch.bfloat16, device=zc.device)
     a[:, :dim] = zc.float()
-    a[:, dim : dim + 2] = 1
-    a[:, dim + 2], a[:, dim + 3] = s_hi, s_lo
     # built row-major (a transposed copy is ~4x slower on CPU) and handed to the matmul as a transposed view
     b = torch.empty(cc.shape[0], dim + 4, dtype=torch.bfloat16, device=zc.device)
     b[:, :dim] = cc
+    # rounding residuals, measured: the difference of a value and its bf16 rounding is exact in the value's
+    # own precision (fp32 or fp64), whatever path the conversion took
+    dz_norm = (zc - a[:, :dim].to(zc.dtype)).norm(dim=1)
+    dc_max = (cc - b[:, :dim].to(cc.dtype)).norm(dim=1).max()
+    err, shift = _bf16_error_terms(dim, z_norm, c_sq.max().sqrt(), dz_norm, dc_max)
+    s_hi, s_lo = _hi_lo(shift.float())
+    c_hi, c_lo = _hi_lo(c_sq.float())
+    a[:, dim : dim + 2] = 1
+    a[:, dim + 2], a[:, dim + 3] = s_hi, s_lo
     b[:, :dim] *= -2  # exact in bf16: a power of two
     b[:, dim], b[:, dim + 1] = c_hi, c_lo
     b[:, dim + 2 :] = 1
@@ -405,6 +423,10 @@ def _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements):
         if rows.numel():
             reranked += _settle_pairs(z, codebook, zc, cc, c_sq, z_norm, rows, cols, out, max_chunk_elements)
         fallback[t0 : t0 + nt] = over
+        if t0 == 0 and t0 + nt < num_tokens and float(over.float().mean()) > BF16_GIVE_UP_FRACTION:
+            # a crowded codebook: most tokens have too many candidates; the rest go to the exact path
+            fallback[nt:] = True
+            break
     return out, fallback, reranked
 
 
