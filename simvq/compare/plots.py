@@ -71,7 +71,12 @@ def utilization_over_steps(results: dict, records: list[dict], path: Path) -> st
         ax.set_ylabel("codes used in the logging window (%)")
         ax.set_ylim(0, 102)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    # one legend for every quantizer drawn (one that skipped the largest K still gets its entry)
+    seen = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(label, handle)
+    axes[0][-1].legend(list(seen.values()), list(seen), fontsize=7, loc="best")
     fig.suptitle("Utilisation during training (line: mean over seeds, band: min-max)")
     return _save(fig, path)
 
