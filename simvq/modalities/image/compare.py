@@ -36,7 +36,7 @@ PRESET_DEFAULTS = {
                                 codebook_sizes=(1024, 4096, 16384, 65536, 262144), seeds=(0, 1), budget="3000",
                                 usage_items=None, retrofit=False, size_limits={}),
     # compare/default's tokenizers (150 steps) plus one prior/compare-cpu prior per run: 20 tokenizers and 20
-    # priors, an estimated 35-45 min on an idle 2-core CPU with --jobs 2 (docs/generation.md)
+    # priors, 25.3 min on an idle 2-core CPU with --jobs 2 (measured; docs/generation.md)
     "compare/generation": dict(quantizers=("simvq", "vq", "ema_vq", "fsq", "lfq"), codebook_sizes=(1024, 8192),
                                seeds=(0, 1), retrofit=False, generation=True, prior_config="prior/compare-cpu"),
 }
