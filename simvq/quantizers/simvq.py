@@ -131,19 +131,9 @@ class SimVQ(Quantizer):
 
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
         z = z.to(self.compute_dtype(z))  # bf16 / fp16 features are upcast; fp64 stays fp64
-        # With at most as many codes as tokens, the searched codebook transform(C) is computed with gradient and
-        # the selected codes are gathered from it: the transform then runs over K rows, not N (forward and
-        # backward), and the codes used are exactly the codes searched. With more codes than tokens only the
-        # selected rows are transformed (K x d^2 would dominate at K = 262,144).
-        grad_through_codebook = torch.is_grad_enabled() and z.shape[0] >= self.codebook_size
-        with torch.set_grad_enabled(grad_through_codebook):
-            codebook = self.codebook
         with torch.no_grad():
-            indices = nearest_code(z, codebook.detach(), max_chunk_elements=self.search_chunk_elements, search=self.search)
-        if grad_through_codebook:
-            q = codebook.index_select(0, indices).to(z.dtype)
-        else:
-            q = self.codes_from_indices(indices).to(z.dtype)  # differentiable in W, b (and C if learnable)
+            indices = nearest_code(z, self.codebook, max_chunk_elements=self.search_chunk_elements, search=self.search)
+        q = self.codes_from_indices(indices).to(z.dtype)  # differentiable in W, b (and C if learnable)
         commitment, codebook = vq_loss_terms(z, q)
         loss = self.commitment_weight * commitment + self.codebook_weight * codebook
         out = rotation_trick(z, q.detach()) if self.use_rotation_trick else straight_through(z, q.detach())
