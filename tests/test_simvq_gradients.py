@@ -1,0 +1,56 @@
+"""SimVQ's forward value and gradients (to the tokens, the transform and a learnable C) against the loss written
+out by hand in float64, with fewer tokens than codes and with more.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from simvq import SimVQ
+
+
+@pytest.mark.parametrize("num_tokens", [8, 64])  # K = 16: fewer tokens than codes, then more
+@pytest.mark.parametrize("learnable_codebook", [False, True])
+def test_gradients_equal_the_float64_reference(num_tokens, learnable_codebook):
+    torch.manual_seed(0)
+    q = SimVQ(dim=6, codebook_size=16, channel_first=False, commitment_weight=0.3, codebook_weight=0.9,
+              learnable_codebook=learnable_codebook)
+    z = torch.randn(num_tokens, 6, requires_grad=True)
+    weights = torch.randn(num_tokens, 6)
+    out = q(z)
+    ((out.quantized * weights).sum() + out.loss).backward()
+
+    # reference: codes (C W^T + b) in float64, the token's nearest code by explicit distances, the loss by hand
+    C = q.embedding.weight.detach().double().requires_grad_(learnable_codebook)
+    W = q.embedding_proj.weight.detach().double().requires_grad_()
+    b = q.embedding_proj.bias.detach().double().requires_grad_()
+    zd = z.detach().double().requires_grad_()
+    codes = C @ W.t() + b
+    idx = ((zd.detach()[:, None] - codes.detach()[None]) ** 2).sum(-1).argmin(1)
+    assert torch.equal(out.indices, idx)
+    sel = codes[idx]
+    n = sel.numel()
+    commitment = ((zd - sel.detach()) ** 2).sum() / n
+    codebook = ((zd.detach() - sel) ** 2).sum() / n
+    straight = sel.detach() + (zd - zd.detach())
+    ((straight * weights.double()).sum() + 0.3 * commitment + 0.9 * codebook).backward()
+
+    assert torch.allclose(out.quantized.double(), sel.detach(), atol=1e-6)
+    assert torch.allclose(q.embedding_proj.weight.grad.double(), W.grad, atol=1e-5)
+    assert torch.allclose(q.embedding_proj.bias.grad.double(), b.grad, atol=1e-5)
+    assert torch.allclose(z.grad.double(), zd.grad, atol=1e-6)
+    if learnable_codebook:
+        assert torch.allclose(q.embedding.weight.grad.double(), C.grad, atol=1e-5)
+    else:
+        assert q.embedding.weight.grad is None
+
+
+def test_no_grad_keeps_the_codes_and_builds_no_graph():
+    torch.manual_seed(1)
+    q = SimVQ(dim=4, codebook_size=8, channel_first=False)
+    z = torch.randn(32, 4)
+    with torch.no_grad():
+        out = q(z)
+    assert not out.quantized.requires_grad
+    assert torch.equal(out.quantized, q.codes_from_indices(out.indices).detach())
