@@ -26,7 +26,7 @@ def test_values_and_gradients_equal_the_float64_formulas(dtype):
     n = diff.numel()
     value = float((diff * diff).sum()) / n
     tol = 1e-12 if dtype == torch.float64 else 1e-6
-    assert math.isclose(float(commitment), value, rel_tol=tol) and math.isclose(float(codebook), value, rel_tol=tol)
+    assert math.isclose(commitment.item(), value, rel_tol=tol) and math.isclose(codebook.item(), value, rel_tol=tol)
     assert torch.allclose(z.grad.double(), 0.25 * 2 * diff / n, rtol=tol if dtype != torch.bfloat16 else 1e-2, atol=0)
     assert torch.allclose(q.grad.double(), -0.7 * 2 * diff / n, rtol=tol if dtype != torch.bfloat16 else 1e-2, atol=0)
 
@@ -53,4 +53,4 @@ def test_a_constant_code_gets_no_gradient_and_no_tokens_give_nan():
     assert torch.allclose(z.grad, 2 * (z.detach() - buffer) / 20)
     empty = torch.zeros(0, 4, requires_grad=True)
     c, k = vq_loss_terms(empty, empty.detach())
-    assert math.isnan(float(c)) and math.isnan(float(k))
+    assert math.isnan(c.item()) and math.isnan(k.item())
