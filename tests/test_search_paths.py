@@ -226,3 +226,29 @@ def test_finite_check_is_one_sum_but_still_exact():
         z[0, 1, 2] = bad
         with pytest.raises(NonFiniteInputError):
             quantizer(z)
+
+
+def test_bf16_path_on_cpu_uses_cache_sized_chunks_up_to_32768_codes(monkeypatch):
+    # default budget on CPU: 2**23 distances for the bf16 path while that holds whole rows for >= 256 tokens
+    # (K = 8,192: chunks of 1,024 tokens), else the general 2**25 (K = 65,536: chunks of 512 tokens)
+    rows = []
+    real_mm = torch.mm
+
+    def counting_mm(a, b, **kwargs):
+        if a.dtype == torch.bfloat16:
+            rows.append(a.shape[0])
+        return real_mm(a, b, **kwargs)
+
+    monkeypatch.setattr(search_mod.torch, "mm", counting_mm)
+    g = torch.Generator().manual_seed(8)
+    z = torch.randn(2048, 16, generator=g)
+    for k, expected in ((8192, [1024, 1024]), (65536, [512] * 4)):
+        rows.clear()
+        codebook = torch.randn(k, 16, generator=g)
+        got, info = nearest_code_info(z, codebook, search="bf16-candidates")
+        assert rows == expected
+        assert info.fallback < 20
+        assert torch.equal(got, nearest_code(z, codebook, search="exact-fp32"))
+    rows.clear()
+    nearest_code_info(z, torch.randn(8192, 16, generator=g), search="bf16-candidates", max_chunk_elements=2**25)
+    assert rows == [2048]  # a budget the caller gives is kept

@@ -57,6 +57,12 @@ DEFAULT_CHUNK_ELEMENTS = None  # device default, below
 # (H200, N=4096, K=262,144, d=128; docs/benchmarks.md).
 CPU_CHUNK_ELEMENTS = 2**25
 ACCELERATOR_CHUNK_ELEMENTS = 2**27
+# The bf16 path on CPU, when such a chunk still holds whole rows of codes for at least 256 tokens (K <= 32,768):
+# 2**23 distances, 16 MiB of bf16 output that stays in the last-level cache between the matmul and the block
+# minima. Two threads, N = 4,096, d = 128, SimVQ codebooks: K = 4,096: 18 vs 31 ms at 2**25; 8,192: 29 vs 44 ms;
+# 16,384: 68 vs 86 ms; 32,768: 133 vs 141 ms; from K = 65,536 (128 tokens per chunk) 2**25 is faster (281 vs
+# 315 ms); docs/benchmarks.md
+CPU_BF16_CHUNK_ELEMENTS = 2**23
 # Reductions run on blocks of this many codes: amin over a block is vectorised, whereas min-with-index over a
 # long row is a scalar loop on CPU (~20x slower per element); the index is then found in one block per token.
 REDUCE_BLOCK = 64
@@ -561,6 +567,8 @@ def nearest_code_info(
         return torch.empty(0, dtype=torch.long, device=z.device), SearchInfo(path, 0, 0)
     if max_chunk_elements is None:
         max_chunk_elements = CPU_CHUNK_ELEMENTS if device_type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
+        if path == "bf16-candidates" and device_type == "cpu" and num_codes * 256 <= CPU_BF16_CHUNK_ELEMENTS:
+            max_chunk_elements = CPU_BF16_CHUNK_ELEMENTS
     with torch.autocast(device_type=device_type, enabled=False):
         mean = codebook.to(dtype).mean(dim=0)
         zc = z.to(dtype) - mean
@@ -587,8 +595,8 @@ def nearest_code(
     Args:
         z: ``(N, d)`` tokens, any floating dtype.
         codebook: ``(K, d)`` codes.
-        max_chunk_elements: bound on the number of distances held at once (``None``: 2**25 on CPU,
-            2**27 on accelerators).
+        max_chunk_elements: bound on the number of distances held at once (``None``: 2**25 on CPU, 2**23
+            for the bf16 path on CPU up to K = 32,768, 2**27 on accelerators).
         search: ``"auto"`` (default; see :func:`resolve_search`), ``"exact-fp32"`` (fp32 matmul, or fp64
             for fp64 inputs) or ``"bf16-candidates"`` (bf16 matmul, exact re-rank). Every path returns the
             same indices.
