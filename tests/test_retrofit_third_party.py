@@ -11,21 +11,10 @@ import torch
 from torch import nn
 
 from simvq.retrofit import TamingSimVQ, UnitCodesSimVQ, VectorQuantizeSimVQ, retrofit
+from test_retrofit import ConvTokenizer  # the same encoder -> quantize -> decoder test model
 
 taming = pytest.importorskip("taming.modules.vqvae.quantize")
 vqp = pytest.importorskip("vector_quantize_pytorch")
-
-
-class Tokenizer(nn.Module):
-    def __init__(self, quantize: nn.Module, dim: int = 8) -> None:
-        super().__init__()
-        self.encoder = nn.Conv2d(3, dim, 3, padding=1)
-        self.quantize = quantize
-        self.decoder = nn.Conv2d(dim, 3, 3, padding=1)
-
-    def forward(self, x):
-        out = self.quantize(self.encoder(x))
-        return self.decoder(out[0]), out
 
 
 @pytest.mark.parametrize("legacy", [True, False])
@@ -34,7 +23,7 @@ def test_taming_vector_quantizer2_swap_is_exact(legacy):
     old = taming.VectorQuantizer2(64, 8, beta=0.25, legacy=legacy, sane_index_shape=True)
     with torch.no_grad():
         old.embedding.weight.normal_(0, 0.3)  # a trained-looking codebook, at the encoder's scale
-    model = Tokenizer(old).eval()
+    model = ConvTokenizer(old).eval()
     x = torch.randn(3, 3, 6, 6)
     with torch.no_grad():
         y0, (zq0, _, (_, _, idx0)) = model(x)

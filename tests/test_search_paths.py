@@ -52,6 +52,21 @@ def _data(kind: str, n: int = 600, k: int = 700, d: int = 32, seed: int = 0):
     raise AssertionError(kind)
 
 
+@pytest.fixture
+def bf16_matmul_rows(monkeypatch):
+    """The row count of every bf16 ``torch.mm`` the search runs (one per token chunk and code chunk)."""
+    rows = []
+    real_mm = torch.mm
+
+    def counting_mm(a, b, **kwargs):
+        if a.dtype == torch.bfloat16:
+            rows.append(a.shape[0])
+        return real_mm(a, b, **kwargs)
+
+    monkeypatch.setattr(search_mod.torch, "mm", counting_mm)
+    return rows
+
+
 @pytest.mark.parametrize("kind", ["random", "clustered", "offset", "duplicates", "ties"])
 @pytest.mark.parametrize("path", PATHS)
 def test_every_path_equals_the_float64_argmin(kind, path):
@@ -91,21 +106,13 @@ def test_bf16_path_falls_back_to_the_exact_path_and_stays_exact():
     assert got.tolist() == [3] * 50  # the lowest index among the copies
 
 
-def test_bf16_path_gives_up_on_a_crowded_codebook_after_its_first_token_chunk(monkeypatch):
+def test_bf16_path_gives_up_on_a_crowded_codebook_after_its_first_token_chunk(bf16_matmul_rows):
     # every token ties with 300 copies of one code: the first chunk (256 tokens at this budget) all falls back,
     # so the bf16 pass stops there and its reranking is not attempted for the other chunks
     g = torch.Generator().manual_seed(4)
     codebook = torch.cat([10 + torch.randn(3, 16, generator=g), torch.randn(1, 16, generator=g).expand(300, 16)])
     z = torch.randn(768, 16, generator=g)
-    calls = []
-    real_mm = torch.mm
-
-    def counting_mm(a, b, **kwargs):
-        if a.dtype == torch.bfloat16:
-            calls.append(a.shape[0])
-        return real_mm(a, b, **kwargs)
-
-    monkeypatch.setattr(search_mod.torch, "mm", counting_mm)
+    calls = bf16_matmul_rows
     got, info = nearest_code_info(z, codebook, search="bf16-candidates", max_chunk_elements=256 * 303)
     assert calls == [256]  # one bf16 matmul: the first token chunk, then the exact path for all
     assert info.fallback == 768
@@ -228,18 +235,10 @@ def test_finite_check_is_one_sum_but_still_exact():
             quantizer(z)
 
 
-def test_bf16_path_on_cpu_uses_cache_sized_chunks_up_to_32768_codes(monkeypatch):
+def test_bf16_path_on_cpu_uses_cache_sized_chunks_up_to_32768_codes(bf16_matmul_rows):
     # default budget on CPU: 2**23 distances for the bf16 path while that holds whole rows for >= 256 tokens
     # (K = 8,192: chunks of 1,024 tokens), else the general 2**25 (K = 65,536: chunks of 512 tokens)
-    rows = []
-    real_mm = torch.mm
-
-    def counting_mm(a, b, **kwargs):
-        if a.dtype == torch.bfloat16:
-            rows.append(a.shape[0])
-        return real_mm(a, b, **kwargs)
-
-    monkeypatch.setattr(search_mod.torch, "mm", counting_mm)
+    rows = bf16_matmul_rows
     g = torch.Generator().manual_seed(8)
     z = torch.randn(2048, 16, generator=g)
     for k, expected in ((8192, [1024, 1024]), (65536, [512] * 4)):
