@@ -3,8 +3,8 @@
 For every codebook size K it times one forward + backward pass over ``--tokens`` tokens of width ``--dim``:
   ours     simvq.SimVQ(search=--search) (exact chunked search on centred codes, gather-then-transform backward)
   peer     vector_quantize_pytorch.SimVQ(rotation_trick=False) (torch.cdist over the full N x K matrix)
-  matmul   torch.mm of (N, d) @ (d, K) in fp32: the search's FLOPs at the machine's plain matmul rate
-  matmul_bf16  the same torch.mm in bf16 (the precision of the "bf16-candidates" path)
+  matmul   torch.mm of (N, d) @ (d, K) in fp32 into a preallocated output: the search's FLOPs at the plain matmul rate
+  matmul_bf16  the same torch.mm in bf16 (the precision of the "bf16-candidates" and "bf16-fused" paths)
 and, separately, the search alone (simvq.nearest_code) against the same torch.mm. The search case also
 reports the path "auto" chose, how many tokens it re-ranked or sent back to the exact path, and checks that
 its indices equal those of search="exact-fp32" on every token (printed as the agreement).
@@ -102,7 +102,9 @@ def _setup(case: str, num_codes: int, tokens: int, dim: int, device: torch.devic
         dtype = torch.bfloat16 if case == "matmul_bf16" else torch.float32
         a = torch.randn(tokens, dim, generator=gen).to(device, dtype)
         b = torch.randn(dim, num_codes, generator=gen).to(device, dtype)
-        return lambda: torch.mm(a, b)
+        # into a preallocated output: the matmul's own rate, without the allocator's first-touch page faults
+        out = torch.empty(tokens, num_codes, dtype=dtype, device=device)
+        return lambda: torch.mm(a, b, out=out)
     if case == "search":
         # the codebook of a freshly initialised SimVQ (what "ours" searches), tokens at unit scale
         from simvq import SimVQ
@@ -221,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (minimum is reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument(
-        "--search", choices=("auto", "exact-fp32", "bf16-candidates"), default="auto", help="search path of ours"
+        "--search", choices=("auto", "exact-fp32", "bf16-candidates", "bf16-fused"), default="auto",
+        help="search path of ours",
     )
     parser.add_argument("--one-case", choices=CASES, help=argparse.SUPPRESS)  # internal: one case per process
     args = parser.parse_args(argv)
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in sizes:
         t_s, t_mm, t_bf = get("search", k, "time_s"), get("matmul", k, "time_s"), get("matmul_bf16", k, "time_s")
         path = get("search", k, "path")
-        best = best_bf16 if path == "bf16-candidates" else best_fp32
+        best = best_bf16 if path in ("bf16-candidates", "bf16-fused") else best_fp32
         agreement = get("search", k, "agreement")
         cells = [
             str(k),

@@ -1,4 +1,5 @@
-"""The nearest-code search paths ("exact-fp32", "bf16-candidates", "auto") against a float64 reference.
+"""The nearest-code search paths ("exact-fp32", "bf16-candidates", "bf16-fused", "auto") against a float64
+reference (the fused kernel's own checks: tests/test_search_fused.py).
 
 The reference is an explicit ``sum((z - c)^2)`` in float64 over every (token, code) pair, argmin with the
 lowest index on exact ties; it shares no code with the search.
@@ -20,7 +21,8 @@ from simvq.quantizers.search import (
     resolve_search,
 )
 
-PATHS = ("exact-fp32", "bf16-candidates", "auto")
+FUSED = search_mod.fused_kernel_available()
+PATHS = ("exact-fp32", "bf16-candidates", "auto") + (("bf16-fused",) if FUSED else ())
 
 
 def reference_argmin(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,7 @@ def test_every_path_equals_the_float64_argmin(kind, path):
     got, info = nearest_code_info(z, codebook, search=path)
     ref = reference_argmin(z, codebook)
     assert torch.equal(got, ref), f"{int((got != ref).sum())} of {len(ref)} tokens differ ({kind}, {info})"
-    assert info.path in ("exact-fp32", "bf16-candidates")
+    assert info.path in ("exact-fp32", "bf16-candidates", "bf16-fused")
     if path != "auto":
         assert info.path == path
 
@@ -168,6 +170,7 @@ def test_bf16_error_bound_covers_the_bf16_matmul():
 
 def test_resolve_search_rules(monkeypatch):
     monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(search_mod, "fused_kernel_available", lambda: False)
     n = 1024
     assert resolve_search("auto", "cpu", torch.float32, n, BF16_MIN_DISTANCES // n) == "bf16-candidates"
     assert resolve_search("auto", "cpu", torch.float32, n, BF16_MIN_DISTANCES // n - 1) == "exact-fp32"
@@ -178,14 +181,26 @@ def test_resolve_search_rules(monkeypatch):
     assert resolve_search("auto", "meta", torch.float32, n, 10**6) == "exact-fp32"
     monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: False)
     assert resolve_search("auto", "cpu", torch.float32, n, 10**6) == "exact-fp32"
-    for path in ("exact-fp32", "bf16-candidates"):
+    for path in ("exact-fp32", "bf16-candidates", "bf16-fused"):
         assert resolve_search(path, "cpu", torch.float64, 1, 3) == path
-    assert set(SEARCH_PATHS) == {"auto", "exact-fp32", "bf16-candidates"}
+    assert set(SEARCH_PATHS) == {"auto", "exact-fp32", "bf16-candidates", "bf16-fused"}
+    # where the fused kernel builds, "auto" takes it from BF16_FUSED_MIN_DISTANCES up, for any width
+    monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(search_mod, "fused_kernel_available", lambda: True)
+    fused_min = search_mod.BF16_FUSED_MIN_DISTANCES
+    assert resolve_search("auto", "cpu", torch.float32, n, fused_min // n) == "bf16-fused"
+    assert resolve_search("auto", "cpu", torch.float32, n, fused_min // n - 1) == "exact-fp32"
+    assert resolve_search("auto", "cpu", torch.float32, n, 10**6, 2) == "bf16-fused"
+    assert resolve_search("auto", "cpu", torch.float64, n, 10**6) == "exact-fp32"
+    assert resolve_search("auto", "cuda", torch.float32, n, 10**6) == "exact-fp32"
+    # a small search never builds the kernel
+    monkeypatch.setattr(search_mod, "fused_kernel_available", lambda: pytest.fail("kernel built for a small search"))
+    assert resolve_search("auto", "cpu", torch.float32, 8, 8) == "exact-fp32"
 
 
 @pytest.mark.parametrize("bad", ["fast", "bf16", "", None, 1, "AUTO"])
 def test_bad_search_value_is_a_clear_value_error(bad):
-    with pytest.raises(ValueError, match="search must be one of 'auto', 'exact-fp32', 'bf16-candidates'"):
+    with pytest.raises(ValueError, match="search must be one of 'auto', 'exact-fp32', 'bf16-candidates', 'bf16-fused'"):
         nearest_code(torch.zeros(3, 4), torch.zeros(5, 4), search=bad)
     for name in ("simvq", "vq", "ema_vq", "factorized_vq", "lc_vq"):
         with pytest.raises(ValueError, match="search must be one of"):

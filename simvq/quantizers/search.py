@@ -38,8 +38,13 @@ Paths (``search=``; every path returns the same indices):
   the first token chunk does, the other chunks go straight to the exact path. The bound assumes round-to-nearest bf16
   conversions and fp32 accumulation inside the matmul, as AVX512-BF16, AMX and tensor cores do;
   tests/test_search_paths.py checks it against float64 on the running machine.
-- ``"auto"`` (default): ``"bf16-candidates"`` on CPUs with hardware bf16 for fp32 searches of at least
-  ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide, ``"exact-fp32"`` otherwise
+- ``"bf16-fused"``: the bf16-candidates rule in one C kernel (:mod:`simvq.quantizers.native`, CPUs with
+  AVX512-BF16): the products are accumulated in fp32 registers and each token's running minimum and the
+  codes within the bound of it are kept as they are computed, so no distance is written to memory, and
+  the values are not rounded to bf16 (a smaller bound, fewer candidates). See :func:`_bf16_fused`.
+- ``"auto"`` (default): on CPUs with hardware bf16, for fp32 searches, ``"bf16-fused"`` from
+  ``BF16_FUSED_MIN_DISTANCES`` distances where the kernel builds, else ``"bf16-candidates"`` from
+  ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide; ``"exact-fp32"`` otherwise
   (:func:`resolve_search`).
 """
 
@@ -50,6 +55,8 @@ import warnings
 from typing import NamedTuple
 
 import torch
+
+from simvq.quantizers.native import bf16_search_kernel, default_threads, native_status
 
 DEFAULT_CHUNK_ELEMENTS = None  # device default, below
 # Bound on the distances held at once when the caller gives none. CPU: 128 MiB of fp32. GPU: 512 MiB, where
@@ -70,7 +77,7 @@ REDUCE_BLOCK = 64
 # explicit mantissa bits), "medium" bf16 (7); "highest" keeps fp32 inputs (no extra rounding).
 _INPUT_ROUNDOFF = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}
 # The search paths (see nearest_code). "auto" resolves to one of the others per call (resolve_search).
-SEARCH_PATHS = ("auto", "exact-fp32", "bf16-candidates")
+SEARCH_PATHS = ("auto", "exact-fp32", "bf16-candidates", "bf16-fused")
 # "auto" uses the bf16 path on CPUs from this many distances (tokens x codes) per call up: below it the fixed
 # cost of the candidate bookkeeping outweighs the faster matmul (1,024 x 512: 0.9x the exact path's speed,
 # 1,024 x 1,024: 1.2x, 4,096 x 256: 1.1x; one thread, SimVQ codebooks; docs/benchmarks.md)
@@ -79,6 +86,11 @@ BF16_MIN_DISTANCES = 2**20
 # the distances dominates), and the bf16 path's extra columns and candidate re-ranking make it slower (d = 4:
 # 1.2x the exact path's time at 2,048 x 1,024, 2.3x at 2,048 x 8,192; d = 16: 0.5x at 2,048 x 16,384; one thread)
 BF16_MIN_DIM = 16
+# The fused kernel ("bf16-fused") writes no distances and has no width limit: "auto" takes it from this many
+# distances up, whatever d (one thread, against the exact path: 512 x 512 x 64: 1.0x its time; 1,024 x 1,024
+# x 128: 0.33x; 2,048 x 1,024 x 4: 0.68x; 2,048 x 8,192 x 4: 0.08x; 256 x 256 x 128: 1.8x, its fixed cost of
+# ~0.9 ms; docs/benchmarks.md)
+BF16_FUSED_MIN_DISTANCES = 2**18
 # Tokens whose bf16 candidates span more blocks of REDUCE_BLOCK codes than this, or number more than
 # MAX_CANDIDATES, fall back to the exact path (bounds the candidate bookkeeping on tie-heavy data)
 MAX_CANDIDATE_BLOCKS = 64
@@ -87,6 +99,14 @@ MAX_CANDIDATES = 128
 # to the exact path: on a crowded codebook (trained SimVQ, 16-d codes, K = 262,144: 57% of tokens with more
 # than MAX_CANDIDATES candidates) finishing the bf16 pass would cost 1.6x the exact search
 BF16_GIVE_UP_FRACTION = 0.25
+# The fused kernel ("bf16-fused") holds MAX_CANDIDATES (index, value) pairs per token instead of distances: tokens
+# go through it in chunks of at most this many (8 MiB of pairs), the first chunk smaller so that a crowded
+# codebook is detected early (BF16_GIVE_UP_FRACTION)
+FUSED_TOKEN_CHUNK = 8192
+FUSED_FIRST_CHUNK = 1024
+# Codes per cache block of the fused kernel, in bytes of bf16 codes: a block stays in the per-core L2 cache
+# while every token block of a thread passes over it
+FUSED_CODE_BLOCK_BYTES = 2**19
 
 
 def check_chunk_elements(value: int | None, name: str = "max_chunk_elements") -> int | None:
@@ -247,26 +267,21 @@ def _exact_search(z, codebook, zc, cc, c_sq, max_chunk_elements):
     return out
 
 
-def _bf16_error_terms(dim: int, z_norm: torch.Tensor, c_max: torch.Tensor, dz_norm: torch.Tensor, dc_max: torch.Tensor):
-    """Per-token bound ``E`` (fp64) on the bf16 matmul error, and the row shift ``S`` that keeps outputs positive.
+def _bf16_product_error(dim: int, z_norm: torch.Tensor, c_max: torch.Tensor, dz_norm: torch.Tensor, dc_max: torch.Tensor):
+    """Per-token bound (fp64) on ``|x - T|`` for ``x = ||c'||^2 - 2 z~.c~`` accumulated in fp32 from bf16 inputs.
 
-    The matmul evaluates ``x = S + ||c'||^2 - 2 z~.c~`` from the bf16 inputs ``z~ = z' - dz``, ``c~ = c' - dc``
-    (round to nearest), with ``||c'||^2`` and ``S`` passed as bf16 hi + lo pairs (relative error <= 2 u^2 plus
-    the fp32 rounding of the norm, gamma_d) and products accumulated in fp32 (gamma_{d+4} of the sum of the
-    magnitudes). ``z'.c' - z~.c~ = dz.c~ + z'.dc``, so against ``T = ||c'||^2 - 2 z'.c'`` (``D - ||z'||^2``,
-    ``D`` the distance of the fp32 centred vectors) ``|x - S - T| <= 2 (|dz| max|c~| + |z'| max|dc|) +
-    (gamma_d + 2u^2) |c'|^2 + gamma_{d+4} sum|terms|``, with the rounding residuals' own norms ``|dz|`` (per
-    token) and ``max |dc|`` (over the codes) measured, not bounded by ``u |z'|``: typically 2.5x smaller.
-    The fp32 centring adds ``2 u32 (1 + u32) (|z'| + |c'|)^2`` against the true distance (as in
-    :func:`_rounding_bound`). Codes enter at the largest norms; every norm is inflated for its own fp32
-    rounding and the sum by 10%. The bf16 rounding of the output is handled separately (relative to the
-    output, see :func:`_bf16_threshold_key`).
+    ``z~ = z' - dz`` and ``c~ = c' - dc`` are the bf16 roundings (round to nearest) of the centred fp32
+    vectors and ``T = ||c'||^2 - 2 z'.c'`` (``D - ||z'||^2``, ``D`` the distance of the fp32 centred vectors).
+    ``z'.c' - z~.c~ = dz.c~ + z'.dc``, so ``|x - T| <= 2 (|dz| max|c~| + |z'| max|dc|) + (gamma_d + 2u^2)
+    |c'|^2 + gamma_{d+4} sum|terms|`` (the ``2u^2``: a norm passed as a bf16 hi + lo pair; products of two
+    bf16 numbers are exact in fp32), with the rounding residuals' own norms ``|dz|`` (per token) and
+    ``max |dc|`` (over the codes) measured, not bounded by ``u |z'|``: typically 2.5x smaller. The fp32
+    centring adds ``2 u32 (1 + u32) (|z'| + |c'|)^2`` against the true distance (as in
+    :func:`_rounding_bound`), and bf16 hardware that flushes subnormal inputs and outputs to zero (AVX512-BF16
+    does) at most ``2^-126`` per flushed value. Codes enter at the largest norms; every norm is inflated for
+    its own fp32 rounding and the sum by 10%.
 
-    By Cauchy-Schwarz ``T >= r^2 - 2 |z'| r`` with ``r = |c'| <= max|c'|``, whose least value is ``-S0``,
-    ``S0 = 2 |z'| r* - r*^2`` at ``r* = min(|z'|, max|c'|)``. ``S = S0 + margin``, with the margin above the
-    error, keeps every output >= +0 (bf16 values then order as their int16 bit patterns) and as small as a
-    per-token constant can: the bf16 rounding of the outputs, relative to their size, enters the threshold.
-    ``S`` is the same for every code of a token and cannot change its argmin.
+    Returns ``(bound, z_norm, c_max)``, the norms as inflated (fp64).
     """
     u, u32 = 2.0**-8, 2.0**-24
 
@@ -279,13 +294,34 @@ def _bf16_error_terms(dim: int, z_norm: torch.Tensor, c_max: torch.Tensor, dz_no
     c_max = c_max.double() * grow
     dc_max = dc_max.double() * grow
     zc_prod = z_norm * c_max
-    base = 1.1 * (
+    bound = 1.1 * (
         2 * (dz_norm * (c_max + dc_max) + z_norm * dc_max)
         + (gamma(dim) + 2 * u * u) * c_max**2
         + gamma(dim + 4) * (2.1 * zc_prod + 1.01 * c_max**2)
         + 2 * u32 * (1 + u32) * (z_norm + c_max) ** 2
+        + (dim + 4) * 2.0**-125 * (1 + z_norm + 2 * c_max)
     )
-    g = gamma(dim + 4)
+    return bound, z_norm, c_max
+
+
+def _bf16_error_terms(dim: int, z_norm: torch.Tensor, c_max: torch.Tensor, dz_norm: torch.Tensor, dc_max: torch.Tensor):
+    """Per-token bound ``E`` (fp64) on the bf16 matmul error, and the row shift ``S`` that keeps outputs positive.
+
+    The matmul evaluates ``x = S + ||c'||^2 - 2 z~.c~`` with ``||c'||^2`` and ``S`` passed as bf16 hi + lo
+    pairs; without ``S`` its error is bounded by :func:`_bf16_product_error`, and ``S`` adds its own hi + lo
+    and accumulation error. The bf16 rounding of the output is handled separately (relative to the output,
+    see :func:`_bf16_threshold_key`).
+
+    By Cauchy-Schwarz ``T >= r^2 - 2 |z'| r`` with ``r = |c'| <= max|c'|``, whose least value is ``-S0``,
+    ``S0 = 2 |z'| r* - r*^2`` at ``r* = min(|z'|, max|c'|)``. ``S = S0 + margin``, with the margin above the
+    error, keeps every output >= +0 (bf16 values then order as their int16 bit patterns) and as small as a
+    per-token constant can: the bf16 rounding of the outputs, relative to their size, enters the threshold.
+    ``S`` is the same for every code of a token and cannot change its argmin.
+    """
+    u32 = 2.0**-24
+    g = (dim + 4) * u32 / (1 - (dim + 4) * u32)
+    base, z_norm, c_max = _bf16_product_error(dim, z_norm, c_max, dz_norm, dc_max)
+    zc_prod = z_norm * c_max
     r = torch.minimum(z_norm, c_max)
     reach = 2 * z_norm * r - r * r  # S0, from norms inflated above the true ones: >= the true S0
     shift = reach * (1 + 1e-5) + 4 * g * zc_prod + 2 * base + 1e-30
@@ -436,6 +472,98 @@ def _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements):
     return out, fallback, reranked
 
 
+def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
+    """The fused kernel (kernels/bf16_search.c): bf16 products accumulated in fp32 from ``||c'||^2``, the
+    running minimum and the codes within the bound of it kept per token while the values are in registers;
+    no distance is written to memory. Same contract as :func:`_bf16_candidates`, but the codes are centred,
+    squared and rounded in one pass of the kernel's own (the other paths' ``cc`` and ``c_sq`` over the whole
+    codebook are not needed: 2 of the 3 passes over a 262,144-code codebook cost as much as the search).
+
+    The kernel's values ``v = ||c'||^2 - 2 z~.c~`` (fp32, not rounded to bf16) err by at most ``E``
+    (:func:`_bf16_product_error`), so a code can be the nearest only if ``v <= min v + 2 E``. The kernel keeps
+    every code under a running threshold that never falls below that (its fp32 sum is given the margin of
+    its own rounding), the candidates are filtered against the final minimum in fp64 and re-ranked as on the
+    other bf16 path.
+    """
+    kernel = bf16_search_kernel()
+    if kernel is None:
+        raise RuntimeError(f"the fused bf16 search kernel is unavailable: {native_status()}")
+    mr, nr = kernel.tokens_per_block, kernel.codes_per_tile
+    num_tokens, dim = zc.shape
+    num_codes = codebook.shape[0]
+    threads = default_threads()
+    out = torch.empty(num_tokens, dtype=torch.long)
+    fallback = torch.ones(num_tokens, dtype=torch.bool)
+    codes32 = codebook.float().contiguous()
+    mean = mean.float().contiguous()
+    k_pad = -(-num_codes // nr) * nr
+    # -2 c~ (exact: a power of two), with ||c'||^2 in fp32 and +inf on the padding codes (never kept)
+    b, dc_norm, csq = kernel.pack(codes32, k_pad, scale=-2.0, blocked=False, mean=mean, squares=True, threads=threads)
+    z_norm = zc.norm(dim=1)
+    if not (bool(torch.isfinite(z_norm).all()) and bool(torch.isfinite(csq[:num_codes]).all())):
+        return out, fallback, 0  # non-finite inputs: the exact path defines the answer
+    c_max = csq[:num_codes].max().sqrt()
+    dc_max = dc_norm.max()
+    pairs = (dim + 1) // 2
+    cap = MAX_CANDIDATES
+    chunk = max(mr, min(FUSED_TOKEN_CHUNK, max_chunk_elements // (2 * cap)) // mr * mr)
+    bounds = [0, min(num_tokens, FUSED_FIRST_CHUNK, chunk)]
+    bounds += list(range(bounds[-1] + chunk, num_tokens, chunk)) + [num_tokens]
+    u32 = 2.0**-24
+    reranked = 0
+    ws = kernel.workspace
+    for t0, t1 in zip(bounds[:-1], bounds[1:]):
+        if t1 <= t0:
+            continue
+        nt = t1 - t0
+        n_pad = -(-nt // mr) * mr
+        apack = ws("apack", (n_pad // mr, pairs, mr), torch.int32)
+        apack, dz_norm, _ = kernel.pack(zc[t0:t1].contiguous(), n_pad, scale=1.0, blocked=True, out=apack)
+        err, zn, cm = _bf16_product_error(dim, z_norm[t0:t1], c_max, dz_norm, dc_max)
+        # |v| <= reach; fl32(min + margin) >= min + 2 E for every |min| <= reach, and the fp32 rounding of
+        # the margin itself is rounded up by the factor
+        reach = cm * cm + 2 * zn * cm + err
+        margin = (2 * err + u32 * reach) / (1 - u32) * (1 + 2.0**-20)
+        if not bool((reach < 1e37).all()):
+            continue  # values near the fp32 range: the exact path (left marked as fallback)
+        twoe = ws("twoe", (n_pad,), torch.float32).zero_()
+        twoe[:nt] = margin
+        run_min = ws("run_min", (n_pad,), torch.float32).fill_(torch.finfo(torch.float32).max)
+        thr = ws("thr", (n_pad,), torch.float32).fill_(torch.finfo(torch.float32).max)
+        count = ws("count", (n_pad,), torch.int32).zero_()
+        cand_idx = ws("cand_idx", (n_pad, cap), torch.int32)
+        cand_val = ws("cand_val", (n_pad, cap), torch.float32)
+        kernel.run(
+            apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val,
+            kb_codes=FUSED_CODE_BLOCK_BYTES // (4 * pairs), threads=threads,
+        )  # fmt: skip
+        # the final filter against the true minimum in fp64 (its sum rounded up)
+        limit = 2 * err
+        limit = limit + 2.0**-50 * (run_min[:nt].double().abs() + limit)
+        idx = torch.empty(nt, dtype=torch.long)
+        kept = torch.empty(nt, dtype=torch.int32)
+        kernel.finish(count, cand_idx, cand_val, run_min, limit.contiguous(), idx, kept)
+        over = idx == -1
+        out[t0:t1] = idx
+        multi = (idx == -2).nonzero().squeeze(1)
+        if multi.numel():
+            # several candidates: settled as on the other bf16 path (fp32 with its certificate, fp64 near-ties),
+            # on the centred candidate codes only (the same fp32 values as rows of the full centred codebook)
+            kept_m = kept[multi]
+            rows, slot = (torch.arange(int(kept_m.max())) < kept_m[:, None]).nonzero(as_tuple=True)
+            cols = cand_idx[multi[rows], slot].long()
+            code_ids, local = torch.unique(cols, return_inverse=True)
+            cc_sub = codes32[code_ids] - mean
+            c_sq_sub = cc_sub.pow(2).sum(dim=1)
+            rows = t0 + multi[rows]
+            _settle_pairs(z, codebook, zc, cc_sub, c_sq_sub, z_norm, rows, local, out, max_chunk_elements, code_ids)
+            reranked += int(multi.numel())
+        fallback[t0:t1] = over
+        if t0 == 0 and t1 < num_tokens and float(over.float().mean()) > BF16_GIVE_UP_FRACTION:
+            break  # a crowded codebook: the other tokens stay marked for the exact path
+    return out, fallback, reranked
+
+
 def _pair_dots(zc: torch.Tensor, cc: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``zc[rows] . cc[cols]`` for row-major sorted pairs, without materialising the gathered rows.
 
@@ -454,12 +582,13 @@ def _pair_dots(zc: torch.Tensor, cc: torch.Tensor, rows: torch.Tensor, cols: tor
         return torch.sparse.sampled_addmm(pattern, zc, cc.t(), beta=0.0).values()
 
 
-def _settle_pairs(z, codebook, zc, cc, c_sq, z_norm, rows, cols, out, max_chunk_elements) -> int:
+def _settle_pairs(z, codebook, zc, cc, c_sq, z_norm, rows, cols, out, max_chunk_elements, code_ids=None) -> int:
     """Exact winner of each token in ``rows`` among its candidate codes ``cols`` (pairs), written into ``out``.
 
     The pairs are evaluated as ``||c'||^2 - 2 z'.c'`` in the centred precision (fp32), with the rounding
     bound of :func:`_rounding_bound`; tokens with a second candidate within twice the bound of the best are
     settled by the fp64 ``sum((z - c)^2)`` on the original coordinates, lowest index on exact ties.
+    ``code_ids``: ``cc`` and ``c_sq`` hold only these codes of ``codebook`` and ``cols`` index into them.
     Returns the number of tokens settled.
     """
     num_tokens, dim = zc.shape
@@ -474,6 +603,8 @@ def _settle_pairs(z, codebook, zc, cc, c_sq, z_norm, rows, cols, out, max_chunk_
     best = best.scatter_reduce(0, rows, dist, reduce="amin")
     close = dist <= best[rows] + tol
     rows, cols = rows[close], cols[close]
+    if code_ids is not None:
+        cols = code_ids[cols]
     counts = torch.bincount(rows, minlength=num_tokens)
     single = counts[rows] == 1
     out[rows[single]] = cols[single]
@@ -523,22 +654,32 @@ def cpu_has_fast_bf16() -> bool:
     return False
 
 
+def fused_kernel_available() -> bool:
+    """Whether the fused bf16 kernel can run here (see :mod:`simvq.quantizers.native`); built on first call."""
+    return bf16_search_kernel() is not None
+
+
 def resolve_search(
     search: str, device: torch.device | str, dtype: torch.dtype, num_tokens: int, num_codes: int, dim: int | None = None
 ) -> str:
     """The path ``search`` runs for ``num_tokens`` tokens and ``num_codes`` codes on ``device`` in ``dtype``.
 
-    ``"auto"`` picks ``"bf16-candidates"`` on CPUs with hardware bf16 (AVX512-BF16 or AMX) for fp32
-    searches of at least ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide (``dim``;
-    None: not checked), and ``"exact-fp32"`` otherwise: fp64 inputs, small searches, narrow codes, CPUs without bf16, and accelerators (where the bf16 path has not been measured yet;
-    pass ``search="bf16-candidates"`` to use it there).
+    ``"auto"`` picks a bf16 path for fp32 searches on CPUs with hardware bf16 (AVX512-BF16 or AMX):
+    ``"bf16-fused"`` from ``BF16_FUSED_MIN_DISTANCES`` distances (tokens x codes) up where its kernel builds
+    (:func:`fused_kernel_available`; the first such call builds it), else ``"bf16-candidates"`` from
+    ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide (``dim``; None: not checked);
+    and ``"exact-fp32"`` otherwise: fp64 inputs, small searches, CPUs without bf16, and accelerators (where
+    the bf16 paths have not been measured yet; pass ``search="bf16-candidates"`` to use it there).
     """
     search = check_search(search)
     if search != "auto":
         return search
-    device_type = torch.device(device).type
-    big = num_tokens * num_codes >= BF16_MIN_DISTANCES and (dim is None or dim >= BF16_MIN_DIM)
-    if dtype == torch.float32 and device_type == "cpu" and big and cpu_has_fast_bf16():
+    if dtype != torch.float32 or torch.device(device).type != "cpu" or not cpu_has_fast_bf16():
+        return "exact-fp32"
+    distances = num_tokens * num_codes
+    if distances >= BF16_FUSED_MIN_DISTANCES and fused_kernel_available():
+        return "bf16-fused"
+    if distances >= BF16_MIN_DISTANCES and (dim is None or dim >= BF16_MIN_DIM):
         return "bf16-candidates"
     return "exact-fp32"
 
@@ -569,16 +710,27 @@ def nearest_code_info(
         max_chunk_elements = CPU_CHUNK_ELEMENTS if device_type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
         if path == "bf16-candidates" and device_type == "cpu" and num_codes * 256 <= CPU_BF16_CHUNK_ELEMENTS:
             max_chunk_elements = CPU_BF16_CHUNK_ELEMENTS
+    if path == "bf16-fused" and (device_type != "cpu" or dtype != torch.float32):
+        raise ValueError(
+            f"search='bf16-fused' runs fp32 searches on the CPU, got {dtype} on {device_type}; use search='auto'"
+        )
     with torch.autocast(device_type=device_type, enabled=False):
         mean = codebook.to(dtype).mean(dim=0)
         zc = z.to(dtype) - mean
-        cc = codebook.to(dtype) - mean
-        c_sq = cc.pow(2).sum(dim=1)
-        if path == "exact-fp32":
-            return _exact_search(z, codebook, zc, cc, c_sq, max_chunk_elements), SearchInfo(path, 0, 0)
-        out, fallback, reranked = _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements)
+        if path == "bf16-fused":
+            out, fallback, reranked = _bf16_fused(z, codebook, zc, mean, max_chunk_elements)
+            cc = c_sq = None  # centred codes: only if some tokens fall back
+        else:
+            cc = codebook.to(dtype) - mean
+            c_sq = cc.pow(2).sum(dim=1)
+            if path == "exact-fp32":
+                return _exact_search(z, codebook, zc, cc, c_sq, max_chunk_elements), SearchInfo(path, 0, 0)
+            out, fallback, reranked = _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements)
         rows = fallback.nonzero().squeeze(1)
         if rows.numel():
+            if cc is None:
+                cc = codebook.to(dtype) - mean
+                c_sq = cc.pow(2).sum(dim=1)
             out[rows] = _exact_search(z[rows], codebook, zc[rows], cc, c_sq, max_chunk_elements)
     return out, SearchInfo(path, reranked, int(rows.numel()))
 

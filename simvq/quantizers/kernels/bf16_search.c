@@ -1,0 +1,247 @@
+/* Fused bf16 nearest-code candidate search (AVX512-BF16), used by simvq/quantizers/search.py ("bf16-fused").
+ *
+ * For every token i and code k it evaluates v[i,k] = csq[k] + sum_p a[i,p] . b[k,p] with vdpbf16ps
+ * (bf16 products, exact in fp32, accumulated in fp32, starting from csq[k]) and never writes the distance
+ * matrix: while the values are still in registers it keeps, per token, the running minimum of v and every
+ * code whose value is <= the running threshold thr[i] = min over the scan of (running minimum + twoe[i]).
+ * Since the running minimum only falls, every code within twoe[i] of the final minimum is kept; the caller
+ * filters the kept codes against the final minimum and re-ranks them exactly. A token with more than `cap`
+ * codes under its threshold is marked (count = cap + 1) and left to the caller's exact search.
+ *
+ * Layout (all row-major, contiguous):
+ *   apack   [token blocks][pairs][MR] uint32: two bf16 (an even/odd coordinate pair) of one token each
+ *   b       [k_pad][pairs] uint32: codes, two bf16 per uint32 (k_pad a multiple of NR)
+ *   csq     [k_pad] float: per-code start value (padding codes: +inf, never kept)
+ *   twoe    [n_pad] float: per-token threshold margin above the running minimum
+ *   run_min, thr [n_pad] float: state, initialised by the caller to FLT_MAX
+ *   count   [n_pad] int32, cand_idx / cand_val [n_pad][cap]: kept codes and their values
+ * Threads: each call handles the token blocks [tb0, tb1); calls on disjoint ranges may run concurrently.
+ *
+ * simvq_bf16_pack writes the operands: bf16 rounding (to nearest even) of fp32 rows (centred on request),
+ * scaled by a power of two, either row-major (codes) or token-blocked (tokens), with the norm of each row's
+ * rounding residual and, on request, each row's squared norm.
+ *
+ * simvq_bf16_finish then filters each token's kept codes against its final minimum: those within limit[i]
+ * are its candidates, moved to the front of its list. One candidate is the answer (out[i]); several give
+ * out[i] = -2, for the caller's exact re-rank; an overflowed token gets -1, for the caller's exact search.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+#define MR 32 /* tokens per tile: two 16-lane vectors */
+#define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
+#define MT (MR / 16)
+#define ABI_VERSION 5
+
+typedef struct {
+    const uint32_t *apack;
+    const uint32_t *b;
+    const float *csq;
+    const float *twoe;
+    float *run_min;
+    float *thr;
+    int32_t *count;
+    int32_t *cand_idx;
+    float *cand_val;
+    int64_t pairs, k_pad, cap, kb_codes;
+} simvq_search_args;
+
+int simvq_bf16_abi(int32_t *mr, int32_t *nr) {
+    *mr = MR;
+    *nr = NR;
+    return ABI_VERSION;
+}
+
+static void keep(const simvq_search_args *g, int64_t tok, int32_t code, float v) {
+    int32_t c = g->count[tok];
+    if (c > g->cap) return; /* already overflowed */
+    int32_t *idx = g->cand_idx + tok * g->cap;
+    float *val = g->cand_val + tok * g->cap;
+    if (c == g->cap) { /* full: drop what the current threshold has since excluded */
+        const float t = g->thr[tok];
+        int32_t w = 0;
+        for (int32_t i = 0; i < c; i++)
+            if (val[i] <= t) {
+                idx[w] = idx[i];
+                val[w] = val[i];
+                w++;
+            }
+        c = w;
+        if (c == g->cap) {
+            g->count[tok] = c + 1;
+            return;
+        }
+    }
+    idx[c] = code;
+    val[c] = v;
+    g->count[tok] = c + 1;
+}
+
+/* acc[t][j] = csq[j0 + j] + sum_p a[p][16 t + lane] . b[j0 + j][p]: one MR x NR tile, in registers */
+#define TILE(acc, a, g, j0)                                                                               \
+    do {                                                                                                  \
+        const uint32_t *bj[NR];                                                                           \
+        _Pragma("GCC unroll 16") for (int j = 0; j < NR; j++) {                                           \
+            bj[j] = (g)->b + ((j0) + j) * P;                                                              \
+            const __m512 c = _mm512_set1_ps((g)->csq[(j0) + j]);                                          \
+            _Pragma("GCC unroll 4") for (int t = 0; t < MT; t++) acc[t][j] = c;                          \
+        }                                                                                                 \
+        for (int64_t p = 0; p < P; p++) {                                                                 \
+            __m512bh av[MT];                                                                              \
+            _Pragma("GCC unroll 4") for (int t = 0; t < MT; t++)                                         \
+                av[t] = (__m512bh)_mm512_loadu_si512((a) + p * MR + 16 * t);                              \
+            _Pragma("GCC unroll 16") for (int j = 0; j < NR; j++) {                                       \
+                const __m512bh bv = (__m512bh)_mm512_set1_epi32((int)bj[j][p]);                           \
+                _Pragma("GCC unroll 4") for (int t = 0; t < MT; t++)                                     \
+                    acc[t][j] = _mm512_dpbf16_ps(acc[t][j], av[t], bv);                                   \
+            }                                                                                             \
+        }                                                                                                 \
+    } while (0)
+
+/* Tiles scanned once, without keeping codes, before the scan proper: the threshold then starts at
+ * (minimum of their PRIME_TILES * NR codes + twoe) instead of FLT_MAX, and about 3x fewer codes are kept
+ * (and later dropped) per token on the way down to the final minimum. */
+#define PRIME_TILES 4
+
+void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
+    const int64_t P = g->pairs;
+    /* codes in blocks that stay in the per-core L2 cache while every token block of the range passes */
+    int64_t kb = (g->kb_codes + NR - 1) / NR * NR;
+    if (kb < NR) kb = NR;
+    const int64_t prime = g->k_pad / NR < PRIME_TILES ? g->k_pad / NR : PRIME_TILES;
+    for (int64_t tb = tb0; tb < tb1; tb++) {
+        const uint32_t *a = g->apack + tb * P * MR;
+        const int64_t tok0 = tb * MR;
+        for (int64_t j0 = 0; j0 < prime * NR; j0 += NR) {
+            __m512 acc[MT][NR];
+            TILE(acc, a, g, j0);
+#pragma GCC unroll 4
+            for (int t = 0; t < MT; t++) {
+                float *min_p = g->run_min + tok0 + 16 * t;
+                __m512 mn = _mm512_loadu_ps(min_p);
+#pragma GCC unroll 16
+                for (int j = 0; j < NR; j++) mn = _mm512_min_ps(acc[t][j], mn);
+                _mm512_storeu_ps(min_p, mn);
+                const __m512 nt = _mm512_add_ps(mn, _mm512_loadu_ps(g->twoe + tok0 + 16 * t));
+                float *thr_p = g->thr + tok0 + 16 * t;
+                _mm512_storeu_ps(thr_p, _mm512_min_ps(nt, _mm512_loadu_ps(thr_p)));
+            }
+        }
+    }
+    for (int64_t k0 = 0; k0 < g->k_pad; k0 += kb) {
+        const int64_t k1 = k0 + kb < g->k_pad ? k0 + kb : g->k_pad;
+        for (int64_t tb = tb0; tb < tb1; tb++) {
+            const uint32_t *a = g->apack + tb * P * MR;
+            const int64_t tok0 = tb * MR;
+            for (int64_t j0 = k0; j0 < k1; j0 += NR) {
+                __m512 acc[MT][NR];
+                TILE(acc, a, g, j0);
+#pragma GCC unroll 4
+                for (int t = 0; t < MT; t++) {
+                    float *thr_p = g->thr + tok0 + 16 * t;
+                    float *min_p = g->run_min + tok0 + 16 * t;
+                    const __m512 th = _mm512_loadu_ps(thr_p);
+                    __m512 mn = _mm512_loadu_ps(min_p);
+                    __mmask16 any = 0;
+#pragma GCC unroll 16
+                    for (int j = 0; j < NR; j++) {
+                        any |= _mm512_cmp_ps_mask(acc[t][j], th, _CMP_LE_OQ);
+                        mn = _mm512_min_ps(acc[t][j], mn); /* a NaN value leaves the minimum unchanged */
+                    }
+                    _mm512_storeu_ps(min_p, mn);
+                    if (any) {
+                        for (int j = 0; j < NR; j++) {
+                            __mmask16 m = _mm512_cmp_ps_mask(acc[t][j], th, _CMP_LE_OQ);
+                            if (!m) continue;
+                            float vals[16];
+                            _mm512_storeu_ps(vals, acc[t][j]);
+                            while (m) {
+                                const int lane = __builtin_ctz(m);
+                                m &= m - 1;
+                                keep(g, tok0 + 16 * t + lane, (int32_t)(j0 + j), vals[lane]);
+                            }
+                        }
+                    }
+                    /* the threshold only falls: min(old, new minimum + margin) */
+                    const __m512 nt = _mm512_add_ps(mn, _mm512_loadu_ps(g->twoe + tok0 + 16 * t));
+                    _mm512_storeu_ps(thr_p, _mm512_min_ps(nt, th));
+                }
+            }
+        }
+    }
+}
+
+
+/* Rows [r0, r1) of the operands: y_i = x_i - mean (fp32, as torch computes it; mean may be NULL: y_i = x_i)
+ * rounded to bf16 (to nearest even) times `scale` (a power of two: exact) into `out`, layout 0 row-major
+ * [n_pad][2 * pairs] (uint16), layout 1 token-blocked [n_pad / MR][pairs][MR] (uint32 = two bf16). Rows
+ * n..n_pad-1 and the odd coordinate of an odd dim are zero. resid[i] = || y_i - bf16(y_i) || (the residuals
+ * are exact in float); sq (may be NULL) gets ||y_i||^2 in float, +inf on padding rows. */
+void simvq_bf16_pack(const float *x, const float *mean, int64_t n, int64_t dim, int64_t pairs,
+                     float scale, int32_t layout, uint16_t *out, float *resid, float *sq, int64_t r0, int64_t r1) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    uint16_t row[2 * pairs + 32];
+    for (int64_t i = r0; i < r1; i++) {
+        int64_t q = 0;
+        if (i < n) {
+            const float *xi = x + i * dim;
+            __m512 acc = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+            for (; q < dim; q += 16) {
+                const __mmask16 m = dim - q >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (dim - q)) - 1);
+                __m512 v = _mm512_maskz_loadu_ps(m, xi + q);
+                if (mean) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, mean + q));
+                sum = _mm512_fmadd_ps(v, v, sum);
+                const __m256bh h = _mm512_cvtneps_pbh(v);
+                const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+                const __m512 d = _mm512_sub_ps(v, back);
+                acc = _mm512_fmadd_ps(d, d, acc);
+                const __m256bh hs = _mm512_cvtneps_pbh(_mm512_mul_ps(v, sc));
+                _mm256_storeu_si256((__m256i *)(row + q), (__m256i)hs);
+            }
+            resid[i] = __builtin_sqrtf(_mm512_reduce_add_ps(acc));
+            if (sq) sq[i] = _mm512_reduce_add_ps(sum);
+        } else if (sq) {
+            sq[i] = __builtin_inff();
+        }
+        for (int64_t k = (i < n ? dim : 0); k < 2 * pairs; k++) row[k] = 0;
+        if (layout == 0) {
+            uint16_t *o = out + i * 2 * pairs;
+            for (int64_t k = 0; k < 2 * pairs; k++) o[k] = row[k];
+        } else {
+            uint32_t *o = (uint32_t *)out + (i / MR) * pairs * MR + (i % MR);
+            const uint32_t *r32 = (const uint32_t *)row;
+            for (int64_t p = 0; p < pairs; p++) o[p * MR] = r32[p];
+        }
+    }
+}
+
+typedef struct {
+    const int32_t *count;
+    int32_t *cand_idx;
+    const float *cand_val;
+    const float *run_min;
+    const double *limit; /* [n]: the margin above the final minimum, in double */
+    int64_t *out;        /* [n]: the nearest code, -2 (several candidates) or -1 (overflow) */
+    int32_t *kept;       /* [n]: candidates left after the filter (0 for an overflowed token) */
+    int64_t n, cap;
+} simvq_finish_args;
+
+void simvq_bf16_finish(const simvq_finish_args *g) {
+    for (int64_t i = 0; i < g->n; i++) {
+        const int32_t c = g->count[i];
+        if (c > g->cap || c < 1) {
+            g->out[i] = -1;
+            g->kept[i] = 0;
+            continue;
+        }
+        int32_t *idx = g->cand_idx + i * g->cap;
+        const float *val = g->cand_val + i * g->cap;
+        const double lim = (double)g->run_min[i] + g->limit[i];
+        int32_t kept = 0;
+        for (int32_t s = 0; s < c; s++)
+            if ((double)val[s] <= lim) idx[kept++] = idx[s];
+        /* kept >= 1: the minimum itself is always under the limit */
+        g->out[i] = kept == 1 ? idx[0] : (kept > 1 ? -2 : -1);
+        g->kept[i] = kept;
+    }
+}

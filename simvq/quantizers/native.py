@@ -1,0 +1,313 @@
+"""The fused bf16 search kernel (kernels/bf16_search.c): built on first use, loaded with ctypes.
+
+The kernel is plain C with AVX512-BF16 intrinsics and no dependency on torch's headers, so it compiles in
+about a second with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``). The shared library
+is cached per source, flags and compiler under ``$SIMVQ_KERNEL_DIR``, else ``$XDG_CACHE_HOME/simvq/kernels``
+(``~/.cache/simvq/kernels``), written to a temporary name and renamed into place, so concurrent processes
+never load a half-written file. ``SIMVQ_NATIVE=0`` turns the kernel off.
+
+Where it cannot be used (not Linux on x86-64, a CPU without AVX512-BF16, no C compiler, a failed build),
+:func:`bf16_search_kernel` returns None and :func:`native_status` says why; the search then uses its
+PyTorch paths, which return the same indices.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels") / "bf16_search.c"
+ABI_VERSION = 5
+# explicit ISA flags rather than -march: the library runs on any CPU with these features, whoever built it
+CFLAGS = (
+    "-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing",
+    "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma",
+)  # fmt: skip
+PIECES_PER_THREAD = 8
+REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "fma"})
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("apack", "b", "csq", "twoe", "run_min", "thr", "count", "cand_idx", "cand_val")
+    ] + [(name, ctypes.c_int64) for name in ("pairs", "k_pad", "cap", "kb_codes")]
+
+
+class _FinishArgs(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_void_p)
+        for name in ("count", "cand_idx", "cand_val", "run_min", "limit", "out", "kept")
+    ] + [(name, ctypes.c_int64) for name in ("n", "cap")]
+
+
+def _check_cpu_contiguous(tensors) -> None:
+    if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors):
+        raise ValueError("bf16 search kernel: every tensor must be a contiguous CPU tensor")
+
+
+class Bf16SearchKernel:
+    """The loaded kernel: its tile sizes and a threaded call over token blocks (see the C source)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        mr, nr = ctypes.c_int32(), ctypes.c_int32()
+        abi = lib.simvq_bf16_abi(ctypes.byref(mr), ctypes.byref(nr))
+        if abi != ABI_VERSION:
+            raise RuntimeError(f"kernel ABI {abi}, expected {ABI_VERSION}")
+        self.tokens_per_block, self.codes_per_tile = mr.value, nr.value
+        self._fn = lib.simvq_bf16_search
+        self._fn.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_int64]
+        self._fn.restype = None
+        self._pack = lib.simvq_bf16_pack
+        self._pack.argtypes = [
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+            ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        ]  # fmt: skip
+        self._pack.restype = None
+        self._finish = lib.simvq_bf16_finish
+        self._finish.argtypes = [ctypes.POINTER(_FinishArgs)]
+        self._finish.restype = None
+        self._lib = lib
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_key: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def _executor(self, workers: int) -> ThreadPoolExecutor:
+        # one pool per process and size: a pool inherited through fork() has no threads in the child
+        key = (os.getpid(), workers)
+        with self._lock:
+            if self._pool_key != key:
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="simvq-search")
+                self._pool_key = key
+            return self._pool
+
+    def run(self, apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val, *, kb_codes: int, threads: int):
+        """Scan every code for every token block; the state tensors are updated in place.
+
+        All tensors must be contiguous CPU tensors laid out as the C source describes; ``threads`` calls
+        run concurrently on disjoint token ranges (ctypes releases the GIL during each call).
+        """
+        tensors = (apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val)
+        _check_cpu_contiguous(tensors)
+        blocks = apack.shape[0]
+        args = _Args(
+            *(t.data_ptr() for t in tensors), apack.shape[1], b.shape[0], cand_idx.shape[1], max(1, kb_codes)
+        )
+        self._parallel(lambda b0, b1: self._fn(ctypes.byref(args), b0, b1), blocks, threads)
+
+    def _parallel(self, call, items: int, threads: int) -> None:
+        """``call(i0, i1)`` over ``[0, items)`` split into pieces, on ``threads`` threads (the ctypes calls
+        release the GIL). More pieces than threads, taken from the pool's queue as threads come free: a core
+        held for a while by another thread (torch's OpenMP workers spin-wait for a few ms after each parallel
+        region) then delays one piece, not a fixed share of the work."""
+        threads = max(1, min(threads, items))
+        if threads == 1:
+            call(0, items)
+            return
+        pieces = min(items, threads * PIECES_PER_THREAD)
+        bounds = [items * i // pieces for i in range(pieces + 1)]
+        pool = self._executor(threads)
+        futures = [pool.submit(call, bounds[i], bounds[i + 1]) for i in range(pieces)]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            # never return (or unwind, on KeyboardInterrupt) while a thread still writes into the caller's tensors
+            for f in futures:
+                f.cancel()
+            wait(futures)
+
+    def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``shape`` from this thread's grow-only buffer ``name`` (uninitialised).
+
+        The per-call buffers (token operands, state, kept codes: ~1 KiB per token) are reused across calls:
+        fresh pages cost a page fault each on first touch, which at K = 1,024 made up a third of the
+        kernel's time.
+        """
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        numel = 1
+        for n in shape:
+            numel *= n
+        buf = buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = buffers[name] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
+
+    def pack(
+        self,
+        x: torch.Tensor,
+        rows: int,
+        *,
+        scale: float,
+        blocked: bool,
+        out: torch.Tensor | None = None,
+        mean: torch.Tensor | None = None,
+        squares: bool = False,
+        threads: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``y = x - mean`` (``x`` (n, d) float32; no ``mean``: ``y = x``) rounded to bf16 (to nearest even)
+        times ``scale`` (a power of two), padded with zero rows to ``rows`` and to an even width: row-major
+        ``(rows, 2 * pairs)`` bf16, or, ``blocked``, the kernel's token blocks ``(rows / MR, pairs, MR)``
+        int32. Also returns ``||y_i - bf16(y_i)||`` (n,) and, with ``squares``, ``||y_i||^2`` in float32
+        (rows,) with +inf on the padding rows (else None)."""
+        _check_cpu_contiguous((x,) if mean is None else (x, mean))
+        if x.dtype != torch.float32 or x.dim() != 2 or rows < x.shape[0]:
+            raise ValueError("bf16 search kernel: pack expects a float32 (n, d) tensor and rows >= n")
+        n, dim = x.shape
+        if mean is not None and (mean.dtype != torch.float32 or mean.shape != (dim,)):
+            raise ValueError(f"bf16 search kernel: mean must be a float32 tensor of shape ({dim},)")
+        pairs = (dim + 1) // 2
+        if blocked:
+            if rows % self.tokens_per_block:
+                raise ValueError(f"bf16 search kernel: blocked rows must be a multiple of {self.tokens_per_block}")
+            shape, dtype = (rows // self.tokens_per_block, pairs, self.tokens_per_block), torch.int32
+        else:
+            shape, dtype = (rows, 2 * pairs), torch.bfloat16
+        if out is None:
+            out = torch.empty(shape, dtype=dtype)
+        elif out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+            raise ValueError(f"bf16 search kernel: pack out must be a contiguous {dtype} tensor of shape {shape}")
+        resid = torch.empty(n, dtype=torch.float32)
+        sq = torch.empty(rows, dtype=torch.float32) if squares else None
+        ptrs = (
+            x.data_ptr(), None if mean is None else mean.data_ptr(), n, dim, pairs, scale, int(blocked),
+            out.data_ptr(), resid.data_ptr(), None if sq is None else sq.data_ptr(),
+        )  # fmt: skip
+        if blocked:  # token blocks are written whole: split the rows on block boundaries
+            mr = self.tokens_per_block
+            self._parallel(lambda b0, b1: self._pack(*ptrs, b0 * mr, b1 * mr), rows // mr, threads)
+        else:
+            self._parallel(lambda r0, r1: self._pack(*ptrs, r0, r1), rows, threads)
+        return out, resid, sq
+
+    def finish(self, count, cand_idx, cand_val, run_min, limit, out, kept) -> None:
+        """Filter the first ``len(out)`` tokens' kept codes against their final minimum after :meth:`run` (see
+        ``simvq_bf16_finish`` in the C source): ``out`` gets the nearest code, -2 (the ``kept`` candidates,
+        now first in ``cand_idx``, need a re-rank) or -1 (overflow)."""
+        tensors = (count, cand_idx, cand_val, run_min, limit, out, kept)
+        _check_cpu_contiguous(tensors)
+        if limit.dtype != torch.float64 or out.dtype != torch.int64 or kept.dtype != torch.int32:
+            raise ValueError("bf16 search kernel: limit must be float64, out int64, kept int32")
+        args = _FinishArgs(*(t.data_ptr() for t in tensors), out.shape[0], cand_idx.shape[1])
+        self._finish(ctypes.byref(args))
+
+
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def kernel_dir() -> Path:
+    """Where built kernels are cached (see the module docstring)."""
+    if os.environ.get("SIMVQ_KERNEL_DIR"):
+        return Path(os.environ["SIMVQ_KERNEL_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "simvq" / "kernels"
+
+
+def _private_temp_dir() -> Path | None:
+    """``$TMPDIR/simvq-kernels-<uid>``, created mode 0700; None if it exists but is not ours alone (a library
+    another user could have placed there must never be loaded)."""
+    path = Path(tempfile.gettempdir()) / f"simvq-kernels-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = path.stat()
+    except OSError:
+        return None
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        return None
+    return path
+
+
+def _build(compiler: str) -> Path:
+    """Compile the kernel into the cache (once per source, flags and compiler); returns the library's path.
+
+    The cache folder is :func:`kernel_dir`, or a private folder under the temporary directory when that
+    one cannot be created (a read-only home)."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version]).encode()).hexdigest()[:16]
+    out_dir = kernel_dir()
+    target = out_dir / f"bf16_search-{key}.so"
+    if target.exists():
+        return target
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        fallback = _private_temp_dir()
+        if fallback is None:
+            raise
+        out_dir, target = fallback, fallback / target.name
+        if target.exists():
+            return target
+    fd, tmp = tempfile.mkstemp(prefix=".bf16_search-", suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{os.path.basename(compiler)} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[Bf16SearchKernel | None, str]:
+    if os.environ.get("SIMVQ_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "turned off by SIMVQ_NATIVE=0"
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"needs Linux on x86-64, this is {platform.system()} on {platform.machine()}"
+    missing = sorted(REQUIRED_CPU_FLAGS - _cpu_flags())
+    if missing:
+        return None, f"this CPU lacks {', '.join(missing)}"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found (set CC, or install gcc)"
+    try:
+        kernel = Bf16SearchKernel(ctypes.CDLL(str(_build(compiler))))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        warnings.warn(f"simvq: the fused bf16 search kernel is unavailable ({err}); using the PyTorch paths", stacklevel=3)
+        return None, f"build or load failed: {err}"
+    return kernel, "available"
+
+
+def bf16_search_kernel() -> Bf16SearchKernel | None:
+    """The fused bf16 search kernel, built and loaded on first call; None where it cannot be used."""
+    return _load()[0]
+
+
+def native_status() -> str:
+    """``"available"``, or why :func:`bf16_search_kernel` returns None."""
+    return _load()[1]
+
+
+def default_threads() -> int:
+    """Threads the kernel uses: torch's intra-op thread count, so that ``torch.set_num_threads`` governs it."""
+    return max(1, torch.get_num_threads())

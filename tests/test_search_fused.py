@@ -1,0 +1,243 @@
+"""The fused bf16 search kernel (search="bf16-fused", simvq/quantizers/kernels/bf16_search.c).
+
+Answers are checked against an explicit float64 ``sum((z - c)^2)`` argmin (lowest index on exact ties) and
+against the exact path; the kernel's values against float64 distances through the error bound; its operand
+packing against torch's own bf16 rounding. Where the kernel cannot be built (no AVX512-BF16, no compiler),
+the tests that run it are skipped and the fallback rules are still checked.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from simvq.quantizers import native
+from simvq.quantizers import search as search_mod
+from simvq.quantizers.search import nearest_code, nearest_code_info
+
+KERNEL = native.bf16_search_kernel()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"fused kernel unavailable: {native.native_status()}")
+
+
+def reference_argmin(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    dist = (z.double()[:, None, :] - codebook.double()[None]).pow(2).sum(-1)
+    return dist.argmin(dim=1)  # first index of the minimum on exact ties
+
+
+def _random(n, k, d, seed=0, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return offset + torch.randn(n, d, generator=g), offset + scale * torch.randn(k, d, generator=g)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "n, k, d",
+    [
+        (1, 1, 16),  # one token, one code: a whole tile of padding
+        (33, 11, 16),  # one token past a block, one code past a tile
+        (100, 137, 33),  # odd width: the last coordinate pair is half padding
+        (70, 500, 3),  # narrow codes
+        (257, 1000, 128),  # the benchmark's width
+    ],
+)
+def test_fused_path_equals_float64_on_ragged_shapes(n, k, d):
+    z, codebook = _random(n, k, d, seed=n + k + d)
+    got, info = nearest_code_info(z, codebook, search="bf16-fused")
+    assert info.path == "bf16-fused"
+    assert torch.equal(got, reference_argmin(z, codebook))
+
+
+@needs_kernel
+def test_fused_path_across_token_chunks_and_code_blocks(monkeypatch):
+    # token chunks of 64 (first chunk 32) and cache blocks of 20 codes (2 tiles): every boundary is crossed
+    monkeypatch.setattr(search_mod, "FUSED_TOKEN_CHUNK", 64)
+    monkeypatch.setattr(search_mod, "FUSED_FIRST_CHUNK", 32)
+    monkeypatch.setattr(search_mod, "FUSED_CODE_BLOCK_BYTES", 20 * 4 * 8)  # d = 16: 8 pairs of 4 bytes per code
+    z, codebook = _random(300, 257, 16, seed=1, scale=0.3)
+    got, info = nearest_code_info(z, codebook, search="bf16-fused")
+    assert torch.equal(got, reference_argmin(z, codebook))
+    assert info.fallback == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_path_gives_the_same_answer_on_any_thread_count(threads, monkeypatch):
+    monkeypatch.setattr(search_mod, "default_threads", lambda: threads)
+    z, codebook = _random(1000, 700, 32, seed=2, scale=0.5)
+    assert torch.equal(nearest_code(z, codebook, search="bf16-fused"), reference_argmin(z, codebook))
+
+
+@needs_kernel
+def test_fused_path_keeps_the_list_short_when_every_code_is_a_new_minimum():
+    # codes ordered from far to near the (single) token: each one is a new running minimum and is kept, so
+    # the list of MAX_CANDIDATES fills many times and must drop what the falling threshold excludes
+    k = 20 * search_mod.MAX_CANDIDATES
+    direction = torch.zeros(16)
+    direction[0] = 1
+    codebook = torch.linspace(1000, 1, k)[:, None] * direction + 0.01 * torch.randn(k, 16)
+    z = torch.zeros(40, 16)
+    got, info = nearest_code_info(z, codebook, search="bf16-fused")
+    assert info.fallback == 0
+    assert torch.equal(got, reference_argmin(z, codebook))
+
+
+@needs_kernel
+def test_fused_path_sends_ties_beyond_the_list_to_the_exact_path():
+    # 2,000 copies of one code after 3 far codes: more candidates than the list holds, so every token
+    # overflows and is searched again by the exact path, which picks the lowest index
+    g = torch.Generator().manual_seed(3)
+    codebook = torch.cat([10 + torch.randn(3, 16, generator=g), torch.randn(1, 16, generator=g).expand(2000, 16)])
+    z = torch.randn(50, 16, generator=g)
+    got, info = nearest_code_info(z, codebook, search="bf16-fused")
+    assert info.fallback == 50
+    assert got.tolist() == [3] * 50
+
+
+@needs_kernel
+def test_fused_path_gives_up_on_a_crowded_codebook_after_its_first_chunk(monkeypatch):
+    calls = []
+    real_run = KERNEL.run
+
+    def counting_run(apack, *args, **kwargs):
+        calls.append(apack.shape[0] * KERNEL.tokens_per_block)
+        return real_run(apack, *args, **kwargs)
+
+    monkeypatch.setattr(KERNEL, "run", counting_run)
+    g = torch.Generator().manual_seed(4)
+    codebook = torch.cat([10 + torch.randn(3, 16, generator=g), torch.randn(1, 16, generator=g).expand(300, 16)])
+    z = torch.randn(3000, 16, generator=g)
+    got, info = nearest_code_info(z, codebook, search="bf16-fused")
+    assert calls == [search_mod.FUSED_FIRST_CHUNK]  # the first chunk only, then the exact path for all
+    assert info.fallback == 3000
+    assert torch.equal(got, reference_argmin(z, codebook))
+    calls.clear()
+    z, codebook = _random(3000, 303, 16, seed=6)
+    got, info = nearest_code_info(z, codebook, search="bf16-fused")
+    assert calls == [1024, 1984]  # a first chunk with few fallbacks: the rest follows (3000 - 1024, padded to 32)
+    assert torch.equal(got, reference_argmin(z, codebook))
+
+
+@needs_kernel
+def test_fused_path_on_degenerate_inputs():
+    assert nearest_code(torch.zeros(5, 8), torch.zeros(7, 8), search="bf16-fused").tolist() == [0] * 5
+    z, codebook = _random(80, 90, 8, seed=1)
+    zb, cb = z.bfloat16(), codebook.bfloat16()  # bf16 inputs are searched in fp32
+    assert torch.equal(nearest_code(zb, cb, search="bf16-fused"), reference_argmin(zb, cb))
+    # a common offset of norm 1,000 with a spread of 0.1: centring keeps the answer exact
+    u = torch.randn(24)
+    z, codebook = _random(200, 300, 24, seed=2, scale=1.0, offset=0.0)
+    z, codebook = 1000 * u / u.norm() + 0.1 * z, 1000 * u / u.norm() + 0.1 * codebook
+    assert torch.equal(nearest_code(z, codebook, search="bf16-fused"), reference_argmin(z, codebook))
+    # values whose squares leave the fp32 range go to the exact path instead of overflowing in the kernel
+    z, codebook = _random(20, 30, 8, seed=3)
+    got, info = nearest_code_info(z * 1e19, codebook * 1e19, search="bf16-fused")
+    assert info.fallback == 20
+    assert torch.equal(got, nearest_code(z * 1e19, codebook * 1e19, search="exact-fp32"))
+    # ties exactly halfway between two dyadic codes
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(-8, 8, (300, 16), generator=g).float()
+    first, second = torch.randint(300, (400,), generator=g), torch.randint(300, (400,), generator=g)
+    z = (codes[first] + codes[second]) / 2
+    assert torch.equal(nearest_code(z, codes, search="bf16-fused"), reference_argmin(z, codes))
+
+
+@needs_kernel
+def test_kernel_values_stay_within_the_error_bound():
+    # run the kernel with a margin so wide that it keeps every code (K < MAX_CANDIDATES), and compare each
+    # kept fp32 value v = ||c'||^2 - 2 z~.c~ with the float64 distance minus ||z'||^2
+    g = torch.Generator().manual_seed(7)
+    z = 50 + torch.randn(96, 48, generator=g) * torch.logspace(-2, 1, 48)
+    codebook = 50 + torch.randn(100, 48, generator=g) * torch.logspace(-2, 1, 48)
+    mean = codebook.mean(dim=0)
+    zc = z - mean
+    nr = KERNEL.codes_per_tile
+    k_pad = -(-100 // nr) * nr
+    # the codes centred, squared and rounded by the kernel's own pass, as the search does
+    b, dc, csq = KERNEL.pack(codebook, k_pad, scale=-2.0, blocked=False, mean=mean, squares=True, threads=2)
+    apack, dz, _ = KERNEL.pack(zc, 96, scale=1.0, blocked=True)
+    err, _, _ = search_mod._bf16_product_error(48, zc.norm(dim=1), csq[:100].max().sqrt(), dz, dc.max())
+    big = torch.finfo(torch.float32).max
+    run_min, thr = torch.full((96,), big), torch.full((96,), big)
+    count = torch.zeros(96, dtype=torch.int32)
+    idx, val = torch.empty(96, 128, dtype=torch.int32), torch.empty(96, 128)
+    KERNEL.run(apack, b, csq, torch.full((96,), 1e30), run_min, thr, count, idx, val, kb_codes=64, threads=2)
+    assert count.tolist() == [100] * 96  # every code kept, each once
+    v = torch.empty(96, 100, dtype=torch.float64)
+    v.scatter_(1, idx[:, :100].long(), val[:, :100].double())
+    exact = (z.double()[:, None] - codebook.double()[None]).pow(2).sum(-1) - zc.double().pow(2).sum(1)[:, None]
+    gap = (v - exact).abs()
+    assert float((err[:, None] - gap).min()) >= 0
+    assert float(gap.max()) > 0.01 * float(err.min())  # the data does exercise the rounding
+    assert torch.equal(run_min, val[:, :100].min(dim=1).values)
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [1, 16, 37])
+def test_pack_matches_torch_bf16_rounding(d):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(45, d, generator=g) * torch.logspace(-3, 3, d)
+    rows, pairs, mr = 64, (d + 1) // 2, KERNEL.tokens_per_block
+    padded = torch.zeros(rows, 2 * pairs)
+    padded[:45, :d] = x
+    rounded = padded.bfloat16()  # torch rounds to nearest even
+    b, resid, sq = KERNEL.pack(x, rows, scale=-2.0, blocked=False, threads=3)
+    assert sq is None
+    assert torch.equal(b.float(), rounded.float() * -2)  # values (the padding is +0, torch's -2 * 0 is -0)
+    assert torch.allclose(resid.double(), (x.double() - rounded[:45, :d].double()).norm(dim=1), rtol=1e-5)
+    a, _, _ = KERNEL.pack(x, rows, scale=1.0, blocked=True, threads=2)
+    expected = rounded.view(torch.int32).view(rows // mr, mr, pairs).transpose(1, 2)
+    assert torch.equal(a, expected)
+    # centred on request: the same fp32 differences as torch's x - mean, and their squared norms
+    mean = x.mean(dim=0)
+    b, resid, sq = KERNEL.pack(x, rows, scale=-2.0, blocked=False, mean=mean, squares=True)
+    centred = torch.zeros(rows, 2 * pairs)
+    centred[:45, :d] = x - mean
+    assert torch.equal(b.float(), centred.bfloat16().float() * -2)
+    assert torch.allclose(sq[:45].double(), (x - mean).double().pow(2).sum(dim=1), rtol=1e-5)
+    assert bool(torch.isinf(sq[45:]).all())  # padding rows: never a candidate
+
+
+def test_unavailable_kernel_falls_back_and_says_why(monkeypatch):
+    monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(search_mod, "fused_kernel_available", lambda: False)
+    assert search_mod.resolve_search("auto", "cpu", torch.float32, 4096, 4096, 64) == "bf16-candidates"
+    monkeypatch.setattr(search_mod, "bf16_search_kernel", lambda: None)
+    with pytest.raises(RuntimeError, match="fused bf16 search kernel is unavailable"):
+        nearest_code(torch.randn(4, 16), torch.randn(5, 16), search="bf16-fused")
+    with pytest.raises(ValueError, match="runs fp32 searches on the CPU"):
+        nearest_code(torch.randn(4, 16).double(), torch.randn(5, 16).double(), search="bf16-fused")
+
+
+def _status_in_subprocess(env: dict) -> str:
+    code = "from simvq.quantizers import native; print(native.native_status())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_switch_off_and_a_failing_compiler_are_reported(tmp_path):
+    assert _status_in_subprocess({"SIMVQ_NATIVE": "0"}) == "turned off by SIMVQ_NATIVE=0"
+    if KERNEL is None:
+        pytest.skip(f"fused kernel unavailable here: {native.native_status()}")
+    # a compiler that fails: no library, a clear reason, nothing left behind in the cache folder
+    status = _status_in_subprocess({"CC": "false", "SIMVQ_KERNEL_DIR": str(tmp_path / "k")})
+    assert status.startswith("build or load failed: false failed")
+    assert list((tmp_path / "k").iterdir()) == []
+
+
+@needs_kernel
+def test_build_is_cached_per_source_and_written_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIMVQ_KERNEL_DIR", str(tmp_path))
+    compiler = native._compiler()
+    first = native._build(compiler)
+    stamp = first.stat().st_mtime_ns
+    assert native._build(compiler) == first and first.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.Bf16SearchKernel(__import__("ctypes").CDLL(str(first))).tokens_per_block == KERNEL.tokens_per_block
