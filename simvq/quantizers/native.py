@@ -1,7 +1,10 @@
 """The fused bf16 search kernel (kernels/bf16_search.c): built on first use, loaded with ctypes.
 
-The kernel is plain C with AVX512-BF16 intrinsics and no dependency on torch's headers, so it compiles in
-about a second with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``). The shared library
+The kernel is plain C with AVX512-BF16 intrinsics and OpenMP, and no dependency on torch's headers, so it
+compiles in about a second with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``). Loaded
+after torch, it binds to the OpenMP runtime torch already uses (libgomp, same soname): its threads are
+torch's, sized by ``torch.set_num_threads``. (A thread pool of its own lost up to half its speed on two
+cores: torch's OpenMP workers spin-wait on a core for a while after each parallel region.) The library
 is cached per source, flags and compiler under ``$SIMVQ_KERNEL_DIR``, else ``$XDG_CACHE_HOME/simvq/kernels``
 (``~/.cache/simvq/kernels``), written to a temporary name and renamed into place, so concurrent processes
 never load a half-written file. ``SIMVQ_NATIVE=0`` turns the kernel off.
@@ -23,18 +26,21 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "bf16_search.c"
-ABI_VERSION = 5
+ABI_VERSION = 6
 # explicit ISA flags rather than -march: the library runs on any CPU with these features, whoever built it
 CFLAGS = (
     "-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing",
     "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma",
 )  # fmt: skip
+# tried in order: with OpenMP, then (a compiler without it) serial
+FLAG_SETS = (CFLAGS + ("-fopenmp",), CFLAGS)
+# token-block pieces per thread, taken dynamically: a core held for a while by another process delays one
+# piece, not a fixed share of the work
 PIECES_PER_THREAD = 8
 REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "fma"})
 
@@ -70,35 +76,27 @@ class Bf16SearchKernel:
         self._fn = lib.simvq_bf16_search
         self._fn.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_int64]
         self._fn.restype = None
-        self._pack = lib.simvq_bf16_pack
+        self._pack = lib.simvq_bf16_pack_all
         self._pack.argtypes = [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
-            ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+            ctypes.c_float, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
         ]  # fmt: skip
         self._pack.restype = None
         self._finish = lib.simvq_bf16_finish
         self._finish.argtypes = [ctypes.POINTER(_FinishArgs)]
         self._finish.restype = None
         self._lib = lib
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_key: tuple[int, int] | None = None
-        self._lock = threading.Lock()
+        self._search_all = lib.simvq_bf16_search_all
+        self._search_all.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_int32, ctypes.c_int64]
+        self._search_all.restype = None
+        self.openmp = bool(lib.simvq_openmp())
         self._local = threading.local()
-
-    def _executor(self, workers: int) -> ThreadPoolExecutor:
-        # one pool per process and size: a pool inherited through fork() has no threads in the child
-        key = (os.getpid(), workers)
-        with self._lock:
-            if self._pool_key != key:
-                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="simvq-search")
-                self._pool_key = key
-            return self._pool
 
     def run(self, apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val, *, kb_codes: int, threads: int):
         """Scan every code for every token block; the state tensors are updated in place.
 
-        All tensors must be contiguous CPU tensors laid out as the C source describes; ``threads`` calls
-        run concurrently on disjoint token ranges (ctypes releases the GIL during each call).
+        All tensors must be contiguous CPU tensors laid out as the C source describes. The call releases the
+        GIL and runs on ``threads`` OpenMP threads (token blocks in pieces taken dynamically).
         """
         tensors = (apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val)
         _check_cpu_contiguous(tensors)
@@ -106,29 +104,9 @@ class Bf16SearchKernel:
         args = _Args(
             *(t.data_ptr() for t in tensors), apack.shape[1], b.shape[0], cand_idx.shape[1], max(1, kb_codes)
         )
-        self._parallel(lambda b0, b1: self._fn(ctypes.byref(args), b0, b1), blocks, threads)
-
-    def _parallel(self, call, items: int, threads: int) -> None:
-        """``call(i0, i1)`` over ``[0, items)`` split into pieces, on ``threads`` threads (the ctypes calls
-        release the GIL). More pieces than threads, taken from the pool's queue as threads come free: a core
-        held for a while by another thread (torch's OpenMP workers spin-wait for a few ms after each parallel
-        region) then delays one piece, not a fixed share of the work."""
-        threads = max(1, min(threads, items))
-        if threads == 1:
-            call(0, items)
-            return
-        pieces = min(items, threads * PIECES_PER_THREAD)
-        bounds = [items * i // pieces for i in range(pieces + 1)]
-        pool = self._executor(threads)
-        futures = [pool.submit(call, bounds[i], bounds[i + 1]) for i in range(pieces)]
-        try:
-            for f in futures:
-                f.result()
-        finally:
-            # never return (or unwind, on KeyboardInterrupt) while a thread still writes into the caller's tensors
-            for f in futures:
-                f.cancel()
-            wait(futures)
+        threads = max(1, min(threads, blocks))
+        pieces = 1 if threads == 1 else min(blocks, threads * PIECES_PER_THREAD)
+        self._search_all(ctypes.byref(args), blocks, threads, pieces)
 
     def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape`` from this thread's grow-only buffer ``name`` (uninitialised).
@@ -182,15 +160,10 @@ class Bf16SearchKernel:
             raise ValueError(f"bf16 search kernel: pack out must be a contiguous {dtype} tensor of shape {shape}")
         resid = torch.empty(n, dtype=torch.float32)
         sq = torch.empty(rows, dtype=torch.float32) if squares else None
-        ptrs = (
-            x.data_ptr(), None if mean is None else mean.data_ptr(), n, dim, pairs, scale, int(blocked),
-            out.data_ptr(), resid.data_ptr(), None if sq is None else sq.data_ptr(),
+        self._pack(
+            x.data_ptr(), None if mean is None else mean.data_ptr(), n, rows, dim, pairs, scale, int(blocked),
+            out.data_ptr(), resid.data_ptr(), None if sq is None else sq.data_ptr(), max(1, threads),
         )  # fmt: skip
-        if blocked:  # token blocks are written whole: split the rows on block boundaries
-            mr = self.tokens_per_block
-            self._parallel(lambda b0, b1: self._pack(*ptrs, b0 * mr, b1 * mr), rows // mr, threads)
-        else:
-            self._parallel(lambda r0, r1: self._pack(*ptrs, r0, r1), rows, threads)
         return out, resid, sq
 
     def finish(self, count, cand_idx, cand_val, run_min, limit, out, kept) -> None:
@@ -251,7 +224,8 @@ def _build(compiler: str) -> Path:
     The cache folder is :func:`kernel_dir`, or a private folder under the temporary directory when that
     one cannot be created (a read-only home)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(CFLAGS), version]).encode()).hexdigest()[:16]
+    flags = "|".join(" ".join(f) for f in FLAG_SETS)
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), flags, version]).encode()).hexdigest()[:16]
     out_dir = kernel_dir()
     target = out_dir / f"bf16_search-{key}.so"
     if target.exists():
@@ -268,8 +242,12 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".bf16_search-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
+        for flag_set in FLAG_SETS:
+            cmd = [compiler, *flag_set, "-o", tmp, str(SOURCE)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if proc.returncode == 0:
+                break
+        else:
             raise RuntimeError(f"{os.path.basename(compiler)} failed: {proc.stderr.strip()[-500:]}")
         os.replace(tmp, target)
     finally:

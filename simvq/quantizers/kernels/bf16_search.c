@@ -15,7 +15,10 @@
  *   twoe    [n_pad] float: per-token threshold margin above the running minimum
  *   run_min, thr [n_pad] float: state, initialised by the caller to FLT_MAX
  *   count   [n_pad] int32, cand_idx / cand_val [n_pad][cap]: kept codes and their values
- * Threads: each call handles the token blocks [tb0, tb1); calls on disjoint ranges may run concurrently.
+ * Threads: simvq_bf16_search handles the token blocks [tb0, tb1); simvq_bf16_search_all splits all blocks into
+ * pieces taken dynamically by an OpenMP team. Built with -fopenmp after torch is loaded, the library binds to
+ * the libgomp torch already uses (same soname), so the team is torch's own thread pool: no second set of
+ * threads competing for the cores, and torch.set_num_threads governs it. Without OpenMP it runs serially.
  *
  * simvq_bf16_pack writes the operands: bf16 rounding (to nearest even) of fp32 rows (centred on request),
  * scaled by a power of two, either row-major (codes) or token-blocked (tokens), with the norm of each row's
@@ -31,7 +34,7 @@
 #define MR 32 /* tokens per tile: two 16-lane vectors */
 #define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
 #define MT (MR / 16)
-#define ABI_VERSION 5
+#define ABI_VERSION 6
 
 typedef struct {
     const uint32_t *apack;
@@ -172,6 +175,22 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
 }
 
 
+/* All token blocks, in `pieces` ranges taken dynamically by `threads` threads. */
+void simvq_bf16_search_all(const simvq_search_args *g, int64_t blocks, int32_t threads, int64_t pieces) {
+    if (pieces < 1) pieces = 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t piece = 0; piece < pieces; piece++)
+        simvq_bf16_search(g, blocks * piece / pieces, blocks * (piece + 1) / pieces);
+}
+
+int32_t simvq_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Rows [r0, r1) of the operands: y_i = x_i - mean (fp32, as torch computes it; mean may be NULL: y_i = x_i)
  * rounded to bf16 (to nearest even) times `scale` (a power of two: exact) into `out`, layout 0 row-major
  * [n_pad][2 * pairs] (uint16), layout 1 token-blocked [n_pad / MR][pairs][MR] (uint32 = two bf16). Rows
@@ -212,6 +231,17 @@ void simvq_bf16_pack(const float *x, const float *mean, int64_t n, int64_t dim, 
             const uint32_t *r32 = (const uint32_t *)row;
             for (int64_t p = 0; p < pairs; p++) o[p * MR] = r32[p];
         }
+    }
+}
+
+/* simvq_bf16_pack over rows [0, n_pad) on `threads` threads, in ranges of whole token blocks (MR rows). */
+void simvq_bf16_pack_all(const float *x, const float *mean, int64_t n, int64_t n_pad, int64_t dim, int64_t pairs,
+                         float scale, int32_t layout, uint16_t *out, float *resid, float *sq, int32_t threads) {
+    const int64_t blocks = (n_pad + MR - 1) / MR;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+        const int64_t r1 = (blk + 1) * MR < n_pad ? (blk + 1) * MR : n_pad;
+        simvq_bf16_pack(x, mean, n, dim, pairs, scale, layout, out, resid, sq, blk * MR, r1);
     }
 }
 
