@@ -241,3 +241,19 @@ def test_build_is_cached_per_source_and_written_atomically(tmp_path, monkeypatch
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert native.Bf16SearchKernel(__import__("ctypes").CDLL(str(first))).tokens_per_block == KERNEL.tokens_per_block
+
+
+@needs_kernel
+def test_workspace_is_reused_grows_and_can_be_released():
+    KERNEL.release_workspace()
+    z, codebook = _random(500, 600, 16, seed=9)
+    nearest_code(z, codebook, search="bf16-fused")
+    buffers = KERNEL._local.buffers
+    first = buffers["codes"].data_ptr()
+    nearest_code(z[:100], codebook[:300], search="bf16-fused")  # smaller: the same memory
+    assert buffers["codes"].data_ptr() == first
+    got = nearest_code(z, torch.cat([codebook, codebook + 1]), search="bf16-fused")  # larger: grows
+    assert buffers["codes"].numel() >= 1200 * 16
+    assert torch.equal(got, reference_argmin(z, torch.cat([codebook, codebook + 1])))
+    KERNEL.release_workspace()
+    assert "buffers" not in KERNEL._local.__dict__

@@ -497,21 +497,24 @@ def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
     codes32 = codebook.float().contiguous()
     mean = mean.float().contiguous()
     k_pad = -(-num_codes // nr) * nr
+    pairs = (dim + 1) // 2
+    ws = kernel.workspace
     # -2 c~ (exact: a power of two), with ||c'||^2 in fp32 and +inf on the padding codes (never kept)
-    b, dc_norm, csq = kernel.pack(codes32, k_pad, scale=-2.0, blocked=False, mean=mean, squares=True, threads=threads)
+    b = ws("codes", (k_pad, 2 * pairs), torch.bfloat16)
+    b, dc_norm, csq = kernel.pack(
+        codes32, k_pad, scale=-2.0, blocked=False, mean=mean, squares=True, threads=threads, out=b
+    )
     z_norm = zc.norm(dim=1)
     if not (bool(torch.isfinite(z_norm).all()) and bool(torch.isfinite(csq[:num_codes]).all())):
         return out, fallback, 0  # non-finite inputs: the exact path defines the answer
     c_max = csq[:num_codes].max().sqrt()
     dc_max = dc_norm.max()
-    pairs = (dim + 1) // 2
     cap = MAX_CANDIDATES
     chunk = max(mr, min(FUSED_TOKEN_CHUNK, max_chunk_elements // (2 * cap)) // mr * mr)
     bounds = [0, min(num_tokens, FUSED_FIRST_CHUNK, chunk)]
     bounds += list(range(bounds[-1] + chunk, num_tokens, chunk)) + [num_tokens]
     u32 = 2.0**-24
     reranked = 0
-    ws = kernel.workspace
     for t0, t1 in zip(bounds[:-1], bounds[1:]):
         if t1 <= t0:
             continue

@@ -199,13 +199,15 @@ int32_t simvq_openmp(void) {
 void simvq_bf16_pack(const float *x, const float *mean, int64_t n, int64_t dim, int64_t pairs,
                      float scale, int32_t layout, uint16_t *out, float *resid, float *sq, int64_t r0, int64_t r1) {
     const __m512 sc = _mm512_set1_ps(scale);
-    uint16_t row[2 * pairs + 32];
+    const int64_t width = 2 * pairs;
+    uint16_t buf[width + 32]; /* one row, for the token-blocked layout */
     for (int64_t i = r0; i < r1; i++) {
-        int64_t q = 0;
+        /* row-major rows are written in place (masked at the end), blocked rows through buf */
+        uint16_t *row = layout == 0 ? out + i * width : buf;
         if (i < n) {
             const float *xi = x + i * dim;
             __m512 acc = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
-            for (; q < dim; q += 16) {
+            for (int64_t q = 0; q < dim; q += 16) {
                 const __mmask16 m = dim - q >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (dim - q)) - 1);
                 __m512 v = _mm512_maskz_loadu_ps(m, xi + q);
                 if (mean) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, mean + q));
@@ -215,20 +217,18 @@ void simvq_bf16_pack(const float *x, const float *mean, int64_t n, int64_t dim, 
                 const __m512 d = _mm512_sub_ps(v, back);
                 acc = _mm512_fmadd_ps(d, d, acc);
                 const __m256bh hs = _mm512_cvtneps_pbh(_mm512_mul_ps(v, sc));
-                _mm256_storeu_si256((__m256i *)(row + q), (__m256i)hs);
+                _mm256_mask_storeu_epi16(row + q, m, (__m256i)hs);
             }
             resid[i] = __builtin_sqrtf(_mm512_reduce_add_ps(acc));
             if (sq) sq[i] = _mm512_reduce_add_ps(sum);
-        } else if (sq) {
-            sq[i] = __builtin_inff();
-        }
-        for (int64_t k = (i < n ? dim : 0); k < 2 * pairs; k++) row[k] = 0;
-        if (layout == 0) {
-            uint16_t *o = out + i * 2 * pairs;
-            for (int64_t k = 0; k < 2 * pairs; k++) o[k] = row[k];
+            for (int64_t k = dim; k < width; k++) row[k] = 0;
         } else {
+            if (sq) sq[i] = __builtin_inff();
+            for (int64_t k = 0; k < width; k++) row[k] = 0;
+        }
+        if (layout != 0) {
             uint32_t *o = (uint32_t *)out + (i / MR) * pairs * MR + (i % MR);
-            const uint32_t *r32 = (const uint32_t *)row;
+            const uint32_t *r32 = (const uint32_t *)buf;
             for (int64_t p = 0; p < pairs; p++) o[p * MR] = r32[p];
         }
     }
