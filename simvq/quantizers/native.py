@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "bf16_search.c"
-ABI_VERSION = 6
+ABI_VERSION = 7
 # explicit ISA flags rather than -march: the library runs on any CPU with these features, whoever built it
 CFLAGS = (
     "-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing",
@@ -55,8 +55,8 @@ class _Args(ctypes.Structure):
 class _FinishArgs(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_void_p)
-        for name in ("count", "cand_idx", "cand_val", "run_min", "limit", "out", "kept")
-    ] + [(name, ctypes.c_int64) for name in ("n", "cap")]
+        for name in ("count", "cand_idx", "cand_val", "run_min", "limit", "z", "codes", "out", "kept", "near")
+    ] + [(name, ctypes.c_int64) for name in ("n", "dim", "cap")]
 
 
 def _check_cpu_contiguous(tensors) -> None:
@@ -171,15 +171,18 @@ class Bf16SearchKernel:
         )  # fmt: skip
         return out, resid, sq
 
-    def finish(self, count, cand_idx, cand_val, run_min, limit, out, kept) -> None:
-        """Filter the first ``len(out)`` tokens' kept codes against their final minimum after :meth:`run` (see
-        ``simvq_bf16_finish`` in the C source): ``out`` gets the nearest code, -2 (the ``kept`` candidates,
-        now first in ``cand_idx``, need a re-rank) or -1 (overflow)."""
-        tensors = (count, cand_idx, cand_val, run_min, limit, out, kept)
+    def finish(self, count, cand_idx, cand_val, run_min, limit, z, codes, out, kept, near) -> None:
+        """Settle the first ``len(out)`` tokens after :meth:`run` (see ``simvq_bf16_finish`` in the C source):
+        ``out`` gets the nearest code, -2 (the ``near`` near-ties, now first in ``cand_idx``, need the
+        caller's fp64 re-rank) or -1 (overflow); ``kept`` the candidates left by the filter. ``z`` (n, d) and
+        ``codes`` (K, d): original float32 coordinates."""
+        tensors = (count, cand_idx, cand_val, run_min, limit, z, codes, out, kept, near)
         _check_cpu_contiguous(tensors)
-        if limit.dtype != torch.float64 or out.dtype != torch.int64 or kept.dtype != torch.int32:
+        if limit.dtype != torch.float64 or out.dtype != torch.int64 or torch.int32 != kept.dtype or torch.int32 != near.dtype:
             raise ValueError("bf16 search kernel: limit must be float64, out int64, kept int32")
-        args = _FinishArgs(*(t.data_ptr() for t in tensors), out.shape[0], cand_idx.shape[1])
+        if z.dtype != torch.float32 or codes.dtype != torch.float32 or z.shape[1] != codes.shape[1]:
+            raise ValueError("bf16 search kernel: z and codes must be float32 with the same width")
+        args = _FinishArgs(*(t.data_ptr() for t in tensors), out.shape[0], z.shape[1], cand_idx.shape[1])
         self._finish(ctypes.byref(args))
 
 

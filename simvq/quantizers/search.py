@@ -482,8 +482,11 @@ def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
     The kernel's values ``v = ||c'||^2 - 2 z~.c~`` (fp32, not rounded to bf16) err by at most ``E``
     (:func:`_bf16_product_error`), so a code can be the nearest only if ``v <= min v + 2 E``. The kernel keeps
     every code under a running threshold that never falls below that (its fp32 sum is given the margin of
-    its own rounding), the candidates are filtered against the final minimum in fp64 and re-ranked as on the
-    other bf16 path.
+    its own rounding). A second C pass filters the kept codes against the final minimum in fp64 and compares
+    several candidates by ``sum((z - c)^2)`` in fp64 on the original coordinates; only candidates within
+    the rounding of that sum of the best (duplicate codes, exact ties) come back here, to the fp64 re-rank
+    every path shares (:func:`_best_of_pairs`, lowest index on exact ties), so that all paths break them
+    alike.
     """
     kernel = bf16_search_kernel()
     if kernel is None:
@@ -495,6 +498,7 @@ def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
     out = torch.empty(num_tokens, dtype=torch.long)
     fallback = torch.ones(num_tokens, dtype=torch.bool)
     codes32 = codebook.float().contiguous()
+    z32 = z.float().contiguous()
     mean = mean.float().contiguous()
     k_pad = -(-num_codes // nr) * nr
     pairs = (dim + 1) // 2
@@ -540,27 +544,28 @@ def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
             apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val,
             kb_codes=FUSED_CODE_BLOCK_BYTES // (4 * pairs), threads=threads,
         )  # fmt: skip
-        # the final filter against the true minimum in fp64 (its sum rounded up)
+        # the final filter against the true minimum in fp64 (its sum rounded up), then the fp64 comparison
         limit = 2 * err
         limit = limit + 2.0**-50 * (run_min[:nt].double().abs() + limit)
         idx = torch.empty(nt, dtype=torch.long)
         kept = torch.empty(nt, dtype=torch.int32)
-        kernel.finish(count, cand_idx, cand_val, run_min, limit.contiguous(), idx, kept)
+        near = torch.empty(nt, dtype=torch.int32)
+        kernel.finish(count, cand_idx, cand_val, run_min, limit.contiguous(), z32[t0:t1], codes32, idx, kept, near)
         over = idx == -1
         out[t0:t1] = idx
+        reranked += int((kept > 1).sum())
         multi = (idx == -2).nonzero().squeeze(1)
         if multi.numel():
-            # several candidates: settled as on the other bf16 path (fp32 with its certificate, fp64 near-ties),
-            # on the centred candidate codes only (the same fp32 values as rows of the full centred codebook)
-            kept_m = kept[multi]
+            # near-ties in fp64 (rare: duplicate codes, exact ties): the re-rank every path shares
+            kept_m = near[multi]
             rows, slot = (torch.arange(int(kept_m.max())) < kept_m[:, None]).nonzero(as_tuple=True)
             cols = cand_idx[multi[rows], slot].long()
-            code_ids, local = torch.unique(cols, return_inverse=True)
-            cc_sub = codes32[code_ids] - mean
-            c_sq_sub = cc_sub.pow(2).sum(dim=1)
             rows = t0 + multi[rows]
-            _settle_pairs(z, codebook, zc, cc_sub, c_sq_sub, z_norm, rows, local, out, max_chunk_elements, code_ids)
-            reranked += int(multi.numel())
+            best = torch.full((num_tokens,), float("inf"), dtype=torch.float64)
+            best_idx = torch.full((num_tokens,), num_codes, dtype=torch.long)
+            pair_chunk = max(1, max_chunk_elements // 8 // dim)
+            _, best_idx = _best_of_pairs(z, codebook, rows, cols, best, best_idx, pair_chunk)
+            out[t0 + multi] = best_idx[t0 + multi]
         fallback[t0:t1] = over
         if t0 == 0 and t1 < num_tokens and float(over.float().mean()) > BF16_GIVE_UP_FRACTION:
             break  # a crowded codebook: the other tokens stay marked for the exact path
@@ -585,13 +590,12 @@ def _pair_dots(zc: torch.Tensor, cc: torch.Tensor, rows: torch.Tensor, cols: tor
         return torch.sparse.sampled_addmm(pattern, zc, cc.t(), beta=0.0).values()
 
 
-def _settle_pairs(z, codebook, zc, cc, c_sq, z_norm, rows, cols, out, max_chunk_elements, code_ids=None) -> int:
+def _settle_pairs(z, codebook, zc, cc, c_sq, z_norm, rows, cols, out, max_chunk_elements) -> int:
     """Exact winner of each token in ``rows`` among its candidate codes ``cols`` (pairs), written into ``out``.
 
     The pairs are evaluated as ``||c'||^2 - 2 z'.c'`` in the centred precision (fp32), with the rounding
     bound of :func:`_rounding_bound`; tokens with a second candidate within twice the bound of the best are
     settled by the fp64 ``sum((z - c)^2)`` on the original coordinates, lowest index on exact ties.
-    ``code_ids``: ``cc`` and ``c_sq`` hold only these codes of ``codebook`` and ``cols`` index into them.
     Returns the number of tokens settled.
     """
     num_tokens, dim = zc.shape
@@ -606,8 +610,6 @@ def _settle_pairs(z, codebook, zc, cc, c_sq, z_norm, rows, cols, out, max_chunk_
     best = best.scatter_reduce(0, rows, dist, reduce="amin")
     close = dist <= best[rows] + tol
     rows, cols = rows[close], cols[close]
-    if code_ids is not None:
-        cols = code_ids[cols]
     counts = torch.bincount(rows, minlength=num_tokens)
     single = counts[rows] == 1
     out[rows[single]] = cols[single]

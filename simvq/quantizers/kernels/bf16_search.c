@@ -25,8 +25,11 @@
  * rounding residual and, on request, each row's squared norm.
  *
  * simvq_bf16_finish then filters each token's kept codes against its final minimum: those within limit[i]
- * are its candidates, moved to the front of its list. One candidate is the answer (out[i]); several give
- * out[i] = -2, for the caller's exact re-rank; an overflowed token gets -1, for the caller's exact search.
+ * are its candidates. One candidate is the answer (out[i]). Several are compared by sum((z - c)^2) in double
+ * on the original coordinates; a best candidate ahead of all others by more than twice the bound on that
+ * sum's rounding is the answer, otherwise the near-ties are moved to the front of the list and out[i] = -2,
+ * for the caller's own double re-rank (so that every search path breaks near-ties the same way). An
+ * overflowed token gets -1, for the caller's exact search.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -34,7 +37,7 @@
 #define MR 32 /* tokens per tile: two 16-lane vectors */
 #define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
 #define MT (MR / 16)
-#define ABI_VERSION 6
+#define ABI_VERSION 7
 
 typedef struct {
     const uint32_t *apack;
@@ -251,14 +254,39 @@ typedef struct {
     const float *cand_val;
     const float *run_min;
     const double *limit; /* [n]: the margin above the final minimum, in double */
-    int64_t *out;        /* [n]: the nearest code, -2 (several candidates) or -1 (overflow) */
-    int32_t *kept;       /* [n]: candidates left after the filter (0 for an overflowed token) */
-    int64_t n, cap;
+    const float *z;      /* [n][dim]: the tokens, original coordinates */
+    const float *codes;  /* [k][dim]: the codes, original coordinates */
+    int64_t *out;        /* [n]: the nearest code, -2 (near-ties left) or -1 (overflow) */
+    int32_t *kept;       /* [n]: candidates after the filter (0 for an overflowed token) */
+    int32_t *near;       /* [n]: near-ties left first in the list (out = -2), else 0 */
+    int64_t n, dim, cap;
 } simvq_finish_args;
 
+/* sum((z - c)^2) in double: each difference of two floats rounds at most once, its square once, and each
+ * term passes through at most dim + 3 additions (8 lanes, then across the lanes, then the tail): relative
+ * error <= (dim + 8) 2^-53, and the same holds for any other summation order (the caller's). */
+static double dist64(const float *z, const float *c, int64_t dim) {
+    __m512d acc = _mm512_setzero_pd();
+    int64_t q = 0;
+    for (; q + 8 <= dim; q += 8) {
+        const __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(z + q)), _mm512_cvtps_pd(_mm256_loadu_ps(c + q)));
+        acc = _mm512_add_pd(acc, _mm512_mul_pd(d, d));
+    }
+    double sum = _mm512_reduce_add_pd(acc);
+    for (; q < dim; q++) {
+        const double d = (double)z[q] - (double)c[q];
+        sum += d * d;
+    }
+    return sum;
+}
+
 void simvq_bf16_finish(const simvq_finish_args *g) {
+    /* the order of two sums is certain when they differ by more than both evaluations' errors here and in
+     * the caller's order: four times (dim + 8) 2^-53 of their size, with margin */
+    const double rel = 4.5 * (double)(g->dim + 8) * 0x1p-53;
     for (int64_t i = 0; i < g->n; i++) {
         const int32_t c = g->count[i];
+        g->near[i] = 0;
         if (c > g->cap || c < 1) {
             g->out[i] = -1;
             g->kept[i] = 0;
@@ -270,8 +298,32 @@ void simvq_bf16_finish(const simvq_finish_args *g) {
         int32_t kept = 0;
         for (int32_t s = 0; s < c; s++)
             if ((double)val[s] <= lim) idx[kept++] = idx[s];
-        /* kept >= 1: the minimum itself is always under the limit */
-        g->out[i] = kept == 1 ? idx[0] : (kept > 1 ? -2 : -1);
         g->kept[i] = kept;
+        if (kept <= 1) { /* kept >= 1: the minimum itself is always under the limit */
+            g->out[i] = kept == 1 ? idx[0] : -1;
+            continue;
+        }
+        double d[kept];
+        double best = 0.0;
+        int32_t best_s = -1;
+        for (int32_t s = 0; s < kept; s++) {
+            d[s] = dist64(g->z + i * g->dim, g->codes + (int64_t)idx[s] * g->dim, g->dim);
+            if (best_s < 0 || d[s] < best) {
+                best = d[s];
+                best_s = s;
+            }
+        }
+        /* candidates within that of the best may swap under another summation order: those near-ties (the
+         * best among them) are left to the caller; the absolute term covers subnormal results */
+        const double near = best + rel * 1.01 * best + 0x1p-1020;
+        int32_t n_near = 0;
+        for (int32_t s = 0; s < kept; s++)
+            if (d[s] <= near) idx[n_near++] = idx[s];
+        if (n_near == 1) {
+            g->out[i] = idx[0];
+        } else {
+            g->out[i] = -2;
+            g->near[i] = n_near;
+        }
     }
 }
