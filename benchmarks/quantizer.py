@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         "--search", choices=("auto", "exact-fp32", "bf16-candidates", "bf16-fused"), default="auto",
         help="search path of ours",
     )
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help=f"comma-separated cases to measure (default: all of {','.join(CASES)})"
+    )
     parser.add_argument("--one-case", choices=CASES, help=argparse.SUPPRESS)  # internal: one case per process
     args = parser.parse_args(argv)
 
@@ -246,7 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     peer_note = _peer_available()
-    cases = [c for c in CASES if not (c == "peer" and peer_note)]
+    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(wanted) - set(CASES))
+    if unknown or not wanted:
+        parser.error(f"--cases takes a comma-separated subset of {','.join(CASES)}, got {args.cases!r}")
+    cases = [c for c in CASES if c in wanted and not (c == "peer" and peer_note)]
     print(
         f"device={args.device} threads={torch.get_num_threads()} tokens={args.tokens} dim={args.dim} "
         f"repeats={args.repeats} search={args.search} torch={torch.__version__}"

@@ -26,10 +26,10 @@
  *
  * simvq_bf16_finish then filters each token's kept codes against its final minimum: those within limit[i]
  * are its candidates. One candidate is the answer (out[i]). Several are compared by sum((z - c)^2) in double
- * on the original coordinates; a best candidate ahead of all others by more than twice the bound on that
- * sum's rounding is the answer, otherwise the near-ties are moved to the front of the list and out[i] = -2,
- * for the caller's own double re-rank (so that every search path breaks near-ties the same way). An
- * overflowed token gets -1, for the caller's exact search.
+ * on the original coordinates; a best candidate ahead of all others by more than the rounding of both sums,
+ * here and in any other summation order, is the answer; otherwise the near-ties are moved to the front of
+ * the list and out[i] = -2, for the caller's own double re-rank (so that every search path breaks near-ties
+ * the same way). An overflowed token gets -1, for the caller's exact search.
  */
 #include <immintrin.h>
 #include <stdint.h>
