@@ -18,6 +18,7 @@ import torch
 
 from simvq.quantizers import native
 from simvq.quantizers import search as search_mod
+from simvq.quantizers.registry import build_quantizer
 from simvq.quantizers.search import nearest_code, nearest_code_info
 
 KERNEL = native.bf16_search_kernel()
@@ -207,10 +208,14 @@ def test_unavailable_kernel_falls_back_and_says_why(monkeypatch):
     monkeypatch.setattr(search_mod, "fused_kernel_available", lambda: False)
     assert search_mod.resolve_search("auto", "cpu", torch.float32, 4096, 4096, 64) == "bf16-candidates"
     monkeypatch.setattr(search_mod, "bf16_search_kernel", lambda: None)
-    with pytest.raises(RuntimeError, match="fused bf16 search kernel is unavailable"):
+    with pytest.raises(ValueError, match=r"search='bf16-fused' needs the fused bf16 kernel, which is unavailable"):
         nearest_code(torch.randn(4, 16), torch.randn(5, 16), search="bf16-fused")
-    with pytest.raises(ValueError, match="runs fp32 searches on the CPU"):
-        nearest_code(torch.randn(4, 16).double(), torch.randn(5, 16).double(), search="bf16-fused")
+    with pytest.raises(ValueError, match="needs the fused bf16 kernel"):  # at construction, before any data
+        build_quantizer("simvq", dim=16, codebook_size=64, search="bf16-fused")
+    monkeypatch.undo()
+    if KERNEL is not None:
+        with pytest.raises(ValueError, match="runs fp32 searches on the CPU"):
+            nearest_code(torch.randn(4, 16).double(), torch.randn(5, 16).double(), search="bf16-fused")
 
 
 def _status_in_subprocess(env: dict) -> str:
@@ -257,3 +262,14 @@ def test_workspace_is_reused_grows_and_can_be_released():
     assert torch.equal(got, reference_argmin(z, torch.cat([codebook, codebook + 1])))
     KERNEL.release_workspace()
     assert "buffers" not in KERNEL._local.__dict__
+
+
+def test_cli_reports_an_unavailable_fused_path_in_one_line(tmp_path, monkeypatch, capsys):
+    from simvq.cli import main as cli_main
+
+    monkeypatch.setattr(search_mod, "fused_kernel_available", lambda: False)
+    monkeypatch.setattr(search_mod, "native_status", lambda: "turned off by SIMVQ_NATIVE=0")
+    args = ["train", "--config", "image/digits-tiny", "--out", str(tmp_path / "run"), "--max-steps", "1", "--quiet"]
+    assert cli_main([*args, "quantizer.search=bf16-fused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "use 'auto'" in err and "SIMVQ_NATIVE=0" in err

@@ -181,8 +181,10 @@ def test_resolve_search_rules(monkeypatch):
     assert resolve_search("auto", "meta", torch.float32, n, 10**6) == "exact-fp32"
     monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: False)
     assert resolve_search("auto", "cpu", torch.float32, n, 10**6) == "exact-fp32"
-    for path in ("exact-fp32", "bf16-candidates", "bf16-fused"):
+    for path in ("exact-fp32", "bf16-candidates"):
         assert resolve_search(path, "cpu", torch.float64, 1, 3) == path
+    with pytest.raises(ValueError, match="needs the fused bf16 kernel"):  # asked for where it cannot run
+        resolve_search("bf16-fused", "cpu", torch.float32, 1, 3)
     assert set(SEARCH_PATHS) == {"auto", "exact-fp32", "bf16-candidates", "bf16-fused"}
     # where the fused kernel builds, "auto" takes it from BF16_FUSED_MIN_DISTANCES up, for any width
     monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: True)
@@ -191,6 +193,7 @@ def test_resolve_search_rules(monkeypatch):
     assert resolve_search("auto", "cpu", torch.float32, n, fused_min // n) == "bf16-fused"
     assert resolve_search("auto", "cpu", torch.float32, n, fused_min // n - 1) == "exact-fp32"
     assert resolve_search("auto", "cpu", torch.float32, n, 10**6, 2) == "bf16-fused"
+    assert resolve_search("bf16-fused", "cpu", torch.float64, 1, 3) == "bf16-fused"  # an explicit choice stands
     assert resolve_search("auto", "cpu", torch.float64, n, 10**6) == "exact-fp32"
     assert resolve_search("auto", "cuda", torch.float32, n, 10**6) == "exact-fp32"
     # a small search never builds the kernel

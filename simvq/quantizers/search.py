@@ -639,9 +639,14 @@ class SearchInfo(NamedTuple):
 
 
 def check_search(value, name: str = "search") -> str:
-    """Validate a ``search`` setting: one of :data:`SEARCH_PATHS`."""
+    """Validate a ``search`` setting: one of :data:`SEARCH_PATHS`; ``"bf16-fused"`` only where its kernel runs."""
     if not isinstance(value, str) or value not in SEARCH_PATHS:
         raise ValueError(f"{name} must be one of {', '.join(repr(p) for p in SEARCH_PATHS)}, got {value!r}")
+    if value == "bf16-fused" and not fused_kernel_available():
+        raise ValueError(
+            f"{name}='bf16-fused' needs the fused bf16 kernel, which is unavailable here ({native_status()}); "
+            "use 'auto', which takes it where it runs and the other paths elsewhere"
+        )
     return value
 
 
