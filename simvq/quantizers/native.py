@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "bf16_search.c"
-ABI_VERSION = 7
+ABI_VERSION = 8
 # explicit ISA flags rather than -march: the library runs on any CPU with these features, whoever built it
 CFLAGS = (
     "-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing",
@@ -83,7 +83,7 @@ class Bf16SearchKernel:
         ]  # fmt: skip
         self._pack.restype = None
         self._finish = lib.simvq_bf16_finish
-        self._finish.argtypes = [ctypes.POINTER(_FinishArgs)]
+        self._finish.argtypes = [ctypes.POINTER(_FinishArgs), ctypes.c_int32]
         self._finish.restype = None
         self._lib = lib
         self._search_all = lib.simvq_bf16_search_all
@@ -171,7 +171,7 @@ class Bf16SearchKernel:
         )  # fmt: skip
         return out, resid, sq
 
-    def finish(self, count, cand_idx, cand_val, run_min, limit, z, codes, out, kept, near) -> None:
+    def finish(self, count, cand_idx, cand_val, run_min, limit, z, codes, out, kept, near, *, threads: int = 1) -> None:
         """Settle the first ``len(out)`` tokens after :meth:`run` (see ``simvq_bf16_finish`` in the C source):
         ``out`` gets the nearest code, -2 (the ``near`` near-ties, now first in ``cand_idx``, need the
         caller's fp64 re-rank) or -1 (overflow); ``kept`` the candidates left by the filter. ``z`` (n, d) and
@@ -183,7 +183,7 @@ class Bf16SearchKernel:
         if z.dtype != torch.float32 or codes.dtype != torch.float32 or z.shape[1] != codes.shape[1]:
             raise ValueError("bf16 search kernel: z and codes must be float32 with the same width")
         args = _FinishArgs(*(t.data_ptr() for t in tensors), out.shape[0], z.shape[1], cand_idx.shape[1])
-        self._finish(ctypes.byref(args))
+        self._finish(ctypes.byref(args), max(1, threads))
 
 
 def _cpu_flags() -> frozenset[str]:

@@ -550,7 +550,9 @@ def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
         idx = torch.empty(nt, dtype=torch.long)
         kept = torch.empty(nt, dtype=torch.int32)
         near = torch.empty(nt, dtype=torch.int32)
-        kernel.finish(count, cand_idx, cand_val, run_min, limit.contiguous(), z32[t0:t1], codes32, idx, kept, near)
+        kernel.finish(
+            count, cand_idx, cand_val, run_min, limit.contiguous(), z32[t0:t1], codes32, idx, kept, near, threads=threads
+        )
         over = idx == -1
         out[t0:t1] = idx
         reranked += int((kept > 1).sum())

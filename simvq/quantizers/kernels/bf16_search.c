@@ -37,7 +37,7 @@
 #define MR 32 /* tokens per tile: two 16-lane vectors */
 #define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
 #define MT (MR / 16)
-#define ABI_VERSION 7
+#define ABI_VERSION 8
 
 typedef struct {
     const uint32_t *apack;
@@ -280,10 +280,11 @@ static double dist64(const float *z, const float *c, int64_t dim) {
     return sum;
 }
 
-void simvq_bf16_finish(const simvq_finish_args *g) {
+void simvq_bf16_finish(const simvq_finish_args *g, int32_t threads) {
     /* the order of two sums is certain when they differ by more than both evaluations' errors here and in
      * the caller's order: four times (dim + 8) 2^-53 of their size, with margin */
     const double rel = 4.5 * (double)(g->dim + 8) * 0x1p-53;
+#pragma omp parallel for schedule(static, 64) num_threads(threads)
     for (int64_t i = 0; i < g->n; i++) {
         const int32_t c = g->count[i];
         g->near[i] = 0;
