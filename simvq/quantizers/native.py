@@ -73,9 +73,6 @@ class Bf16SearchKernel:
         if abi != ABI_VERSION:
             raise RuntimeError(f"kernel ABI {abi}, expected {ABI_VERSION}")
         self.tokens_per_block, self.codes_per_tile = mr.value, nr.value
-        self._fn = lib.simvq_bf16_search
-        self._fn.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_int64]
-        self._fn.restype = None
         self._pack = lib.simvq_bf16_pack_all
         self._pack.argtypes = [
             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
@@ -114,7 +111,8 @@ class Bf16SearchKernel:
         The per-call buffers (the bf16 codes, half the size of an fp32 codebook; token operands, state and
         kept codes, ~1 KiB per token) are kept between calls: fresh pages cost a page fault each on first
         touch, which made up a third of the kernel's time at K = 1,024, and 25-35 ms of a 64 MiB operand
-        at K = 262,144 (more than packing it). They stay allocated, per thread, until the thread ends.
+        at K = 262,144 (more than packing it). They stay allocated, per thread, until the thread ends or
+        :meth:`release_workspace`.
         """
         buffers = self._local.__dict__.setdefault("buffers", {})
         numel = 1
