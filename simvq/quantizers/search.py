@@ -476,8 +476,8 @@ def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
     """The fused kernel (kernels/bf16_search.c): bf16 products accumulated in fp32 from ``||c'||^2``, the
     running minimum and the codes within the bound of it kept per token while the values are in registers;
     no distance is written to memory. Same contract as :func:`_bf16_candidates`, but the codes are centred,
-    squared and rounded in one pass of the kernel's own (the other paths' ``cc`` and ``c_sq`` over the whole
-    codebook are not needed: 2 of the 3 passes over a 262,144-code codebook cost as much as the search).
+    squared and rounded in one threaded pass of the kernel's own, instead of the other paths' ``cc`` and
+    ``c_sq`` and a bf16 copy (three torch passes: 210 ms on one thread at K = 262,144, d = 128).
 
     The kernel's values ``v = ||c'||^2 - 2 z~.c~`` (fp32, not rounded to bf16) err by at most ``E``
     (:func:`_bf16_product_error`), so a code can be the nearest only if ``v <= min v + 2 E``. The kernel keeps
