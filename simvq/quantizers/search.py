@@ -87,10 +87,10 @@ BF16_MIN_DISTANCES = 2**20
 # 1.2x the exact path's time at 2,048 x 1,024, 2.3x at 2,048 x 8,192; d = 16: 0.5x at 2,048 x 16,384; one thread)
 BF16_MIN_DIM = 16
 # The fused kernel ("bf16-fused") writes no distances and has no width limit: "auto" takes it from this many
-# distances up, whatever d (one thread, against the exact path: 512 x 512 x 64: 1.0x its time; 1,024 x 1,024
-# x 128: 0.33x; 2,048 x 1,024 x 4: 0.68x; 2,048 x 8,192 x 4: 0.08x; 256 x 256 x 128: 1.8x, its fixed cost of
-# ~0.9 ms; docs/benchmarks.md)
-BF16_FUSED_MIN_DISTANCES = 2**18
+# distances up, whatever d (one thread, its time against the exact path's: 128 x 512 x 128: 0.67x; 1,024 x 64 x
+# 32: 0.84x; 512 x 128 x 4: 1.11x; 256 x 256 x 128: 0.88x; 1,024 x 1,024 x 128: 0.33x; 2,048 x 8,192 x 4: 0.04x;
+# below 2^15 its fixed cost of ~0.3 ms dominates: 128 x 128 x 64: 1.5x; docs/benchmarks.md)
+BF16_FUSED_MIN_DISTANCES = 2**16
 # Tokens whose bf16 candidates span more blocks of REDUCE_BLOCK codes than this, or number more than
 # MAX_CANDIDATES, fall back to the exact path (bounds the candidate bookkeeping on tie-heavy data)
 MAX_CANDIDATE_BLOCKS = 64
