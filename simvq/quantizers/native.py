@@ -177,7 +177,7 @@ class Bf16SearchKernel:
         tensors = (count, cand_idx, cand_val, run_min, limit, z, codes, out, kept, near)
         _check_cpu_contiguous(tensors)
         if limit.dtype != torch.float64 or out.dtype != torch.int64 or torch.int32 != kept.dtype or torch.int32 != near.dtype:
-            raise ValueError("bf16 search kernel: limit must be float64, out int64, kept int32")
+            raise ValueError("bf16 search kernel: limit must be float64, out int64, kept and near int32")
         if z.dtype != torch.float32 or codes.dtype != torch.float32 or z.shape[1] != codes.shape[1]:
             raise ValueError("bf16 search kernel: z and codes must be float32 with the same width")
         args = _FinishArgs(*(t.data_ptr() for t in tensors), out.shape[0], z.shape[1], cand_idx.shape[1])
