@@ -155,9 +155,14 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
                         mn = _mm512_min_ps(acc[t][j], mn); /* a NaN value leaves the minimum unchanged */
                     }
                     _mm512_storeu_ps(min_p, mn);
+                    /* lanes whose list has overflowed keep nothing more: on a crowded codebook (every code
+                     * within the bound) they would otherwise cost a scalar step for every code */
+                    const __mmask16 open = _mm512_cmple_epi32_mask(
+                        _mm512_loadu_si512(g->count + tok0 + 16 * t), _mm512_set1_epi32((int32_t)g->cap));
+                    any &= open;
                     if (any) {
                         for (int j = 0; j < NR; j++) {
-                            __mmask16 m = _mm512_cmp_ps_mask(acc[t][j], th, _CMP_LE_OQ);
+                            __mmask16 m = _mm512_cmp_ps_mask(acc[t][j], th, _CMP_LE_OQ) & open;
                             if (!m) continue;
                             float vals[16];
                             _mm512_storeu_ps(vals, acc[t][j]);
