@@ -88,6 +88,26 @@ def test_fused_path_keeps_the_list_short_when_every_code_is_a_new_minimum():
 
 
 @needs_kernel
+def test_a_list_filled_before_the_true_minimum_appears_does_not_overflow():
+    # a collapsed VQ codebook: thousands of unused codes near the origin come first, within the bound of each
+    # other, then the few trained codes the tokens are near; the lists fill with the near-origin codes while
+    # the threshold is still high, and must not send the tokens to the exact path once it falls
+    g = torch.Generator().manual_seed(11)
+    unused = 1e-4 * torch.randn(5000, 16, generator=g)
+    trained = 0.5 * torch.randn(30, 16, generator=g)
+    codebook = torch.cat([unused, trained])
+    z = trained[torch.randint(30, (600,), generator=g)] + 0.05 * torch.randn(600, 16, generator=g)
+    got, info = nearest_code_info(z, codebook, search="bf16-fused")
+    assert info.fallback == 0
+    assert torch.equal(got, reference_argmin(z, codebook))
+    # tokens at the origin: every unused code is a genuine candidate, more than a list holds -> exact path
+    z0 = 1e-5 * torch.randn(40, 16, generator=g)
+    got, info = nearest_code_info(z0, codebook, search="bf16-fused")
+    assert info.fallback == 40
+    assert torch.equal(got, reference_argmin(z0, codebook))
+
+
+@needs_kernel
 def test_fused_path_sends_ties_beyond_the_list_to_the_exact_path():
     # 2,000 copies of one code after 3 far codes: more candidates than the list holds, so every token
     # overflows and is searched again by the exact path, which picks the lowest index
@@ -166,7 +186,11 @@ def test_kernel_values_stay_within_the_error_bound():
     run_min, thr = torch.full((96,), big), torch.full((96,), big)
     count = torch.zeros(96, dtype=torch.int32)
     idx, val = torch.empty(96, 128, dtype=torch.int32), torch.empty(96, 128)
-    KERNEL.run(apack, b, csq, torch.full((96,), 1e30), run_min, thr, count, idx, val, kb_codes=64, threads=2)
+    dropped, compact = torch.full((96,), big), torch.full((96,), float("inf"))
+    KERNEL.run(
+        apack, b, csq, torch.full((96,), 1e30), run_min, thr, count, idx, val, dropped, compact, kb_codes=64, threads=2
+    )
+    assert bool((dropped == big).all())  # nothing refused: the lists never filled
     assert count.tolist() == [100] * 96  # every code kept, each once
     v = torch.empty(96, 100, dtype=torch.float64)
     v.scatter_(1, idx[:, :100].long(), val[:, :100].double())

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "bf16_search.c"
-ABI_VERSION = 8
+ABI_VERSION = 9
 # explicit ISA flags rather than -march: the library runs on any CPU with these features, whoever built it
 CFLAGS = (
     "-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing",
@@ -48,14 +48,16 @@ REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "
 class _Args(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_void_p)
-        for name in ("apack", "b", "csq", "twoe", "run_min", "thr", "count", "cand_idx", "cand_val")
+        for name in (
+            "apack", "b", "csq", "twoe", "run_min", "thr", "count", "cand_idx", "cand_val", "dropped", "compact_thr"
+        )
     ] + [(name, ctypes.c_int64) for name in ("pairs", "k_pad", "cap", "kb_codes")]
 
 
 class _FinishArgs(ctypes.Structure):
     _fields_ = [
         (name, ctypes.c_void_p)
-        for name in ("count", "cand_idx", "cand_val", "run_min", "limit", "z", "codes", "out", "kept", "near")
+        for name in ("count", "cand_idx", "cand_val", "dropped", "run_min", "limit", "z", "codes", "out", "kept", "near")
     ] + [(name, ctypes.c_int64) for name in ("n", "dim", "cap")]
 
 
@@ -89,13 +91,15 @@ class Bf16SearchKernel:
         self.openmp = bool(lib.simvq_openmp())
         self._local = threading.local()
 
-    def run(self, apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val, *, kb_codes: int, threads: int):
+    def run(
+        self, apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val, dropped, compact_thr, *, kb_codes, threads
+    ):
         """Scan every code for every token block; the state tensors are updated in place.
 
         All tensors must be contiguous CPU tensors laid out as the C source describes. The call releases the
         GIL and runs on ``threads`` OpenMP threads (token blocks in pieces taken dynamically).
         """
-        tensors = (apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val)
+        tensors = (apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val, dropped, compact_thr)
         _check_cpu_contiguous(tensors)
         blocks = apack.shape[0]
         args = _Args(
@@ -169,12 +173,14 @@ class Bf16SearchKernel:
         )  # fmt: skip
         return out, resid, sq
 
-    def finish(self, count, cand_idx, cand_val, run_min, limit, z, codes, out, kept, near, *, threads: int = 1) -> None:
+    def finish(
+        self, count, cand_idx, cand_val, dropped, run_min, limit, z, codes, out, kept, near, *, threads: int = 1
+    ) -> None:
         """Settle the first ``len(out)`` tokens after :meth:`run` (see ``simvq_bf16_finish`` in the C source):
         ``out`` gets the nearest code, -2 (the ``near`` near-ties, now first in ``cand_idx``, need the
         caller's fp64 re-rank) or -1 (overflow); ``kept`` the candidates left by the filter. ``z`` (n, d) and
         ``codes`` (K, d): original float32 coordinates."""
-        tensors = (count, cand_idx, cand_val, run_min, limit, z, codes, out, kept, near)
+        tensors = (count, cand_idx, cand_val, dropped, run_min, limit, z, codes, out, kept, near)
         _check_cpu_contiguous(tensors)
         if limit.dtype != torch.float64 or out.dtype != torch.int64 or torch.int32 != kept.dtype or torch.int32 != near.dtype:
             raise ValueError("bf16 search kernel: limit must be float64, out int64, kept and near int32")

@@ -540,8 +540,10 @@ def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
         count = ws("count", (n_pad,), torch.int32).zero_()
         cand_idx = ws("cand_idx", (n_pad, cap), torch.int32)
         cand_val = ws("cand_val", (n_pad, cap), torch.float32)
+        dropped = ws("dropped", (n_pad,), torch.float32).fill_(torch.finfo(torch.float32).max)
+        compact_thr = ws("compact_thr", (n_pad,), torch.float32).fill_(float("inf"))
         kernel.run(
-            apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val,
+            apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val, dropped, compact_thr,
             kb_codes=FUSED_CODE_BLOCK_BYTES // (4 * pairs), threads=threads,
         )  # fmt: skip
         # the final filter against the true minimum in fp64 (its sum rounded up), then the fp64 comparison
@@ -551,8 +553,9 @@ def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
         kept = torch.empty(nt, dtype=torch.int32)
         near = torch.empty(nt, dtype=torch.int32)
         kernel.finish(
-            count, cand_idx, cand_val, run_min, limit.contiguous(), z32[t0:t1], codes32, idx, kept, near, threads=threads
-        )
+            count, cand_idx, cand_val, dropped, run_min, limit.contiguous(), z32[t0:t1], codes32, idx, kept, near,
+            threads=threads,
+        )  # fmt: skip
         over = idx == -1
         out[t0:t1] = idx
         reranked += int((kept > 1).sum())

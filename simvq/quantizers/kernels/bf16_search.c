@@ -5,8 +5,9 @@
  * matrix: while the values are still in registers it keeps, per token, the running minimum of v and every
  * code whose value is <= the running threshold thr[i] = min over the scan of (running minimum + twoe[i]).
  * Since the running minimum only falls, every code within twoe[i] of the final minimum is kept; the caller
- * filters the kept codes against the final minimum and re-ranks them exactly. A token with more than `cap`
- * codes under its threshold is marked (count = cap + 1) and left to the caller's exact search.
+ * filters the kept codes against the final minimum and re-ranks them exactly. A token whose full list had
+ * to refuse a code that turns out to be within the final threshold (more than `cap` candidates) is left to
+ * the caller's exact search (see keep()).
  *
  * Layout (all row-major, contiguous):
  *   apack   [token blocks][pairs][MR] uint32: two bf16 (an even/odd coordinate pair) of one token each
@@ -15,6 +16,7 @@
  *   twoe    [n_pad] float: per-token threshold margin above the running minimum
  *   run_min, thr [n_pad] float: state, initialised by the caller to FLT_MAX
  *   count   [n_pad] int32, cand_idx / cand_val [n_pad][cap]: kept codes and their values
+ *   dropped, compact_thr [n_pad] float: state of full lists, initialised to FLT_MAX and +inf
  * Threads: simvq_bf16_search handles the token blocks [tb0, tb1); simvq_bf16_search_all splits all blocks into
  * pieces taken dynamically by an OpenMP team. Built with -fopenmp after torch is loaded, the library binds to
  * the libgomp torch already uses (same soname), so the team is torch's own thread pool: no second set of
@@ -37,7 +39,7 @@
 #define MR 32 /* tokens per tile: two 16-lane vectors */
 #define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
 #define MT (MR / 16)
-#define ABI_VERSION 8
+#define ABI_VERSION 9
 
 typedef struct {
     const uint32_t *apack;
@@ -49,6 +51,8 @@ typedef struct {
     int32_t *count;
     int32_t *cand_idx;
     float *cand_val;
+    float *dropped;     /* [n_pad]: the smallest value refused by a full list (caller: FLT_MAX) */
+    float *compact_thr; /* [n_pad]: the threshold at the list's last compaction (caller: +inf) */
     int64_t pairs, k_pad, cap, kb_codes;
 } simvq_search_args;
 
@@ -58,23 +62,31 @@ int simvq_bf16_abi(int32_t *mr, int32_t *nr) {
     return ABI_VERSION;
 }
 
+/* Append (code, v) to the token's list. A full list first drops what the threshold has excluded since its
+ * last compaction (those values exceed every final candidate's); if it is still full, v is refused and only
+ * the smallest refused value is remembered: the caller treats the token as overflowed when that value is
+ * within the final threshold (a candidate may have been refused), and as settled otherwise. So a list
+ * filled early, while the threshold was still high, does not by itself send a token to the exact path. */
 static void keep(const simvq_search_args *g, int64_t tok, int32_t code, float v) {
     int32_t c = g->count[tok];
-    if (c > g->cap) return; /* already overflowed */
     int32_t *idx = g->cand_idx + tok * g->cap;
     float *val = g->cand_val + tok * g->cap;
-    if (c == g->cap) { /* full: drop what the current threshold has since excluded */
+    if (c == g->cap) {
         const float t = g->thr[tok];
-        int32_t w = 0;
-        for (int32_t i = 0; i < c; i++)
-            if (val[i] <= t) {
-                idx[w] = idx[i];
-                val[w] = val[i];
-                w++;
-            }
-        c = w;
+        if (t < g->compact_thr[tok]) {
+            g->compact_thr[tok] = t;
+            int32_t w = 0;
+            for (int32_t i = 0; i < c; i++)
+                if (val[i] <= t) {
+                    idx[w] = idx[i];
+                    val[w] = val[i];
+                    w++;
+                }
+            c = w;
+            g->count[tok] = c;
+        }
         if (c == g->cap) {
-            g->count[tok] = c + 1;
+            if (v < g->dropped[tok]) g->dropped[tok] = v;
             return;
         }
     }
@@ -146,23 +158,23 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
                 for (int t = 0; t < MT; t++) {
                     float *thr_p = g->thr + tok0 + 16 * t;
                     float *min_p = g->run_min + tok0 + 16 * t;
-                    const __m512 th = _mm512_loadu_ps(thr_p);
                     __m512 mn = _mm512_loadu_ps(min_p);
+#pragma GCC unroll 16
+                    for (int j = 0; j < NR; j++)
+                        mn = _mm512_min_ps(acc[t][j], mn); /* a NaN value leaves the minimum unchanged */
+                    _mm512_storeu_ps(min_p, mn);
+                    /* the threshold only falls: min(old, minimum including this tile + margin), stored before
+                     * any code of the tile is kept, so that a full list compacts against it (a new minimum must
+                     * never be refused by a list still holding codes the minimum has just excluded) */
+                    const __m512 nt = _mm512_add_ps(mn, _mm512_loadu_ps(g->twoe + tok0 + 16 * t));
+                    const __m512 th = _mm512_min_ps(nt, _mm512_loadu_ps(thr_p));
+                    _mm512_storeu_ps(thr_p, th);
                     __mmask16 any = 0;
 #pragma GCC unroll 16
-                    for (int j = 0; j < NR; j++) {
-                        any |= _mm512_cmp_ps_mask(acc[t][j], th, _CMP_LE_OQ);
-                        mn = _mm512_min_ps(acc[t][j], mn); /* a NaN value leaves the minimum unchanged */
-                    }
-                    _mm512_storeu_ps(min_p, mn);
-                    /* lanes whose list has overflowed keep nothing more: on a crowded codebook (every code
-                     * within the bound) they would otherwise cost a scalar step for every code */
-                    const __mmask16 open = _mm512_cmple_epi32_mask(
-                        _mm512_loadu_si512(g->count + tok0 + 16 * t), _mm512_set1_epi32((int32_t)g->cap));
-                    any &= open;
+                    for (int j = 0; j < NR; j++) any |= _mm512_cmp_ps_mask(acc[t][j], th, _CMP_LE_OQ);
                     if (any) {
                         for (int j = 0; j < NR; j++) {
-                            __mmask16 m = _mm512_cmp_ps_mask(acc[t][j], th, _CMP_LE_OQ) & open;
+                            __mmask16 m = _mm512_cmp_ps_mask(acc[t][j], th, _CMP_LE_OQ);
                             if (!m) continue;
                             float vals[16];
                             _mm512_storeu_ps(vals, acc[t][j]);
@@ -173,9 +185,6 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
                             }
                         }
                     }
-                    /* the threshold only falls: min(old, new minimum + margin) */
-                    const __m512 nt = _mm512_add_ps(mn, _mm512_loadu_ps(g->twoe + tok0 + 16 * t));
-                    _mm512_storeu_ps(thr_p, _mm512_min_ps(nt, th));
                 }
             }
         }
@@ -257,6 +266,7 @@ typedef struct {
     const int32_t *count;
     int32_t *cand_idx;
     const float *cand_val;
+    const float *dropped;
     const float *run_min;
     const double *limit; /* [n]: the margin above the final minimum, in double */
     const float *z;      /* [n][dim]: the tokens, original coordinates */
@@ -293,14 +303,14 @@ void simvq_bf16_finish(const simvq_finish_args *g, int32_t threads) {
     for (int64_t i = 0; i < g->n; i++) {
         const int32_t c = g->count[i];
         g->near[i] = 0;
-        if (c > g->cap || c < 1) {
+        const double lim = (double)g->run_min[i] + g->limit[i];
+        if (c > g->cap || c < 1 || (double)g->dropped[i] <= lim) { /* a candidate may have been refused */
             g->out[i] = -1;
             g->kept[i] = 0;
             continue;
         }
         int32_t *idx = g->cand_idx + i * g->cap;
         const float *val = g->cand_val + i * g->cap;
-        const double lim = (double)g->run_min[i] + g->limit[i];
         int32_t kept = 0;
         for (int32_t s = 0; s < c; s++)
             if ((double)val[s] <= lim) idx[kept++] = idx[s];
