@@ -20,14 +20,10 @@ from simvq.quantizers import native
 from simvq.quantizers import search as search_mod
 from simvq.quantizers.registry import build_quantizer
 from simvq.quantizers.search import nearest_code, nearest_code_info
+from test_search_paths import crowded_codebook, reference_argmin  # the float64 reference, the tie-heavy codebook
 
 KERNEL = native.bf16_search_kernel()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"fused kernel unavailable: {native.native_status()}")
-
-
-def reference_argmin(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    dist = (z.double()[:, None, :] - codebook.double()[None]).pow(2).sum(-1)
-    return dist.argmin(dim=1)  # first index of the minimum on exact ties
 
 
 def _random(n, k, d, seed=0, scale=1.0, offset=0.0):
@@ -111,9 +107,7 @@ def test_a_list_filled_before_the_true_minimum_appears_does_not_overflow():
 def test_fused_path_sends_ties_beyond_the_list_to_the_exact_path():
     # 2,000 copies of one code after 3 far codes: more candidates than the list holds, so every token
     # overflows and is searched again by the exact path, which picks the lowest index
-    g = torch.Generator().manual_seed(3)
-    codebook = torch.cat([10 + torch.randn(3, 16, generator=g), torch.randn(1, 16, generator=g).expand(2000, 16)])
-    z = torch.randn(50, 16, generator=g)
+    z, codebook = crowded_codebook(2000, 50, seed=3)
     got, info = nearest_code_info(z, codebook, search="bf16-fused")
     assert info.fallback == 50
     assert got.tolist() == [3] * 50
@@ -129,9 +123,7 @@ def test_fused_path_gives_up_on_a_crowded_codebook_after_its_first_chunk(monkeyp
         return real_run(apack, *args, **kwargs)
 
     monkeypatch.setattr(KERNEL, "run", counting_run)
-    g = torch.Generator().manual_seed(4)
-    codebook = torch.cat([10 + torch.randn(3, 16, generator=g), torch.randn(1, 16, generator=g).expand(300, 16)])
-    z = torch.randn(3000, 16, generator=g)
+    z, codebook = crowded_codebook(300, 3000, seed=4)
     got, info = nearest_code_info(z, codebook, search="bf16-fused")
     assert calls == [search_mod.FUSED_FIRST_CHUNK]  # the first chunk only, then the exact path for all
     assert info.fallback == 3000

@@ -54,6 +54,14 @@ def _data(kind: str, n: int = 600, k: int = 700, d: int = 32, seed: int = 0):
     raise AssertionError(kind)
 
 
+def crowded_codebook(copies: int, tokens: int, seed: int):
+    """Tokens and a codebook of 3 far codes followed by ``copies`` copies of one code: every token is equally
+    near all copies (more candidates than any list holds once ``copies`` > MAX_CANDIDATES)."""
+    g = torch.Generator().manual_seed(seed)
+    codebook = torch.cat([10 + torch.randn(3, 16, generator=g), torch.randn(1, 16, generator=g).expand(copies, 16)])
+    return torch.randn(tokens, 16, generator=g), codebook
+
+
 @pytest.fixture
 def bf16_matmul_rows(monkeypatch):
     """The row count of every bf16 ``torch.mm`` the search runs (one per token chunk and code chunk)."""
@@ -99,9 +107,7 @@ def test_bf16_path_across_token_and_code_chunks(budget, n, k):
 def test_bf16_path_falls_back_to_the_exact_path_and_stays_exact():
     # 2,000 copies of one code (over 16 reduction blocks and MAX_CANDIDATES) after 3 far codes: every token
     # is equally near all copies, so none can be settled from the candidates and all take the exact path
-    g = torch.Generator().manual_seed(3)
-    codebook = torch.cat([10 + torch.randn(3, 16, generator=g), torch.randn(1, 16, generator=g).expand(2000, 16)])
-    z = torch.randn(50, 16, generator=g)
+    z, codebook = crowded_codebook(2000, 50, seed=3)
     got, info = nearest_code_info(z, codebook, search="bf16-candidates")
     assert info.fallback == 50
     assert torch.equal(got, reference_argmin(z, codebook))
@@ -111,9 +117,7 @@ def test_bf16_path_falls_back_to_the_exact_path_and_stays_exact():
 def test_bf16_path_gives_up_on_a_crowded_codebook_after_its_first_token_chunk(bf16_matmul_rows):
     # every token ties with 300 copies of one code: the first chunk (256 tokens at this budget) all falls back,
     # so the bf16 pass stops there and its reranking is not attempted for the other chunks
-    g = torch.Generator().manual_seed(4)
-    codebook = torch.cat([10 + torch.randn(3, 16, generator=g), torch.randn(1, 16, generator=g).expand(300, 16)])
-    z = torch.randn(768, 16, generator=g)
+    z, codebook = crowded_codebook(300, 768, seed=4)
     calls = bf16_matmul_rows
     got, info = nearest_code_info(z, codebook, search="bf16-candidates", max_chunk_elements=256 * 303)
     assert calls == [256]  # one bf16 matmul: the first token chunk, then the exact path for all

@@ -285,7 +285,7 @@ def _load() -> tuple[Bf16SearchKernel | None, str]:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         warnings.warn(f"simvq: the fused bf16 search kernel is unavailable ({err}); using the PyTorch paths", stacklevel=3)
         return None, f"build or load failed: {err}"
-    return kernel, "available"
+    return kernel, "available" if kernel.openmp else "available, on one thread (the compiler has no OpenMP)"
 
 
 def bf16_search_kernel() -> Bf16SearchKernel | None:
@@ -294,7 +294,8 @@ def bf16_search_kernel() -> Bf16SearchKernel | None:
 
 
 def native_status() -> str:
-    """``"available"``, or why :func:`bf16_search_kernel` returns None."""
+    """``"available"`` (with a note when the kernel runs on one thread), or why :func:`bf16_search_kernel`
+    returns None."""
     return _load()[1]
 
 

@@ -213,6 +213,18 @@ def _best_of_pairs(z, codebook, rows, cols, best, best_idx, pair_chunk):
     return best, best_idx
 
 
+def _settle_ties(z, codebook, rows, cols, out, max_chunk_elements) -> None:
+    """Write into ``out`` the fp64 winner (lowest index on exact ties) of each token in ``rows`` among its
+    near-tied candidate codes ``cols`` (pairs): the last step of both bf16 paths' re-rank."""
+    num_tokens = out.shape[0]
+    best = torch.full((num_tokens,), float("inf"), dtype=torch.float64, device=out.device)
+    best_idx = torch.full((num_tokens,), codebook.shape[0], dtype=torch.long, device=out.device)
+    pair_chunk = max(1, max_chunk_elements // 8 // z.shape[1])
+    _, best_idx = _best_of_pairs(z, codebook, rows, cols, best, best_idx, pair_chunk)
+    tied = torch.unique(rows)
+    out[tied] = best_idx[tied]
+
+
 def _rerank(z, codebook, zc, cc_t, c_sq, thr, max_elements):
     """Exact argmin for a few tokens: codes whose evaluated distance is within ``thr`` are compared by
     ``sum((z - c)^2)`` in fp64 on the original coordinates; exact ties go to the lowest index."""
@@ -485,7 +497,7 @@ def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
     its own rounding). A second C pass filters the kept codes against the final minimum in fp64 and compares
     several candidates by ``sum((z - c)^2)`` in fp64 on the original coordinates; only candidates within
     the rounding of that sum of the best (duplicate codes, exact ties) come back here, to the fp64 re-rank
-    every path shares (:func:`_best_of_pairs`, lowest index on exact ties), so that all paths break them
+    every path shares (:func:`_settle_ties`, lowest index on exact ties), so that all paths break them
     alike.
     """
     kernel = bf16_search_kernel()
@@ -565,12 +577,7 @@ def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
             kept_m = near[multi]
             rows, slot = (torch.arange(int(kept_m.max())) < kept_m[:, None]).nonzero(as_tuple=True)
             cols = cand_idx[multi[rows], slot].long()
-            rows = t0 + multi[rows]
-            best = torch.full((num_tokens,), float("inf"), dtype=torch.float64)
-            best_idx = torch.full((num_tokens,), num_codes, dtype=torch.long)
-            pair_chunk = max(1, max_chunk_elements // 8 // dim)
-            _, best_idx = _best_of_pairs(z, codebook, rows, cols, best, best_idx, pair_chunk)
-            out[t0 + multi] = best_idx[t0 + multi]
+            _settle_ties(z, codebook, t0 + multi[rows], cols, out, max_chunk_elements)
         fallback[t0:t1] = over
         if t0 == 0 and t1 < num_tokens and float(over.float().mean()) > BF16_GIVE_UP_FRACTION:
             break  # a crowded codebook: the other tokens stay marked for the exact path
@@ -605,7 +612,6 @@ def _settle_pairs(z, codebook, zc, cc, c_sq, z_norm, rows, cols, out, max_chunk_
     """
     num_tokens, dim = zc.shape
     num_codes = cc.shape[0]
-    pair_chunk = max(1, max_chunk_elements // 8 // dim)
     if rows.numel() > 1 and not bool((rows[1:] >= rows[:-1]).all()):
         order = torch.argsort(rows * num_codes + cols)  # row-major, as the sparse (CSR) layout needs
         rows, cols = rows[order], cols[order]
@@ -620,11 +626,7 @@ def _settle_pairs(z, codebook, zc, cc, c_sq, z_norm, rows, cols, out, max_chunk_
     out[rows[single]] = cols[single]
     rows, cols = rows[~single], cols[~single]
     if rows.numel():
-        best = torch.full((num_tokens,), float("inf"), dtype=torch.float64, device=zc.device)
-        best_idx = torch.full((num_tokens,), codebook.shape[0], dtype=torch.long, device=zc.device)
-        best, best_idx = _best_of_pairs(z, codebook, rows, cols, best, best_idx, pair_chunk)
-        tied = torch.unique(rows)
-        out[tied] = best_idx[tied]
+        _settle_ties(z, codebook, rows, cols, out, max_chunk_elements)
     return int((counts > 0).sum())
 
 
