@@ -118,12 +118,18 @@ def test_fused_path_gives_up_on_a_crowded_codebook_after_its_first_chunk(monkeyp
     calls = []
     real_run = KERNEL.run
 
-    def counting_run(apack, *args, **kwargs):
-        calls.append(apack.shape[0] * KERNEL.tokens_per_block)
-        return real_run(apack, *args, **kwargs)
+    def counting_run(z, *args, **kwargs):
+        calls.append(z.shape[0])
+        return real_run(z, *args, **kwargs)
 
     monkeypatch.setattr(KERNEL, "run", counting_run)
     z, codebook = crowded_codebook(300, 3000, seed=4)
+    got, info = nearest_code_info(z, codebook, search="bf16-fused")
+    assert calls == [3000]  # 3,000 x 303 distances: under FUSED_FIRST_CHUNK_DISTANCES, one call
+    assert info.fallback == 3000
+    assert torch.equal(got, reference_argmin(z, codebook))
+    monkeypatch.setattr(search_mod, "FUSED_FIRST_CHUNK_DISTANCES", 3000 * 303)
+    calls.clear()
     got, info = nearest_code_info(z, codebook, search="bf16-fused")
     assert calls == [search_mod.FUSED_FIRST_CHUNK]  # the first chunk only, then the exact path for all
     assert info.fallback == 3000
@@ -131,7 +137,7 @@ def test_fused_path_gives_up_on_a_crowded_codebook_after_its_first_chunk(monkeyp
     calls.clear()
     z, codebook = _random(3000, 303, 16, seed=6)
     got, info = nearest_code_info(z, codebook, search="bf16-fused")
-    assert calls == [1024, 1984]  # a first chunk with few fallbacks: the rest follows (3000 - 1024, padded to 32)
+    assert calls == [1024, 1976]  # a first chunk with few fallbacks: the rest follows
     assert torch.equal(got, reference_argmin(z, codebook))
 
 
@@ -151,6 +157,16 @@ def test_fused_path_on_degenerate_inputs():
     got, info = nearest_code_info(z * 1e19, codebook * 1e19, search="bf16-fused")
     assert info.fallback == 20
     assert torch.equal(got, nearest_code(z * 1e19, codebook * 1e19, search="exact-fp32"))
+    # non-finite tokens (a NaN, an inf) go to the exact path, the others are searched as usual
+    z, codebook = _random(70, 50, 8, seed=4)
+    z[3, 2], z[40, 0] = float("nan"), float("inf")
+    got, info = nearest_code_info(z, codebook, search="bf16-fused")
+    assert info.fallback == 2
+    assert torch.equal(got, nearest_code(z, codebook, search="exact-fp32"))
+    codebook[7, 1] = float("nan")  # a non-finite code: every token to the exact path
+    got, info = nearest_code_info(z, codebook, search="bf16-fused")
+    assert info.fallback == 70
+    assert torch.equal(got, nearest_code(z, codebook, search="exact-fp32"))
     # ties exactly halfway between two dyadic codes
     g = torch.Generator().manual_seed(5)
     codes = torch.randint(-8, 8, (300, 16), generator=g).float()
@@ -172,16 +188,28 @@ def test_kernel_values_stay_within_the_error_bound():
     k_pad = -(-100 // nr) * nr
     # the codes centred, squared and rounded by the kernel's own pass, as the search does
     b, dc, csq = KERNEL.pack(codebook, k_pad, scale=-2.0, blocked=False, mean=mean, squares=True, threads=2)
-    apack, dz, _ = KERNEL.pack(zc, 96, scale=1.0, blocked=True)
-    err, _, _ = search_mod._bf16_product_error(48, zc.norm(dim=1), csq[:100].max().sqrt(), dz, dc.max())
+    c_max, dc_max = float(csq[:100].max().sqrt()), float(dc.max())
+    bound = search_mod._bf16_error_coefficients(48, c_max, dc_max)
     big = torch.finfo(torch.float32).max
-    run_min, thr = torch.full((96,), big), torch.full((96,), big)
-    count = torch.zeros(96, dtype=torch.int32)
-    idx, val = torch.empty(96, 128, dtype=torch.int32), torch.empty(96, 128)
-    dropped, compact = torch.full((96,), big), torch.full((96,), float("inf"))
-    KERNEL.run(
-        apack, b, csq, torch.full((96,), 1e30), run_min, thr, count, idx, val, dropped, compact, kb_codes=64, threads=2
-    )
+    state = KERNEL.state(96, 48, 128)
+    for buffer in state:
+        buffer.fill_(-1)  # stale values: the kernel writes every one it reads
+    # a margin so wide that every code is kept: the coefficients of the bound times 1e30
+    KERNEL.run(z, mean, b, csq, [c * 1e30 for c in bound[:4]] + list(bound[4:]), state, kb_codes=64, threads=2)
+    # the kernel's packing and bound, against torch's bf16 rounding and the bound evaluated in torch
+    rounded = zc.bfloat16()
+    assert torch.equal(state.apack, rounded.view(torch.int32).view(3, 32, 24).transpose(1, 2))
+    dz = (zc.double() - rounded.double()).norm(dim=1)
+    assert torch.allclose(state.zres.double(), dz, rtol=1e-6)
+    assert torch.allclose(state.zsq.double(), zc.double().pow(2).sum(1), rtol=1e-6)
+    err, _, _ = search_mod._bf16_product_error(48, state.zsq.double().sqrt(), c_max, state.zres, dc_max)
+    assert torch.allclose(state.limit / 2, 1e30 * err, rtol=1e-12)
+    # the threshold margin covers 2 E and the fp32 rounding of a sum as large as any value
+    zn = state.zsq.double().sqrt() * bound[4]
+    reach = state.limit / 2 + 2 * bound[5] * zn + bound[5] ** 2
+    assert bool((state.twoe.double() >= state.limit + 2.0**-24 * reach).all())
+    err, _, _ = search_mod._bf16_product_error(48, zc.norm(dim=1), c_max, dz.float(), dc_max)
+    run_min, count, idx, val, dropped = state.run_min, state.count, state.cand_idx, state.cand_val, state.dropped
     assert bool((dropped == big).all())  # nothing refused: the lists never filled
     assert count.tolist() == [100] * 96  # every code kept, each once
     v = torch.empty(96, 100, dtype=torch.float64)
@@ -232,6 +260,16 @@ def test_unavailable_kernel_falls_back_and_says_why(monkeypatch):
     if KERNEL is not None:
         with pytest.raises(ValueError, match="runs fp32 searches on the CPU"):
             nearest_code(torch.randn(4, 16).double(), torch.randn(5, 16).double(), search="bf16-fused")
+
+
+def test_the_kernel_is_built_wherever_it_can_run():
+    # the kernel tests skip where it is unavailable: on a CPU that has what it needs, with a compiler and the
+    # kernel not switched off, that must not hide a broken build
+    if os.environ.get("SIMVQ_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        pytest.skip("switched off by SIMVQ_NATIVE")
+    if not native.REQUIRED_CPU_FLAGS <= native._cpu_flags() or native._compiler() is None:
+        pytest.skip("this machine cannot build or run the kernel")
+    assert KERNEL is not None, native.native_status()
 
 
 def _status_in_subprocess(env: dict) -> str:

@@ -27,11 +27,12 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "bf16_search.c"
-ABI_VERSION = 9
+ABI_VERSION = 11
 # explicit ISA flags rather than -march: the library runs on any CPU with these features, whoever built it
 CFLAGS = (
     "-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing",
@@ -45,20 +46,45 @@ PIECES_PER_THREAD = 8
 REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "fma"})
 
 
+_STATE = (
+    "apack", "zres", "zsq", "twoe", "limit", "run_min", "thr", "count", "cand_idx", "cand_val", "dropped", "compact_thr"
+)  # fmt: skip
+_FINISH = ("codes", "out", "kept", "near")
+
+
 class _Args(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_void_p)
-        for name in (
-            "apack", "b", "csq", "twoe", "run_min", "thr", "count", "cand_idx", "cand_val", "dropped", "compact_thr"
-        )
-    ] + [(name, ctypes.c_int64) for name in ("pairs", "k_pad", "cap", "kb_codes")]
+    _fields_ = (
+        [(name, ctypes.c_void_p) for name in ("z", "mean", "b", "csq", *_STATE, *_FINISH, "stats")]
+        + [("bound", ctypes.c_double * 6)]
+        + [(name, ctypes.c_int64) for name in ("pairs", "k_pad", "cap", "kb_codes", "n", "dim")]
+    )
 
 
-class _FinishArgs(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_void_p)
-        for name in ("count", "cand_idx", "cand_val", "dropped", "run_min", "limit", "z", "codes", "out", "kept", "near")
-    ] + [(name, ctypes.c_int64) for name in ("n", "dim", "cap")]
+class KernelState(NamedTuple):
+    """The per-token buffers of one run for ``rows`` tokens (see the C source), all written by the kernel:
+    the packed tokens and their bounds as a range of token blocks starts, then the scan's state."""
+
+    apack: torch.Tensor  # (rows / MR, pairs, MR) int32: the centred tokens in bf16, token-blocked
+    zres: torch.Tensor  # (rows,) float32: || z' - bf16(z') ||
+    zsq: torch.Tensor  # (rows,) float32: ||z'||^2 (+inf on padding tokens)
+    twoe: torch.Tensor  # (rows,) float32: the running threshold's margin above the running minimum
+    limit: torch.Tensor  # (rows,) float64: 2 E, the margin above the final minimum
+    run_min: torch.Tensor  # (rows,) float32: the running minimum of the values
+    thr: torch.Tensor  # (rows,) float32: the running threshold
+    count: torch.Tensor  # (rows,) int32: codes kept
+    cand_idx: torch.Tensor  # (rows, cap) int32: the kept codes
+    cand_val: torch.Tensor  # (rows, cap) float32: their values
+    dropped: torch.Tensor  # (rows,) float32: the smallest value a full list refused (-inf: values out of range)
+    compact_thr: torch.Tensor  # (rows,) float32: the threshold at the list's last compaction
+
+
+class Finish(NamedTuple):
+    """Where the kernel settles each token after its scan (see ``finish_token``)."""
+
+    codes: torch.Tensor  # (K, d) float32: the codes, original coordinates
+    out: torch.Tensor  # (n,) int64: the nearest code, -2 (near-ties left first in the list) or -1 (exact path)
+    kept: torch.Tensor  # (n,) int32: candidates after the filter against the final minimum
+    near: torch.Tensor  # (n,) int32: near-ties left for the caller's re-rank (out = -2), else 0
 
 
 def _check_cpu_contiguous(tensors) -> None:
@@ -81,9 +107,6 @@ class Bf16SearchKernel:
             ctypes.c_float, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
         ]  # fmt: skip
         self._pack.restype = None
-        self._finish = lib.simvq_bf16_finish
-        self._finish.argtypes = [ctypes.POINTER(_FinishArgs), ctypes.c_int32]
-        self._finish.restype = None
         self._lib = lib
         self._search_all = lib.simvq_bf16_search_all
         self._search_all.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_int32, ctypes.c_int64]
@@ -92,22 +115,60 @@ class Bf16SearchKernel:
         self._local = threading.local()
 
     def run(
-        self, apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val, dropped, compact_thr, *, kb_codes, threads
+        self, z, mean, b, csq, bound, state: KernelState, *, kb_codes: int, threads: int, finish: Finish | None = None
     ):
-        """Scan every code for every token block; the state tensors are updated in place.
+        """Pack the tokens ``z`` (n, d) centred on ``mean``, scan every code for every token block, then (with
+        ``finish``) settle each token.
 
-        All tensors must be contiguous CPU tensors laid out as the C source describes. The call releases the
-        GIL and runs on ``threads`` OpenMP threads (token blocks in pieces taken dynamically).
+        ``b``, ``csq``: the packed codes (:meth:`pack`); ``bound``: the six coefficients of the per-token
+        error bound (``_bf16_error_coefficients`` in search.py). All tensors must be contiguous CPU tensors
+        laid out as the C source describes; ``state`` (:meth:`state`) is written by the call. It releases
+        the GIL and runs on ``threads`` OpenMP threads (token blocks in pieces taken dynamically; each piece
+        packs, scans and settles its own tokens). Returns, with ``finish``, the number of tokens with several
+        candidates, with near-ties left in ``finish.near`` (``finish.out`` -2) and sent to the exact path
+        (-1); else None.
         """
-        tensors = (apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val, dropped, compact_thr)
+        n, dim = z.shape
+        rows = state.count.shape[0]
+        if z.dtype != torch.float32 or mean.dtype != torch.float32 or mean.shape != (dim,) or rows < n:
+            raise ValueError("bf16 search kernel: run needs float32 z (n, d) and mean (d,), and state for n tokens")
+        tensors = (z, mean, b, csq, *state)
+        if finish is not None:
+            tensors += tuple(finish)
+            if (
+                finish.out.dtype != torch.int64 or finish.kept.dtype != torch.int32
+                or finish.near.dtype != torch.int32 or finish.codes.dtype != torch.float32
+                or finish.codes.shape[1] != dim or min(len(finish.out), len(finish.kept), len(finish.near)) < n
+            ):  # fmt: skip
+                raise ValueError(
+                    "bf16 search kernel: finish needs int64 out, int32 kept and near for every token, and float32 "
+                    "codes of the tokens' width"
+                )
         _check_cpu_contiguous(tensors)
-        blocks = apack.shape[0]
+        stats = torch.zeros(3, dtype=torch.int64)
+        pointers = [None] * (len(_FINISH) + 1) if finish is None else [t.data_ptr() for t in (*finish, stats)]
+        blocks = state.apack.shape[0]
         args = _Args(
-            *(t.data_ptr() for t in tensors), apack.shape[1], b.shape[0], cand_idx.shape[1], max(1, kb_codes)
-        )
+            *(t.data_ptr() for t in (z, mean, b, csq, *state)), *pointers, (ctypes.c_double * 6)(*bound),
+            state.apack.shape[1], b.shape[0], state.cand_idx.shape[1], max(1, kb_codes), n, dim,
+        )  # fmt: skip
         threads = max(1, min(threads, blocks))
         pieces = 1 if threads == 1 else min(blocks, threads * PIECES_PER_THREAD)
         self._search_all(ctypes.byref(args), blocks, threads, pieces)
+        return None if finish is None else tuple(stats.tolist())
+
+    def state(self, rows: int, dim: int, cap: int) -> KernelState:
+        """The buffers of a run over ``rows`` tokens (a multiple of the block size) of width ``dim`` with lists
+        of ``cap`` codes, from this thread's kept buffers (:meth:`workspace`); the kernel writes them all."""
+        mr, pairs = self.tokens_per_block, (dim + 1) // 2
+        if rows % mr:
+            raise ValueError(f"bf16 search kernel: state rows must be a multiple of {mr}")
+        shapes = {
+            "apack": ((rows // mr, pairs, mr), torch.int32), "limit": ((rows,), torch.float64),
+            "count": ((rows,), torch.int32), "cand_idx": ((rows, cap), torch.int32),
+            "cand_val": ((rows, cap), torch.float32),
+        }  # fmt: skip
+        return KernelState(*(self.workspace(name, *shapes.get(name, ((rows,), torch.float32))) for name in _STATE))
 
     def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape`` from this thread's grow-only buffer ``name`` (uninitialised).
@@ -172,22 +233,6 @@ class Bf16SearchKernel:
             out.data_ptr(), resid.data_ptr(), None if sq is None else sq.data_ptr(), max(1, threads),
         )  # fmt: skip
         return out, resid, sq
-
-    def finish(
-        self, count, cand_idx, cand_val, dropped, run_min, limit, z, codes, out, kept, near, *, threads: int = 1
-    ) -> None:
-        """Settle the first ``len(out)`` tokens after :meth:`run` (see ``simvq_bf16_finish`` in the C source):
-        ``out`` gets the nearest code, -2 (the ``near`` near-ties, now first in ``cand_idx``, need the
-        caller's fp64 re-rank) or -1 (overflow); ``kept`` the candidates left by the filter. ``z`` (n, d) and
-        ``codes`` (K, d): original float32 coordinates."""
-        tensors = (count, cand_idx, cand_val, dropped, run_min, limit, z, codes, out, kept, near)
-        _check_cpu_contiguous(tensors)
-        if limit.dtype != torch.float64 or out.dtype != torch.int64 or torch.int32 != kept.dtype or torch.int32 != near.dtype:
-            raise ValueError("bf16 search kernel: limit must be float64, out int64, kept and near int32")
-        if z.dtype != torch.float32 or codes.dtype != torch.float32 or z.shape[1] != codes.shape[1]:
-            raise ValueError("bf16 search kernel: z and codes must be float32 with the same width")
-        args = _FinishArgs(*(t.data_ptr() for t in tensors), out.shape[0], z.shape[1], cand_idx.shape[1])
-        self._finish(ctypes.byref(args), max(1, threads))
 
 
 def _cpu_flags() -> frozenset[str]:

@@ -51,12 +51,13 @@ Paths (``search=``; every path returns the same indices):
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import NamedTuple
 
 import torch
 
-from simvq.quantizers.native import bf16_search_kernel, default_threads, native_status
+from simvq.quantizers.native import Finish, bf16_search_kernel, default_threads, native_status
 
 DEFAULT_CHUNK_ELEMENTS = None  # device default, below
 # Bound on the distances held at once when the caller gives none. CPU: 128 MiB of fp32. GPU: 512 MiB, where
@@ -101,9 +102,11 @@ MAX_CANDIDATES = 128
 BF16_GIVE_UP_FRACTION = 0.25
 # The fused kernel ("bf16-fused") holds MAX_CANDIDATES (index, value) pairs per token instead of distances: tokens
 # go through it in chunks of at most this many (8 MiB of pairs), the first chunk smaller so that a crowded
-# codebook is detected early (BF16_GIVE_UP_FRACTION)
+# codebook is detected early (BF16_GIVE_UP_FRACTION), from this many distances (tokens x codes) up: ~10 ms
+# of kernel time on two cores; below it, a second call's fixed cost outweighs what the early stop can save
 FUSED_TOKEN_CHUNK = 8192
 FUSED_FIRST_CHUNK = 1024
+FUSED_FIRST_CHUNK_DISTANCES = 2**25
 # Codes per cache block of the fused kernel, in bytes of bf16 codes: a block stays in the per-core L2 cache
 # while every token block of a thread passes over it
 FUSED_CODE_BLOCK_BYTES = 2**19
@@ -279,7 +282,7 @@ def _exact_search(z, codebook, zc, cc, c_sq, max_chunk_elements):
     return out
 
 
-def _bf16_product_error(dim: int, z_norm: torch.Tensor, c_max: torch.Tensor, dz_norm: torch.Tensor, dc_max: torch.Tensor):
+def _bf16_product_error(dim: int, z_norm: torch.Tensor, c_max, dz_norm: torch.Tensor, dc_max):
     """Per-token bound (fp64) on ``|x - T|`` for ``x = ||c'||^2 - 2 z~.c~`` accumulated in fp32 from bf16 inputs.
 
     ``z~ = z' - dz`` and ``c~ = c' - dc`` are the bf16 roundings (round to nearest) of the centred fp32
@@ -291,9 +294,22 @@ def _bf16_product_error(dim: int, z_norm: torch.Tensor, c_max: torch.Tensor, dz_
     centring adds ``2 u32 (1 + u32) (|z'| + |c'|)^2`` against the true distance (as in
     :func:`_rounding_bound`), and bf16 hardware that flushes subnormal inputs and outputs to zero (AVX512-BF16
     does) at most ``2^-126`` per flushed value. Codes enter at the largest norms; every norm is inflated for
-    its own fp32 rounding and the sum by 10%.
+    its own fp32 rounding and the sum by 10%. ``c_max`` and ``dc_max``: 0-d tensors or Python floats.
 
     Returns ``(bound, z_norm, c_max)``, the norms as inflated (fp64).
+    """
+    per_dz, per_z, per_zz, const, grow, c_max = _bf16_error_coefficients(dim, c_max, dc_max)
+    z_norm, dz_norm = z_norm.double() * grow, dz_norm.double() * grow
+    bound = 1.1 * (per_dz * dz_norm + z_norm * (per_z + per_zz * z_norm) + const)
+    return bound, z_norm, c_max
+
+
+def _bf16_error_coefficients(dim: int, c_max, dc_max) -> tuple:
+    """:func:`_bf16_product_error` as a polynomial in a token's norms: ``E = 1.1 (per_dz |dz| + per_z |z'| +
+    per_zz |z'|^2 + const)``, ``|dz|`` and ``|z'|`` the norms as computed in fp32 times ``grow``.
+
+    Returns ``(per_dz, per_z, per_zz, const, grow, c_max)`` with ``c_max`` inflated by ``grow``; floats for
+    float arguments (what the fused kernel takes), 0-d tensors for tensors.
     """
     u, u32 = 2.0**-8, 2.0**-24
 
@@ -301,19 +317,14 @@ def _bf16_product_error(dim: int, z_norm: torch.Tensor, c_max: torch.Tensor, dz_
         return n * u32 / (1 - n * u32)
 
     grow = 1 + gamma(dim + 1) + 2 * u32  # a norm computed in fp32: sum of squares, then the square root
-    z_norm = z_norm.double() * grow
-    dz_norm = dz_norm.double() * grow
-    c_max = c_max.double() * grow
-    dc_max = dc_max.double() * grow
-    zc_prod = z_norm * c_max
-    bound = 1.1 * (
-        2 * (dz_norm * (c_max + dc_max) + z_norm * dc_max)
-        + (gamma(dim) + 2 * u * u) * c_max**2
-        + gamma(dim + 4) * (2.1 * zc_prod + 1.01 * c_max**2)
-        + 2 * u32 * (1 + u32) * (z_norm + c_max) ** 2
-        + (dim + 4) * 2.0**-125 * (1 + z_norm + 2 * c_max)
-    )
-    return bound, z_norm, c_max
+    c_max, dc_max = (x.double() * grow if torch.is_tensor(x) else float(x) * grow for x in (c_max, dc_max))
+    # 2 (|dz| (c + dc) + |z'| dc) + (gamma_d + 2 u^2) c^2 + gamma_{d+4} (2.1 |z'| c + 1.01 c^2)
+    # + w (|z'| + c)^2 + flush (1 + |z'| + 2 c), collected by powers of |dz| and |z'|
+    w, flush = 2 * u32 * (1 + u32), (dim + 4) * 2.0**-125
+    per_dz = 2 * (c_max + dc_max)
+    per_z = 2 * dc_max + 2.1 * gamma(dim + 4) * c_max + 2 * w * c_max + flush
+    const = (gamma(dim) + 2 * u * u + 1.01 * gamma(dim + 4) + w) * c_max**2 + flush * (1 + 2 * c_max)
+    return per_dz, per_z, w, const, grow, c_max
 
 
 def _bf16_error_terms(dim: int, z_norm: torch.Tensor, c_max: torch.Tensor, dz_norm: torch.Tensor, dc_max: torch.Tensor):
@@ -484,31 +495,33 @@ def _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements):
     return out, fallback, reranked
 
 
-def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
+def _bf16_fused(z, codebook, mean, max_chunk_elements):
     """The fused kernel (kernels/bf16_search.c): bf16 products accumulated in fp32 from ``||c'||^2``, the
     running minimum and the codes within the bound of it kept per token while the values are in registers;
-    no distance is written to memory. Same contract as :func:`_bf16_candidates`, but the codes are centred,
-    squared and rounded in one threaded pass of the kernel's own, instead of the other paths' ``cc`` and
-    ``c_sq`` and a bf16 copy (three torch passes: 210 ms on one thread at K = 262,144, d = 128).
+    no distance is written to memory. Same contract as :func:`_bf16_candidates`, but the tokens and codes
+    are centred, squared and rounded by the kernel's own threaded code (the other paths' ``zc``, ``cc``,
+    ``c_sq`` and bf16 copies are torch passes: 210 ms on one thread for the codes at K = 262,144, d = 128),
+    and each chunk of tokens is packed, bounded, scanned and settled in one parallel call: a fixed cost
+    of a few torch operations per call, where the search of a small codebook takes about a millisecond.
 
     The kernel's values ``v = ||c'||^2 - 2 z~.c~`` (fp32, not rounded to bf16) err by at most ``E``
     (:func:`_bf16_product_error`), so a code can be the nearest only if ``v <= min v + 2 E``. The kernel keeps
     every code under a running threshold that never falls below that (its fp32 sum is given the margin of
-    its own rounding). A second C pass filters the kept codes against the final minimum in fp64 and compares
-    several candidates by ``sum((z - c)^2)`` in fp64 on the original coordinates; only candidates within
-    the rounding of that sum of the best (duplicate codes, exact ties) come back here, to the fp64 re-rank
-    every path shares (:func:`_settle_ties`, lowest index on exact ties), so that all paths break them
-    alike.
+    its own rounding). When a piece of tokens is scanned, it filters their kept codes against the final
+    minimum in fp64 and compares several candidates by ``sum((z - c)^2)`` in fp64 on the original
+    coordinates; only candidates within the rounding of that sum of the best (duplicate codes, exact ties)
+    come back here, to the fp64 re-rank every path shares (:func:`_settle_ties`, lowest index on exact
+    ties), so that all paths break them alike.
     """
     kernel = bf16_search_kernel()
     if kernel is None:
         raise RuntimeError(f"the fused bf16 search kernel is unavailable: {native_status()}")
     mr, nr = kernel.tokens_per_block, kernel.codes_per_tile
-    num_tokens, dim = zc.shape
+    num_tokens, dim = z.shape
     num_codes = codebook.shape[0]
     threads = default_threads()
     out = torch.empty(num_tokens, dtype=torch.long)
-    fallback = torch.ones(num_tokens, dtype=torch.bool)
+    fallback = torch.zeros(num_tokens, dtype=torch.bool)
     codes32 = codebook.float().contiguous()
     z32 = z.float().contiguous()
     mean = mean.float().contiguous()
@@ -520,67 +533,44 @@ def _bf16_fused(z, codebook, zc, mean, max_chunk_elements):
     b, dc_norm, csq = kernel.pack(
         codes32, k_pad, scale=-2.0, blocked=False, mean=mean, squares=True, threads=threads, out=b
     )
-    z_norm = zc.norm(dim=1)
-    if not (bool(torch.isfinite(z_norm).all()) and bool(torch.isfinite(csq[:num_codes]).all())):
-        return out, fallback, 0  # non-finite inputs: the exact path defines the answer
-    c_max = csq[:num_codes].max().sqrt()
-    dc_max = dc_norm.max()
+    c_sq_max = float(csq[:num_codes].max())  # NaN if any is
+    if not math.isfinite(c_sq_max):
+        return out, ~fallback, 0  # non-finite inputs: the exact path defines the answer
+    c_max, dc_max = math.sqrt(c_sq_max), float(dc_norm.max())
+    bound = _bf16_error_coefficients(dim, c_max, dc_max)
     cap = MAX_CANDIDATES
     chunk = max(mr, min(FUSED_TOKEN_CHUNK, max_chunk_elements // (2 * cap)) // mr * mr)
-    bounds = [0, min(num_tokens, FUSED_FIRST_CHUNK, chunk)]
+    # a first chunk tells early whether the codebook is too crowded for the kernel (see below); below
+    # FUSED_FIRST_CHUNK_DISTANCES the most that can waste is a few ms, less than a second call's fixed cost
+    first = chunk if num_tokens * num_codes < FUSED_FIRST_CHUNK_DISTANCES else min(FUSED_FIRST_CHUNK, chunk)
+    bounds = [0, min(num_tokens, first)]
     bounds += list(range(bounds[-1] + chunk, num_tokens, chunk)) + [num_tokens]
-    u32 = 2.0**-24
     reranked = 0
     for t0, t1 in zip(bounds[:-1], bounds[1:]):
         if t1 <= t0:
             continue
         nt = t1 - t0
-        n_pad = -(-nt // mr) * mr
-        apack = ws("apack", (n_pad // mr, pairs, mr), torch.int32)
-        apack, dz_norm, _ = kernel.pack(zc[t0:t1].contiguous(), n_pad, scale=1.0, blocked=True, out=apack)
-        err, zn, cm = _bf16_product_error(dim, z_norm[t0:t1], c_max, dz_norm, dc_max)
-        # |v| <= reach; fl32(min + margin) >= min + 2 E for every |min| <= reach, and the fp32 rounding of
-        # the margin itself is rounded up by the factor
-        reach = cm * cm + 2 * zn * cm + err
-        margin = (2 * err + u32 * reach) / (1 - u32) * (1 + 2.0**-20)
-        if not bool((reach < 1e37).all()):
-            continue  # values near the fp32 range: the exact path (left marked as fallback)
-        twoe = ws("twoe", (n_pad,), torch.float32).zero_()
-        twoe[:nt] = margin
-        run_min = ws("run_min", (n_pad,), torch.float32).fill_(torch.finfo(torch.float32).max)
-        thr = ws("thr", (n_pad,), torch.float32).fill_(torch.finfo(torch.float32).max)
-        count = ws("count", (n_pad,), torch.int32).zero_()
-        cand_idx = ws("cand_idx", (n_pad, cap), torch.int32)
-        cand_val = ws("cand_val", (n_pad, cap), torch.float32)
-        dropped = ws("dropped", (n_pad,), torch.float32).fill_(torch.finfo(torch.float32).max)
-        compact_thr = ws("compact_thr", (n_pad,), torch.float32).fill_(float("inf"))
-        kernel.run(
-            apack, b, csq, twoe, run_min, thr, count, cand_idx, cand_val, dropped, compact_thr,
-            kb_codes=FUSED_CODE_BLOCK_BYTES // (4 * pairs), threads=threads,
+        idx = out[t0:t1]
+        kept, near = ws("kept", (nt,), torch.int32), ws("near", (nt,), torch.int32)
+        state = kernel.state(-(-nt // mr) * mr, dim, cap)
+        several, ties, over = kernel.run(
+            z32[t0:t1], mean, b, csq, bound, state, kb_codes=FUSED_CODE_BLOCK_BYTES // (4 * pairs), threads=threads,
+            finish=Finish(codes32, idx, kept, near),
         )  # fmt: skip
-        # the final filter against the true minimum in fp64 (its sum rounded up), then the fp64 comparison
-        limit = 2 * err
-        limit = limit + 2.0**-50 * (run_min[:nt].double().abs() + limit)
-        idx = torch.empty(nt, dtype=torch.long)
-        kept = torch.empty(nt, dtype=torch.int32)
-        near = torch.empty(nt, dtype=torch.int32)
-        kernel.finish(
-            count, cand_idx, cand_val, dropped, run_min, limit.contiguous(), z32[t0:t1], codes32, idx, kept, near,
-            threads=threads,
-        )  # fmt: skip
-        over = idx == -1
-        out[t0:t1] = idx
-        reranked += int((kept > 1).sum())
-        multi = (idx == -2).nonzero().squeeze(1)
-        if multi.numel():
+        reranked += several
+        if ties:
             # near-ties in fp64 (rare: duplicate codes, exact ties): the re-rank every path shares
+            multi = (idx == -2).nonzero().squeeze(1)
             kept_m = near[multi]
             rows, slot = (torch.arange(int(kept_m.max())) < kept_m[:, None]).nonzero(as_tuple=True)
-            cols = cand_idx[multi[rows], slot].long()
+            cols = state.cand_idx[multi[rows], slot].long()
             _settle_ties(z, codebook, t0 + multi[rows], cols, out, max_chunk_elements)
-        fallback[t0:t1] = over
-        if t0 == 0 and t1 < num_tokens and float(over.float().mean()) > BF16_GIVE_UP_FRACTION:
-            break  # a crowded codebook: the other tokens stay marked for the exact path
+        if over:
+            # overflowed lists, values that could leave the fp32 range, non-finite tokens: the exact path
+            fallback[t0:t1] = idx == -1
+            if t0 == 0 and t1 < num_tokens and over > BF16_GIVE_UP_FRACTION * nt:
+                fallback[t1:] = True
+                break  # a crowded codebook: the other tokens are left to the exact path
     return out, fallback, reranked
 
 
@@ -733,11 +723,11 @@ def nearest_code_info(
         )
     with torch.autocast(device_type=device_type, enabled=False):
         mean = codebook.to(dtype).mean(dim=0)
-        zc = z.to(dtype) - mean
         if path == "bf16-fused":
-            out, fallback, reranked = _bf16_fused(z, codebook, zc, mean, max_chunk_elements)
-            cc = c_sq = None  # centred codes: only if some tokens fall back
+            out, fallback, reranked = _bf16_fused(z, codebook, mean, max_chunk_elements)
+            zc = cc = c_sq = None  # centred tokens and codes: only if some tokens fall back
         else:
+            zc = z.to(dtype) - mean
             cc = codebook.to(dtype) - mean
             c_sq = cc.pow(2).sum(dim=1)
             if path == "exact-fp32":
@@ -748,7 +738,8 @@ def nearest_code_info(
             if cc is None:
                 cc = codebook.to(dtype) - mean
                 c_sq = cc.pow(2).sum(dim=1)
-            out[rows] = _exact_search(z[rows], codebook, zc[rows], cc, c_sq, max_chunk_elements)
+            zc_rows = z[rows].to(dtype) - mean if zc is None else zc[rows]
+            out[rows] = _exact_search(z[rows], codebook, zc_rows, cc, c_sq, max_chunk_elements)
     return out, SearchInfo(path, reranked, int(rows.numel()))
 
 

@@ -10,13 +10,16 @@
  * the caller's exact search (see keep()).
  *
  * Layout (all row-major, contiguous):
- *   apack   [token blocks][pairs][MR] uint32: two bf16 (an even/odd coordinate pair) of one token each
+ *   z       [n][dim] float: the tokens; mean [dim]: the point they and the codes are centred on
+ *   apack   [token blocks][pairs][MR] uint32: two bf16 (an even/odd coordinate pair) of one token each,
+ *           written by the kernel (bound_tokens) from z - mean
  *   b       [k_pad][pairs] uint32: codes, two bf16 per uint32 (k_pad a multiple of NR)
  *   csq     [k_pad] float: per-code start value (padding codes: +inf, never kept)
- *   twoe    [n_pad] float: per-token threshold margin above the running minimum
- *   run_min, thr [n_pad] float: state, initialised by the caller to FLT_MAX
+ *   twoe    [n_pad] float: per-token threshold margin above the running minimum (written by the kernel)
+ *   run_min, thr [n_pad] float: the running minimum and threshold
  *   count   [n_pad] int32, cand_idx / cand_val [n_pad][cap]: kept codes and their values
- *   dropped, compact_thr [n_pad] float: state of full lists, initialised to FLT_MAX and +inf
+ *   dropped, compact_thr [n_pad] float: state of full lists
+ * The state is initialised by the kernel itself (to FLT_MAX, count 0), as each range of token blocks starts.
  * Threads: simvq_bf16_search handles the token blocks [tb0, tb1); simvq_bf16_search_all splits all blocks into
  * pieces taken dynamically by an OpenMP team. Built with -fopenmp after torch is loaded, the library binds to
  * the libgomp torch already uses (same soname), so the team is torch's own thread pool: no second set of
@@ -26,7 +29,8 @@
  * scaled by a power of two, either row-major (codes) or token-blocked (tokens), with the norm of each row's
  * rounding residual and, on request, each row's squared norm.
  *
- * simvq_bf16_finish then filters each token's kept codes against its final minimum: those within limit[i]
+ * When its range is scanned, simvq_bf16_search settles its tokens (finish_token, skipped if out is NULL): it
+ * filters each token's kept codes against its final minimum: those within limit[i] of it (the sum rounded up)
  * are its candidates. One candidate is the answer (out[i]). Several are compared by sum((z - c)^2) in double
  * on the original coordinates; a best candidate ahead of all others by more than the rounding of both sums,
  * here and in any other summation order, is the answer; otherwise the near-ties are moved to the front of
@@ -39,21 +43,37 @@
 #define MR 32 /* tokens per tile: two 16-lane vectors */
 #define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
 #define MT (MR / 16)
-#define ABI_VERSION 9
+#define ABI_VERSION 11
 
 typedef struct {
-    const uint32_t *apack;
+    const float *z;    /* [n][dim]: the tokens, original coordinates */
+    const float *mean; /* [dim]: the codebook's mean (the tokens are centred on it) */
     const uint32_t *b;
     const float *csq;
-    const float *twoe;
+    /* per token, written by the kernel: its packed operand, bound and margin (see bound_tokens) */
+    uint32_t *apack;
+    float *zres;   /* [n_pad]: || z' - bf16(z') || */
+    float *zsq;    /* [n_pad]: ||z'||^2 in float (+inf on padding tokens) */
+    float *twoe;   /* [n_pad]: the threshold margin above the running minimum */
+    double *limit; /* [n_pad]: 2 E, the margin above the final minimum in the finish */
+    /* the scan's state */
     float *run_min;
     float *thr;
     int32_t *count;
     int32_t *cand_idx;
     float *cand_val;
-    float *dropped;     /* [n_pad]: the smallest value refused by a full list (caller: FLT_MAX) */
-    float *compact_thr; /* [n_pad]: the threshold at the list's last compaction (caller: +inf) */
-    int64_t pairs, k_pad, cap, kb_codes;
+    float *dropped;     /* [n_pad]: the smallest value refused by a full list */
+    float *compact_thr; /* [n_pad]: the threshold at the list's last compaction */
+    /* the finish (finish_token); out == NULL: none, the state is left for the caller */
+    const float *codes; /* [k][dim]: the codes, original coordinates */
+    int64_t *out;       /* [n]: the nearest code, -2 (near-ties left) or -1 (overflow) */
+    int32_t *kept;      /* [n]: candidates after the filter (0 for an overflowed token) */
+    int32_t *near;      /* [n]: near-ties left first in the list (out = -2), else 0 */
+    int64_t *stats;     /* [3]: tokens with several candidates, with near-ties left, overflowed (added to) */
+    /* E = 1.1 (bound[0] |dz| + bound[1] |z'| + bound[2] |z'|^2 + bound[3]), the fp32 norms times bound[4];
+     * bound[5]: max |c'| (inflated likewise); see _bf16_error_coefficients in search.py */
+    double bound[6];
+    int64_t pairs, k_pad, cap, kb_codes, n, dim;
 } simvq_search_args;
 
 int simvq_bf16_abi(int32_t *mr, int32_t *nr) {
@@ -121,12 +141,121 @@ static void keep(const simvq_search_args *g, int64_t tok, int32_t code, float v)
  * (and later dropped) per token on the way down to the final minimum. */
 #define PRIME_TILES 4
 
+/* sum((z - c)^2) in double: each difference of two floats rounds at most once, its square once, and each
+ * term passes through at most dim + 3 additions (8 lanes, then across the lanes, then the tail): relative
+ * error <= (dim + 8) 2^-53, and the same holds for any other summation order (the caller's). */
+static double dist64(const float *z, const float *c, int64_t dim) {
+    __m512d acc = _mm512_setzero_pd();
+    int64_t q = 0;
+    for (; q + 8 <= dim; q += 8) {
+        const __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(z + q)), _mm512_cvtps_pd(_mm256_loadu_ps(c + q)));
+        acc = _mm512_add_pd(acc, _mm512_mul_pd(d, d));
+    }
+    double sum = _mm512_reduce_add_pd(acc);
+    for (; q < dim; q++) {
+        const double d = (double)z[q] - (double)c[q];
+        sum += d * d;
+    }
+    return sum;
+}
+
+/* Settle token i after its scan: filter its kept codes against its final minimum (those within limit[i] are its
+ * candidates); one candidate is the answer, several are compared by sum((z - c)^2) in double. stats: see
+ * simvq_search_args. */
+static void finish_token(const simvq_search_args *g, int64_t i, int64_t stats[3]) {
+    /* the order of two sums is certain when they differ by more than both evaluations' errors here and in
+     * the caller's order: four times (dim + 8) 2^-53 of their size, with margin */
+    const double rel = 4.5 * (double)(g->dim + 8) * 0x1p-53;
+    const int32_t c = g->count[i];
+    g->near[i] = 0;
+    /* the final minimum plus the margin, the sum rounded up by 2^-50 of its terms */
+    const double m = (double)g->run_min[i], e = g->limit[i];
+    const double lim = m + e + 0x1p-50 * (__builtin_fabs(m) + e);
+    if (c > g->cap || c < 1 || (double)g->dropped[i] <= lim) { /* a candidate may have been refused */
+        g->out[i] = -1;
+        g->kept[i] = 0;
+        stats[2]++;
+        return;
+    }
+    int32_t *idx = g->cand_idx + i * g->cap;
+    const float *val = g->cand_val + i * g->cap;
+    int32_t kept = 0;
+    for (int32_t s = 0; s < c; s++)
+        if ((double)val[s] <= lim) idx[kept++] = idx[s];
+    g->kept[i] = kept;
+    if (kept <= 1) { /* kept >= 1: the minimum itself is always under the limit */
+        g->out[i] = kept == 1 ? idx[0] : -1;
+        stats[2] += kept != 1;
+        return;
+    }
+    stats[0]++;
+    double d[kept];
+    double best = 0.0;
+    int32_t best_s = -1;
+    for (int32_t s = 0; s < kept; s++) {
+        d[s] = dist64(g->z + i * g->dim, g->codes + (int64_t)idx[s] * g->dim, g->dim);
+        if (best_s < 0 || d[s] < best) {
+            best = d[s];
+            best_s = s;
+        }
+    }
+    /* candidates within that of the best may swap under another summation order: those near-ties (the best
+     * among them) are left to the caller; the absolute term covers subnormal results */
+    const double near = best + rel * 1.01 * best + 0x1p-1020;
+    int32_t n_near = 0;
+    for (int32_t s = 0; s < kept; s++)
+        if (d[s] <= near) idx[n_near++] = idx[s];
+    if (n_near == 1) {
+        g->out[i] = idx[0];
+    } else {
+        g->out[i] = -2;
+        g->near[i] = n_near;
+        stats[1]++;
+    }
+}
+
+void simvq_bf16_pack(const float *x, const float *mean, int64_t n, int64_t dim, int64_t pairs, float scale,
+                     int32_t layout, uint16_t *out, float *resid, float *sq, int64_t r0, int64_t r1);
+
+/* Pack tokens [i0, i1) (centred, rounded, token-blocked), initialise their state and set their margins:
+ * E from the polynomial in the token's norms, |v| <= reach = E + 2 max|c'| |z'| + max|c'|^2, and
+ * twoe = fl32((2 E + u32 reach) (1 + 2^-20) / (1 - u32)) >= 2 E plus the rounding of an fp32 sum of size
+ * reach (so fl32(min + twoe) >= min + 2 E). A token whose values may leave the fp32 range (reach >= 1e37,
+ * or not finite) gets dropped = -inf: the finish sends it to the caller's exact search. */
+static void bound_tokens(const simvq_search_args *g, int64_t i0, int64_t i1) {
+    simvq_bf16_pack(g->z, g->mean, g->n, g->dim, g->pairs, 1.0f, 1, (uint16_t *)g->apack, g->zres, g->zsq, i0, i1);
+    const double *k = g->bound;
+    const double grow = k[4], cm = k[5], factor = (1 + 0x1p-20) / (1 - 0x1p-24);
+    for (int64_t i = i0; i < i1; i++) {
+        g->run_min[i] = g->thr[i] = g->dropped[i] = __FLT_MAX__;
+        g->compact_thr[i] = __builtin_inff();
+        g->count[i] = 0;
+        if (i >= g->n) { /* padding: zero tokens, never settled */
+            g->twoe[i] = 0.0f;
+            g->limit[i] = 0.0;
+            continue;
+        }
+        /* |z'| from the fp32 sum of squares, its square root in double (closer than an fp32 root) */
+        const double zn = __builtin_sqrt((double)g->zsq[i]) * grow, dzn = (double)g->zres[i] * grow;
+        const double err = 1.1 * (k[0] * dzn + zn * (k[1] + k[2] * zn) + k[3]);
+        const double reach = err + zn * (2 * cm) + cm * cm;
+        g->limit[i] = 2 * err;
+        if (reach < 1e37) {
+            g->twoe[i] = (float)((2 * err + reach * 0x1p-24) * factor);
+        } else {
+            g->twoe[i] = 0.0f;
+            g->dropped[i] = -__builtin_inff();
+        }
+    }
+}
+
 void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
     const int64_t P = g->pairs;
     /* codes in blocks that stay in the per-core L2 cache while every token block of the range passes */
     int64_t kb = (g->kb_codes + NR - 1) / NR * NR;
     if (kb < NR) kb = NR;
     const int64_t prime = g->k_pad / NR < PRIME_TILES ? g->k_pad / NR : PRIME_TILES;
+    bound_tokens(g, tb0 * MR, tb1 * MR);
     for (int64_t tb = tb0; tb < tb1; tb++) {
         const uint32_t *a = g->apack + tb * P * MR;
         const int64_t tok0 = tb * MR;
@@ -146,6 +275,7 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
             }
         }
     }
+    float vals[MT][NR][16] __attribute__((aligned(64)));
     for (int64_t k0 = 0; k0 < g->k_pad; k0 += kb) {
         const int64_t k1 = k0 + kb < g->k_pad ? k0 + kb : g->k_pad;
         for (int64_t tb = tb0; tb < tb1; tb++) {
@@ -154,6 +284,8 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
             for (int64_t j0 = k0; j0 < k1; j0 += NR) {
                 __m512 acc[MT][NR];
                 TILE(acc, a, g, j0);
+                __mmask16 masks[MT][NR];
+                __mmask16 any = 0;
 #pragma GCC unroll 4
                 for (int t = 0; t < MT; t++) {
                     float *thr_p = g->thr + tok0 + 16 * t;
@@ -163,31 +295,39 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
                     for (int j = 0; j < NR; j++)
                         mn = _mm512_min_ps(acc[t][j], mn); /* a NaN value leaves the minimum unchanged */
                     _mm512_storeu_ps(min_p, mn);
-                    /* the threshold only falls: min(old, minimum including this tile + margin), stored before
-                     * any code of the tile is kept, so that a full list compacts against it (a new minimum must
-                     * never be refused by a list still holding codes the minimum has just excluded) */
                     const __m512 nt = _mm512_add_ps(mn, _mm512_loadu_ps(g->twoe + tok0 + 16 * t));
                     const __m512 th = _mm512_min_ps(nt, _mm512_loadu_ps(thr_p));
                     _mm512_storeu_ps(thr_p, th);
-                    __mmask16 any = 0;
 #pragma GCC unroll 16
-                    for (int j = 0; j < NR; j++) any |= _mm512_cmp_ps_mask(acc[t][j], th, _CMP_LE_OQ);
-                    if (any) {
+                    for (int j = 0; j < NR; j++) {
+                        masks[t][j] = _mm512_cmp_ps_mask(acc[t][j], th, _CMP_LE_OQ);
+                        any |= masks[t][j];
+                    }
+                }
+                if (any) {
+#pragma GCC unroll 4
+                    for (int t = 0; t < MT; t++)
+#pragma GCC unroll 16
+                        for (int j = 0; j < NR; j++) _mm512_store_ps(vals[t][j], acc[t][j]);
+                    for (int t = 0; t < MT; t++)
                         for (int j = 0; j < NR; j++) {
-                            __mmask16 m = _mm512_cmp_ps_mask(acc[t][j], th, _CMP_LE_OQ);
-                            if (!m) continue;
-                            float vals[16];
-                            _mm512_storeu_ps(vals, acc[t][j]);
+                            __mmask16 m = masks[t][j];
                             while (m) {
                                 const int lane = __builtin_ctz(m);
                                 m &= m - 1;
-                                keep(g, tok0 + 16 * t + lane, (int32_t)(j0 + j), vals[lane]);
+                                keep(g, tok0 + 16 * t + lane, (int32_t)(j0 + j), vals[t][j][lane]);
                             }
                         }
-                    }
                 }
             }
         }
+    }
+    if (g->out) { /* the range's tokens are scanned: settle them while their lists are in this core's cache */
+        int64_t stats[3] = {0, 0, 0};
+        const int64_t i1 = tb1 * MR < g->n ? tb1 * MR : g->n;
+        for (int64_t i = tb0 * MR; i < i1; i++) finish_token(g, i, stats);
+        for (int q = 0; q < 3; q++)
+            if (stats[q]) __atomic_fetch_add(g->stats + q, stats[q], __ATOMIC_RELAXED);
     }
 }
 
@@ -259,87 +399,5 @@ void simvq_bf16_pack_all(const float *x, const float *mean, int64_t n, int64_t n
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t r1 = (blk + 1) * MR < n_pad ? (blk + 1) * MR : n_pad;
         simvq_bf16_pack(x, mean, n, dim, pairs, scale, layout, out, resid, sq, blk * MR, r1);
-    }
-}
-
-typedef struct {
-    const int32_t *count;
-    int32_t *cand_idx;
-    const float *cand_val;
-    const float *dropped;
-    const float *run_min;
-    const double *limit; /* [n]: the margin above the final minimum, in double */
-    const float *z;      /* [n][dim]: the tokens, original coordinates */
-    const float *codes;  /* [k][dim]: the codes, original coordinates */
-    int64_t *out;        /* [n]: the nearest code, -2 (near-ties left) or -1 (overflow) */
-    int32_t *kept;       /* [n]: candidates after the filter (0 for an overflowed token) */
-    int32_t *near;       /* [n]: near-ties left first in the list (out = -2), else 0 */
-    int64_t n, dim, cap;
-} simvq_finish_args;
-
-/* sum((z - c)^2) in double: each difference of two floats rounds at most once, its square once, and each
- * term passes through at most dim + 3 additions (8 lanes, then across the lanes, then the tail): relative
- * error <= (dim + 8) 2^-53, and the same holds for any other summation order (the caller's). */
-static double dist64(const float *z, const float *c, int64_t dim) {
-    __m512d acc = _mm512_setzero_pd();
-    int64_t q = 0;
-    for (; q + 8 <= dim; q += 8) {
-        const __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(z + q)), _mm512_cvtps_pd(_mm256_loadu_ps(c + q)));
-        acc = _mm512_add_pd(acc, _mm512_mul_pd(d, d));
-    }
-    double sum = _mm512_reduce_add_pd(acc);
-    for (; q < dim; q++) {
-        const double d = (double)z[q] - (double)c[q];
-        sum += d * d;
-    }
-    return sum;
-}
-
-void simvq_bf16_finish(const simvq_finish_args *g, int32_t threads) {
-    /* the order of two sums is certain when they differ by more than both evaluations' errors here and in
-     * the caller's order: four times (dim + 8) 2^-53 of their size, with margin */
-    const double rel = 4.5 * (double)(g->dim + 8) * 0x1p-53;
-#pragma omp parallel for schedule(static, 64) num_threads(threads)
-    for (int64_t i = 0; i < g->n; i++) {
-        const int32_t c = g->count[i];
-        g->near[i] = 0;
-        const double lim = (double)g->run_min[i] + g->limit[i];
-        if (c > g->cap || c < 1 || (double)g->dropped[i] <= lim) { /* a candidate may have been refused */
-            g->out[i] = -1;
-            g->kept[i] = 0;
-            continue;
-        }
-        int32_t *idx = g->cand_idx + i * g->cap;
-        const float *val = g->cand_val + i * g->cap;
-        int32_t kept = 0;
-        for (int32_t s = 0; s < c; s++)
-            if ((double)val[s] <= lim) idx[kept++] = idx[s];
-        g->kept[i] = kept;
-        if (kept <= 1) { /* kept >= 1: the minimum itself is always under the limit */
-            g->out[i] = kept == 1 ? idx[0] : -1;
-            continue;
-        }
-        double d[kept];
-        double best = 0.0;
-        int32_t best_s = -1;
-        for (int32_t s = 0; s < kept; s++) {
-            d[s] = dist64(g->z + i * g->dim, g->codes + (int64_t)idx[s] * g->dim, g->dim);
-            if (best_s < 0 || d[s] < best) {
-                best = d[s];
-                best_s = s;
-            }
-        }
-        /* candidates within that of the best may swap under another summation order: those near-ties (the
-         * best among them) are left to the caller; the absolute term covers subnormal results */
-        const double near = best + rel * 1.01 * best + 0x1p-1020;
-        int32_t n_near = 0;
-        for (int32_t s = 0; s < kept; s++)
-            if (d[s] <= near) idx[n_near++] = idx[s];
-        if (n_near == 1) {
-            g->out[i] = idx[0];
-        } else {
-            g->out[i] = -2;
-            g->near[i] = n_near;
-        }
     }
 }
