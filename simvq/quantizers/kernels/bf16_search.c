@@ -43,6 +43,7 @@
 #define MR 32 /* tokens per tile: two 16-lane vectors */
 #define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
 #define MT (MR / 16)
+#define WORDS ((MT * NR + 3) / 4) /* 64-bit words holding the MT x NR 16-bit masks of a tile */
 #define ABI_VERSION 11
 
 typedef struct {
@@ -249,6 +250,33 @@ static void bound_tokens(const simvq_search_args *g, int64_t i0, int64_t i1) {
     }
 }
 
+/* Keep the codes of one tile whose masks are set: values vals[t][j][lane] for token tok0 + 16 t + lane and code
+ * j0 + j. The (code, token) pairs are the set bits of WORDS 64-bit words, masks in (t, j) order, visited in one
+ * loop: one trip per kept code, and one mispredicted exit per tile rather than one per code and word. */
+static inline void keep_tile(const simvq_search_args *g, int64_t tok0, int64_t j0, __mmask16 masks[MT][NR],
+                             float vals[MT][NR][16]) {
+    uint64_t w[WORDS];
+    unsigned nz = 0;
+#pragma GCC unroll 8
+    for (int q = 0; q < WORDS; q++) {
+        w[q] = 0;
+#pragma GCC unroll 4
+        for (int r = 0; r < 4 && 4 * q + r < MT * NR; r++)
+            w[q] |= (uint64_t)masks[(4 * q + r) / NR][(4 * q + r) % NR] << (16 * r);
+        nz |= (unsigned)(w[q] != 0) << q;
+    }
+    while (nz) {
+        const int q = __builtin_ctz(nz);
+        const uint64_t word = w[q];
+        const int bit = __builtin_ctzll(word);
+        w[q] = word & (word - 1);
+        nz &= ~((unsigned)(w[q] == 0) << q);
+        const int flat = 4 * q + (bit >> 4), lane = bit & 15;
+        const int t = flat / NR, j = flat % NR;
+        keep(g, tok0 + 16 * t + lane, (int32_t)(j0 + j), vals[t][j][lane]);
+    }
+}
+
 void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
     const int64_t P = g->pairs;
     /* codes in blocks that stay in the per-core L2 cache while every token block of the range passes */
@@ -256,23 +284,43 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
     if (kb < NR) kb = NR;
     const int64_t prime = g->k_pad / NR < PRIME_TILES ? g->k_pad / NR : PRIME_TILES;
     bound_tokens(g, tb0 * MR, tb1 * MR);
+    /* the first `prime` tiles of each token block: their minimum sets the threshold before any code is kept,
+     * then their own codes under it are kept from the values held here (not computed twice) */
+    float pvals[PRIME_TILES][MT][NR][16] __attribute__((aligned(64)));
     for (int64_t tb = tb0; tb < tb1; tb++) {
         const uint32_t *a = g->apack + tb * P * MR;
         const int64_t tok0 = tb * MR;
-        for (int64_t j0 = 0; j0 < prime * NR; j0 += NR) {
+        for (int64_t p = 0; p < prime; p++) {
             __m512 acc[MT][NR];
-            TILE(acc, a, g, j0);
+            TILE(acc, a, g, p * NR);
 #pragma GCC unroll 4
             for (int t = 0; t < MT; t++) {
                 float *min_p = g->run_min + tok0 + 16 * t;
                 __m512 mn = _mm512_loadu_ps(min_p);
 #pragma GCC unroll 16
-                for (int j = 0; j < NR; j++) mn = _mm512_min_ps(acc[t][j], mn);
+                for (int j = 0; j < NR; j++) {
+                    mn = _mm512_min_ps(acc[t][j], mn);
+                    _mm512_store_ps(pvals[p][t][j], acc[t][j]);
+                }
                 _mm512_storeu_ps(min_p, mn);
-                const __m512 nt = _mm512_add_ps(mn, _mm512_loadu_ps(g->twoe + tok0 + 16 * t));
-                float *thr_p = g->thr + tok0 + 16 * t;
-                _mm512_storeu_ps(thr_p, _mm512_min_ps(nt, _mm512_loadu_ps(thr_p)));
             }
+        }
+        __m512 th[MT];
+        for (int t = 0; t < MT; t++) {
+            float *thr_p = g->thr + tok0 + 16 * t;
+            const __m512 nt = _mm512_add_ps(_mm512_loadu_ps(g->run_min + tok0 + 16 * t), _mm512_loadu_ps(g->twoe + tok0 + 16 * t));
+            th[t] = _mm512_min_ps(nt, _mm512_loadu_ps(thr_p));
+            _mm512_storeu_ps(thr_p, th[t]);
+        }
+        for (int64_t p = 0; p < prime; p++) {
+            __mmask16 masks[MT][NR];
+            __mmask16 any = 0;
+            for (int t = 0; t < MT; t++)
+                for (int j = 0; j < NR; j++) {
+                    masks[t][j] = _mm512_cmp_ps_mask(_mm512_load_ps(pvals[p][t][j]), th[t], _CMP_LE_OQ);
+                    any |= masks[t][j];
+                }
+            if (any) keep_tile(g, tok0, p * NR, masks, pvals[p]);
         }
     }
     float vals[MT][NR][16] __attribute__((aligned(64)));
@@ -281,7 +329,7 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
         for (int64_t tb = tb0; tb < tb1; tb++) {
             const uint32_t *a = g->apack + tb * P * MR;
             const int64_t tok0 = tb * MR;
-            for (int64_t j0 = k0; j0 < k1; j0 += NR) {
+            for (int64_t j0 = k0 < prime * NR ? prime * NR : k0; j0 < k1; j0 += NR) {
                 __m512 acc[MT][NR];
                 TILE(acc, a, g, j0);
                 __mmask16 masks[MT][NR];
@@ -309,15 +357,7 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
                     for (int t = 0; t < MT; t++)
 #pragma GCC unroll 16
                         for (int j = 0; j < NR; j++) _mm512_store_ps(vals[t][j], acc[t][j]);
-                    for (int t = 0; t < MT; t++)
-                        for (int j = 0; j < NR; j++) {
-                            __mmask16 m = masks[t][j];
-                            while (m) {
-                                const int lane = __builtin_ctz(m);
-                                m &= m - 1;
-                                keep(g, tok0 + 16 * t + lane, (int32_t)(j0 + j), vals[t][j][lane]);
-                            }
-                        }
+                    keep_tile(g, tok0, j0, masks, vals);
                 }
             }
         }
