@@ -277,6 +277,22 @@ static inline void keep_tile(const simvq_search_args *g, int64_t tok0, int64_t j
     }
 }
 
+/* The minimum of a tile's NR values per lane, as a tree (depth 4, not a chain of NR: the tile's result is
+ * ready sooner, and the next tile's work waits less on it) */
+static inline __m512 tile_min(const __m512 v[NR]) {
+    __m512 m[NR];
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; j++) m[j] = v[j];
+    int n = NR;
+    while (n > 1) {
+#pragma GCC unroll 16
+        for (int j = 0; j < n / 2; j++) m[j] = _mm512_min_ps(m[2 * j], m[2 * j + 1]);
+        if (n & 1) m[n / 2] = m[n - 1];
+        n = (n + 1) / 2;
+    }
+    return m[0];
+}
+
 void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
     const int64_t P = g->pairs;
     /* codes in blocks that stay in the per-core L2 cache while every token block of the range passes */
@@ -332,31 +348,35 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
             for (int64_t j0 = k0 < prime * NR ? prime * NR : k0; j0 < k1; j0 += NR) {
                 __m512 acc[MT][NR];
                 TILE(acc, a, g, j0);
-                __mmask16 masks[MT][NR];
+                /* per token, the tile's own minimum: a code of the tile can be under the threshold only if it
+                 * is (one comparison per 16 tokens; the codes' masks only for tiles with something to keep).
+                 * No value is NaN: a token whose values could overflow is never settled here (bound_tokens),
+                 * and padding codes give +inf. */
+                __m512 th[MT];
+                __mmask16 lanes[MT];
                 __mmask16 any = 0;
 #pragma GCC unroll 4
                 for (int t = 0; t < MT; t++) {
                     float *thr_p = g->thr + tok0 + 16 * t;
                     float *min_p = g->run_min + tok0 + 16 * t;
-                    __m512 mn = _mm512_loadu_ps(min_p);
-#pragma GCC unroll 16
-                    for (int j = 0; j < NR; j++)
-                        mn = _mm512_min_ps(acc[t][j], mn); /* a NaN value leaves the minimum unchanged */
+                    const __m512 tm = tile_min(acc[t]);
+                    const __m512 mn = _mm512_min_ps(tm, _mm512_loadu_ps(min_p));
                     _mm512_storeu_ps(min_p, mn);
                     const __m512 nt = _mm512_add_ps(mn, _mm512_loadu_ps(g->twoe + tok0 + 16 * t));
-                    const __m512 th = _mm512_min_ps(nt, _mm512_loadu_ps(thr_p));
-                    _mm512_storeu_ps(thr_p, th);
-#pragma GCC unroll 16
-                    for (int j = 0; j < NR; j++) {
-                        masks[t][j] = _mm512_cmp_ps_mask(acc[t][j], th, _CMP_LE_OQ);
-                        any |= masks[t][j];
-                    }
+                    th[t] = _mm512_min_ps(nt, _mm512_loadu_ps(thr_p));
+                    _mm512_storeu_ps(thr_p, th[t]);
+                    lanes[t] = _mm512_cmp_ps_mask(tm, th[t], _CMP_LE_OQ);
+                    any |= lanes[t];
                 }
                 if (any) {
+                    __mmask16 masks[MT][NR];
 #pragma GCC unroll 4
                     for (int t = 0; t < MT; t++)
 #pragma GCC unroll 16
-                        for (int j = 0; j < NR; j++) _mm512_store_ps(vals[t][j], acc[t][j]);
+                        for (int j = 0; j < NR; j++) {
+                            masks[t][j] = _mm512_mask_cmp_ps_mask(lanes[t], acc[t][j], th[t], _CMP_LE_OQ);
+                            _mm512_store_ps(vals[t][j], acc[t][j]);
+                        }
                     keep_tile(g, tok0, j0, masks, vals);
                 }
             }
