@@ -314,8 +314,10 @@ def test_workspace_is_reused_grows_and_can_be_released():
     got = nearest_code(z, torch.cat([codebook, codebook + 1]), search="bf16-fused")  # larger: grows
     assert buffers["codes"].numel() >= 1200 * 16
     assert torch.equal(got, reference_argmin(z, torch.cat([codebook, codebook + 1])))
+    state = KERNEL.state(64, 16, 8)
+    assert KERNEL.state(64, 16, 8) is state and KERNEL.state(96, 16, 8) is not state  # the last one, reused
     KERNEL.release_workspace()
-    assert "buffers" not in KERNEL._local.__dict__
+    assert "buffers" not in KERNEL._local.__dict__ and "state" not in KERNEL._local.__dict__
 
 
 def test_cli_reports_an_unavailable_fused_path_in_one_line(tmp_path, monkeypatch, capsys):

@@ -88,7 +88,7 @@ class Finish(NamedTuple):
 
 
 def _check_cpu_contiguous(tensors) -> None:
-    if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors):
+    if not all(t.is_cpu and t.is_contiguous() for t in tensors):
         raise ValueError("bf16 search kernel: every tensor must be a contiguous CPU tensor")
 
 
@@ -159,7 +159,12 @@ class Bf16SearchKernel:
 
     def state(self, rows: int, dim: int, cap: int) -> KernelState:
         """The buffers of a run over ``rows`` tokens (a multiple of the block size) of width ``dim`` with lists
-        of ``cap`` codes, from this thread's kept buffers (:meth:`workspace`); the kernel writes them all."""
+        of ``cap`` codes, from this thread's kept buffers (:meth:`workspace`); the kernel writes them all.
+        The last one is reused as it is while the same is asked for (twelve buffer look-ups cost ~50 us)."""
+        key = (rows, dim, cap)
+        last = self._local.__dict__.get("state")
+        if last is not None and last[0] == key:
+            return last[1]
         mr, pairs = self.tokens_per_block, (dim + 1) // 2
         if rows % mr:
             raise ValueError(f"bf16 search kernel: state rows must be a multiple of {mr}")
@@ -168,7 +173,9 @@ class Bf16SearchKernel:
             "count": ((rows,), torch.int32), "cand_idx": ((rows, cap), torch.int32),
             "cand_val": ((rows, cap), torch.float32),
         }  # fmt: skip
-        return KernelState(*(self.workspace(name, *shapes.get(name, ((rows,), torch.float32))) for name in _STATE))
+        state = KernelState(*(self.workspace(name, *shapes.get(name, ((rows,), torch.float32))) for name in _STATE))
+        self._local.state = (key, state)
+        return state
 
     def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A tensor of ``shape`` from this thread's grow-only buffer ``name`` (uninitialised).
@@ -191,6 +198,7 @@ class Bf16SearchKernel:
     def release_workspace(self) -> None:
         """Free this thread's kept buffers (see :meth:`workspace`); the next search allocates them again."""
         self._local.__dict__.pop("buffers", None)
+        self._local.__dict__.pop("state", None)
 
     def pack(
         self,
