@@ -194,8 +194,8 @@ def test_resolve_search_rules(monkeypatch):
     monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(search_mod, "fused_kernel_available", lambda: True)
     fused_min = search_mod.BF16_FUSED_MIN_DISTANCES
-    assert resolve_search("auto", "cpu", torch.float32, n, fused_min // n) == "bf16-fused"
-    assert resolve_search("auto", "cpu", torch.float32, n, fused_min // n - 1) == "exact-fp32"
+    assert resolve_search("auto", "cpu", torch.float32, 16, fused_min // 16) == "bf16-fused"
+    assert resolve_search("auto", "cpu", torch.float32, 16, fused_min // 16 - 1) == "exact-fp32"
     assert resolve_search("auto", "cpu", torch.float32, n, 10**6, 2) == "bf16-fused"
     assert resolve_search("bf16-fused", "cpu", torch.float64, 1, 3) == "bf16-fused"  # an explicit choice stands
     assert resolve_search("auto", "cpu", torch.float64, n, 10**6) == "exact-fp32"

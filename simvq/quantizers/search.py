@@ -87,11 +87,11 @@ BF16_MIN_DISTANCES = 2**20
 # the distances dominates), and the bf16 path's extra columns and candidate re-ranking make it slower (d = 4:
 # 1.2x the exact path's time at 2,048 x 1,024, 2.3x at 2,048 x 8,192; d = 16: 0.5x at 2,048 x 16,384; one thread)
 BF16_MIN_DIM = 16
-# The fused kernel ("bf16-fused") writes no distances and has no width limit: "auto" takes it from this many
-# distances up, whatever d (one thread, its time against the exact path's: 128 x 512 x 128: 0.67x; 1,024 x 64 x
-# 32: 0.84x; 512 x 128 x 4: 1.11x; 256 x 256 x 128: 0.88x; 1,024 x 1,024 x 128: 0.33x; 2,048 x 8,192 x 4: 0.04x;
-# below 2^15 its fixed cost of ~0.3 ms dominates: 128 x 128 x 64: 1.5x; docs/benchmarks.md)
-BF16_FUSED_MIN_DISTANCES = 2**16
+# The fused kernel ("bf16-fused") writes no distances and has no width limit, and its fixed cost is ~0.06 ms:
+# it ran in 0.17-0.81x the exact path's time at every size measured, from 1 x 1 x 4 to 1,024 x 1,024 x 128 and
+# 1 x 65,536 x 128 (tokens x codes x width; docs/benchmarks.md). "auto" takes it from this many distances up:
+# below, a search takes ~0.1 ms either way, and a process whose searches are all that small never builds it
+BF16_FUSED_MIN_DISTANCES = 2**10
 # Tokens whose bf16 candidates span more blocks of REDUCE_BLOCK codes than this, or number more than
 # MAX_CANDIDATES, fall back to the exact path (bounds the candidate bookkeeping on tie-heavy data)
 MAX_CANDIDATE_BLOCKS = 64
