@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from simvq import SimVQ
+from simvq.quantizers.base import gather_rows
 
 
 @pytest.mark.parametrize("num_tokens", [8, 64])  # K = 16: fewer tokens than codes, then more
@@ -54,3 +55,26 @@ def test_no_grad_keeps_the_codes_and_builds_no_graph():
         out = q(z)
     assert not out.quantized.requires_grad
     assert torch.equal(out.quantized, q.codes_from_indices(out.indices).detach())
+
+
+@pytest.mark.parametrize("num_tokens", [8, 64])  # K = 16: selected rows transformed, then the whole codebook
+def test_decoding_the_forward_indices_gives_its_codes_bit_for_bit(num_tokens):
+    torch.manual_seed(3)
+    q = SimVQ(dim=6, codebook_size=16, channel_first=False)
+    out = q(torch.randn(2, num_tokens // 2, 6))
+    assert torch.equal(q.decode_indices(out.indices), out.quantized)
+
+
+@pytest.mark.parametrize("shape", [(50,), (5, 7)])
+def test_gather_rows_backward_equals_indexing(shape):
+    # the CPU backward accumulates with index_add_; repeated and unused rows, indices of any shape
+    g = torch.Generator().manual_seed(4)
+    table = torch.randn(9, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    indices = torch.randint(9, shape, generator=g)
+    weights = torch.randn(*shape, 3, dtype=torch.float64, generator=g)
+    (gather_rows(table, indices) * weights).sum().backward()
+    expected = torch.zeros(9, 3, dtype=torch.float64)
+    for i, w in zip(indices.reshape(-1).tolist(), weights.reshape(-1, 3)):
+        expected[i] += w  # by hand, row by row
+    assert torch.equal(gather_rows(table, indices), table[indices])
+    assert torch.allclose(table.grad, expected, rtol=0, atol=1e-12)

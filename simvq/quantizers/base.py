@@ -116,6 +116,34 @@ class _VQLossTerms(torch.autograd.Function):
         return grad_z, grad_q
 
 
+def gather_rows(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``table[indices]`` (rows of a 2-D ``table``), differentiable in ``table``.
+
+    On the CPU the backward accumulates the rows' gradients with ``index_add_``: autograd's own backward of
+    indexing (``index_put_`` with ``accumulate=True``) took 2.0 ms against 0.1 ms for 4,096 rows of 128 into
+    1,024 on two cores. Elsewhere (and without gradients) plain indexing.
+    """
+    if table.device.type != "cpu" or not (table.requires_grad and torch.is_grad_enabled()):
+        return table[indices]
+    return _GatherRows.apply(table, indices)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table, indices):
+        ctx.save_for_backward(indices)
+        ctx.num_rows = table.shape[0]
+        return table[indices]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (indices,) = ctx.saved_tensors
+        grad_table = grad.new_zeros((ctx.num_rows, *grad.shape[indices.dim() :]))
+        grad_table.index_add_(0, indices.reshape(-1), grad.reshape(-1, *grad.shape[indices.dim() :]))
+        return grad_table, None
+
+
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The dtype quantizers compute in: fp64 when any of ``tensors`` is fp64, else fp32.
 

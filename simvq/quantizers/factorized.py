@@ -18,6 +18,7 @@ from simvq.quantizers.base import (
     TokenResult,
     _check_weight,
     call_in_dtype,
+    gather_rows,
     rotation_trick,
     straight_through,
     vq_loss_terms,
@@ -93,7 +94,7 @@ class FactorizedVectorQuantizer(Quantizer):
         return call_in_dtype(self.project_out, self.low_dim_codebook)
 
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return call_in_dtype(self.project_out, self._low_dim_codes(self.embedding.weight[indices]))
+        return call_in_dtype(self.project_out, self._low_dim_codes(gather_rows(self.embedding.weight, indices)))
 
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
         z = z.to(self.compute_dtype(z))
@@ -102,7 +103,7 @@ class FactorizedVectorQuantizer(Quantizer):
             indices = nearest_code(
                 x, self.low_dim_codebook, max_chunk_elements=self.search_chunk_elements, search=self.search
             )
-            q = self._low_dim_codes(self.embedding.weight[indices]).to(x.dtype)  # differentiable in the codebook
+            q = self._low_dim_codes(gather_rows(self.embedding.weight, indices)).to(x.dtype)  # differentiable in the codebook
             commitment, codebook = vq_loss_terms(x, q)
             loss = self.commitment_weight * commitment + self.codebook_weight * codebook
             passed = rotation_trick(x, q.detach()) if self.use_rotation_trick else straight_through(x, q.detach())

@@ -11,10 +11,13 @@ Faithful to the official implementation by default:
 State-dict keys match the official ones (``embedding.weight``, ``embedding_proj.weight``,
 ``embedding_proj.bias``), so official weights load with ``load_state_dict``.
 
-Speed: the search runs under ``no_grad`` against the full effective codebook; the selected codes are then
-recomputed as ``transform(C[idx])``, so the backward pass costs O(N d^2) instead of O(K d^2) and never
-touches the N x K distance matrix. The gradients equal the official formulation's, since only the selected
-rows of ``C W^T + b`` receive gradient there too.
+Speed: the search runs under ``no_grad`` and never builds the N x K distance matrix. With fewer tokens than
+codes, the selected codes are then recomputed as ``transform(C[idx])``, so the transform costs O(N d^2)
+forward and backward instead of O(K d^2); on the CPU with at least as many tokens as codes, the codebook
+the search used is transformed once with gradients and its rows are gathered (O(K d^2); at K = 1,024 and
+4,096 tokens of width 128 a training step takes ~1.5 ms less on two cores). The gradients equal the
+official formulation's either way, since only the selected rows of ``C W^T + b`` receive gradient there
+too.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from simvq.quantizers.base import (
     TokenResult,
     _check_weight,
     call_in_dtype,
+    gather_rows,
     rotation_trick,
     straight_through,
     vq_loss_terms,
@@ -126,14 +130,25 @@ class SimVQ(Quantizer):
         """Effective codes ``transform(C)``, ``(K, dim)``, recomputed from the current weights."""
         return self._transform(self.embedding.weight)
 
+    def _transforms_every_code(self, num_tokens: int, device: torch.device) -> bool:
+        """Whether ``num_tokens`` selected codes come from the whole transformed codebook (see the module
+        docstring); forward and decoding decide alike, so decoding gives the forward's codes bit for bit."""
+        return device.type == "cpu" and num_tokens >= self.codebook_size
+
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return self._transform(self.embedding.weight[indices])
+        if self._transforms_every_code(indices.numel(), indices.device):
+            return gather_rows(self.codebook, indices)
+        return self._transform(gather_rows(self.embedding.weight, indices))
 
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
         z = z.to(self.compute_dtype(z))  # bf16 / fp16 features are upcast; fp64 stays fp64
+        codebook = self.codebook if self._transforms_every_code(z.shape[0], z.device) else None
         with torch.no_grad():
-            indices = nearest_code(z, self.codebook, max_chunk_elements=self.search_chunk_elements, search=self.search)
-        q = self.codes_from_indices(indices).to(z.dtype)  # differentiable in W, b (and C if learnable)
+            search_codes = self.codebook if codebook is None else codebook.detach()
+            indices = nearest_code(z, search_codes, max_chunk_elements=self.search_chunk_elements, search=self.search)
+        # differentiable in W, b (and C if learnable)
+        q = self.codes_from_indices(indices) if codebook is None else gather_rows(codebook, indices)
+        q = q.to(z.dtype)
         commitment, codebook = vq_loss_terms(z, q)
         loss = self.commitment_weight * commitment + self.codebook_weight * codebook
         out = rotation_trick(z, q.detach()) if self.use_rotation_trick else straight_through(z, q.detach())

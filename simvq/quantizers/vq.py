@@ -23,7 +23,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from simvq.quantizers.base import Quantizer, TokenResult, _check_weight, rotation_trick, straight_through, vq_loss_terms
+from simvq.quantizers.base import (
+    Quantizer,
+    TokenResult,
+    _check_weight,
+    gather_rows,
+    rotation_trick,
+    straight_through,
+    vq_loss_terms,
+)
 from simvq.quantizers.registry import register_quantizer
 from simvq.quantizers.search import DEFAULT_CHUNK_ELEMENTS, check_chunk_elements, check_search, nearest_code
 
@@ -118,7 +126,7 @@ class VectorQuantizer(Quantizer):
         return F.normalize(weight, dim=-1) if self.l2_normalize else weight
 
     def codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        rows = self.embedding.weight[indices]
+        rows = gather_rows(self.embedding.weight, indices)
         # normalise the gathered rows: the same arithmetic as the forward pass, so decoding is bit-exact
         return F.normalize(rows, dim=-1) if self.l2_normalize else rows
 
