@@ -329,3 +329,23 @@ def test_cli_reports_an_unavailable_fused_path_in_one_line(tmp_path, monkeypatch
     assert cli_main([*args, "quantizer.search=bf16-fused"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "use 'auto'" in err and "SIMVQ_NATIVE=0" in err
+
+
+@needs_kernel
+def test_kernel_run_refuses_mismatched_buffers():
+    # the C code trusts the layout it is given: a mismatch must be a clear error, never a stray memory access
+    z, codebook = _random(40, 30, 16, seed=8)
+    mean = codebook.mean(dim=0)
+    b, dc, csq = KERNEL.pack(codebook, 30, scale=-2.0, blocked=False, mean=mean, squares=True)
+    bound = search_mod._bf16_error_coefficients(16, float(csq.max().sqrt()), float(dc.max()))
+    with pytest.raises(ValueError, match="must match the tokens' width"):
+        KERNEL.run(z, mean, b, csq, bound, KERNEL.state(64, 18, 8), kb_codes=64, threads=1)  # width 18, not 16
+    with pytest.raises(ValueError, match="state for n tokens"):
+        KERNEL.run(z, mean, b, csq, bound, KERNEL.state(32, 16, 8), kb_codes=64, threads=1)  # 32 rows, 40 tokens
+    out = torch.empty(40, dtype=torch.long)
+    finish = native.Finish(codebook, out, torch.empty(40, dtype=torch.int32), torch.empty(39, dtype=torch.int32))
+    with pytest.raises(ValueError, match="for every token"):
+        KERNEL.run(z, mean, b, csq, bound, KERNEL.state(64, 16, 8), kb_codes=64, threads=1, finish=finish)
+    finish = finish._replace(near=torch.empty(40, dtype=torch.int32))
+    KERNEL.run(z, mean, b, csq, bound, KERNEL.state(64, 16, 8), kb_codes=64, threads=1, finish=finish)
+    assert torch.equal(out, reference_argmin(z, codebook))  # no -1 / -2 on this data

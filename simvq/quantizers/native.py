@@ -129,9 +129,15 @@ class Bf16SearchKernel:
         (-1); else None.
         """
         n, dim = z.shape
-        rows = state.count.shape[0]
+        rows, pairs = state.count.shape[0], (dim + 1) // 2
         if z.dtype != torch.float32 or mean.dtype != torch.float32 or mean.shape != (dim,) or rows < n:
             raise ValueError("bf16 search kernel: run needs float32 z (n, d) and mean (d,), and state for n tokens")
+        if (
+            state.apack.shape != (rows // self.tokens_per_block, pairs, self.tokens_per_block)
+            or b.dtype != torch.bfloat16 or b.dim() != 2 or b.shape[1] != 2 * pairs
+            or b.shape[0] % self.codes_per_tile or csq.shape != (b.shape[0],)
+        ):  # fmt: skip
+            raise ValueError("bf16 search kernel: the packed codes and the state must match the tokens' width")
         tensors = (z, mean, b, csq, *state)
         if finish is not None:
             tensors += tuple(finish)

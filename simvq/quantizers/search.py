@@ -758,8 +758,8 @@ def nearest_code(
         max_chunk_elements: bound on the number of distances held at once (``None``: 2**25 on CPU, 2**23
             for the bf16 path on CPU up to K = 32,768, 2**27 on accelerators).
         search: ``"auto"`` (default; see :func:`resolve_search`), ``"exact-fp32"`` (fp32 matmul, or fp64
-            for fp64 inputs) or ``"bf16-candidates"`` (bf16 matmul, exact re-rank). Every path returns the
-            same indices.
+            for fp64 inputs), ``"bf16-candidates"`` (bf16 matmul, exact re-rank) or ``"bf16-fused"`` (the
+            fused CPU kernel, exact re-rank). Every path returns the same indices.
 
     Returns:
         ``(N,)`` int64 indices in ``[0, K)``.
