@@ -4,10 +4,12 @@
  * (bf16 products, exact in fp32, accumulated in fp32, starting from csq[k]) and never writes the distance
  * matrix: while the values are still in registers it keeps, per token, the running minimum of v and every
  * code whose value is <= the running threshold thr[i] = min over the scan of (running minimum + twoe[i]).
- * Since the running minimum only falls, every code within twoe[i] of the final minimum is kept; the caller
- * filters the kept codes against the final minimum and re-ranks them exactly. A token whose full list had
- * to refuse a code that turns out to be within the final threshold (more than `cap` candidates) is left to
- * the caller's exact search (see keep()).
+ * Since the running minimum only falls, every code within twoe[i] of the final minimum is kept; once a range
+ * of tokens is scanned, their kept codes are filtered against the final minimum and settled exactly
+ * (finish_token). A token whose full list had to refuse a code that turns out to be within the final
+ * threshold (more than `cap` candidates; see keep()), or whose values could leave the fp32 range
+ * (bound_tokens), is left to the caller's exact search. Per tile, one comparison per 16 tokens of the tile's
+ * own minimum with the threshold decides whether any of its codes is kept (keep_tile).
  *
  * Layout (all row-major, contiguous):
  *   z       [n][dim] float: the tokens; mean [dim]: the point they and the codes are centred on
@@ -172,7 +174,9 @@ static void finish_token(const simvq_search_args *g, int64_t i, int64_t stats[3]
     /* the final minimum plus the margin, the sum rounded up by 2^-50 of its terms */
     const double m = (double)g->run_min[i], e = g->limit[i];
     const double lim = m + e + 0x1p-50 * (__builtin_fabs(m) + e);
-    if (c > g->cap || c < 1 || (double)g->dropped[i] <= lim) { /* a candidate may have been refused */
+    const float dropped = g->dropped[i];
+    /* values out of the fp32 range (bound_tokens), or a candidate may have been refused */
+    if (dropped == -__builtin_inff() || c > g->cap || c < 1 || (double)dropped <= lim) {
         g->out[i] = -1;
         g->kept[i] = 0;
         stats[2]++;
