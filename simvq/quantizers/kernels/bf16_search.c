@@ -194,6 +194,11 @@ static void finish_token(const simvq_search_args *g, int64_t i, int64_t stats[3]
         return;
     }
     stats[0]++;
+    /* the candidates' rows are scattered over the codebook: ask for all of them before the first is needed */
+    for (int32_t s = 0; s < kept; s++) {
+        const char *row = (const char *)(g->codes + (int64_t)idx[s] * g->dim);
+        for (int64_t off = 0; off < g->dim * 4; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
+    }
     double d[kept];
     double best = 0.0;
     int32_t best_s = -1;
