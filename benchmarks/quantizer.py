@@ -1,7 +1,8 @@
 """Speed and peak memory of SimVQ against vector-quantize-pytorch's SimVQ and a plain matmul.
 
 For every codebook size K it times one forward + backward pass over ``--tokens`` tokens of width ``--dim``:
-  ours     simvq.SimVQ(search=--search) (exact chunked search on centred codes, gather-then-transform backward)
+  ours     simvq.SimVQ(search=--search) (exact search on centred codes; the selected codes transformed, or, on the
+           CPU with at least as many tokens as codes, the whole codebook transformed once and gathered)
   peer     vector_quantize_pytorch.SimVQ(rotation_trick=False) (torch.cdist over the full N x K matrix)
   matmul   torch.mm of (N, d) @ (d, K) in fp32 into a preallocated output: the search's FLOPs at the plain matmul rate
   matmul_bf16  the same torch.mm in bf16 (the precision of the "bf16-candidates" and "bf16-fused" paths)
