@@ -78,3 +78,21 @@ def test_gather_rows_backward_equals_indexing(shape):
         expected[i] += w  # by hand, row by row
     assert torch.equal(gather_rows(table, indices), table[indices])
     assert torch.allclose(table.grad, expected, rtol=0, atol=1e-12)
+
+
+def test_gather_rows_twice_differentiable():
+    # a penalty on the gradient (create_graph=True) differentiates through the gather's backward
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(6, 2, dtype=torch.float64, generator=g, requires_grad=True)
+    indices = torch.tensor([0, 3, 3, 5])
+    weights = torch.randn(4, 2, dtype=torch.float64, generator=g)
+
+    def penalty(gather):
+        (grad,) = torch.autograd.grad((gather(table, indices) ** 2 * weights).sum(), table, create_graph=True)
+        return grad.pow(2).sum()
+
+    penalty(gather_rows).backward()
+    ours = table.grad.clone()
+    table.grad = None
+    penalty(lambda t, i: t[i]).backward()  # autograd's own indexing as the reference
+    assert torch.allclose(ours, table.grad, rtol=0, atol=1e-12)

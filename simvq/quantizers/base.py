@@ -136,12 +136,11 @@ class _GatherRows(torch.autograd.Function):
         return table[indices]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        # out of place, so that a double backward (create_graph=True) differentiates through it too
         (indices,) = ctx.saved_tensors
-        grad_table = grad.new_zeros((ctx.num_rows, *grad.shape[indices.dim() :]))
-        grad_table.index_add_(0, indices.reshape(-1), grad.reshape(-1, *grad.shape[indices.dim() :]))
-        return grad_table, None
+        row = grad.shape[indices.dim() :]
+        return grad.new_zeros((ctx.num_rows, *row)).index_add(0, indices.reshape(-1), grad.reshape(-1, *row)), None
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
