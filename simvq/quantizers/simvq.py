@@ -142,12 +142,12 @@ class SimVQ(Quantizer):
 
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
         z = z.to(self.compute_dtype(z))  # bf16 / fp16 features are upcast; fp64 stays fp64
-        codebook = self.codebook if self._transforms_every_code(z.shape[0], z.device) else None
+        every_code = self.codebook if self._transforms_every_code(z.shape[0], z.device) else None
         with torch.no_grad():
-            search_codes = self.codebook if codebook is None else codebook.detach()
+            search_codes = self.codebook if every_code is None else every_code.detach()
             indices = nearest_code(z, search_codes, max_chunk_elements=self.search_chunk_elements, search=self.search)
         # differentiable in W, b (and C if learnable)
-        q = self.codes_from_indices(indices) if codebook is None else gather_rows(codebook, indices)
+        q = self.codes_from_indices(indices) if every_code is None else gather_rows(every_code, indices)
         q = q.to(z.dtype)
         commitment, codebook = vq_loss_terms(z, q)
         loss = self.commitment_weight * commitment + self.codebook_weight * codebook
