@@ -343,7 +343,7 @@ def test_kernel_run_refuses_mismatched_buffers():
     with pytest.raises(ValueError, match="state for n tokens"):
         KERNEL.run(z, mean, b, csq, bound, KERNEL.state(32, 16, 8), kb_codes=64, threads=1)  # 32 rows, 40 tokens
     out = torch.empty(40, dtype=torch.long)
-    finish = native.Finish(codebook, out, torch.empty(40, dtype=torch.int32), torch.empty(39, dtype=torch.int32))
+    finish = native.Finish(codebook, out, torch.empty(39, dtype=torch.int32))
     with pytest.raises(ValueError, match="for every token"):
         KERNEL.run(z, mean, b, csq, bound, KERNEL.state(64, 16, 8), kb_codes=64, threads=1, finish=finish)
     finish = finish._replace(near=torch.empty(40, dtype=torch.int32))

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "bf16_search.c"
-ABI_VERSION = 11
+ABI_VERSION = 12
 # explicit ISA flags rather than -march: the library runs on any CPU with these features, whoever built it
 CFLAGS = (
     "-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing",
@@ -49,7 +49,7 @@ REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "
 _STATE = (
     "apack", "zres", "zsq", "twoe", "limit", "run_min", "thr", "count", "cand_idx", "cand_val", "dropped", "compact_thr"
 )  # fmt: skip
-_FINISH = ("codes", "out", "kept", "near")
+_FINISH = ("codes", "out", "near")
 
 
 class _Args(ctypes.Structure):
@@ -83,7 +83,6 @@ class Finish(NamedTuple):
 
     codes: torch.Tensor  # (K, d) float32: the codes, original coordinates
     out: torch.Tensor  # (n,) int64: the nearest code, -2 (near-ties left first in the list) or -1 (exact path)
-    kept: torch.Tensor  # (n,) int32: candidates after the filter against the final minimum
     near: torch.Tensor  # (n,) int32: near-ties left for the caller's re-rank (out = -2), else 0
 
 
@@ -142,12 +141,12 @@ class Bf16SearchKernel:
         if finish is not None:
             tensors += tuple(finish)
             if (
-                finish.out.dtype != torch.int64 or finish.kept.dtype != torch.int32
-                or finish.near.dtype != torch.int32 or finish.codes.dtype != torch.float32
-                or finish.codes.shape[1] != dim or min(len(finish.out), len(finish.kept), len(finish.near)) < n
+                finish.out.dtype != torch.int64 or finish.near.dtype != torch.int32
+                or finish.codes.dtype != torch.float32 or finish.codes.shape[1] != dim
+                or min(len(finish.out), len(finish.near)) < n
             ):  # fmt: skip
                 raise ValueError(
-                    "bf16 search kernel: finish needs int64 out, int32 kept and near for every token, and float32 "
+                    "bf16 search kernel: finish needs int64 out and int32 near for every token, and float32 "
                     "codes of the tokens' width"
                 )
         _check_cpu_contiguous(tensors)

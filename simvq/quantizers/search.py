@@ -551,11 +551,11 @@ def _bf16_fused(z, codebook, mean, max_chunk_elements):
             continue
         nt = t1 - t0
         idx = out[t0:t1]
-        kept, near = ws("kept", (nt,), torch.int32), ws("near", (nt,), torch.int32)
+        near = ws("near", (nt,), torch.int32)
         state = kernel.state(-(-nt // mr) * mr, dim, cap)
         several, ties, over = kernel.run(
             z32[t0:t1], mean, b, csq, bound, state, kb_codes=FUSED_CODE_BLOCK_BYTES // (4 * pairs), threads=threads,
-            finish=Finish(codes32, idx, kept, near),
+            finish=Finish(codes32, idx, near),
         )  # fmt: skip
         reranked += several
         if ties:

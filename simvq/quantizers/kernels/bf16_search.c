@@ -46,7 +46,7 @@
 #define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
 #define MT (MR / 16)
 #define WORDS ((MT * NR + 3) / 4) /* 64-bit words holding the MT x NR 16-bit masks of a tile */
-#define ABI_VERSION 11
+#define ABI_VERSION 12
 
 typedef struct {
     const float *z;    /* [n][dim]: the tokens, original coordinates */
@@ -70,7 +70,6 @@ typedef struct {
     /* the finish (finish_token); out == NULL: none, the state is left for the caller */
     const float *codes; /* [k][dim]: the codes, original coordinates */
     int64_t *out;       /* [n]: the nearest code, -2 (near-ties left) or -1 (overflow) */
-    int32_t *kept;      /* [n]: candidates after the filter (0 for an overflowed token) */
     int32_t *near;      /* [n]: near-ties left first in the list (out = -2), else 0 */
     int64_t *stats;     /* [3]: tokens with several candidates, with near-ties left, overflowed (added to) */
     /* E = 1.1 (bound[0] |dz| + bound[1] |z'| + bound[2] |z'|^2 + bound[3]), the fp32 norms times bound[4];
@@ -139,9 +138,9 @@ static void keep(const simvq_search_args *g, int64_t tok, int32_t code, float v)
         }                                                                                                 \
     } while (0)
 
-/* Tiles scanned once, without keeping codes, before the scan proper: the threshold then starts at
- * (minimum of their PRIME_TILES * NR codes + twoe) instead of FLT_MAX, and about 3x fewer codes are kept
- * (and later dropped) per token on the way down to the final minimum. */
+/* Tiles whose minimum sets the threshold before any code is kept (their values are held, and their own codes
+ * under it kept afterwards): the threshold starts at (minimum of their PRIME_TILES * NR codes + twoe) instead
+ * of FLT_MAX, and about 3x fewer codes are kept (and later dropped) per token on the way down. */
 #define PRIME_TILES 4
 
 /* sum((z - c)^2) in double: each difference of two floats rounds at most once, its square once, and each
@@ -178,7 +177,6 @@ static void finish_token(const simvq_search_args *g, int64_t i, int64_t stats[3]
     /* values out of the fp32 range (bound_tokens), or a candidate may have been refused */
     if (dropped == -__builtin_inff() || c > g->cap || c < 1 || (double)dropped <= lim) {
         g->out[i] = -1;
-        g->kept[i] = 0;
         stats[2]++;
         return;
     }
@@ -187,7 +185,6 @@ static void finish_token(const simvq_search_args *g, int64_t i, int64_t stats[3]
     int32_t kept = 0;
     for (int32_t s = 0; s < c; s++)
         if ((double)val[s] <= lim) idx[kept++] = idx[s];
-    g->kept[i] = kept;
     if (kept <= 1) { /* kept >= 1: the minimum itself is always under the limit */
         g->out[i] = kept == 1 ? idx[0] : -1;
         stats[2] += kept != 1;
