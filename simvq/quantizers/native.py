@@ -41,8 +41,15 @@ CFLAGS = (
 # tried in order: with OpenMP, then (a compiler without it) serial
 FLAG_SETS = (CFLAGS + ("-fopenmp",), CFLAGS)
 # token-block pieces per thread, taken dynamically: a core held for a while by another process delays one
-# piece, not a fixed share of the work
+# piece, not a fixed share of the work. Each piece streams every cache block of codes through its core's L2
+# once; a codebook of one block stays there from piece to piece, and finer pieces then cost nothing and end
+# the threads closer together (two threads, K = 1,024, N = 4,096: -3% with 16 pieces per thread; K = 65,536,
+# where each piece re-reads 16 MiB of codes: +4%).
 PIECES_PER_THREAD = 8
+PIECES_PER_THREAD_ONE_BLOCK = 16
+# and at most this many token blocks per piece: a piece settles its tokens right after scanning them, while
+# their rows and lists are still in the core's cache (16 blocks of 32 tokens: 256 KiB of fp32 rows at d = 128)
+PIECE_BLOCKS = 16
 REQUIRED_CPU_FLAGS = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16", "fma"})
 
 
@@ -158,7 +165,8 @@ class Bf16SearchKernel:
             state.apack.shape[1], b.shape[0], state.cand_idx.shape[1], max(1, kb_codes), n, dim,
         )  # fmt: skip
         threads = max(1, min(threads, blocks))
-        pieces = 1 if threads == 1 else min(blocks, threads * PIECES_PER_THREAD)
+        per_thread = PIECES_PER_THREAD_ONE_BLOCK if b.shape[0] <= max(1, kb_codes) else PIECES_PER_THREAD
+        pieces = min(blocks, max(threads * per_thread, -(-blocks // PIECE_BLOCKS)))
         self._search_all(ctypes.byref(args), blocks, threads, pieces)
         return None if finish is None else tuple(stats.tolist())
 
