@@ -10,7 +10,7 @@
  * threshold (more than `cap` candidates; see keep()), or whose values could leave the fp32 range
  * (bound_tokens), is left to the caller's exact search. Per tile, one comparison per 16 tokens of the tile's
  * own minimum with the threshold decides whether any of its codes may be kept; such a tile's values are logged
- * and its codes kept later, against the lower threshold of that moment (LOG_TILES, flush_log, keep_tile).
+ * and its codes kept later, against the lower threshold of that moment (LOG_TILES, flush_log).
  *
  * Layout (all row-major, contiguous):
  *   z       [n][dim] float: the tokens; mean [dim]: the point they and the codes are centred on
@@ -47,7 +47,6 @@
 #define MR 32 /* tokens per tile: two 16-lane vectors */
 #define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
 #define MT (MR / 16)
-#define WORDS ((MT * NR + 3) / 4) /* 64-bit words holding the MT x NR 16-bit masks of a tile */
 #define ABI_VERSION 12
 
 typedef struct {
@@ -260,35 +259,6 @@ static void bound_tokens(const simvq_search_args *g, int64_t i0, int64_t i1) {
     }
 }
 
-/* Keep the codes of one tile whose masks are set: values vals[t][j][lane] for token tok0 + 16 t + lane and code
- * j0 + j. The (code, token) pairs are the set bits of WORDS 64-bit words, masks in (t, j) order, visited in one
- * loop: one trip per kept code, and one mispredicted exit per tile rather than one per code and word. Not
- * inlined: inlined into flush_log (and that into the scan), the search ran ~8% slower at K = 1,024, one thread
- * (GCC 12). */
-__attribute__((noinline)) static void keep_tile(const simvq_search_args *g, int64_t tok0, int64_t j0,
-                                                __mmask16 masks[MT][NR], float vals[MT][NR][16]) {
-    uint64_t w[WORDS];
-    unsigned nz = 0;
-#pragma GCC unroll 8
-    for (int q = 0; q < WORDS; q++) {
-        w[q] = 0;
-#pragma GCC unroll 4
-        for (int r = 0; r < 4 && 4 * q + r < MT * NR; r++)
-            w[q] |= (uint64_t)masks[(4 * q + r) / NR][(4 * q + r) % NR] << (16 * r);
-        nz |= (unsigned)(w[q] != 0) << q;
-    }
-    while (nz) {
-        const int q = __builtin_ctz(nz);
-        const uint64_t word = w[q];
-        const int bit = __builtin_ctzll(word);
-        w[q] = word & (word - 1);
-        nz &= ~((unsigned)(w[q] == 0) << q);
-        const int flat = 4 * q + (bit >> 4), lane = bit & 15;
-        const int t = flat / NR, j = flat % NR;
-        keep(g, tok0 + 16 * t + lane, (int32_t)(j0 + j), vals[t][j][lane]);
-    }
-}
-
 /* The minimum of a tile's NR values per lane, as a tree (depth 4, not a chain of NR: the tile's result is
  * ready sooner, and the next tile's work waits less on it) */
 static inline __m512 tile_min(const __m512 v[NR]) {
@@ -305,23 +275,29 @@ static inline __m512 tile_min(const __m512 v[NR]) {
     return m[0];
 }
 
-/* Keep the codes of the logged tiles of token block tok0 under the current threshold, and empty the log. */
-static void flush_log(const simvq_search_args *g, int64_t tok0, float (*logv)[MT][NR][16], const int64_t *logj,
-                      int n) {
+/* Keep the codes of the logged tiles of token block tok0 under the current threshold, and empty the log. Each
+ * logged tile's per-token minimum (logm) tells which of its tokens have anything left to keep; for those
+ * tokens alone, its NR values are compared one by one. */
+static void flush_log(const simvq_search_args *g, int64_t tok0, float (*logv)[MT][NR][16], float (*logm)[MT][16],
+                      const int64_t *logj, int n) {
     __m512 th[MT];
 #pragma GCC unroll 4
     for (int t = 0; t < MT; t++) th[t] = _mm512_loadu_ps(g->thr + tok0 + 16 * t);
     for (int q = 0; q < n; q++) {
-        __mmask16 masks[MT][NR];
-        __mmask16 any = 0;
 #pragma GCC unroll 4
-        for (int t = 0; t < MT; t++)
-#pragma GCC unroll 16
-            for (int j = 0; j < NR; j++) {
-                masks[t][j] = _mm512_cmp_ps_mask(_mm512_load_ps(logv[q][t][j]), th[t], _CMP_LE_OQ);
-                any |= masks[t][j];
+        for (int t = 0; t < MT; t++) {
+            unsigned lanes = _mm512_cmp_ps_mask(_mm512_load_ps(logm[q][t]), th[t], _CMP_LE_OQ);
+            while (lanes) {
+                const int lane = __builtin_ctz(lanes);
+                lanes &= lanes - 1;
+                const int64_t tok = tok0 + 16 * t + lane;
+                const float thr = g->thr[tok];
+                for (int j = 0; j < NR; j++) {
+                    const float v = logv[q][t][j][lane];
+                    if (v <= thr) keep(g, tok, (int32_t)(logj[q] + j), v);
+                }
             }
-        if (any) keep_tile(g, tok0, logj[q], masks, logv[q]);
+        }
     }
 }
 
@@ -336,6 +312,7 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
     float(*logv)[MT][NR][16] = aligned_alloc(64, sizeof(float[LOG_TILES][MT][NR][16]));
     const int log_tiles = logv ? LOG_TILES : 1;
     if (!logv) logv = one;
+    float logm[LOG_TILES][MT][16] __attribute__((aligned(64)));
     int64_t logj[LOG_TILES];
     for (int64_t k0 = 0; k0 < g->k_pad; k0 += kb) {
         const int64_t k1 = k0 + kb < g->k_pad ? k0 + kb : g->k_pad;
@@ -350,6 +327,7 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
                  * is (one comparison per 16 tokens). No value is NaN: a token whose values could overflow is
                  * never settled here (bound_tokens), and padding codes give +inf. */
                 __mmask16 any = 0;
+                __m512 tms[MT];
 #pragma GCC unroll 4
                 for (int t = 0; t < MT; t++) {
                     float *thr_p = g->thr + tok0 + 16 * t;
@@ -361,20 +339,23 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
                     const __m512 th = _mm512_min_ps(nt, _mm512_loadu_ps(thr_p));
                     _mm512_storeu_ps(thr_p, th);
                     any |= _mm512_cmp_ps_mask(tm, th, _CMP_LE_OQ);
+                    tms[t] = tm;
                 }
                 if (any) {
 #pragma GCC unroll 4
-                    for (int t = 0; t < MT; t++)
+                    for (int t = 0; t < MT; t++) {
 #pragma GCC unroll 16
                         for (int j = 0; j < NR; j++) _mm512_store_ps(logv[n_log][t][j], acc[t][j]);
+                        _mm512_store_ps(logm[n_log][t], tms[t]);
+                    }
                     logj[n_log++] = j0;
                     if (n_log == log_tiles) {
-                        flush_log(g, tok0, logv, logj, n_log);
+                        flush_log(g, tok0, logv, logm, logj, n_log);
                         n_log = 0;
                     }
                 }
             }
-            flush_log(g, tok0, logv, logj, n_log);
+            flush_log(g, tok0, logv, logm, logj, n_log);
         }
     }
     if (logv != one) free(logv);
