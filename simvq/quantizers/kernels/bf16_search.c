@@ -143,7 +143,8 @@ static void keep(const simvq_search_args *g, int64_t tok, int32_t code, float v)
  * kept only when the log is full or the token block's pass over a code block ends, against the threshold of
  * that moment: the running minimum falls fast early in a scan, and most of the codes under the threshold
  * when their tile was computed are no longer under it then (at K = 1,024, d = 128: ~5 codes kept per token
- * when kept at once, ~1.5 from a log of 64 tiles). 64 tiles of values: 80 KiB, in the core's L2 cache. */
+ * when kept at once, ~1.5 from a log of 64 tiles). The log: 80 KiB of values (in the core's L2 cache) and the
+ * tiles' per-token minima, 8 KiB. */
 #define LOG_TILES 64
 
 /* sum((z - c)^2) in double: each difference of two floats rounds at most once, its square once, and each
