@@ -10,6 +10,12 @@ and, separately, the search alone (simvq.nearest_code) against the same torch.mm
 reports the path "auto" chose, how many tokens it re-ranked or sent back to the exact path, and checks that
 its indices equal those of search="exact-fp32" on every token (printed as the agreement).
 
+Each case's time is the minimum over its repeats in a process of its own, so two cases compared were measured
+at different moments. On a shared machine whose speed drifts, the ratios are also measured alternated, call
+by call, in one process: ours against the peer (in the peer's process, after its memory is read) and the
+search against the same-shape matmul in its precision (in the search's process); printed as the ratio of the
+two minima and the median of the per-round ratios, with the number of rounds.
+
 Peak memory is the extra memory of the measured call over what the set-up (module, inputs) already holds:
 on CUDA ``torch.cuda.max_memory_allocated``; on CPU every case runs in a fresh subprocess and reads its
 peak resident set (VmHWM after a reset, else ``ru_maxrss``) minus the value after set-up, so a full N x K
@@ -165,10 +171,15 @@ def measure(
     result = {"case": case, "K": num_codes, "time_s": min(times), "peak_mib": peak}
     if case == "search":
         result.update(_search_report())
-        # after the peak is read (the matmul's output is not the search's memory)
+        # against the same-shape matmul in the search's precision, after the peak is read (the matmul's output
+        # is not the search's memory)
         mm_case = "matmul_bf16" if result["path"] in ("bf16-candidates", "bf16-fused") else "matmul"
         mm_step = _setup(mm_case, num_codes, tokens, dim, device)
-        result.update(_interleaved(step, mm_step, device, repeats, min(times)))
+        result.update(_alternated(mm_step, step, device, _rounds(repeats, min(times), 1.0, 200)))
+    if case == "peer":
+        # ours against the peer, alternated (after the peer's peak is read)
+        ours_step = _setup("ours", num_codes, tokens, dim, device, search)
+        result.update(_alternated(step, ours_step, device, _rounds(repeats, min(times), 2.0, 50)))
     if case == "ours":
         from simvq.quantizers.search import resolve_search
 
@@ -176,31 +187,35 @@ def measure(
     return result
 
 
-def _interleaved(search_step, mm_step, device, repeats: int, search_s: float) -> dict:
-    """The search against the same-shape matmul in its precision, alternated call by call in one process.
+def _alternated(reference_step, step, device, rounds: int) -> dict:
+    """``step`` against ``reference_step``, alternated call by call in one process for ``rounds`` rounds.
 
     Separate processes see the machine at different moments; on a shared, noisy machine that alone moved the
     search's share of the matmul rate by 2x between runs. Alternating the two calls exposes both to the same
-    conditions. Rounds: at least ``repeats``, else as many as fit in about a second of searching (at most 200).
-    Returns the ratio of the two minima and the median of the per-round ratios (matmul time / search time).
+    conditions. Returns the ratio of the two minima and the median of the per-round ratios (reference time /
+    step time: above 1, ``step`` is faster).
     """
-    rounds = max(repeats, min(200, int(1.0 / max(search_s, 1e-6))))
-    mm_step()
+    reference_step()
     _sync(device)
     pairs = []
     for _ in range(rounds):
         times = []
-        for step in (mm_step, search_step):
+        for fn in (reference_step, step):
             start = time.perf_counter()
-            step()
+            fn()
             _sync(device)
             times.append(time.perf_counter() - start)
         pairs.append(times)
     return {
         "paired_rounds": rounds,
         "paired_min_ratio": min(p[0] for p in pairs) / min(p[1] for p in pairs),
-        "paired_median_ratio": statistics.median(mm / search for mm, search in pairs),
+        "paired_median_ratio": statistics.median(ref / t for ref, t in pairs),
     }
+
+
+def _rounds(repeats: int, slower_s: float, budget_s: float, most: int) -> int:
+    """At least ``repeats`` rounds, else as many as fit ``budget_s`` of the slower call, at most ``most``."""
+    return max(repeats, min(most, int(budget_s / max(slower_s, 1e-6))))
 
 
 def _measure_in_subprocess(case: str, num_codes: int, args) -> dict | None:
@@ -247,10 +262,11 @@ def _fmt_ratio(num, den) -> str:
     return f"{num / den:.2f}x" if num is not None and den else "-"
 
 
-def _fmt_paired(res: dict | None) -> str:
+def _fmt_paired(res: dict | None, percent: bool = True) -> str:
     if not res or "paired_min_ratio" not in res:
         return "-"
-    return f"{100 * res['paired_min_ratio']:.0f}% / {100 * res['paired_median_ratio']:.0f}% ({res['paired_rounds']})"
+    lo, med, n = res["paired_min_ratio"], res["paired_median_ratio"], res["paired_rounds"]
+    return f"{100 * lo:.0f}% / {100 * med:.0f}% ({n})" if percent else f"{lo:.2f}x / {med:.2f}x ({n})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print("forward + backward (time: minimum over repeats; memory: peak extra MiB during the call)")
     header = (
-        "| K | ours ms | peer ms | time peer/ours | ours MiB | peer MiB | memory peer/ours | matmul GFLOP/s "
-        "| matmul time / ours time | path |"
+        "| K | ours ms | peer ms | time peer/ours | time peer/ours, alternated: min / median of pairs | ours MiB "
+        "| peer MiB | memory peer/ours | matmul GFLOP/s | matmul time / ours time | path |"
     )
     print(header)
     print("|" + "---|" * header.count(" | ") + "---|")
@@ -333,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             _fmt(t_ours, "{:.1f}", 1e3),
             _fmt(t_peer, "{:.1f}", 1e3),
             _fmt_ratio(t_peer, t_ours),
+            _fmt_paired(results.get(("peer", k)), percent=False),
             _fmt(m_ours, "{:.0f}"),
             _fmt(m_peer, "{:.0f}"),
             # a peak below 1 MiB is measurement noise on CPU: floor the denominator there
