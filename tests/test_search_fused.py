@@ -213,12 +213,13 @@ def test_kernel_values_stay_within_the_error_bound():
     assert bool((dropped == big).all())  # nothing refused: the lists never filled
     assert count.tolist() == [100] * 96  # every code kept, each once
     v = torch.empty(96, 100, dtype=torch.float64)
-    v.scatter_(1, idx[:, :100].long(), val[:, :100].double())
+    idx, val = idx[:100].t(), val[:100].t()  # slot-major lists: (cap, rows)
+    v.scatter_(1, idx.long(), val.double())
     exact = (z.double()[:, None] - codebook.double()[None]).pow(2).sum(-1) - zc.double().pow(2).sum(1)[:, None]
     gap = (v - exact).abs()
     assert float((err[:, None] - gap).min()) >= 0
     assert float(gap.max()) > 0.01 * float(err.min())  # the data does exercise the rounding
-    assert torch.equal(run_min, val[:, :100].min(dim=1).values)
+    assert torch.equal(run_min, val.min(dim=1).values)
 
 
 @needs_kernel
@@ -342,6 +343,10 @@ def test_kernel_run_refuses_mismatched_buffers():
         KERNEL.run(z, mean, b, csq, bound, KERNEL.state(64, 18, 8), kb_codes=64, threads=1)  # width 18, not 16
     with pytest.raises(ValueError, match="state for n tokens"):
         KERNEL.run(z, mean, b, csq, bound, KERNEL.state(32, 16, 8), kb_codes=64, threads=1)  # 32 rows, 40 tokens
+    state = KERNEL.state(64, 16, 8)
+    token_major = state._replace(cand_idx=state.cand_idx.t().contiguous(), cand_val=state.cand_val.t().contiguous())
+    with pytest.raises(ValueError, match="must match the tokens' width"):  # lists (rows, cap), not (cap, rows)
+        KERNEL.run(z, mean, b, csq, bound, token_major, kb_codes=64, threads=1)
     out = torch.empty(40, dtype=torch.long)
     finish = native.Finish(codebook, out, torch.empty(39, dtype=torch.int32))
     with pytest.raises(ValueError, match="for every token"):

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "bf16_search.c"
-ABI_VERSION = 12
+ABI_VERSION = 13
 # explicit ISA flags rather than -march: the library runs on any CPU with these features, whoever built it
 CFLAGS = (
     "-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing",
@@ -63,7 +63,7 @@ class _Args(ctypes.Structure):
     _fields_ = (
         [(name, ctypes.c_void_p) for name in ("z", "mean", "b", "csq", *_STATE, *_FINISH, "stats")]
         + [("bound", ctypes.c_double * 6)]
-        + [(name, ctypes.c_int64) for name in ("pairs", "k_pad", "cap", "kb_codes", "n", "dim")]
+        + [(name, ctypes.c_int64) for name in ("pairs", "k_pad", "cap", "kb_codes", "n", "dim", "rows")]
     )
 
 
@@ -79,8 +79,8 @@ class KernelState(NamedTuple):
     run_min: torch.Tensor  # (rows,) float32: the running minimum of the values
     thr: torch.Tensor  # (rows,) float32: the running threshold
     count: torch.Tensor  # (rows,) int32: codes kept
-    cand_idx: torch.Tensor  # (rows, cap) int32: the kept codes
-    cand_val: torch.Tensor  # (rows, cap) float32: their values
+    cand_idx: torch.Tensor  # (cap, rows) int32: the kept codes, slot-major (slot s of token i at [s, i])
+    cand_val: torch.Tensor  # (cap, rows) float32: their values
     dropped: torch.Tensor  # (rows,) float32: the smallest value a full list refused (-inf: values out of range)
     compact_thr: torch.Tensor  # (rows,) float32: the threshold at the list's last compaction
 
@@ -140,6 +140,7 @@ class Bf16SearchKernel:
             raise ValueError("bf16 search kernel: run needs float32 z (n, d) and mean (d,), and state for n tokens")
         if (
             state.apack.shape != (rows // self.tokens_per_block, pairs, self.tokens_per_block)
+            or state.cand_idx.dim() != 2 or state.cand_idx.shape[1] != rows or state.cand_val.shape != state.cand_idx.shape
             or b.dtype != torch.bfloat16 or b.dim() != 2 or b.shape[1] != 2 * pairs
             or b.shape[0] % self.codes_per_tile or csq.shape != (b.shape[0],)
         ):  # fmt: skip
@@ -162,7 +163,7 @@ class Bf16SearchKernel:
         blocks = state.apack.shape[0]
         args = _Args(
             *(t.data_ptr() for t in (z, mean, b, csq, *state)), *pointers, (ctypes.c_double * 6)(*bound),
-            state.apack.shape[1], b.shape[0], state.cand_idx.shape[1], max(1, kb_codes), n, dim,
+            state.apack.shape[1], b.shape[0], state.cand_idx.shape[0], max(1, kb_codes), n, dim, rows,
         )  # fmt: skip
         threads = max(1, min(threads, blocks))
         per_thread = PIECES_PER_THREAD_ONE_BLOCK if b.shape[0] <= max(1, kb_codes) else PIECES_PER_THREAD
@@ -183,8 +184,8 @@ class Bf16SearchKernel:
             raise ValueError(f"bf16 search kernel: state rows must be a multiple of {mr}")
         shapes = {
             "apack": ((rows // mr, pairs, mr), torch.int32), "limit": ((rows,), torch.float64),
-            "count": ((rows,), torch.int32), "cand_idx": ((rows, cap), torch.int32),
-            "cand_val": ((rows, cap), torch.float32),
+            "count": ((rows,), torch.int32), "cand_idx": ((cap, rows), torch.int32),
+            "cand_val": ((cap, rows), torch.float32),
         }  # fmt: skip
         state = KernelState(*(self.workspace(name, *shapes.get(name, ((rows,), torch.float32))) for name in _STATE))
         self._local.state = (key, state)

@@ -563,7 +563,7 @@ def _bf16_fused(z, codebook, mean, max_chunk_elements):
             multi = (idx == -2).nonzero().squeeze(1)
             kept_m = near[multi]
             rows, slot = (torch.arange(int(kept_m.max())) < kept_m[:, None]).nonzero(as_tuple=True)
-            cols = state.cand_idx[multi[rows], slot].long()
+            cols = state.cand_idx[slot, multi[rows]].long()
             _settle_ties(z, codebook, t0 + multi[rows], cols, out, max_chunk_elements)
         if over:
             # overflowed lists, values that could leave the fp32 range, non-finite tokens: the exact path

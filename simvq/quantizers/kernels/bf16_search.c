@@ -20,7 +20,9 @@
  *   csq     [k_pad] float: per-code start value (padding codes: +inf, never kept)
  *   twoe    [n_pad] float: per-token threshold margin above the running minimum (written by the kernel)
  *   run_min, thr [n_pad] float: the running minimum and threshold
- *   count   [n_pad] int32, cand_idx / cand_val [n_pad][cap]: kept codes and their values
+ *   count   [n_pad] int32, cand_idx / cand_val [cap][n_pad]: kept codes and their values, slot-major (slot s of
+ *           token i at s * n_pad + i: the first slots of neighbouring tokens share cache lines, and a search
+ *           touches about one line per 16 tokens and slot used, not one per token)
  *   dropped, compact_thr [n_pad] float: state of full lists
  * The state is initialised by the kernel itself (to FLT_MAX, count 0), as each range of token blocks starts.
  * Threads: simvq_bf16_search handles the token blocks [tb0, tb1); simvq_bf16_search_all splits all blocks into
@@ -47,7 +49,7 @@
 #define MR 32 /* tokens per tile: two 16-lane vectors */
 #define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
 #define MT (MR / 16)
-#define ABI_VERSION 12
+#define ABI_VERSION 13
 
 typedef struct {
     const float *z;    /* [n][dim]: the tokens, original coordinates */
@@ -76,7 +78,7 @@ typedef struct {
     /* E = 1.1 (bound[0] |dz| + bound[1] |z'| + bound[2] |z'|^2 + bound[3]), the fp32 norms times bound[4];
      * bound[5]: max |c'| (inflated likewise); see _bf16_error_coefficients in search.py */
     double bound[6];
-    int64_t pairs, k_pad, cap, kb_codes, n, dim;
+    int64_t pairs, k_pad, cap, kb_codes, n, dim, rows; /* rows: n_pad, the state's length */
 } simvq_search_args;
 
 int simvq_bf16_abi(int32_t *mr, int32_t *nr) {
@@ -92,17 +94,18 @@ int simvq_bf16_abi(int32_t *mr, int32_t *nr) {
  * filled early, while the threshold was still high, does not by itself send a token to the exact path. */
 static void keep(const simvq_search_args *g, int64_t tok, int32_t code, float v) {
     int32_t c = g->count[tok];
-    int32_t *idx = g->cand_idx + tok * g->cap;
-    float *val = g->cand_val + tok * g->cap;
+    const int64_t st = g->rows;
+    int32_t *idx = g->cand_idx + tok;
+    float *val = g->cand_val + tok;
     if (c == g->cap) {
         const float t = g->thr[tok];
         if (t < g->compact_thr[tok]) {
             g->compact_thr[tok] = t;
             int32_t w = 0;
             for (int32_t i = 0; i < c; i++)
-                if (val[i] <= t) {
-                    idx[w] = idx[i];
-                    val[w] = val[i];
+                if (val[i * st] <= t) {
+                    idx[w * st] = idx[i * st];
+                    val[w * st] = val[i * st];
                     w++;
                 }
             c = w;
@@ -113,8 +116,8 @@ static void keep(const simvq_search_args *g, int64_t tok, int32_t code, float v)
             return;
         }
     }
-    idx[c] = code;
-    val[c] = v;
+    idx[c * st] = code;
+    val[c * st] = v;
     g->count[tok] = c + 1;
 }
 
@@ -184,11 +187,15 @@ static void finish_token(const simvq_search_args *g, int64_t i, int64_t stats[3]
         stats[2]++;
         return;
     }
-    int32_t *idx = g->cand_idx + i * g->cap;
-    const float *val = g->cand_val + i * g->cap;
+    const int64_t st = g->rows;
+    int32_t *idx = g->cand_idx + i;
+    const float *val = g->cand_val + i;
     int32_t kept = 0;
     for (int32_t s = 0; s < c; s++)
-        if ((double)val[s] <= lim) idx[kept++] = idx[s];
+        if ((double)val[s * st] <= lim) {
+            idx[kept * st] = idx[s * st];
+            kept++;
+        }
     if (kept <= 1) { /* kept >= 1: the minimum itself is always under the limit */
         g->out[i] = kept == 1 ? idx[0] : -1;
         stats[2] += kept != 1;
@@ -196,15 +203,17 @@ static void finish_token(const simvq_search_args *g, int64_t i, int64_t stats[3]
     }
     stats[0]++;
     /* the candidates' rows are scattered over the codebook: ask for all of them before the first is needed */
+    int32_t cand[kept];
+    for (int32_t s = 0; s < kept; s++) cand[s] = idx[s * st];
     for (int32_t s = 0; s < kept; s++) {
-        const char *row = (const char *)(g->codes + (int64_t)idx[s] * g->dim);
+        const char *row = (const char *)(g->codes + (int64_t)cand[s] * g->dim);
         for (int64_t off = 0; off < g->dim * 4; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
     }
     double d[kept];
     double best = 0.0;
     int32_t best_s = -1;
     for (int32_t s = 0; s < kept; s++) {
-        d[s] = dist64(g->z + i * g->dim, g->codes + (int64_t)idx[s] * g->dim, g->dim);
+        d[s] = dist64(g->z + i * g->dim, g->codes + (int64_t)cand[s] * g->dim, g->dim);
         if (best_s < 0 || d[s] < best) {
             best = d[s];
             best_s = s;
@@ -215,7 +224,10 @@ static void finish_token(const simvq_search_args *g, int64_t i, int64_t stats[3]
     const double near = best + rel * 1.01 * best + 0x1p-1020;
     int32_t n_near = 0;
     for (int32_t s = 0; s < kept; s++)
-        if (d[s] <= near) idx[n_near++] = idx[s];
+        if (d[s] <= near) {
+            idx[n_near * st] = cand[s];
+            n_near++;
+        }
     if (n_near == 1) {
         g->out[i] = idx[0];
     } else {
