@@ -166,7 +166,9 @@ class Bf16SearchKernel:
             state.apack.shape[1], b.shape[0], state.cand_idx.shape[0], max(1, kb_codes), n, dim, rows,
         )  # fmt: skip
         threads = max(1, min(threads, blocks))
-        per_thread = PIECES_PER_THREAD_ONE_BLOCK if b.shape[0] <= max(1, kb_codes) else PIECES_PER_THREAD
+        # one cache block of codes: the kernel's block is kb_codes rounded up to whole tiles
+        one_block = b.shape[0] <= -(-max(1, kb_codes) // self.codes_per_tile) * self.codes_per_tile
+        per_thread = PIECES_PER_THREAD_ONE_BLOCK if one_block else PIECES_PER_THREAD
         pieces = min(blocks, max(threads * per_thread, -(-blocks // PIECE_BLOCKS)))
         self._search_all(ctypes.byref(args), blocks, threads, pieces)
         return None if finish is None else tuple(stats.tolist())
