@@ -8,6 +8,7 @@ the tests that run it are skipped and the fallback rules are still checked.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -223,7 +224,7 @@ def test_kernel_values_stay_within_the_error_bound():
 
 
 @needs_kernel
-@pytest.mark.parametrize("d", [1, 16, 37])
+@pytest.mark.parametrize("d", [1, 16, 37, 70])
 def test_pack_matches_torch_bf16_rounding(d):
     g = torch.Generator().manual_seed(d)
     x = torch.randn(45, d, generator=g) * torch.logspace(-3, 3, d)
@@ -246,6 +247,29 @@ def test_pack_matches_torch_bf16_rounding(d):
     assert torch.equal(b.float(), centred.bfloat16().float() * -2)
     assert torch.allclose(sq[:45].double(), (x - mean).double().pow(2).sum(dim=1), rtol=1e-5)
     assert bool(torch.isinf(sq[45:]).all())  # padding rows: never a candidate
+    # the tokens' layout, centred: 16 rows by 16 pairs transposed at a time (d = 70: a partial group of pairs)
+    a, resid, sq = KERNEL.pack(x, rows, scale=1.0, blocked=True, mean=mean, squares=True, threads=2)
+    assert torch.equal(a, centred.bfloat16().view(torch.int32).view(rows // mr, mr, pairs).transpose(1, 2))
+    assert torch.allclose(resid.double(), ((x - mean).double() - centred[:45, :d].bfloat16().double()).norm(dim=1))
+    assert torch.allclose(sq[:45].double(), (x - mean).double().pow(2).sum(dim=1), rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("k", "d", "threads"), [(1, 5, 3), (45, 37, 2), (300, 16, 1), (301, 130, 2)])
+def test_codes_operands_against_float64_and_pack(k, d, threads):
+    # the codes' operands in one call: the mean summed in double (the data's sums are exact in double, so it
+    # is float64's mean rounded once), the rows packed as pack() packs them, the two maxima of the bound
+    g = torch.Generator().manual_seed(k + d)
+    x = 3 + torch.randn(k, d, generator=g) * torch.logspace(-3, 2, d)
+    packed = KERNEL.codes(x, threads=threads)
+    assert torch.equal(packed.mean, x.double().mean(dim=0).float())
+    k_pad = -(-k // KERNEL.codes_per_tile) * KERNEL.codes_per_tile
+    b, resid, sq = KERNEL.pack(x, k_pad, scale=-2.0, blocked=False, mean=packed.mean, squares=True)
+    assert torch.equal(packed.b, b) and torch.equal(packed.csq, sq)
+    assert packed.c_sq_max == float(sq[:k].max()) and packed.dc_max == float(resid.max())
+    assert packed.c_sq_max == pytest.approx(float((x.double() - x.double().mean(0)).pow(2).sum(1).max()), rel=1e-5)
+    x[k // 2, d // 2] = float("nan")
+    assert math.isnan(KERNEL.codes(x, threads=threads).c_sq_max)  # a NaN code: the search's exact path decides
 
 
 def test_unavailable_kernel_falls_back_and_says_why(monkeypatch):

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "bf16_search.c"
-ABI_VERSION = 13
+ABI_VERSION = 14
 # explicit ISA flags rather than -march: the library runs on any CPU with these features, whoever built it
 CFLAGS = (
     "-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing",
@@ -78,15 +78,25 @@ class KernelState(NamedTuple):
     limit: torch.Tensor  # (rows,) float64: 2 E, the margin above the final minimum
     run_min: torch.Tensor  # (rows,) float32: the running minimum of the values
     thr: torch.Tensor  # (rows,) float32: the running threshold
-    count: torch.Tensor  # (rows,) int32: codes kept
+    count: torch.Tensor  # (rows,) int32: codes kept (after a finish, a token with several candidates: how many)
     cand_idx: torch.Tensor  # (cap, rows) int32: the kept codes, slot-major (slot s of token i at [s, i])
     cand_val: torch.Tensor  # (cap, rows) float32: their values
     dropped: torch.Tensor  # (rows,) float32: the smallest value a full list refused (-inf: values out of range)
     compact_thr: torch.Tensor  # (rows,) float32: the threshold at the list's last compaction
 
 
+class PackedCodes(NamedTuple):
+    """The codes' operands (:meth:`Bf16SearchKernel.codes`), views of the calling thread's kept buffers."""
+
+    b: torch.Tensor  # (k_pad, 2 * pairs) bfloat16: -2 (c - mean) rounded, zero rows past K
+    csq: torch.Tensor  # (k_pad,) float32: ||c - mean||^2, +inf on the padding codes
+    mean: torch.Tensor  # (d,) float32: the codes' mean (summed in double)
+    c_sq_max: float  # max ||c - mean||^2 (NaN if any is)
+    dc_max: float  # max || (c - mean) - bf16(c - mean) ||
+
+
 class Finish(NamedTuple):
-    """Where the kernel settles each token after its scan (see ``finish_token``)."""
+    """Where the kernel settles each token after its scan (see ``filter_token`` and ``settle_token``)."""
 
     codes: torch.Tensor  # (K, d) float32: the codes, original coordinates
     out: torch.Tensor  # (n,) int64: the nearest code, -2 (near-ties left first in the list) or -1 (exact path)
@@ -113,6 +123,12 @@ class Bf16SearchKernel:
             ctypes.c_float, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
         ]  # fmt: skip
         self._pack.restype = None
+        self._codes = lib.simvq_bf16_codes
+        self._codes.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
+        ]  # fmt: skip
+        self._codes.restype = None
         self._lib = lib
         self._search_all = lib.simvq_bf16_search_all
         self._search_all.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_int32, ctypes.c_int64]
@@ -158,8 +174,8 @@ class Bf16SearchKernel:
                     "codes of the tokens' width"
                 )
         _check_cpu_contiguous(tensors)
-        stats = torch.zeros(3, dtype=torch.int64)
-        pointers = [None] * (len(_FINISH) + 1) if finish is None else [t.data_ptr() for t in (*finish, stats)]
+        stats = (ctypes.c_int64 * 3)()
+        pointers = [None] * (len(_FINISH) + 1) if finish is None else [*(t.data_ptr() for t in finish), ctypes.addressof(stats)]
         blocks = state.apack.shape[0]
         args = _Args(
             *(t.data_ptr() for t in (z, mean, b, csq, *state)), *pointers, (ctypes.c_double * 6)(*bound),
@@ -171,7 +187,28 @@ class Bf16SearchKernel:
         per_thread = PIECES_PER_THREAD_ONE_BLOCK if one_block else PIECES_PER_THREAD
         pieces = min(blocks, max(threads * per_thread, -(-blocks // PIECE_BLOCKS)))
         self._search_all(ctypes.byref(args), blocks, threads, pieces)
-        return None if finish is None else tuple(stats.tolist())
+        return None if finish is None else tuple(stats)
+
+    def codes(self, codes: torch.Tensor, *, threads: int = 1) -> PackedCodes:
+        """The operands of a codebook ``codes`` (K, d) float32 in one threaded call: its mean (summed in
+        double), ``-2 (c - mean)`` rounded to bf16 in rows padded to whole tiles (``k_pad``), ``||c - mean||^2``
+        and the two maxima the error bound needs. The tensors are this thread's kept buffers (:meth:`workspace`):
+        valid until the next call."""
+        _check_cpu_contiguous((codes,))
+        if codes.dtype != torch.float32 or codes.dim() != 2 or codes.shape[0] < 1:
+            raise ValueError("bf16 search kernel: codes must be a non-empty float32 (K, d) tensor")
+        k, dim = codes.shape
+        nr, pairs, threads = self.codes_per_tile, (dim + 1) // 2, max(1, threads)
+        k_pad = -(-k // nr) * nr
+        ws = self.workspace
+        b, csq, mean = ws("codes", (k_pad, 2 * pairs), torch.bfloat16), ws("csq", (k_pad,), torch.float32), ws("mean", (dim,), torch.float32)
+        partial, resid = ws("partial", (threads, dim), torch.float64), ws("code_resid", (k,), torch.float32)
+        maxima = (ctypes.c_double * 2)()
+        self._codes(
+            codes.data_ptr(), k, k_pad, dim, pairs, mean.data_ptr(), partial.data_ptr(), b.data_ptr(), resid.data_ptr(),
+            csq.data_ptr(), ctypes.addressof(maxima), threads,
+        )  # fmt: skip
+        return PackedCodes(b, csq, mean, maxima[0], maxima[1])
 
     def state(self, rows: int, dim: int, cap: int) -> KernelState:
         """The buffers of a run over ``rows`` tokens (a multiple of the block size) of width ``dim`` with lists

@@ -495,7 +495,7 @@ def _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements):
     return out, fallback, reranked
 
 
-def _bf16_fused(z, codebook, mean, max_chunk_elements):
+def _bf16_fused(z, codebook, max_chunk_elements):
     """The fused kernel (kernels/bf16_search.c): bf16 products accumulated in fp32 from ``||c'||^2``, the
     running minimum and the codes within the bound of it kept per token while the values are in registers;
     no distance is written to memory. Same contract as :func:`_bf16_candidates`, but the tokens and codes
@@ -516,35 +516,27 @@ def _bf16_fused(z, codebook, mean, max_chunk_elements):
     kernel = bf16_search_kernel()
     if kernel is None:
         raise RuntimeError(f"the fused bf16 search kernel is unavailable: {native_status()}")
-    mr, nr = kernel.tokens_per_block, kernel.codes_per_tile
+    mr, ws = kernel.tokens_per_block, kernel.workspace
     num_tokens, dim = z.shape
-    num_codes = codebook.shape[0]
     threads = default_threads()
     out = torch.empty(num_tokens, dtype=torch.long)
-    fallback = torch.zeros(num_tokens, dtype=torch.bool)
-    codes32 = codebook.float().contiguous()
-    z32 = z.float().contiguous()
-    mean = mean.float().contiguous()
-    k_pad = -(-num_codes // nr) * nr
-    pairs = (dim + 1) // 2
-    ws = kernel.workspace
-    # -2 c~ (exact: a power of two), with ||c'||^2 in fp32 and +inf on the padding codes (never kept)
-    b = ws("codes", (k_pad, 2 * pairs), torch.bfloat16)
-    b, dc_norm, csq = kernel.pack(
-        codes32, k_pad, scale=-2.0, blocked=False, mean=mean, squares=True, threads=threads, out=b
-    )
-    c_sq_max = float(csq[:num_codes].max())  # NaN if any is
-    if not math.isfinite(c_sq_max):
-        return out, ~fallback, 0  # non-finite inputs: the exact path defines the answer
-    c_max, dc_max = math.sqrt(c_sq_max), float(dc_norm.max())
-    bound = _bf16_error_coefficients(dim, c_max, dc_max)
+    codes32 = codebook if codebook.dtype == torch.float32 and codebook.is_contiguous() else codebook.float().contiguous()
+    z32 = z if z.dtype == torch.float32 and z.is_contiguous() else z.float().contiguous()
+    # the codes' mean, -2 c~ (exact: a power of two), ||c'||^2 in fp32 with +inf on the padding codes (never
+    # kept) and the maxima of the bound, in one threaded call
+    packed = kernel.codes(codes32, threads=threads)
+    if not math.isfinite(packed.c_sq_max):  # NaN if any is
+        return out, torch.ones(num_tokens, dtype=torch.bool), 0  # non-finite inputs: the exact path decides
+    b, csq, mean = packed.b, packed.csq, packed.mean
+    bound = _bf16_error_coefficients(dim, math.sqrt(packed.c_sq_max), packed.dc_max)
     cap = MAX_CANDIDATES
     chunk = max(mr, min(FUSED_TOKEN_CHUNK, max_chunk_elements // (2 * cap)) // mr * mr)
     # a first chunk tells early whether the codebook is too crowded for the kernel (see below); below
     # FUSED_FIRST_CHUNK_DISTANCES the most that can waste is a few ms, less than a second call's fixed cost
-    first = chunk if num_tokens * num_codes < FUSED_FIRST_CHUNK_DISTANCES else min(FUSED_FIRST_CHUNK, chunk)
+    first = chunk if num_tokens * codebook.shape[0] < FUSED_FIRST_CHUNK_DISTANCES else min(FUSED_FIRST_CHUNK, chunk)
     bounds = [0, min(num_tokens, first)]
     bounds += list(range(bounds[-1] + chunk, num_tokens, chunk)) + [num_tokens]
+    fallback = None
     reranked = 0
     for t0, t1 in zip(bounds[:-1], bounds[1:]):
         if t1 <= t0:
@@ -554,7 +546,7 @@ def _bf16_fused(z, codebook, mean, max_chunk_elements):
         near = ws("near", (nt,), torch.int32)
         state = kernel.state(-(-nt // mr) * mr, dim, cap)
         several, ties, over = kernel.run(
-            z32[t0:t1], mean, b, csq, bound, state, kb_codes=FUSED_CODE_BLOCK_BYTES // (4 * pairs), threads=threads,
+            z32[t0:t1], mean, b, csq, bound, state, kb_codes=FUSED_CODE_BLOCK_BYTES // (2 * b.shape[1]), threads=threads,
             finish=Finish(codes32, idx, near),
         )  # fmt: skip
         reranked += several
@@ -564,9 +556,12 @@ def _bf16_fused(z, codebook, mean, max_chunk_elements):
             kept_m = near[multi]
             rows, slot = (torch.arange(int(kept_m.max())) < kept_m[:, None]).nonzero(as_tuple=True)
             cols = state.cand_idx[slot, multi[rows]].long()
-            _settle_ties(z, codebook, t0 + multi[rows], cols, out, max_chunk_elements)
+            with torch.autocast(device_type="cpu", enabled=False):
+                _settle_ties(z, codebook, t0 + multi[rows], cols, out, max_chunk_elements)
         if over:
             # overflowed lists, values that could leave the fp32 range, non-finite tokens: the exact path
+            if fallback is None:
+                fallback = torch.zeros(num_tokens, dtype=torch.bool)
             fallback[t0:t1] = idx == -1
             if t0 == 0 and t1 < num_tokens and over > BF16_GIVE_UP_FRACTION * nt:
                 fallback[t1:] = True
@@ -721,10 +716,15 @@ def nearest_code_info(
         raise ValueError(
             f"search='bf16-fused' runs fp32 searches on the CPU, got {dtype} on {device_type}; use search='auto'"
         )
+    if path == "bf16-fused":
+        # no torch pass before the kernel (it centres, packs and bounds the codes itself): at K = 1,024 the
+        # search takes about a millisecond, and each torch call after other work costs ~10-20 us
+        out, fallback, reranked = _bf16_fused(z, codebook, max_chunk_elements)
+        if fallback is None:
+            return out, SearchInfo(path, reranked, 0)
     with torch.autocast(device_type=device_type, enabled=False):
         mean = codebook.to(dtype).mean(dim=0)
         if path == "bf16-fused":
-            out, fallback, reranked = _bf16_fused(z, codebook, mean, max_chunk_elements)
             zc = cc = c_sq = None  # centred tokens and codes: only if some tokens fall back
         else:
             zc = z.to(dtype) - mean

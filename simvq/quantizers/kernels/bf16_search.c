@@ -6,7 +6,7 @@
  * code whose value is <= the running threshold thr[i] = min over the scan of (running minimum + twoe[i]).
  * Since the running minimum only falls, every code within twoe[i] of the final minimum is kept; once a range
  * of tokens is scanned, their kept codes are filtered against the final minimum and settled exactly
- * (finish_token). A token whose full list had to refuse a code that turns out to be within the final
+ * (filter_token, settle_token). A token whose full list had to refuse a code that turns out to be within the final
  * threshold (more than `cap` candidates; see keep()), or whose values could leave the fp32 range
  * (bound_tokens), is left to the caller's exact search. Per tile, one comparison per 16 tokens of the tile's
  * own minimum with the threshold decides whether any of its codes may be kept; such a tile's values are logged
@@ -34,22 +34,26 @@
  * scaled by a power of two, either row-major (codes) or token-blocked (tokens), with the norm of each row's
  * rounding residual and, on request, each row's squared norm.
  *
- * When its range is scanned, simvq_bf16_search settles its tokens (finish_token, skipped if out is NULL): it
+ * When its range is scanned, simvq_bf16_search settles its tokens (skipped if out is NULL). filter_token
  * filters each token's kept codes against its final minimum: those within limit[i] of it (the sum rounded up)
- * are its candidates. One candidate is the answer (out[i]). Several are compared by sum((z - c)^2) in double
- * on the original coordinates; a best candidate ahead of all others by more than the rounding of both sums,
- * here and in any other summation order, is the answer; otherwise the near-ties are moved to the front of
- * the list and out[i] = -2, for the caller's own double re-rank (so that every search path breaks near-ties
- * the same way). An overflowed token gets -1, for the caller's exact search.
+ * are its candidates. One candidate is the answer (out[i]). Tokens with several have their candidates' rows
+ * fetched while the range's other tokens are filtered; settle_token then compares them by sum((z - c)^2) in
+ * double on the original coordinates: a best candidate ahead of all others by more than the rounding of both
+ * sums, here and in any other summation order, is the answer; otherwise the near-ties are moved to the front
+ * of the list and out[i] = -2, for the caller's own double re-rank (so that every search path breaks
+ * near-ties the same way). An overflowed token gets -1, for the caller's exact search.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MR 32 /* tokens per tile: two 16-lane vectors */
 #define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
 #define MT (MR / 16)
-#define ABI_VERSION 13
+#define ABI_VERSION 14
 
 typedef struct {
     const float *z;    /* [n][dim]: the tokens, original coordinates */
@@ -70,7 +74,7 @@ typedef struct {
     float *cand_val;
     float *dropped;     /* [n_pad]: the smallest value refused by a full list */
     float *compact_thr; /* [n_pad]: the threshold at the list's last compaction */
-    /* the finish (finish_token); out == NULL: none, the state is left for the caller */
+    /* the finish (filter_token, settle_token); out == NULL: none, the state is left for the caller */
     const float *codes; /* [k][dim]: the codes, original coordinates */
     int64_t *out;       /* [n]: the nearest code, -2 (near-ties left) or -1 (overflow) */
     int32_t *near;      /* [n]: near-ties left first in the list (out = -2), else 0 */
@@ -168,13 +172,12 @@ static double dist64(const float *z, const float *c, int64_t dim) {
     return sum;
 }
 
-/* Settle token i after its scan: filter its kept codes against its final minimum (those within limit[i] are its
- * candidates); one candidate is the answer, several are compared by sum((z - c)^2) in double. stats: see
- * simvq_search_args. */
-static void finish_token(const simvq_search_args *g, int64_t i, int64_t stats[3]) {
-    /* the order of two sums is certain when they differ by more than both evaluations' errors here and in
-     * the caller's order: four times (dim + 8) 2^-53 of their size, with margin */
-    const double rel = 4.5 * (double)(g->dim + 8) * 0x1p-53;
+/* Filter token i's kept codes against its final minimum after its scan: those within limit[i] of it are its
+ * candidates, moved to the front of its list (count[i] = how many). One candidate is the answer (out[i]);
+ * a token whose values left the fp32 range or whose list refused a candidate gets -1; a token with several
+ * gets out[i] = -3, for settle_token, and its candidates' rows are asked for (so they arrive while the other
+ * tokens of the range are filtered). stats: see simvq_search_args. */
+static void filter_token(const simvq_search_args *g, int64_t i, int64_t stats[3]) {
     const int32_t c = g->count[i];
     g->near[i] = 0;
     /* the final minimum plus the margin, the sum rounded up by 2^-50 of its terms */
@@ -201,18 +204,32 @@ static void finish_token(const simvq_search_args *g, int64_t i, int64_t stats[3]
         stats[2] += kept != 1;
         return;
     }
+    g->count[i] = kept;
+    g->out[i] = -3;
     stats[0]++;
-    /* the candidates' rows are scattered over the codebook: ask for all of them before the first is needed */
-    int32_t cand[kept];
-    for (int32_t s = 0; s < kept; s++) cand[s] = idx[s * st];
     for (int32_t s = 0; s < kept; s++) {
-        const char *row = (const char *)(g->codes + (int64_t)cand[s] * g->dim);
+        const char *row = (const char *)(g->codes + (int64_t)idx[s * st] * g->dim);
         for (int64_t off = 0; off < g->dim * 4; off += 64) _mm_prefetch(row + off, _MM_HINT_T0);
     }
+}
+
+/* Settle a token with several candidates (filter_token): compare them by sum((z - c)^2) in double on the
+ * original coordinates; a best candidate ahead of all others by more than the rounding of both sums, here
+ * and in any other summation order, is the answer; otherwise its near-ties are left first in its list
+ * (near[i] of them, out[i] = -2) for the caller. */
+static void settle_token(const simvq_search_args *g, int64_t i, int64_t stats[3]) {
+    /* the order of two sums is certain when they differ by more than both evaluations' errors here and in
+     * the caller's order: four times (dim + 8) 2^-53 of their size, with margin */
+    const double rel = 4.5 * (double)(g->dim + 8) * 0x1p-53;
+    const int64_t st = g->rows;
+    int32_t *idx = g->cand_idx + i;
+    const int32_t kept = g->count[i];
+    int32_t cand[kept];
     double d[kept];
     double best = 0.0;
     int32_t best_s = -1;
     for (int32_t s = 0; s < kept; s++) {
+        cand[s] = idx[s * st];
         d[s] = dist64(g->z + i * g->dim, g->codes + (int64_t)cand[s] * g->dim, g->dim);
         if (best_s < 0 || d[s] < best) {
             best = d[s];
@@ -375,7 +392,9 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1) {
     if (g->out) { /* the range's tokens are scanned: settle them while their lists are in this core's cache */
         int64_t stats[3] = {0, 0, 0};
         const int64_t i1 = tb1 * MR < g->n ? tb1 * MR : g->n;
-        for (int64_t i = tb0 * MR; i < i1; i++) finish_token(g, i, stats);
+        for (int64_t i = tb0 * MR; i < i1; i++) filter_token(g, i, stats);
+        for (int64_t i = tb0 * MR; i < i1; i++)
+            if (g->out[i] == -3) settle_token(g, i, stats);
         for (int q = 0; q < 3; q++)
             if (stats[q]) __atomic_fetch_add(g->stats + q, stats[q], __ATOMIC_RELAXED);
     }
@@ -398,45 +417,132 @@ int32_t simvq_openmp(void) {
 #endif
 }
 
+/* One row y = x - mean (mean may be NULL) rounded to bf16 (to nearest even) times `scale` into row[0, 2 * pairs)
+ * (zero past dim); *resid = || y - bf16(y) || (the residuals are exact in float), *sq = ||y||^2 in float. */
+static inline void pack_row(const float *xi, const float *mean, int64_t dim, int64_t pairs, float scale,
+                            uint16_t *row, float *resid, float *sq) {
+    const __m512 sc = _mm512_set1_ps(scale);
+    __m512 acc = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+    for (int64_t q = 0; q < dim; q += 16) {
+        const __mmask16 m = dim - q >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (dim - q)) - 1);
+        __m512 v = _mm512_maskz_loadu_ps(m, xi + q);
+        if (mean) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, mean + q));
+        sum = _mm512_fmadd_ps(v, v, sum);
+        const __m256bh h = _mm512_cvtneps_pbh(v);
+        const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+        const __m512 d = _mm512_sub_ps(v, back);
+        acc = _mm512_fmadd_ps(d, d, acc);
+        const __m256bh hs = scale == 1.0f ? h : _mm512_cvtneps_pbh(_mm512_mul_ps(v, sc));
+        _mm256_mask_storeu_epi16(row + q, m, (__m256i)hs);
+    }
+    for (int64_t k = dim; k < 2 * pairs; k++) row[k] = 0;
+    *resid = __builtin_sqrtf(_mm512_reduce_add_ps(acc));
+    *sq = _mm512_reduce_add_ps(sum);
+}
+
+/* out[p][c] = in[c][p] for a 16 x 16 tile of 32-bit values held in registers */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+#pragma GCC unroll 8
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    /* r[4 i + j] holds, in each 128-bit lane L, element 4 L + j of rows 4 i .. 4 i + 3 */
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; j++) {
+        const __m512i a = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88), b = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xDD);
+        const __m512i c = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88), e = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xDD);
+        t[j] = _mm512_shuffle_i32x4(a, c, 0x88);      /* lane 0: column j */
+        t[8 + j] = _mm512_shuffle_i32x4(a, c, 0xDD);  /* lane 2: column 8 + j */
+        t[4 + j] = _mm512_shuffle_i32x4(b, e, 0x88);  /* lane 1: column 4 + j */
+        t[12 + j] = _mm512_shuffle_i32x4(b, e, 0xDD); /* lane 3: column 12 + j */
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
 /* Rows [r0, r1) of the operands: y_i = x_i - mean (fp32, as torch computes it; mean may be NULL: y_i = x_i)
  * rounded to bf16 (to nearest even) times `scale` (a power of two: exact) into `out`, layout 0 row-major
- * [n_pad][2 * pairs] (uint16), layout 1 token-blocked [n_pad / MR][pairs][MR] (uint32 = two bf16). Rows
- * n..n_pad-1 and the odd coordinate of an odd dim are zero. resid[i] = || y_i - bf16(y_i) || (the residuals
- * are exact in float); sq (may be NULL) gets ||y_i||^2 in float, +inf on padding rows. */
+ * [n_pad][2 * pairs] (uint16), layout 1 token-blocked [n_pad / MR][pairs][MR] (uint32 = two bf16; r0 and r1
+ * multiples of 16). Rows n..n_pad-1 and the odd coordinate of an odd dim are zero. resid[i] = || y_i - bf16(y_i) ||
+ * (the residuals are exact in float); sq (may be NULL) gets ||y_i||^2 in float, +inf on padding rows. The
+ * blocked layout is written 16 rows by 16 pairs at a time, transposed in registers: one 64-byte store per
+ * pair and 16 rows, where a 4-byte store per pair and row made the packing 3x slower. */
 void simvq_bf16_pack(const float *x, const float *mean, int64_t n, int64_t dim, int64_t pairs,
                      float scale, int32_t layout, uint16_t *out, float *resid, float *sq, int64_t r0, int64_t r1) {
-    const __m512 sc = _mm512_set1_ps(scale);
-    const int64_t width = 2 * pairs;
-    uint16_t buf[width + 32]; /* one row, for the token-blocked layout */
-    for (int64_t i = r0; i < r1; i++) {
-        /* row-major rows are written in place (masked at the end), blocked rows through buf */
-        uint16_t *row = layout == 0 ? out + i * width : buf;
-        if (i < n) {
-            const float *xi = x + i * dim;
-            __m512 acc = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
-            for (int64_t q = 0; q < dim; q += 16) {
-                const __mmask16 m = dim - q >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (dim - q)) - 1);
-                __m512 v = _mm512_maskz_loadu_ps(m, xi + q);
-                if (mean) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, mean + q));
-                sum = _mm512_fmadd_ps(v, v, sum);
-                const __m256bh h = _mm512_cvtneps_pbh(v);
-                const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
-                const __m512 d = _mm512_sub_ps(v, back);
-                acc = _mm512_fmadd_ps(d, d, acc);
-                const __m256bh hs = _mm512_cvtneps_pbh(_mm512_mul_ps(v, sc));
-                _mm256_mask_storeu_epi16(row + q, m, (__m256i)hs);
+    float junk;
+    if (layout == 0) {
+        const int64_t width = 2 * pairs;
+        for (int64_t i = r0; i < r1; i++) {
+            uint16_t *row = out + i * width;
+            if (i < n) {
+                pack_row(x + i * dim, mean, dim, pairs, scale, row, resid + i, sq ? sq + i : &junk);
+            } else {
+                if (sq) sq[i] = __builtin_inff();
+                for (int64_t k = 0; k < width; k++) row[k] = 0;
             }
-            resid[i] = __builtin_sqrtf(_mm512_reduce_add_ps(acc));
-            if (sq) sq[i] = _mm512_reduce_add_ps(sum);
-            for (int64_t k = dim; k < width; k++) row[k] = 0;
-        } else {
-            if (sq) sq[i] = __builtin_inff();
-            for (int64_t k = 0; k < width; k++) row[k] = 0;
         }
-        if (layout != 0) {
-            uint32_t *o = (uint32_t *)out + (i / MR) * pairs * MR + (i % MR);
-            const uint32_t *r32 = (const uint32_t *)buf;
-            for (int64_t p = 0; p < pairs; p++) o[p * MR] = r32[p];
+        return;
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int64_t g0 = r0; g0 < r1; g0 += 16) {
+        /* the next group's rows, asked for while this one is packed: a piece's rows span a few pages, and the
+         * hardware's prefetch, which restarts at each page, left the packing inside a search 2-3x slower
+         * than the same packing of all rows at once */
+        const int64_t nx = g0 + 16;
+        if (nx < r1 && nx < n) {
+            const char *p = (const char *)(x + nx * dim);
+            const int64_t bytes = (n - nx < 16 ? n - nx : 16) * dim * 4;
+            for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
+        }
+        __m512 acc[16], sum[16];
+        for (int r = 0; r < 16; r++) acc[r] = sum[r] = _mm512_setzero_ps();
+        uint32_t *o = (uint32_t *)out + (g0 / MR) * pairs * MR + (g0 % MR);
+        for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
+            /* coordinates [2 p0, 2 p0 + 32) of the 16 rows, as 16 pairs each, then one store per pair */
+            __m512i t[16];
+            for (int r = 0; r < 16; r++) {
+                const int64_t i = g0 + r;
+                if (i >= n) {
+                    t[r] = _mm512_setzero_si512();
+                    continue;
+                }
+                __m256bh h[2];
+                for (int half = 0; half < 2; half++) {
+                    const int64_t q = 2 * p0 + 16 * half;
+                    const int64_t left = dim - q;
+                    const __mmask16 m = left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? 0 : (__mmask16)((1u << left) - 1);
+                    __m512 v = _mm512_maskz_loadu_ps(m, x + i * dim + q);
+                    if (mean) v = _mm512_maskz_sub_ps(m, v, _mm512_maskz_loadu_ps(m, mean + q));
+                    sum[r] = _mm512_fmadd_ps(v, v, sum[r]);
+                    h[half] = _mm512_cvtneps_pbh(v);
+                    const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h[half]), 16));
+                    const __m512 d = _mm512_sub_ps(v, back);
+                    acc[r] = _mm512_fmadd_ps(d, d, acc[r]);
+                    if (scale != 1.0f) h[half] = _mm512_cvtneps_pbh(_mm512_mul_ps(v, sc));
+                }
+                t[r] = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)h[0]), (__m256i)h[1], 1);
+            }
+            transpose16(t);
+            const int np = pairs - p0 < 16 ? (int)(pairs - p0) : 16;
+            for (int p = 0; p < np; p++) _mm512_storeu_si512(o + (p0 + p) * MR, t[p]);
+        }
+        for (int r = 0; r < 16; r++) {
+            const int64_t i = g0 + r;
+            if (i < n) {
+                resid[i] = __builtin_sqrtf(_mm512_reduce_add_ps(acc[r]));
+                if (sq) sq[i] = _mm512_reduce_add_ps(sum[r]);
+            } else if (sq) {
+                sq[i] = __builtin_inff();
+            }
         }
     }
 }
@@ -449,5 +555,62 @@ void simvq_bf16_pack_all(const float *x, const float *mean, int64_t n, int64_t n
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t r1 = (blk + 1) * MR < n_pad ? (blk + 1) * MR : n_pad;
         simvq_bf16_pack(x, mean, n, dim, pairs, scale, layout, out, resid, sq, blk * MR, r1);
+    }
+}
+
+
+/* max(m, v), where a NaN in either stays (as torch's max) */
+static inline double max_nan(double m, double v) { return (v > m || v != v) ? v : m; }
+
+/* The codes' operands in one threaded call: mean[q] = the codes' mean (summed in double, per thread in
+ * partial[threads][dim], then rounded to float), then simvq_bf16_pack of codes - mean, scale -2, row-major,
+ * with resid and the squared norms csq (+inf on the k_pad - k padding codes), and maxima[0] = max csq[0, k),
+ * maxima[1] = max resid (NaN if any is NaN). A search of a small codebook takes about a millisecond; the
+ * torch passes this replaces (a mean, a reduction per maximum) cost tens of microseconds each. */
+void simvq_bf16_codes(const float *codes, int64_t k, int64_t k_pad, int64_t dim, int64_t pairs, float *mean,
+                      double *partial, uint16_t *b, float *resid, float *csq, double *maxima, int32_t threads) {
+    const int64_t blocks = (k_pad + MR - 1) / MR;
+    int32_t team = 1;
+    maxima[0] = maxima[1] = -__builtin_inf();
+#pragma omp parallel num_threads(threads)
+    {
+        int32_t tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#pragma omp single
+        team = omp_get_num_threads();
+#endif
+        double *mine = partial + tid * dim;
+        for (int64_t q = 0; q < dim; q++) mine[q] = 0.0;
+        const int64_t r0 = k * tid / team, r1 = k * (tid + 1) / team;
+        for (int64_t i = r0; i < r1; i++) {
+            const float *row = codes + i * dim;
+            int64_t q = 0;
+            for (; q + 8 <= dim; q += 8)
+                _mm512_storeu_pd(mine + q, _mm512_add_pd(_mm512_loadu_pd(mine + q), _mm512_cvtps_pd(_mm256_loadu_ps(row + q))));
+            for (; q < dim; q++) mine[q] += (double)row[q];
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < dim; q++) {
+            double sum = 0.0;
+            for (int32_t t = 0; t < team; t++) sum += partial[t * dim + q];
+            mean[q] = (float)(sum / (double)k);
+        }
+        double mc = -__builtin_inf(), mr = -__builtin_inf();
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            const int64_t i0 = blk * MR, i1 = (blk + 1) * MR < k_pad ? (blk + 1) * MR : k_pad;
+            simvq_bf16_pack(codes, mean, k, dim, pairs, -2.0f, 0, b, resid, csq, i0, i1);
+            for (int64_t i = i0; i < i1 && i < k; i++) {
+                mc = max_nan(mc, (double)csq[i]);
+                mr = max_nan(mr, (double)resid[i]);
+            }
+        }
+#pragma omp critical
+        {
+            maxima[0] = max_nan(maxima[0], mc);
+            maxima[1] = max_nan(maxima[1], mr);
+        }
     }
 }
