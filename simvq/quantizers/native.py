@@ -155,13 +155,23 @@ class Bf16SearchKernel:
         if z.dtype != torch.float32 or mean.dtype != torch.float32 or mean.shape != (dim,) or rows < n:
             raise ValueError("bf16 search kernel: run needs float32 z (n, d) and mean (d,), and state for n tokens")
         if (
-            state.apack.shape != (rows // self.tokens_per_block, pairs, self.tokens_per_block)
-            or state.cand_idx.dim() != 2 or state.cand_idx.shape[1] != rows or state.cand_val.shape != state.cand_idx.shape
-            or b.dtype != torch.bfloat16 or b.dim() != 2 or b.shape[1] != 2 * pairs
+            b.dtype != torch.bfloat16 or b.dim() != 2 or b.shape[1] != 2 * pairs
             or b.shape[0] % self.codes_per_tile or csq.shape != (b.shape[0],)
         ):  # fmt: skip
-            raise ValueError("bf16 search kernel: the packed codes and the state must match the tokens' width")
-        tensors = (z, mean, b, csq, *state)
+            raise ValueError("bf16 search kernel: the packed codes must match the tokens' width")
+        tensors = (z, mean, b, csq)
+        made = self._local.__dict__.get("state")
+        if made is not None and made[1] is state and made[0][1] == dim:
+            state_pointers = made[2]  # this thread's own state buffers (state()), laid out for this width
+        else:
+            if (
+                state.apack.shape != (rows // self.tokens_per_block, pairs, self.tokens_per_block)
+                or state.cand_idx.dim() != 2 or state.cand_idx.shape[1] != rows
+                or state.cand_val.shape != state.cand_idx.shape
+            ):  # fmt: skip
+                raise ValueError("bf16 search kernel: the state must match the tokens' width")
+            _check_cpu_contiguous(state)
+            state_pointers = [t.data_ptr() for t in state]
         if finish is not None:
             tensors += tuple(finish)
             if (
@@ -178,7 +188,7 @@ class Bf16SearchKernel:
         pointers = [None] * (len(_FINISH) + 1) if finish is None else [*(t.data_ptr() for t in finish), ctypes.addressof(stats)]
         blocks = state.apack.shape[0]
         args = _Args(
-            *(t.data_ptr() for t in (z, mean, b, csq, *state)), *pointers, (ctypes.c_double * 6)(*bound),
+            *(t.data_ptr() for t in (z, mean, b, csq)), *state_pointers, *pointers, (ctypes.c_double * 6)(*bound),
             state.apack.shape[1], b.shape[0], state.cand_idx.shape[0], max(1, kb_codes), n, dim, rows,
         )  # fmt: skip
         threads = max(1, min(threads, blocks))
@@ -213,7 +223,8 @@ class Bf16SearchKernel:
     def state(self, rows: int, dim: int, cap: int) -> KernelState:
         """The buffers of a run over ``rows`` tokens (a multiple of the block size) of width ``dim`` with lists
         of ``cap`` codes, from this thread's kept buffers (:meth:`workspace`); the kernel writes them all.
-        The last one is reused as it is while the same is asked for (twelve buffer look-ups cost ~50 us)."""
+        The last one is reused as it is while the same is asked for, and :meth:`run` trusts its layout (twelve
+        buffer look-ups and checks cost ~50 us, where a search at K = 1,024 takes about a millisecond)."""
         key = (rows, dim, cap)
         last = self._local.__dict__.get("state")
         if last is not None and last[0] == key:
@@ -227,7 +238,7 @@ class Bf16SearchKernel:
             "cand_val": ((cap, rows), torch.float32),
         }  # fmt: skip
         state = KernelState(*(self.workspace(name, *shapes.get(name, ((rows,), torch.float32))) for name in _STATE))
-        self._local.state = (key, state)
+        self._local.state = (key, state, [t.data_ptr() for t in state])
         return state
 
     def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -239,6 +250,11 @@ class Bf16SearchKernel:
         at K = 262,144 (more than packing it). They stay allocated, per thread, until the thread ends or
         :meth:`release_workspace`.
         """
+        views = self._local.__dict__.setdefault("views", {})
+        key = (name, shape, dtype)
+        view = views.get(key)
+        if view is not None:
+            return view
         buffers = self._local.__dict__.setdefault("buffers", {})
         numel = 1
         for n in shape:
@@ -246,12 +262,18 @@ class Bf16SearchKernel:
         buf = buffers.get(name)
         if buf is None or buf.dtype != dtype or buf.numel() < numel:
             buf = buffers[name] = torch.empty(numel, dtype=dtype)
-        return buf[:numel].view(shape)
+            for old in [k for k in views if k[0] == name]:  # views of the buffer this one replaces
+                del views[old]
+            self._local.__dict__.pop("state", None)  # its views may be among them
+        if len(views) >= 64:  # searches of many different sizes: the views are cheap to make again
+            views.clear()
+        view = views[key] = buf[:numel].view(shape)
+        return view
 
     def release_workspace(self) -> None:
         """Free this thread's kept buffers (see :meth:`workspace`); the next search allocates them again."""
-        self._local.__dict__.pop("buffers", None)
-        self._local.__dict__.pop("state", None)
+        for name in ("buffers", "views", "state"):
+            self._local.__dict__.pop(name, None)
 
     def pack(
         self,

@@ -154,17 +154,27 @@ static void keep(const simvq_search_args *g, int64_t tok, int32_t code, float v)
  * tiles' per-token minima, 8 KiB. */
 #define LOG_TILES 64
 
-/* sum((z - c)^2) in double: each difference of two floats rounds at most once, its square once, and each
- * term passes through at most dim + 3 additions (8 lanes, then across the lanes, then the tail): relative
- * error <= (dim + 8) 2^-53, and the same holds for any other summation order (the caller's). */
+/* sum((z - c)^2) in double: each difference of two floats rounds at most once, its square and sum once (fused)
+ * or twice, and each term passes through at most dim + 3 additions (four accumulators of 8 lanes, then
+ * across them and the lanes, then the tail): relative error <= (dim + 8) 2^-53, and the same holds for any
+ * other summation order (the caller's). Four accumulators: one chain of dim / 8 dependent additions made a
+ * token's settling wait on the adder's latency. */
 static double dist64(const float *z, const float *c, int64_t dim) {
-    __m512d acc = _mm512_setzero_pd();
+    __m512d acc[4] = {_mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd(), _mm512_setzero_pd()};
     int64_t q = 0;
+    for (; q + 32 <= dim; q += 32) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            const __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(z + q + 8 * u)),
+                                            _mm512_cvtps_pd(_mm256_loadu_ps(c + q + 8 * u)));
+            acc[u] = _mm512_fmadd_pd(d, d, acc[u]);
+        }
+    }
     for (; q + 8 <= dim; q += 8) {
         const __m512d d = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(z + q)), _mm512_cvtps_pd(_mm256_loadu_ps(c + q)));
-        acc = _mm512_add_pd(acc, _mm512_mul_pd(d, d));
+        acc[0] = _mm512_fmadd_pd(d, d, acc[0]);
     }
-    double sum = _mm512_reduce_add_pd(acc);
+    double sum = _mm512_reduce_add_pd(_mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3])));
     for (; q < dim; q++) {
         const double d = (double)z[q] - (double)c[q];
         sum += d * d;
