@@ -188,7 +188,7 @@ def test_kernel_values_stay_within_the_error_bound():
     nr = KERNEL.codes_per_tile
     k_pad = -(-100 // nr) * nr
     # the codes centred, squared and rounded by the kernel's own pass, as the search does
-    b, dc, csq = KERNEL.pack(codebook, k_pad, scale=-2.0, blocked=False, mean=mean, squares=True, threads=2)
+    b, dc, csq = KERNEL.pack(codebook, k_pad, scale=-2.0, layout="codes", mean=mean, squares=True, threads=2)
     c_max, dc_max = float(csq[:100].max().sqrt()), float(dc.max())
     bound = search_mod._bf16_error_coefficients(48, c_max, dc_max)
     big = torch.finfo(torch.float32).max
@@ -226,32 +226,30 @@ def test_kernel_values_stay_within_the_error_bound():
 @needs_kernel
 @pytest.mark.parametrize("d", [1, 16, 37, 70])
 def test_pack_matches_torch_bf16_rounding(d):
+    # both tile layouts, plain and centred, against torch's bf16 rounding (to nearest even) laid out by hand;
+    # d = 70: a partial group of 16 pairs in the in-register transposes; 45 rows: partial tiles
     g = torch.Generator().manual_seed(d)
     x = torch.randn(45, d, generator=g) * torch.logspace(-3, 3, d)
-    rows, pairs, mr = 64, (d + 1) // 2, KERNEL.tokens_per_block
-    padded = torch.zeros(rows, 2 * pairs)
-    padded[:45, :d] = x
-    rounded = padded.bfloat16()  # torch rounds to nearest even
-    b, resid, sq = KERNEL.pack(x, rows, scale=-2.0, blocked=False, threads=3)
-    assert sq is None
-    assert torch.equal(b.float(), rounded.float() * -2)  # values (the padding is +0, torch's -2 * 0 is -0)
-    assert torch.allclose(resid.double(), (x.double() - rounded[:45, :d].double()).norm(dim=1), rtol=1e-5)
-    a, _, _ = KERNEL.pack(x, rows, scale=1.0, blocked=True, threads=2)
-    expected = rounded.view(torch.int32).view(rows // mr, mr, pairs).transpose(1, 2)
-    assert torch.equal(a, expected)
-    # centred on request: the same fp32 differences as torch's x - mean, and their squared norms
-    mean = x.mean(dim=0)
-    b, resid, sq = KERNEL.pack(x, rows, scale=-2.0, blocked=False, mean=mean, squares=True)
-    centred = torch.zeros(rows, 2 * pairs)
-    centred[:45, :d] = x - mean
-    assert torch.equal(b.float(), centred.bfloat16().float() * -2)
-    assert torch.allclose(sq[:45].double(), (x - mean).double().pow(2).sum(dim=1), rtol=1e-5)
-    assert bool(torch.isinf(sq[45:]).all())  # padding rows: never a candidate
-    # the tokens' layout, centred: 16 rows by 16 pairs transposed at a time (d = 70: a partial group of pairs)
-    a, resid, sq = KERNEL.pack(x, rows, scale=1.0, blocked=True, mean=mean, squares=True, threads=2)
-    assert torch.equal(a, centred.bfloat16().view(torch.int32).view(rows // mr, mr, pairs).transpose(1, 2))
-    assert torch.allclose(resid.double(), ((x - mean).double() - centred[:45, :d].bfloat16().double()).norm(dim=1))
-    assert torch.allclose(sq[:45].double(), (x - mean).double().pow(2).sum(dim=1), rtol=1e-5)
+    pairs, mean = (d + 1) // 2, x.mean(dim=0)
+    for layout, tile, rows, scale in (("codes", KERNEL.codes_per_tile, 50, -2.0), ("tokens", KERNEL.tokens_per_block, 64, 1.0)):
+        for centre in (None, mean):
+            y = x if centre is None else x - centre  # the same fp32 differences as torch's x - mean
+            padded = torch.zeros(rows, 2 * pairs)
+            padded[:45, :d] = y
+            rounded = padded.bfloat16()
+            out, resid, sq = KERNEL.pack(x, rows, scale=scale, layout=layout, mean=centre, squares=centre is not None, threads=3)
+            assert out.shape == (rows // tile, pairs, tile)
+            # tile t, pair p, row r of the tile -> row t * tile + r, coordinates 2 p and 2 p + 1
+            got = torch.empty(rows, pairs, dtype=torch.int32).copy_(out.transpose(1, 2).reshape(rows, pairs)).view(torch.bfloat16)
+            assert torch.equal(got.float(), rounded.float() * scale)  # values (the padding is +0, torch's -2 * 0 is -0)
+            assert torch.allclose(resid.double(), (y.double() - rounded[:45, :d].double()).norm(dim=1), rtol=1e-5)
+            if centre is None:
+                assert sq is None
+            else:
+                assert torch.allclose(sq[:45].double(), y.double().pow(2).sum(dim=1), rtol=1e-5)
+                assert bool(torch.isinf(sq[45:]).all())  # padding rows: never a candidate
+    with pytest.raises(ValueError, match="multiple of"):
+        KERNEL.pack(x, 64, scale=-2.0, layout="codes")
 
 
 @needs_kernel
@@ -264,7 +262,7 @@ def test_codes_operands_against_float64_and_pack(k, d, threads):
     packed = KERNEL.codes(x, threads=threads)
     assert torch.equal(packed.mean, x.double().mean(dim=0).float())
     k_pad = -(-k // KERNEL.codes_per_tile) * KERNEL.codes_per_tile
-    b, resid, sq = KERNEL.pack(x, k_pad, scale=-2.0, blocked=False, mean=packed.mean, squares=True)
+    b, resid, sq = KERNEL.pack(x, k_pad, scale=-2.0, layout="codes", mean=packed.mean, squares=True)
     assert torch.equal(packed.b, b) and torch.equal(packed.csq, sq)
     assert packed.c_sq_max == float(sq[:k].max()) and packed.dc_max == float(resid.max())
     assert packed.c_sq_max == pytest.approx(float((x.double() - x.double().mean(0)).pow(2).sum(1).max()), rel=1e-5)
@@ -337,7 +335,7 @@ def test_workspace_is_reused_grows_and_can_be_released():
     nearest_code(z[:100], codebook[:300], search="bf16-fused")  # smaller: the same memory
     assert buffers["codes"].data_ptr() == first
     got = nearest_code(z, torch.cat([codebook, codebook + 1]), search="bf16-fused")  # larger: grows
-    assert buffers["codes"].numel() >= 1200 * 16
+    assert buffers["codes"].numel() >= 1200 * 8  # int32 pairs of bf16
     assert torch.equal(got, reference_argmin(z, torch.cat([codebook, codebook + 1])))
     state = KERNEL.state(64, 16, 8)
     assert KERNEL.state(64, 16, 8) is state and KERNEL.state(96, 16, 8) is not state  # the last one, reused
@@ -361,7 +359,7 @@ def test_kernel_run_refuses_mismatched_buffers():
     # the C code trusts the layout it is given: a mismatch must be a clear error, never a stray memory access
     z, codebook = _random(40, 30, 16, seed=8)
     mean = codebook.mean(dim=0)
-    b, dc, csq = KERNEL.pack(codebook, 30, scale=-2.0, blocked=False, mean=mean, squares=True)
+    b, dc, csq = KERNEL.pack(codebook, 30, scale=-2.0, layout="codes", mean=mean, squares=True)
     bound = search_mod._bf16_error_coefficients(16, float(csq.max().sqrt()), float(dc.max()))
     with pytest.raises(ValueError, match="must match the tokens' width"):
         KERNEL.run(z, mean, b, csq, bound, KERNEL.state(64, 18, 8), kb_codes=64, threads=1)  # width 18, not 16

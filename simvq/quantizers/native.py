@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "bf16_search.c"
-ABI_VERSION = 14
+ABI_VERSION = 15
 # explicit ISA flags rather than -march: the library runs on any CPU with these features, whoever built it
 CFLAGS = (
     "-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing",
@@ -88,7 +88,7 @@ class KernelState(NamedTuple):
 class PackedCodes(NamedTuple):
     """The codes' operands (:meth:`Bf16SearchKernel.codes`), views of the calling thread's kept buffers."""
 
-    b: torch.Tensor  # (k_pad, 2 * pairs) bfloat16: -2 (c - mean) rounded, zero rows past K
+    b: torch.Tensor  # (k_pad / NR, pairs, NR) int32: -2 (c - mean) rounded to bf16 pairs, code tiles, zero past K
     csq: torch.Tensor  # (k_pad,) float32: ||c - mean||^2, +inf on the padding codes
     mean: torch.Tensor  # (d,) float32: the codes' mean (summed in double)
     c_sq_max: float  # max ||c - mean||^2 (NaN if any is)
@@ -142,7 +142,7 @@ class Bf16SearchKernel:
         """Pack the tokens ``z`` (n, d) centred on ``mean``, scan every code for every token block, then (with
         ``finish``) settle each token.
 
-        ``b``, ``csq``: the packed codes (:meth:`pack`); ``bound``: the six coefficients of the per-token
+        ``b``, ``csq``: the packed codes (:meth:`codes`, or :meth:`pack` with ``layout="codes"``); ``bound``: the six coefficients of the per-token
         error bound (``_bf16_error_coefficients`` in search.py). All tensors must be contiguous CPU tensors
         laid out as the C source describes; ``state`` (:meth:`state`) is written by the call. It releases
         the GIL and runs on ``threads`` OpenMP threads (token blocks in pieces taken dynamically; each piece
@@ -155,8 +155,8 @@ class Bf16SearchKernel:
         if z.dtype != torch.float32 or mean.dtype != torch.float32 or mean.shape != (dim,) or rows < n:
             raise ValueError("bf16 search kernel: run needs float32 z (n, d) and mean (d,), and state for n tokens")
         if (
-            b.dtype != torch.bfloat16 or b.dim() != 2 or b.shape[1] != 2 * pairs
-            or b.shape[0] % self.codes_per_tile or csq.shape != (b.shape[0],)
+            b.dtype != torch.int32 or b.shape[1:] != (pairs, self.codes_per_tile)
+            or csq.shape != (b.shape[0] * self.codes_per_tile,)
         ):  # fmt: skip
             raise ValueError("bf16 search kernel: the packed codes must match the tokens' width")
         tensors = (z, mean, b, csq)
@@ -189,11 +189,11 @@ class Bf16SearchKernel:
         blocks = state.apack.shape[0]
         args = _Args(
             *(t.data_ptr() for t in (z, mean, b, csq)), *state_pointers, *pointers, (ctypes.c_double * 6)(*bound),
-            state.apack.shape[1], b.shape[0], state.cand_idx.shape[0], max(1, kb_codes), n, dim, rows,
+            state.apack.shape[1], csq.shape[0], state.cand_idx.shape[0], max(1, kb_codes), n, dim, rows,
         )  # fmt: skip
         threads = max(1, min(threads, blocks))
         # one cache block of codes: the kernel's block is kb_codes rounded up to whole tiles
-        one_block = b.shape[0] <= -(-max(1, kb_codes) // self.codes_per_tile) * self.codes_per_tile
+        one_block = csq.shape[0] <= -(-max(1, kb_codes) // self.codes_per_tile) * self.codes_per_tile
         per_thread = PIECES_PER_THREAD_ONE_BLOCK if one_block else PIECES_PER_THREAD
         pieces = min(blocks, max(threads * per_thread, -(-blocks // PIECE_BLOCKS)))
         self._search_all(ctypes.byref(args), blocks, threads, pieces)
@@ -211,7 +211,7 @@ class Bf16SearchKernel:
         nr, pairs, threads = self.codes_per_tile, (dim + 1) // 2, max(1, threads)
         k_pad = -(-k // nr) * nr
         ws = self.workspace
-        b, csq, mean = ws("codes", (k_pad, 2 * pairs), torch.bfloat16), ws("csq", (k_pad,), torch.float32), ws("mean", (dim,), torch.float32)
+        b, csq, mean = ws("codes", (k_pad // nr, pairs, nr), torch.int32), ws("csq", (k_pad,), torch.float32), ws("mean", (dim,), torch.float32)
         partial, resid = ws("partial", (threads, dim), torch.float64), ws("code_resid", (k,), torch.float32)
         maxima = (ctypes.c_double * 2)()
         self._codes(
@@ -281,17 +281,18 @@ class Bf16SearchKernel:
         rows: int,
         *,
         scale: float,
-        blocked: bool,
+        layout: str,
         out: torch.Tensor | None = None,
         mean: torch.Tensor | None = None,
         squares: bool = False,
         threads: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``y = x - mean`` (``x`` (n, d) float32; no ``mean``: ``y = x``) rounded to bf16 (to nearest even)
-        times ``scale`` (a power of two), padded with zero rows to ``rows`` and to an even width: row-major
-        ``(rows, 2 * pairs)`` bf16, or, ``blocked``, the kernel's token blocks ``(rows / MR, pairs, MR)``
-        int32. Also returns ``||y_i - bf16(y_i)||`` (n,) and, with ``squares``, ``||y_i||^2`` in float32
-        (rows,) with +inf on the padding rows (else None)."""
+        times ``scale`` (a power of two), padded with zero rows to ``rows`` and to an even width, as int32
+        pairs of bf16 (even coordinate in the low half) in the kernel's tiles: ``layout="tokens"``, token
+        blocks ``(rows / MR, pairs, MR)``; ``"codes"``, code tiles ``(rows / NR, pairs, NR)``. Also returns
+        ``||y_i - bf16(y_i)||`` (n,) and, with ``squares``, ``||y_i||^2`` in float32 (rows,) with +inf on the
+        padding rows (else None)."""
         _check_cpu_contiguous((x,) if mean is None else (x, mean))
         if x.dtype != torch.float32 or x.dim() != 2 or rows < x.shape[0]:
             raise ValueError("bf16 search kernel: pack expects a float32 (n, d) tensor and rows >= n")
@@ -299,12 +300,13 @@ class Bf16SearchKernel:
         if mean is not None and (mean.dtype != torch.float32 or mean.shape != (dim,)):
             raise ValueError(f"bf16 search kernel: mean must be a float32 tensor of shape ({dim},)")
         pairs = (dim + 1) // 2
-        if blocked:
-            if rows % self.tokens_per_block:
-                raise ValueError(f"bf16 search kernel: blocked rows must be a multiple of {self.tokens_per_block}")
-            shape, dtype = (rows // self.tokens_per_block, pairs, self.tokens_per_block), torch.int32
-        else:
-            shape, dtype = (rows, 2 * pairs), torch.bfloat16
+        tiles = {"tokens": self.tokens_per_block, "codes": self.codes_per_tile}
+        if layout not in tiles:
+            raise ValueError(f"bf16 search kernel: pack layout must be 'tokens' or 'codes', got {layout!r}")
+        tile = tiles[layout]
+        if rows % tile:
+            raise ValueError(f"bf16 search kernel: {layout} rows must be a multiple of {tile}")
+        shape, dtype = (rows // tile, pairs, tile), torch.int32
         if out is None:
             out = torch.empty(shape, dtype=dtype)
         elif out.shape != shape or out.dtype != dtype or not out.is_contiguous():
@@ -312,7 +314,7 @@ class Bf16SearchKernel:
         resid = torch.empty(n, dtype=torch.float32)
         sq = torch.empty(rows, dtype=torch.float32) if squares else None
         self._pack(
-            x.data_ptr(), None if mean is None else mean.data_ptr(), n, rows, dim, pairs, scale, int(blocked),
+            x.data_ptr(), None if mean is None else mean.data_ptr(), n, rows, dim, pairs, scale, 1 if layout == "tokens" else 2,
             out.data_ptr(), resid.data_ptr(), None if sq is None else sq.data_ptr(), max(1, threads),
         )  # fmt: skip
         return out, resid, sq

@@ -546,7 +546,7 @@ def _bf16_fused(z, codebook, max_chunk_elements):
         near = ws("near", (nt,), torch.int32)
         state = kernel.state(-(-nt // mr) * mr, dim, cap)
         several, ties, over = kernel.run(
-            z32[t0:t1], mean, b, csq, bound, state, kb_codes=FUSED_CODE_BLOCK_BYTES // (2 * b.shape[1]), threads=threads,
+            z32[t0:t1], mean, b, csq, bound, state, kb_codes=FUSED_CODE_BLOCK_BYTES // (4 * b.shape[1]), threads=threads,
             finish=Finish(codes32, idx, near),
         )  # fmt: skip
         reranked += several

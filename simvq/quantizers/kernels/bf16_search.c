@@ -12,11 +12,12 @@
  * own minimum with the threshold decides whether any of its codes may be kept; such a tile's values are logged
  * and its codes kept later, against the lower threshold of that moment (LOG_TILES, flush_log).
  *
- * Layout (all row-major, contiguous):
+ * Layout (contiguous):
  *   z       [n][dim] float: the tokens; mean [dim]: the point they and the codes are centred on
  *   apack   [token blocks][pairs][MR] uint32: two bf16 (an even/odd coordinate pair) of one token each,
  *           written by the kernel (bound_tokens) from z - mean
- *   b       [k_pad][pairs] uint32: codes, two bf16 per uint32 (k_pad a multiple of NR)
+ *   b       [k_pad / NR][pairs][NR] uint32: codes, two bf16 per uint32, tile-blocked (a tile's NR codes of a
+ *           pair side by side, so that a tile reads its codes as one stream; k_pad a multiple of NR)
  *   csq     [k_pad] float: per-code start value (padding codes: +inf, never kept)
  *   twoe    [n_pad] float: per-token threshold margin above the running minimum (written by the kernel)
  *   run_min, thr [n_pad] float: the running minimum and threshold
@@ -31,7 +32,7 @@
  * threads competing for the cores, and torch.set_num_threads governs it. Without OpenMP it runs serially.
  *
  * simvq_bf16_pack writes the operands: bf16 rounding (to nearest even) of fp32 rows (centred on request),
- * scaled by a power of two, either row-major (codes) or token-blocked (tokens), with the norm of each row's
+ * scaled by a power of two, in the tokens' blocks or the codes' tiles, with the norm of each row's
  * rounding residual and, on request, each row's squared norm.
  *
  * When its range is scanned, simvq_bf16_search settles its tokens (skipped if out is NULL). filter_token
@@ -53,7 +54,7 @@
 #define MR 32 /* tokens per tile: two 16-lane vectors */
 #define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
 #define MT (MR / 16)
-#define ABI_VERSION 14
+#define ABI_VERSION 15
 
 typedef struct {
     const float *z;    /* [n][dim]: the tokens, original coordinates */
@@ -125,12 +126,11 @@ static void keep(const simvq_search_args *g, int64_t tok, int32_t code, float v)
     g->count[tok] = c + 1;
 }
 
-/* acc[t][j] = csq[j0 + j] + sum_p a[p][16 t + lane] . b[j0 + j][p]: one MR x NR tile, in registers */
+/* acc[t][j] = csq[j0 + j] + sum_p a[p][16 t + lane] . b[j0 / NR][p][j]: one MR x NR tile, in registers */
 #define TILE(acc, a, g, j0)                                                                               \
     do {                                                                                                  \
-        const uint32_t *bj[NR];                                                                           \
+        const uint32_t *bt = (g)->b + (j0) * P;                                                            \
         _Pragma("GCC unroll 16") for (int j = 0; j < NR; j++) {                                           \
-            bj[j] = (g)->b + ((j0) + j) * P;                                                              \
             const __m512 c = _mm512_set1_ps((g)->csq[(j0) + j]);                                          \
             _Pragma("GCC unroll 4") for (int t = 0; t < MT; t++) acc[t][j] = c;                          \
         }                                                                                                 \
@@ -139,7 +139,7 @@ static void keep(const simvq_search_args *g, int64_t tok, int32_t code, float v)
             _Pragma("GCC unroll 4") for (int t = 0; t < MT; t++)                                         \
                 av[t] = (__m512bh)_mm512_loadu_si512((a) + p * MR + 16 * t);                              \
             _Pragma("GCC unroll 16") for (int j = 0; j < NR; j++) {                                       \
-                const __m512bh bv = (__m512bh)_mm512_set1_epi32((int)bj[j][p]);                           \
+                const __m512bh bv = (__m512bh)_mm512_set1_epi32((int)bt[p * NR + j]);                     \
                 _Pragma("GCC unroll 4") for (int t = 0; t < MT; t++)                                     \
                     acc[t][j] = _mm512_dpbf16_ps(acc[t][j], av[t], bv);                                   \
             }                                                                                             \
@@ -454,29 +454,6 @@ int32_t simvq_openmp(void) {
 #endif
 }
 
-/* One row y = x - mean (mean may be NULL) rounded to bf16 (to nearest even) times `scale` into row[0, 2 * pairs)
- * (zero past dim); *resid = || y - bf16(y) || (the residuals are exact in float), *sq = ||y||^2 in float. */
-static inline void pack_row(const float *xi, const float *mean, int64_t dim, int64_t pairs, float scale,
-                            uint16_t *row, float *resid, float *sq) {
-    const __m512 sc = _mm512_set1_ps(scale);
-    __m512 acc = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
-    for (int64_t q = 0; q < dim; q += 16) {
-        const __mmask16 m = dim - q >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (dim - q)) - 1);
-        __m512 v = _mm512_maskz_loadu_ps(m, xi + q);
-        if (mean) v = _mm512_sub_ps(v, _mm512_maskz_loadu_ps(m, mean + q));
-        sum = _mm512_fmadd_ps(v, v, sum);
-        const __m256bh h = _mm512_cvtneps_pbh(v);
-        const __m512 back = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
-        const __m512 d = _mm512_sub_ps(v, back);
-        acc = _mm512_fmadd_ps(d, d, acc);
-        const __m256bh hs = scale == 1.0f ? h : _mm512_cvtneps_pbh(_mm512_mul_ps(v, sc));
-        _mm256_mask_storeu_epi16(row + q, m, (__m256i)hs);
-    }
-    for (int64_t k = dim; k < 2 * pairs; k++) row[k] = 0;
-    *resid = __builtin_sqrtf(_mm512_reduce_add_ps(acc));
-    *sq = _mm512_reduce_add_ps(sum);
-}
-
 /* out[p][c] = in[c][p] for a 16 x 16 tile of 32-bit values held in registers */
 static inline void transpose16(__m512i r[16]) {
     __m512i t[16];
@@ -507,48 +484,37 @@ static inline void transpose16(__m512i r[16]) {
 }
 
 /* Rows [r0, r1) of the operands: y_i = x_i - mean (fp32, as torch computes it; mean may be NULL: y_i = x_i)
- * rounded to bf16 (to nearest even) times `scale` (a power of two: exact) into `out`, layout 0 row-major
- * [n_pad][2 * pairs] (uint16), layout 1 token-blocked [n_pad / MR][pairs][MR] (uint32 = two bf16; r0 and r1
- * multiples of 16). Rows n..n_pad-1 and the odd coordinate of an odd dim are zero. resid[i] = || y_i - bf16(y_i) ||
- * (the residuals are exact in float); sq (may be NULL) gets ||y_i||^2 in float, +inf on padding rows. The
- * blocked layout is written 16 rows by 16 pairs at a time, transposed in registers: one 64-byte store per
- * pair and 16 rows, where a 4-byte store per pair and row made the packing 3x slower. */
+ * rounded to bf16 (to nearest even) times `scale` (a power of two: exact) into `out`, in tiles of `tile` rows:
+ * [n_pad / tile][pairs][tile] uint32 (two bf16 of one row: an even/odd coordinate pair), layout 1 the tokens'
+ * (tile = MR, r0 and r1 multiples of 16), layout 2 the codes' (tile = NR, r0 and r1 multiples of NR). Rows
+ * n..n_pad-1 and the odd coordinate of an odd dim are zero. resid[i] = || y_i - bf16(y_i) || (the residuals
+ * are exact in float); sq (may be NULL) gets ||y_i||^2 in float, +inf on padding rows. Rows are packed 16 (or
+ * NR) at a time, 16 pairs by 16 rows transposed in registers: one store per pair for the group, where a
+ * 4-byte store per pair and row made the packing 3x slower. */
 void simvq_bf16_pack(const float *x, const float *mean, int64_t n, int64_t dim, int64_t pairs,
                      float scale, int32_t layout, uint16_t *out, float *resid, float *sq, int64_t r0, int64_t r1) {
-    float junk;
-    if (layout == 0) {
-        const int64_t width = 2 * pairs;
-        for (int64_t i = r0; i < r1; i++) {
-            uint16_t *row = out + i * width;
-            if (i < n) {
-                pack_row(x + i * dim, mean, dim, pairs, scale, row, resid + i, sq ? sq + i : &junk);
-            } else {
-                if (sq) sq[i] = __builtin_inff();
-                for (int64_t k = 0; k < width; k++) row[k] = 0;
-            }
-        }
-        return;
-    }
+    const int tile = layout == 2 ? NR : MR, group = layout == 2 ? NR : 16;
+    const __mmask16 lanes = (__mmask16)((1u << group) - 1);
     const __m512 sc = _mm512_set1_ps(scale);
-    for (int64_t g0 = r0; g0 < r1; g0 += 16) {
+    for (int64_t g0 = r0; g0 < r1; g0 += group) {
         /* the next group's rows, asked for while this one is packed: a piece's rows span a few pages, and the
          * hardware's prefetch, which restarts at each page, left the packing inside a search 2-3x slower
          * than the same packing of all rows at once */
-        const int64_t nx = g0 + 16;
+        const int64_t nx = g0 + group;
         if (nx < r1 && nx < n) {
             const char *p = (const char *)(x + nx * dim);
-            const int64_t bytes = (n - nx < 16 ? n - nx : 16) * dim * 4;
+            const int64_t bytes = (n - nx < group ? n - nx : group) * dim * 4;
             for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(p + off, _MM_HINT_T0);
         }
         __m512 acc[16], sum[16];
         for (int r = 0; r < 16; r++) acc[r] = sum[r] = _mm512_setzero_ps();
-        uint32_t *o = (uint32_t *)out + (g0 / MR) * pairs * MR + (g0 % MR);
+        uint32_t *o = (uint32_t *)out + (g0 / tile) * pairs * tile + (g0 % tile);
         for (int64_t p0 = 0; p0 < pairs; p0 += 16) {
-            /* coordinates [2 p0, 2 p0 + 32) of the 16 rows, as 16 pairs each, then one store per pair */
+            /* coordinates [2 p0, 2 p0 + 32) of the group's rows, as 16 pairs each, then one store per pair */
             __m512i t[16];
             for (int r = 0; r < 16; r++) {
                 const int64_t i = g0 + r;
-                if (i >= n) {
+                if (r >= group || i >= n) {
                     t[r] = _mm512_setzero_si512();
                     continue;
                 }
@@ -570,9 +536,9 @@ void simvq_bf16_pack(const float *x, const float *mean, int64_t n, int64_t dim, 
             }
             transpose16(t);
             const int np = pairs - p0 < 16 ? (int)(pairs - p0) : 16;
-            for (int p = 0; p < np; p++) _mm512_storeu_si512(o + (p0 + p) * MR, t[p]);
+            for (int p = 0; p < np; p++) _mm512_mask_storeu_epi32(o + (p0 + p) * tile, lanes, t[p]);
         }
-        for (int r = 0; r < 16; r++) {
+        for (int r = 0; r < group; r++) {
             const int64_t i = g0 + r;
             if (i < n) {
                 resid[i] = __builtin_sqrtf(_mm512_reduce_add_ps(acc[r]));
@@ -584,14 +550,15 @@ void simvq_bf16_pack(const float *x, const float *mean, int64_t n, int64_t dim, 
     }
 }
 
-/* simvq_bf16_pack over rows [0, n_pad) on `threads` threads, in ranges of whole token blocks (MR rows). */
+/* simvq_bf16_pack over rows [0, n_pad) on `threads` threads, in ranges of whole tiles (MR rows for the tokens'
+ * layout, 4 NR for the codes'). */
 void simvq_bf16_pack_all(const float *x, const float *mean, int64_t n, int64_t n_pad, int64_t dim, int64_t pairs,
                          float scale, int32_t layout, uint16_t *out, float *resid, float *sq, int32_t threads) {
-    const int64_t blocks = (n_pad + MR - 1) / MR;
+    const int64_t step = layout == 2 ? 4 * NR : MR, blocks = (n_pad + step - 1) / step;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
-        const int64_t r1 = (blk + 1) * MR < n_pad ? (blk + 1) * MR : n_pad;
-        simvq_bf16_pack(x, mean, n, dim, pairs, scale, layout, out, resid, sq, blk * MR, r1);
+        const int64_t r1 = (blk + 1) * step < n_pad ? (blk + 1) * step : n_pad;
+        simvq_bf16_pack(x, mean, n, dim, pairs, scale, layout, out, resid, sq, blk * step, r1);
     }
 }
 
@@ -600,13 +567,13 @@ void simvq_bf16_pack_all(const float *x, const float *mean, int64_t n, int64_t n
 static inline double max_nan(double m, double v) { return (v > m || v != v) ? v : m; }
 
 /* The codes' operands in one threaded call: mean[q] = the codes' mean (summed in double, per thread in
- * partial[threads][dim], then rounded to float), then simvq_bf16_pack of codes - mean, scale -2, row-major,
+ * partial[threads][dim], then rounded to float), then simvq_bf16_pack of codes - mean, scale -2, in tiles,
  * with resid and the squared norms csq (+inf on the k_pad - k padding codes), and maxima[0] = max csq[0, k),
  * maxima[1] = max resid (NaN if any is NaN). A search of a small codebook takes about a millisecond; the
  * torch passes this replaces (a mean, a reduction per maximum) cost tens of microseconds each. */
 void simvq_bf16_codes(const float *codes, int64_t k, int64_t k_pad, int64_t dim, int64_t pairs, float *mean,
-                      double *partial, uint16_t *b, float *resid, float *csq, double *maxima, int32_t threads) {
-    const int64_t blocks = (k_pad + MR - 1) / MR;
+                      double *partial, uint32_t *b, float *resid, float *csq, double *maxima, int32_t threads) {
+    const int64_t rows_per_block = 4 * NR, blocks = (k_pad + rows_per_block - 1) / rows_per_block;
     int32_t team = 1;
     maxima[0] = maxima[1] = -__builtin_inf();
 #pragma omp parallel num_threads(threads)
@@ -637,8 +604,8 @@ void simvq_bf16_codes(const float *codes, int64_t k, int64_t k_pad, int64_t dim,
         double mc = -__builtin_inf(), mr = -__builtin_inf();
 #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < blocks; blk++) {
-            const int64_t i0 = blk * MR, i1 = (blk + 1) * MR < k_pad ? (blk + 1) * MR : k_pad;
-            simvq_bf16_pack(codes, mean, k, dim, pairs, -2.0f, 0, b, resid, csq, i0, i1);
+            const int64_t i0 = blk * rows_per_block, i1 = i0 + rows_per_block < k_pad ? i0 + rows_per_block : k_pad;
+            simvq_bf16_pack(codes, mean, k, dim, pairs, -2.0f, 2, (uint16_t *)b, resid, csq, i0, i1);
             for (int64_t i = i0; i < i1 && i < k; i++) {
                 mc = max_nan(mc, (double)csq[i]);
                 mr = max_nan(mr, (double)resid[i]);
