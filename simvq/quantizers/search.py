@@ -542,11 +542,12 @@ def _bf16_fused(z, codebook, max_chunk_elements):
         if t1 <= t0:
             continue
         nt = t1 - t0
-        idx = out[t0:t1]
+        whole = nt == num_tokens  # one chunk: no views to make (a few us each, against ~1 ms at K = 1,024)
+        idx, z_chunk = (out, z32) if whole else (out[t0:t1], z32[t0:t1])
         near = ws("near", (nt,), torch.int32)
         state = kernel.state(-(-nt // mr) * mr, dim, cap)
         several, ties, over = kernel.run(
-            z32[t0:t1], mean, b, csq, bound, state, kb_codes=FUSED_CODE_BLOCK_BYTES // (4 * b.shape[1]), threads=threads,
+            z_chunk, mean, b, csq, bound, state, kb_codes=FUSED_CODE_BLOCK_BYTES // (4 * b.shape[1]), threads=threads,
             finish=Finish(codes32, idx, near),
         )  # fmt: skip
         reranked += several
