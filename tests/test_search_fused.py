@@ -326,6 +326,25 @@ def test_build_is_cached_per_source_and_written_atomically(tmp_path, monkeypatch
 
 
 @needs_kernel
+def test_a_build_without_openmp_runs_serially_and_gives_the_same_answer(tmp_path, monkeypatch):
+    # a compiler without OpenMP gets the second flag set: the parallel regions run once, on the calling thread
+    compiler = native._compiler()
+    target = tmp_path / "serial.so"
+    proc = subprocess.run([compiler, *native.FLAG_SETS[1], "-o", str(target), str(native.SOURCE)], capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-500:]
+    serial = native.Bf16SearchKernel(__import__("ctypes").CDLL(str(target)))
+    assert not serial.openmp
+    monkeypatch.setattr(search_mod, "bf16_search_kernel", lambda: serial)
+    monkeypatch.setattr(search_mod, "default_threads", lambda: 3)  # asked for three, runs on one
+    z, codebook = _random(700, 1100, 40, seed=12, scale=0.5)
+    got, info = nearest_code_info(z, codebook, search="bf16-fused")
+    assert info.path == "bf16-fused" and info.fallback == 0
+    assert torch.equal(got, reference_argmin(z, codebook))
+    packed, reference = serial.codes(codebook, threads=3), KERNEL.codes(codebook, threads=2)
+    assert torch.equal(packed.b, reference.b) and torch.equal(packed.mean, reference.mean)
+
+
+@needs_kernel
 def test_workspace_is_reused_grows_and_can_be_released():
     KERNEL.release_workspace()
     z, codebook = _random(500, 600, 16, seed=9)

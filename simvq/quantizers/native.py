@@ -201,9 +201,9 @@ class Bf16SearchKernel:
 
     def codes(self, codes: torch.Tensor, *, threads: int = 1) -> PackedCodes:
         """The operands of a codebook ``codes`` (K, d) float32 in one threaded call: its mean (summed in
-        double), ``-2 (c - mean)`` rounded to bf16 in rows padded to whole tiles (``k_pad``), ``||c - mean||^2``
-        and the two maxima the error bound needs. The tensors are this thread's kept buffers (:meth:`workspace`):
-        valid until the next call."""
+        double), ``-2 (c - mean)`` rounded to bf16 in the kernel's code tiles (K padded with zero codes to a
+        whole tile, ``k_pad``), ``||c - mean||^2`` and the two maxima the error bound needs. The tensors are
+        this thread's kept buffers (:meth:`workspace`): valid until the next call."""
         _check_cpu_contiguous((codes,))
         if codes.dtype != torch.float32 or codes.dim() != 2 or codes.shape[0] < 1:
             raise ValueError("bf16 search kernel: codes must be a non-empty float32 (K, d) tensor")

@@ -345,17 +345,18 @@ static void flush_log(const simvq_search_args *g, int64_t tok0, float (*logv)[MT
  * last pass over the codes, a few lines per tile, so that they are in the core's cache when that piece is
  * packed: the scan is bound by arithmetic, the packing by memory (at K = 1,024, two threads: 245 -> 97 us
  * per search, of ~1.7 ms). */
-void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1, int64_t ahead0, int64_t ahead1) {
+void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1, int64_t ahead0, int64_t ahead1,
+                       float (*logbuf)[MT][NR][16]) {
     const int64_t P = g->pairs;
     /* codes in blocks that stay in the per-core L2 cache while every token block of the range passes */
     int64_t kb = (g->kb_codes + NR - 1) / NR * NR;
     if (kb < NR) kb = NR;
     bound_tokens(g, tb0 * MR, tb1 * MR);
-    /* the log; if it cannot be allocated, one tile on the stack (each tile's codes kept at once) */
+    /* the log (LOG_TILES tiles, from the caller); without one, one tile on the stack (each tile's codes kept
+     * at once) */
     float one[1][MT][NR][16] __attribute__((aligned(64)));
-    float(*logv)[MT][NR][16] = aligned_alloc(64, sizeof(float[LOG_TILES][MT][NR][16]));
-    const int log_tiles = logv ? LOG_TILES : 1;
-    if (!logv) logv = one;
+    float(*logv)[MT][NR][16] = logbuf ? logbuf : one;
+    const int log_tiles = logbuf ? LOG_TILES : 1;
     float logm[LOG_TILES][MT][16] __attribute__((aligned(64)));
     int64_t logj[LOG_TILES];
     const char *ahead = (const char *)(g->z + ahead0 * g->dim);
@@ -412,7 +413,6 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1, int
             flush_log(g, tok0, logv, logm, logj, n_log);
         }
     }
-    if (logv != one) free(logv);
     if (g->out) { /* the range's tokens are scanned: settle them while their lists are in this core's cache */
         int64_t stats[3] = {0, 0, 0};
         const int64_t i1 = tb1 * MR < g->n ? tb1 * MR : g->n;
@@ -433,6 +433,8 @@ void simvq_bf16_search_all(const simvq_search_args *g, int64_t blocks, int32_t t
     int64_t taken = 0;
 #pragma omp parallel num_threads(threads)
     {
+        /* one log per thread and call (80 KiB: a fresh one per piece could come back as new pages) */
+        float(*logbuf)[MT][NR][16] = aligned_alloc(64, sizeof(float[LOG_TILES][MT][NR][16]));
         int64_t cur = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED);
         while (cur < pieces) {
             int64_t next = pieces;
@@ -440,9 +442,10 @@ void simvq_bf16_search_all(const simvq_search_args *g, int64_t blocks, int32_t t
                 next = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED);
             const int64_t a0 = next < pieces ? blocks * next / pieces * MR : 0;
             const int64_t a1 = next < pieces ? blocks * (next + 1) / pieces * MR : 0;
-            simvq_bf16_search(g, blocks * cur / pieces, blocks * (cur + 1) / pieces, a0, a1);
+            simvq_bf16_search(g, blocks * cur / pieces, blocks * (cur + 1) / pieces, a0, a1, logbuf);
             cur = next < pieces ? next : __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED);
         }
+        free(logbuf);
     }
 }
 
