@@ -220,7 +220,10 @@ def test_kernel_values_stay_within_the_error_bound():
     gap = (v - exact).abs()
     assert float((err[:, None] - gap).min()) >= 0
     assert float(gap.max()) > 0.01 * float(err.min())  # the data does exercise the rounding
-    assert torch.equal(run_min, val.min(dim=1).values)
+    # the running minimum comes from the scan's sums, the kept values from the same sums in another order
+    # (evaluated again when kept): each within E of the exact value
+    assert bool(((run_min.double() - exact.min(dim=1).values).abs() <= err).all())
+    assert bool(((run_min.double() - v.min(dim=1).values).abs() <= 2 * err).all())
 
 
 @needs_kernel

@@ -39,9 +39,10 @@ Paths (``search=``; every path returns the same indices):
   conversions and fp32 accumulation inside the matmul, as AVX512-BF16, AMX and tensor cores do;
   tests/test_search_paths.py checks it against float64 on the running machine.
 - ``"bf16-fused"``: the bf16-candidates rule in one C kernel (:mod:`simvq.quantizers.native`, CPUs with
-  AVX512-BF16): the products are accumulated in fp32 registers and each token's running minimum and the
-  codes within the bound of it are kept as they are computed, so no distance is written to memory, and
-  the values are not rounded to bf16 (a smaller bound, fewer candidates). See :func:`_bf16_fused`.
+  AVX512-BF16): the products are accumulated in fp32 registers, each token's running minimum is kept as
+  they are computed and the codes within the bound of it at the end of each pass over a block of codes, so
+  no distance is written to memory, and the values are not rounded to bf16 (a smaller bound, fewer
+  candidates). See :func:`_bf16_fused`.
 - ``"auto"`` (default): on CPUs with hardware bf16, for fp32 searches, ``"bf16-fused"`` from
   ``BF16_FUSED_MIN_DISTANCES`` distances where the kernel builds, else ``"bf16-candidates"`` from
   ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide; ``"exact-fp32"`` otherwise
@@ -497,8 +498,9 @@ def _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements):
 
 def _bf16_fused(z, codebook, max_chunk_elements):
     """The fused kernel (kernels/bf16_search.c): bf16 products accumulated in fp32 from ``||c'||^2``, the
-    running minimum and the codes within the bound of it kept per token while the values are in registers;
-    no distance is written to memory. Same contract as :func:`_bf16_candidates`, but the tokens and codes
+    running minimum kept per token while the values are in registers, and the codes within the bound of it
+    found again at the end of each pass over a block of codes from the tiles' per-token minima; no distance
+    is written to memory. Same contract as :func:`_bf16_candidates`, but the tokens and codes
     are centred, squared and rounded by the kernel's own threaded code (the other paths' ``zc``, ``cc``,
     ``c_sq`` and bf16 copies are torch passes: 210 ms on one thread for the codes at K = 262,144, d = 128),
     and each chunk of tokens is packed, bounded, scanned and settled in one parallel call: a fixed cost

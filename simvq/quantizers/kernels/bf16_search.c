@@ -2,15 +2,15 @@
  *
  * For every token i and code k it evaluates v[i,k] = csq[k] + sum_p a[i,p] . b[k,p] with vdpbf16ps
  * (bf16 products, exact in fp32, accumulated in fp32, starting from csq[k]) and never writes the distance
- * matrix: while the values are still in registers it keeps, per token, the running minimum of v and every
- * code whose value is <= the running threshold thr[i] = min over the scan of (running minimum + twoe[i]).
- * Since the running minimum only falls, every code within twoe[i] of the final minimum is kept; once a range
- * of tokens is scanned, their kept codes are filtered against the final minimum and settled exactly
- * (filter_token, settle_token). A token whose full list had to refuse a code that turns out to be within the final
- * threshold (more than `cap` candidates; see keep()), or whose values could leave the fp32 range
- * (bound_tokens), is left to the caller's exact search. Per tile, one comparison per 16 tokens of the tile's
- * own minimum with the threshold decides whether any of its codes may be kept; such a tile's values are logged
- * and its codes kept later, against the lower threshold of that moment (LOG_TILES, flush_log).
+ * matrix: while the values are still in registers it updates, per token, the running minimum of v and the
+ * running threshold thr[i] = min over the scan of (running minimum + twoe[i]), and records the tile's own
+ * minimum per token. When a token block's pass over a block of codes ends, every code whose value is <= the
+ * threshold of that moment is kept (flush_tiles): a tile's recorded minimum says which of its tokens may have
+ * one, and only those tokens' values are evaluated again. Since the running minimum only falls, every code
+ * within twoe[i] of the final minimum is kept; once a range of tokens is scanned, their kept codes are
+ * filtered against the final minimum and settled exactly (filter_token, settle_token). A token whose full
+ * list had to refuse a code that turns out to be within the final threshold (more than `cap` candidates; see
+ * keep()), or whose values could leave the fp32 range (bound_tokens), is left to the caller's exact search.
  *
  * Layout (contiguous):
  *   z       [n][dim] float: the tokens; mean [dim]: the point they and the codes are centred on
@@ -145,14 +145,6 @@ static void keep(const simvq_search_args *g, int64_t tok, int32_t code, float v)
             }                                                                                             \
         }                                                                                                 \
     } while (0)
-
-/* Tiles with a code under the running threshold are logged (their values, held in memory) and their codes
- * kept only when the log is full or the token block's pass over a code block ends, against the threshold of
- * that moment: the running minimum falls fast early in a scan, and most of the codes under the threshold
- * when their tile was computed are no longer under it then (at K = 1,024, d = 128: ~5 codes kept per token
- * when kept at once, ~1.5 from a log of 64 tiles). The log: 80 KiB of values (in the core's L2 cache) and the
- * tiles' per-token minima, 8 KiB. */
-#define LOG_TILES 64
 
 /* sum((z - c)^2) in double: each difference of two floats rounds at most once, its square and sum once (fused)
  * or twice, and each term passes through at most dim + 3 additions (four accumulators of 8 lanes, then
@@ -315,25 +307,53 @@ static inline __m512 tile_min(const __m512 v[NR]) {
     return m[0];
 }
 
-/* Keep the codes of the logged tiles of token block tok0 under the current threshold, and empty the log. Each
- * logged tile's per-token minimum (logm) tells which of its 16-token halves have anything left to keep; for
- * those, each of its NR codes is compared with the 16 thresholds at once, and the lanes under them kept. */
-static void flush_log(const simvq_search_args *g, int64_t tok0, float (*logv)[MT][NR][16], float (*logm)[MT][16],
-                      const int64_t *logj, int n) {
+/* Keep the codes under the current threshold of token block tok0 (operands a) among the n tiles from code
+ * j_first on, whose per-token minima are tmin. Codes are kept when the block's pass over a code block ends,
+ * against the threshold of that moment: the running minimum falls fast early in a pass, and most codes under
+ * the threshold when their tile was computed are no longer under it then (at K = 1,024, d = 128: ~5 codes
+ * kept per token when kept at once, ~1.5 at the end of the pass). A token whose minimum in a tile is under
+ * its threshold has its NR values of that tile evaluated again, one code per lane, in four partial sums:
+ * another order of the same fp32 sum, within the same bound E (so the kept set still holds every code that
+ * can be the nearest). Evaluating again (~1.5 tokens and tiles per token) replaced a log of the values of
+ * every tile that might hold a kept code (63% of the tiles at K = 1,024): -2 to -4% there. */
+static void flush_tiles(const simvq_search_args *g, int64_t tok0, const uint32_t *a, float (*tmin)[MT][16],
+                        int64_t j_first, int n) {
+    const int64_t P = g->pairs;
     __m512 th[MT];
 #pragma GCC unroll 4
     for (int t = 0; t < MT; t++) th[t] = _mm512_loadu_ps(g->thr + tok0 + 16 * t);
+    const __mmask16 codes = (__mmask16)((1u << NR) - 1);
     for (int q = 0; q < n; q++) {
+        const int64_t j0 = j_first + (int64_t)q * NR;
+        const uint32_t *bt = g->b + j0 * P;
 #pragma GCC unroll 4
         for (int t = 0; t < MT; t++) {
-            const __mmask16 any = _mm512_cmp_ps_mask(_mm512_load_ps(logm[q][t]), th[t], _CMP_LE_OQ);
-            if (!any) continue;
-            for (int j = 0; j < NR; j++) {
-                unsigned lanes = _mm512_mask_cmp_ps_mask(any, _mm512_load_ps(logv[q][t][j]), th[t], _CMP_LE_OQ);
-                while (lanes) {
-                    const int lane = __builtin_ctz(lanes);
-                    lanes &= lanes - 1;
-                    keep(g, tok0 + 16 * t + lane, (int32_t)(logj[q] + j), logv[q][t][j][lane]);
+            unsigned lanes = _mm512_cmp_ps_mask(_mm512_load_ps(tmin[q][t]), th[t], _CMP_LE_OQ);
+            while (lanes) {
+                const int r = 16 * t + __builtin_ctz(lanes);
+                lanes &= lanes - 1;
+                /* the token's NR values again, one code per lane, in four partial sums */
+                __m512 acc[4] = {_mm512_maskz_loadu_ps(codes, g->csq + j0), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                                 _mm512_setzero_ps()};
+                int64_t p = 0;
+                for (; p + 4 <= P; p += 4) {
+#pragma GCC unroll 4
+                    for (int u = 0; u < 4; u++)
+                        acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_maskz_loadu_epi32(codes, bt + (p + u) * NR),
+                                                  (__m512bh)_mm512_set1_epi32((int)a[(p + u) * MR + r]));
+                }
+                for (; p < P; p++)
+                    acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_maskz_loadu_epi32(codes, bt + p * NR),
+                                              (__m512bh)_mm512_set1_epi32((int)a[p * MR + r]));
+                const __m512 v = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+                const int64_t tok = tok0 + r;
+                unsigned kept = _mm512_mask_cmp_ps_mask(codes, v, _mm512_set1_ps(g->thr[tok]), _CMP_LE_OQ);
+                float vals[16];
+                _mm512_storeu_ps(vals, v);
+                while (kept) {
+                    const int j = __builtin_ctz(kept);
+                    kept &= kept - 1;
+                    keep(g, tok, (int32_t)(j0 + j), vals[j]);
                 }
             }
         }
@@ -343,22 +363,20 @@ static void flush_log(const simvq_search_args *g, int64_t tok0, float (*logv)[MT
 /* Token blocks [tb0, tb1). The rows of tokens [ahead0, ahead1) (the piece this thread does next, whole token
  * blocks; an empty range: none) and the packed operands they will be written to are asked for during the
  * last pass over the codes, a few lines per tile, so that they are in the core's cache when that piece is
- * packed: the scan is bound by arithmetic, the packing by memory (at K = 1,024, two threads: 245 -> 97 us
- * per search, of ~1.7 ms). */
+ * packed: the scan is bound by arithmetic, the packing by memory (at K = 1,024, two threads: 245 -> 65-110 us
+ * per search, of ~1.7 ms). tminbuf: room for the tile minima of one pass (tmin_tiles tiles; NULL: 16 tiles
+ * on the stack, the codes then kept every 16 tiles, against a higher threshold). */
 void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1, int64_t ahead0, int64_t ahead1,
-                       float (*logbuf)[MT][NR][16]) {
+                       float (*tminbuf)[MT][16], int64_t tmin_tiles) {
     const int64_t P = g->pairs;
     /* codes in blocks that stay in the per-core L2 cache while every token block of the range passes */
     int64_t kb = (g->kb_codes + NR - 1) / NR * NR;
     if (kb < NR) kb = NR;
     bound_tokens(g, tb0 * MR, tb1 * MR);
-    /* the log (LOG_TILES tiles, from the caller); without one, one tile on the stack (each tile's codes kept
-     * at once) */
-    float one[1][MT][NR][16] __attribute__((aligned(64)));
-    float(*logv)[MT][NR][16] = logbuf ? logbuf : one;
-    const int log_tiles = logbuf ? LOG_TILES : 1;
-    float logm[LOG_TILES][MT][16] __attribute__((aligned(64)));
-    int64_t logj[LOG_TILES];
+    /* the tile minima of the pass (see flush_tiles) */
+    float stack[16][MT][16] __attribute__((aligned(64)));
+    float(*tmin)[MT][16] = tminbuf ? tminbuf : stack;
+    const int cap_tiles = tminbuf ? (int)tmin_tiles : 16;
     const char *ahead = (const char *)(g->z + ahead0 * g->dim);
     const int64_t ahead_bytes = ahead1 > ahead0 ? ((ahead1 < g->n ? ahead1 : g->n) - ahead0) * g->dim * 4 : 0;
     const char *ahead_a = (const char *)(g->apack + ahead0 * P);
@@ -371,18 +389,17 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1, int
         for (int64_t tb = tb0; tb < tb1; tb++) {
             const uint32_t *a = g->apack + tb * P * MR;
             const int64_t tok0 = tb * MR;
-            int n_log = 0;
+            int n_tiles = 0;
+            int64_t j_first = k0;
             for (int64_t j0 = k0; j0 < k1; j0 += NR) {
                 __m512 acc[MT][NR];
                 TILE(acc, a, g, j0);
                 for (const int64_t end = ahead_off + ahead_step; ahead_off < end && ahead_off < ahead_bytes + ahead_a_bytes;
                      ahead_off += 64)
                     _mm_prefetch(ahead_off < ahead_bytes ? ahead + ahead_off : ahead_a + (ahead_off - ahead_bytes), _MM_HINT_T1);
-                /* per token, the tile's own minimum: a code of the tile can be under the threshold only if it
-                 * is (one comparison per 16 tokens). No value is NaN: a token whose values could overflow is
-                 * never settled here (bound_tokens), and padding codes give +inf. */
-                __mmask16 any = 0;
-                __m512 tms[MT];
+                /* per token, the tile's own minimum, recorded for flush_tiles: a code of the tile can be under
+                 * the threshold only if it is. No value is NaN: a token whose values could overflow is never
+                 * settled here (bound_tokens), and padding codes give +inf. */
 #pragma GCC unroll 4
                 for (int t = 0; t < MT; t++) {
                     float *thr_p = g->thr + tok0 + 16 * t;
@@ -393,24 +410,15 @@ void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1, int
                     const __m512 nt = _mm512_add_ps(mn, _mm512_loadu_ps(g->twoe + tok0 + 16 * t));
                     const __m512 th = _mm512_min_ps(nt, _mm512_loadu_ps(thr_p));
                     _mm512_storeu_ps(thr_p, th);
-                    any |= _mm512_cmp_ps_mask(tm, th, _CMP_LE_OQ);
-                    tms[t] = tm;
+                    _mm512_store_ps(tmin[n_tiles][t], tm);
                 }
-                if (any) {
-#pragma GCC unroll 4
-                    for (int t = 0; t < MT; t++) {
-#pragma GCC unroll 16
-                        for (int j = 0; j < NR; j++) _mm512_store_ps(logv[n_log][t][j], acc[t][j]);
-                        _mm512_store_ps(logm[n_log][t], tms[t]);
-                    }
-                    logj[n_log++] = j0;
-                    if (n_log == log_tiles) {
-                        flush_log(g, tok0, logv, logm, logj, n_log);
-                        n_log = 0;
-                    }
+                if (++n_tiles == cap_tiles) {
+                    flush_tiles(g, tok0, a, tmin, j_first, n_tiles);
+                    n_tiles = 0;
+                    j_first = j0 + NR;
                 }
             }
-            flush_log(g, tok0, logv, logm, logj, n_log);
+            flush_tiles(g, tok0, a, tmin, j_first, n_tiles);
         }
     }
     if (g->out) { /* the range's tokens are scanned: settle them while their lists are in this core's cache */
@@ -433,8 +441,11 @@ void simvq_bf16_search_all(const simvq_search_args *g, int64_t blocks, int32_t t
     int64_t taken = 0;
 #pragma omp parallel num_threads(threads)
     {
-        /* one log per thread and call (80 KiB: a fresh one per piece could come back as new pages) */
-        float(*logbuf)[MT][NR][16] = aligned_alloc(64, sizeof(float[LOG_TILES][MT][NR][16]));
+        /* the tile minima of one pass, per thread and call (a fresh buffer per piece could come back as new pages) */
+        int64_t kb = (g->kb_codes + NR - 1) / NR * NR;
+        if (kb < NR) kb = NR;
+        const int64_t tiles = (kb < g->k_pad ? kb : g->k_pad) / NR;
+        float(*tminbuf)[MT][16] = aligned_alloc(64, tiles * sizeof(float[MT][16]));
         int64_t cur = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED);
         while (cur < pieces) {
             int64_t next = pieces;
@@ -442,10 +453,10 @@ void simvq_bf16_search_all(const simvq_search_args *g, int64_t blocks, int32_t t
                 next = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED);
             const int64_t a0 = next < pieces ? blocks * next / pieces * MR : 0;
             const int64_t a1 = next < pieces ? blocks * (next + 1) / pieces * MR : 0;
-            simvq_bf16_search(g, blocks * cur / pieces, blocks * (cur + 1) / pieces, a0, a1, logbuf);
+            simvq_bf16_search(g, blocks * cur / pieces, blocks * (cur + 1) / pieces, a0, a1, tminbuf, tiles);
             cur = next < pieces ? next : __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED);
         }
-        free(logbuf);
+        free(tminbuf);
     }
 }
 
