@@ -307,6 +307,13 @@ static inline __m512 tile_min(const __m512 v[NR]) {
     return m[0];
 }
 
+/* Codes per pass: blocks of codes that stay in the per-core L2 cache while every token block of a range passes
+ * (kb_codes rounded up to whole tiles). */
+static inline int64_t code_block(const simvq_search_args *g) {
+    const int64_t kb = (g->kb_codes + NR - 1) / NR * NR;
+    return kb < NR ? NR : kb;
+}
+
 /* Keep the codes under the current threshold of token block tok0 (operands a) among the n tiles from code
  * j_first on, whose per-token minima are tmin. Codes are kept when the block's pass over a code block ends,
  * against the threshold of that moment: the running minimum falls fast early in a pass, and most codes under
@@ -314,8 +321,8 @@ static inline __m512 tile_min(const __m512 v[NR]) {
  * kept per token when kept at once, ~1.5 at the end of the pass). A token whose minimum in a tile is under
  * its threshold has its NR values of that tile evaluated again, one code per lane, in four partial sums:
  * another order of the same fp32 sum, within the same bound E (so the kept set still holds every code that
- * can be the nearest). Evaluating again (~1.5 tokens and tiles per token) replaced a log of the values of
- * every tile that might hold a kept code (63% of the tiles at K = 1,024): -2 to -4% there. */
+ * can be the nearest). Evaluating again (about 1.5 token-tiles per token) replaced a log of the values of
+ * every tile that might hold a kept code (63% of the tiles at K = 1,024): -1.5 to -4.5% there. */
 static void flush_tiles(const simvq_search_args *g, int64_t tok0, const uint32_t *a, float (*tmin)[MT][16],
                         int64_t j_first, int n) {
     const int64_t P = g->pairs;
@@ -369,9 +376,7 @@ static void flush_tiles(const simvq_search_args *g, int64_t tok0, const uint32_t
 void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1, int64_t ahead0, int64_t ahead1,
                        float (*tminbuf)[MT][16], int64_t tmin_tiles) {
     const int64_t P = g->pairs;
-    /* codes in blocks that stay in the per-core L2 cache while every token block of the range passes */
-    int64_t kb = (g->kb_codes + NR - 1) / NR * NR;
-    if (kb < NR) kb = NR;
+    const int64_t kb = code_block(g);
     bound_tokens(g, tb0 * MR, tb1 * MR);
     /* the tile minima of the pass (see flush_tiles) */
     float stack[16][MT][16] __attribute__((aligned(64)));
@@ -442,9 +447,7 @@ void simvq_bf16_search_all(const simvq_search_args *g, int64_t blocks, int32_t t
 #pragma omp parallel num_threads(threads)
     {
         /* the tile minima of one pass, per thread and call (a fresh buffer per piece could come back as new pages) */
-        int64_t kb = (g->kb_codes + NR - 1) / NR * NR;
-        if (kb < NR) kb = NR;
-        const int64_t tiles = (kb < g->k_pad ? kb : g->k_pad) / NR;
+        const int64_t kb = code_block(g), tiles = (kb < g->k_pad ? kb : g->k_pad) / NR;
         float(*tminbuf)[MT][16] = aligned_alloc(64, tiles * sizeof(float[MT][16]));
         int64_t cur = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED);
         while (cur < pieces) {
