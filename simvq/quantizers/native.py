@@ -103,6 +103,13 @@ class Finish(NamedTuple):
     near: torch.Tensor  # (n,) int32: near-ties left for the caller's re-rank (out = -2), else 0
 
 
+def _bind(lib: ctypes.CDLL, name: str, *argtypes):
+    """The C function ``name`` of ``lib`` with its argument types declared, returning nothing."""
+    function = getattr(lib, name)
+    function.argtypes, function.restype = list(argtypes), None
+    return function
+
+
 def _check_cpu_contiguous(tensors) -> None:
     if not all(t.is_cpu and t.is_contiguous() for t in tensors):
         raise ValueError("bf16 search kernel: every tensor must be a contiguous CPU tensor")
@@ -117,22 +124,13 @@ class Bf16SearchKernel:
         if abi != ABI_VERSION:
             raise RuntimeError(f"kernel ABI {abi}, expected {ABI_VERSION}")
         self.tokens_per_block, self.codes_per_tile = mr.value, nr.value
-        self._pack = lib.simvq_bf16_pack_all
-        self._pack.argtypes = [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-            ctypes.c_float, ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
-        ]  # fmt: skip
-        self._pack.restype = None
-        self._codes = lib.simvq_bf16_codes
-        self._codes.argtypes = [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32,
-        ]  # fmt: skip
-        self._codes.restype = None
+        ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+        # (x, mean, n, rows, dim, pairs, scale, layout, out, resid, sq, threads)
+        self._pack = _bind(lib, "simvq_bf16_pack_all", ptr, ptr, i64, i64, i64, i64, ctypes.c_float, i32, ptr, ptr, ptr, i32)
+        # (codes, k, k_pad, dim, pairs, mean, partial, b, resid, csq, maxima, threads)
+        self._codes = _bind(lib, "simvq_bf16_codes", ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32)
+        self._search_all = _bind(lib, "simvq_bf16_search_all", ctypes.POINTER(_Args), i64, i32, i64)
         self._lib = lib
-        self._search_all = lib.simvq_bf16_search_all
-        self._search_all.argtypes = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_int32, ctypes.c_int64]
-        self._search_all.restype = None
         self.openmp = bool(lib.simvq_openmp())
         self._local = threading.local()
 

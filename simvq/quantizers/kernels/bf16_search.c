@@ -54,6 +54,7 @@
 #define MR 32 /* tokens per tile: two 16-lane vectors */
 #define NR 10 /* codes per tile: MT x NR = 20 fp32 accumulators */
 #define MT (MR / 16)
+#define CODE_ROWS (4 * NR) /* codes per unit of work when the codes are packed */
 #define ABI_VERSION 15
 
 typedef struct {
@@ -568,10 +569,10 @@ void simvq_bf16_pack(const float *x, const float *mean, int64_t n, int64_t dim, 
 }
 
 /* simvq_bf16_pack over rows [0, n_pad) on `threads` threads, in ranges of whole tiles (MR rows for the tokens'
- * layout, 4 NR for the codes'). */
+ * layout, CODE_ROWS for the codes'). */
 void simvq_bf16_pack_all(const float *x, const float *mean, int64_t n, int64_t n_pad, int64_t dim, int64_t pairs,
                          float scale, int32_t layout, uint16_t *out, float *resid, float *sq, int32_t threads) {
-    const int64_t step = layout == 2 ? 4 * NR : MR, blocks = (n_pad + step - 1) / step;
+    const int64_t step = layout == 2 ? CODE_ROWS : MR, blocks = (n_pad + step - 1) / step;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t blk = 0; blk < blocks; blk++) {
         const int64_t r1 = (blk + 1) * step < n_pad ? (blk + 1) * step : n_pad;
@@ -590,7 +591,7 @@ static inline double max_nan(double m, double v) { return (v > m || v != v) ? v 
  * torch passes this replaces (a mean, a reduction per maximum) cost tens of microseconds each. */
 void simvq_bf16_codes(const float *codes, int64_t k, int64_t k_pad, int64_t dim, int64_t pairs, float *mean,
                       double *partial, uint32_t *b, float *resid, float *csq, double *maxima, int32_t threads) {
-    const int64_t rows_per_block = 4 * NR, blocks = (k_pad + rows_per_block - 1) / rows_per_block;
+    const int64_t rows_per_block = CODE_ROWS, blocks = (k_pad + rows_per_block - 1) / rows_per_block;
     int32_t team = 1;
     maxima[0] = maxima[1] = -__builtin_inf();
 #pragma omp parallel num_threads(threads)
