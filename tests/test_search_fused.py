@@ -227,6 +227,40 @@ def test_kernel_values_stay_within_the_error_bound():
 
 
 @needs_kernel
+@pytest.mark.parametrize("kb_codes", [4096, 20])
+def test_kept_codes_carry_their_own_values_in_one_pass_and_in_several(kb_codes):
+    # one pass over the codes (kb_codes 4,096): a tile records its smallest value per token, that value's code
+    # and its second smallest, and a token with one code of the tile under its threshold keeps the recorded
+    # code and value; several passes (20 codes each): only the smallest, the tile's values evaluated again.
+    # Either way every kept value is its own code's value within E, and the nearest code is kept. Duplicate
+    # and near-duplicate codes side by side (the same tile) make tiles with two codes under the threshold.
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(150, 24, generator=g)
+    codebook = torch.cat([base, base[:40], base[40:80] + 1e-3 * torch.randn(40, 24, generator=g)])
+    codebook = codebook[torch.randperm(230, generator=g)]
+    codebook[1] = codebook[0]  # a duplicate inside the first tile
+    z = torch.cat([codebook[:96] + 0.3 * torch.randn(96, 24, generator=g), torch.randn(64, 24, generator=g)])
+    packed = KERNEL.codes(codebook, threads=2)
+    c_max, dc_max = math.sqrt(packed.c_sq_max), packed.dc_max
+    bound = search_mod._bf16_error_coefficients(24, c_max, dc_max)
+    state = KERNEL.state(160, 24, 128)
+    KERNEL.run(z, packed.mean, packed.b, packed.csq, bound, state, kb_codes=kb_codes, threads=2)
+    zc = z - packed.mean
+    exact = (z.double()[:, None] - codebook.double()[None]).pow(2).sum(-1) - zc.double().pow(2).sum(1)[:, None]
+    err, _, _ = search_mod._bf16_product_error(24, zc.norm(dim=1), c_max, state.zres[:160], dc_max)
+    nearest = reference_argmin(z, codebook)
+    several = 0
+    for i in range(160):
+        c = int(state.count[i])
+        idx, val = state.cand_idx[:c, i].long(), state.cand_val[:c, i].double()
+        assert len(set(idx.tolist())) == c  # each code kept once
+        assert bool(((val - exact[i, idx]).abs() <= err[i]).all()), i
+        assert int(nearest[i]) in idx.tolist()
+        several += c > 1
+    assert several > 10  # the data does keep several codes for many tokens
+
+
+@needs_kernel
 @pytest.mark.parametrize("d", [1, 16, 37, 70])
 def test_pack_matches_torch_bf16_rounding(d):
     # both tile layouts, plain and centred, against torch's bf16 rounding (to nearest even) laid out by hand;
