@@ -229,11 +229,10 @@ def test_kernel_values_stay_within_the_error_bound():
 @needs_kernel
 @pytest.mark.parametrize("kb_codes", [4096, 20])
 def test_kept_codes_carry_their_own_values_in_one_pass_and_in_several(kb_codes):
-    # one pass over the codes (kb_codes 4,096): a tile records its smallest value per token, that value's code
-    # and its second smallest, and a token with one code of the tile under its threshold keeps the recorded
-    # code and value; several passes (20 codes each): only the smallest, the tile's values evaluated again.
-    # Either way every kept value is its own code's value within E, and the nearest code is kept. Duplicate
-    # and near-duplicate codes side by side (the same tile) make tiles with two codes under the threshold.
+    # codes kept at the end of one pass over all codes (kb_codes 4,096) or of each of several (20 codes each):
+    # every kept value is its own code's value within E, each code is kept once, and the nearest code is
+    # kept, on data with duplicate and near-duplicate codes side by side (tiles with several codes under a
+    # token's threshold)
     g = torch.Generator().manual_seed(11)
     base = torch.randn(150, 24, generator=g)
     codebook = torch.cat([base, base[:40], base[40:80] + 1e-3 * torch.randn(40, 24, generator=g)])

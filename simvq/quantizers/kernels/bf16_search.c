@@ -4,11 +4,9 @@
  * (bf16 products, exact in fp32, accumulated in fp32, starting from csq[k]) and never writes the distance
  * matrix: while the values are still in registers it updates, per token, the running minimum of v and the
  * running threshold thr[i] = min over the scan of (running minimum + twoe[i]), and records the tile's own
- * smallest value per token (in a single pass over the codes also that value's code and the tile's second
- * smallest value). When a token block's pass over a block of codes ends, every code whose value is <= the
- * threshold of that moment is kept (flush_tiles): a tile's recorded smallest value says which of its tokens
- * may have one; where the second smallest is over the threshold, the recorded code is the only one, and
- * otherwise the token's values of that tile are evaluated again. Since the running minimum only falls, every code
+ * minimum per token. When a token block's pass over a block of codes ends, every code whose value is <= the
+ * threshold of that moment is kept (flush_tiles): a tile's recorded minimum says which of its tokens may have
+ * one, and only those tokens' values are evaluated again. Since the running minimum only falls, every code
  * within twoe[i] of the final minimum is kept; once a range of tokens is scanned, their kept codes are
  * filtered against the final minimum and settled exactly (filter_tokens, settle_token). A token whose full
  * list had to refuse a code that turns out to be within the final threshold (more than `cap` candidates; see
@@ -323,14 +321,6 @@ static void bound_tokens(const simvq_search_args *g, int64_t i0, int64_t i1) {
     }
 }
 
-/* What a pass records of each tile, per token (lane): its smallest value and, in a single pass over the codes
- * (scan_range), the code (0 .. NR-1) that has it and its second smallest value */
-typedef struct {
-    float min[MT][16];
-    float sec[MT][16];
-    int32_t arg[MT][16];
-} tile_rec;
-
 /* The minimum of a tile's NR values per lane, as a tree (depth 4, not a chain of NR: the tile's result is
  * ready sooner, and the next tile's work waits less on it) */
 static inline __m512 tile_min(const __m512 v[NR]) {
@@ -347,47 +337,6 @@ static inline __m512 tile_min(const __m512 v[NR]) {
     return m[0];
 }
 
-/* The smallest of a tile's NR values per lane, its code and the second smallest, as a tree of pairs. Equal
- * values: the smallest and the second are equal, and which of the codes is named does not matter (keep_tile
- * evaluates the tile again). */
-static inline void tile_min2(const __m512 v[NR], __m512 *min, __m512 *sec, __m512i *arg) {
-    __m512 m[NR], s2[NR];
-    __m512i a[NR];
-    int n = 0;
-#pragma GCC unroll 16
-    for (int j = 0; j + 1 < NR; j += 2, n++) {
-        m[n] = _mm512_min_ps(v[j], v[j + 1]);
-        s2[n] = _mm512_max_ps(v[j], v[j + 1]);
-        a[n] = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v[j + 1], v[j], _CMP_LT_OQ), _mm512_set1_epi32(j),
-                                       _mm512_set1_epi32(j + 1));
-    }
-    if (NR & 1) {
-        m[n] = v[NR - 1];
-        s2[n] = _mm512_set1_ps(__builtin_inff());
-        a[n] = _mm512_set1_epi32(NR - 1);
-        n++;
-    }
-    while (n > 1) {
-#pragma GCC unroll 16
-        for (int j = 0; j < n / 2; j++) {
-            const __m512 m1 = m[2 * j], m2 = m[2 * j + 1];
-            const __mmask16 lt = _mm512_cmp_ps_mask(m2, m1, _CMP_LT_OQ);
-            m[j] = _mm512_min_ps(m1, m2);
-            s2[j] = _mm512_min_ps(_mm512_max_ps(m1, m2), _mm512_min_ps(s2[2 * j], s2[2 * j + 1]));
-            a[j] = _mm512_mask_blend_epi32(lt, a[2 * j], a[2 * j + 1]);
-        }
-        if (n & 1) {
-            m[n / 2] = m[n - 1];
-            s2[n / 2] = s2[n - 1];
-            a[n / 2] = a[n - 1];
-        }
-        n = (n + 1) / 2;
-    }
-    *min = m[0];
-    *sec = s2[0];
-    *arg = a[0];
-}
-
 /* Codes per pass: blocks of codes that stay in the per-core L2 cache while every token block of a range passes
  * (kb_codes rounded up to whole tiles). */
 static inline int64_t code_block(const simvq_search_args *g) {
@@ -395,28 +344,17 @@ static inline int64_t code_block(const simvq_search_args *g) {
     return kb < NR ? NR : kb;
 }
 
-/* Keep the codes of tile rec (from code j0 on) under the thresholds th of tokens tok0 + 16 t + lane, for the
- * lanes whose smallest value in the tile is under it (lanes; operands a). When a lane's second smallest
- * value is not, its one code under the threshold is the one recorded, kept with the recorded value.
- * Otherwise the token's NR values of the tile are evaluated again, one code per lane, in four partial sums:
- * another order of the same fp32 sum, within the same bound E (so the kept set still holds every code that
- * can be the nearest). */
-static void keep_tile(const simvq_search_args *g, int64_t tok0, const uint32_t *a, const tile_rec *rec, int64_t j0,
-                      int t, __mmask16 lanes, __m512 th, int second) {
-    const __mmask16 several = second ? _mm512_mask_cmp_ps_mask(lanes, _mm512_load_ps(rec->sec[t]), th, _CMP_LE_OQ) : lanes;
-    unsigned one = lanes & ~several;
-    while (one) {
-        const int l = __builtin_ctz(one);
-        one &= one - 1;
-        keep(g, tok0 + 16 * t + l, (int32_t)(j0 + rec->arg[t][l]), rec->min[t][l]);
-    }
+/* Keep the codes of the tile from code j0 on that are under the thresholds of tokens tok0 + 16 t + lane, for
+ * the lanes set in `lanes` (operands a): each such token's NR values of the tile evaluated again, one code per
+ * lane, in four partial sums: another order of the same fp32 sum, within the same bound E (so the kept set
+ * still holds every code that can be the nearest). */
+static void keep_tile(const simvq_search_args *g, int64_t tok0, const uint32_t *a, int64_t j0, int t, unsigned lanes) {
     const int64_t P = g->pairs;
     const uint32_t *bt = g->b + j0 * P;
     const __mmask16 codes = (__mmask16)((1u << NR) - 1);
-    unsigned again = several;
-    while (again) {
-        const int r = 16 * t + __builtin_ctz(again);
-        again &= again - 1;
+    while (lanes) {
+        const int r = 16 * t + __builtin_ctz(lanes);
+        lanes &= lanes - 1;
         __m512 acc[4] = {_mm512_maskz_loadu_ps(codes, g->csq + j0), _mm512_setzero_ps(), _mm512_setzero_ps(),
                          _mm512_setzero_ps()};
         int64_t p = 0;
@@ -442,19 +380,20 @@ static void keep_tile(const simvq_search_args *g, int64_t tok0, const uint32_t *
     }
 }
 
-/* Tiles whose records flush_tiles lists at a time */
+/* Tiles whose minima flush_tiles lists at a time */
 #define LIST_TILES 64
 
 /* Keep the codes under the current threshold of token block tok0 (operands a) among the n tiles from code
- * j_first on, whose records are rec. Codes are kept when the block's pass over a code block ends, against
- * the threshold of that moment: the running minimum falls fast early in a pass, and most codes under the
- * threshold when their tile was computed are no longer under it then (at K = 1,024, d = 128: ~5 codes kept
- * per token when kept at once, ~1.5 at the end of the pass). A tile holds a code under a token's threshold
- * only if its smallest value for that token is: the tiles (halves of the block) where some token's is are
- * listed first, without a branch per tile (taken for about one in five, unpredictably), then kept
- * (keep_tile): -4% at K = 1,024. */
-static void flush_tiles(const simvq_search_args *g, int64_t tok0, const uint32_t *a, const tile_rec *rec,
-                        int64_t j_first, int n, int second) {
+ * j_first on, whose per-token minima are tmin. Codes are kept when the block's pass over a code block ends,
+ * against the threshold of that moment: the running minimum falls fast early in a pass, and most codes under
+ * the threshold when their tile was computed are no longer under it then (at K = 1,024, d = 128: ~5 codes
+ * kept per token when kept at once, ~1.5 at the end of the pass). A tile holds a code under a token's
+ * threshold only if its minimum for that token is: the tiles (halves of the block) where some token's is
+ * are listed first, without a branch per tile (taken for about one in five, unpredictably), and then have
+ * those tokens' values evaluated again (keep_tile). Evaluating again (about 1.5 token-tiles per token)
+ * replaced a log of the values of every tile that might hold a kept code (63% of the tiles at K = 1,024). */
+static void flush_tiles(const simvq_search_args *g, int64_t tok0, const uint32_t *a, float (*tmin)[MT][16],
+                        int64_t j_first, int n) {
     __m512 th[MT];
 #pragma GCC unroll 4
     for (int t = 0; t < MT; t++) th[t] = _mm512_loadu_ps(g->thr + tok0 + 16 * t);
@@ -465,26 +404,33 @@ static void flush_tiles(const simvq_search_args *g, int64_t tok0, const uint32_t
         for (int q = q0; q < q1; q++) {
 #pragma GCC unroll 4
             for (int t = 0; t < MT; t++) {
-                const unsigned lanes = _mm512_cmp_ps_mask(_mm512_load_ps(rec[q].min[t]), th[t], _CMP_LE_OQ);
+                const unsigned lanes = _mm512_cmp_ps_mask(_mm512_load_ps(tmin[q][t]), th[t], _CMP_LE_OQ);
                 list[listed] = lanes << 16 | (unsigned)((q - q0) * MT + t);
                 listed += lanes != 0;
             }
         }
         for (int i = 0; i < listed; i++) {
             const int q = q0 + (int)(list[i] & 0xFFFF) / MT, t = (int)(list[i] & 0xFFFF) % MT;
-            keep_tile(g, tok0, a, rec + q, j_first + (int64_t)q * NR, t, (__mmask16)(list[i] >> 16), th[t], second);
+            keep_tile(g, tok0, a, j_first + (int64_t)q * NR, t, list[i] >> 16);
         }
     }
 }
 
-/* The scan of token blocks [tb0, tb1) (simvq_bf16_search), with the tiles' records in rec (cap_tiles of them),
- * for one value of `second` (a constant where it is inlined): whether a tile records its second smallest value
- * and its smallest value's code, or only its smallest value */
-static inline __attribute__((always_inline)) void scan_range(const simvq_search_args *g, int64_t tb0, int64_t tb1,
-                                                             int64_t ahead0, int64_t ahead1, tile_rec *rec,
-                                                             int cap_tiles, const int second) {
+/* Token blocks [tb0, tb1). The rows of tokens [ahead0, ahead1) (the piece this thread does next, whole token
+ * blocks; an empty range: none) and the packed operands they will be written to are asked for during the
+ * last pass over the codes, a few lines per tile, so that they are in the core's cache when that piece is
+ * packed: the scan is bound by arithmetic, the packing by memory (at K = 1,024, two threads: 245 -> 65-110 us
+ * per search, of ~1.7 ms). tminbuf: room for the tile minima of one pass (tmin_tiles tiles; NULL: 16 tiles
+ * on the stack, the codes then kept every 16 tiles, against a higher threshold). */
+void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1, int64_t ahead0, int64_t ahead1,
+                       float (*tminbuf)[MT][16], int64_t tmin_tiles) {
     const int64_t P = g->pairs;
     const int64_t kb = code_block(g);
+    bound_tokens(g, tb0 * MR, tb1 * MR);
+    /* the tile minima of the pass (see flush_tiles) */
+    float stack[16][MT][16] __attribute__((aligned(64)));
+    float(*tmin)[MT][16] = tminbuf ? tminbuf : stack;
+    const int cap_tiles = tminbuf ? (int)tmin_tiles : 16;
     const char *ahead = (const char *)(g->z + ahead0 * g->dim);
     const int64_t ahead_bytes = ahead1 > ahead0 ? ((ahead1 < g->n ? ahead1 : g->n) - ahead0) * g->dim * 4 : 0;
     const char *ahead_a = (const char *)(g->apack + ahead0 * P);
@@ -497,7 +443,8 @@ static inline __attribute__((always_inline)) void scan_range(const simvq_search_
         for (int64_t tb = tb0; tb < tb1; tb++) {
             const uint32_t *a = g->apack + tb * P * MR;
             const int64_t tok0 = tb * MR;
-            /* the lines of the block's first two list slots, which the pass's end will write (-2% at K = 1,024) */
+            /* the lines of the block's first two list slots, which the pass's end will write (the matmul
+             * between searches evicts them) */
             for (int64_t slot = 0; slot < 2 && slot < g->cap; slot++)
                 for (int h = 0; h < MR; h += 16) {
                     _mm_prefetch((const char *)(g->cand_idx + slot * g->rows + tok0 + h), _MM_HINT_T0);
@@ -511,60 +458,30 @@ static inline __attribute__((always_inline)) void scan_range(const simvq_search_
                 for (const int64_t end = ahead_off + ahead_step; ahead_off < end && ahead_off < ahead_bytes + ahead_a_bytes;
                      ahead_off += 64)
                     _mm_prefetch(ahead_off < ahead_bytes ? ahead + ahead_off : ahead_a + (ahead_off - ahead_bytes), _MM_HINT_T1);
-                /* per token, the tile's own minimum (and second smallest value and its code), recorded for
-                 * flush_tiles: a code of the tile can be under the threshold only if the minimum is. No value is NaN: a token whose values could overflow is never
+                /* per token, the tile's own minimum, recorded for flush_tiles: a code of the tile can be under
+                 * the threshold only if it is. No value is NaN: a token whose values could overflow is never
                  * settled here (bound_tokens), and padding codes give +inf. */
 #pragma GCC unroll 4
                 for (int t = 0; t < MT; t++) {
                     float *thr_p = g->thr + tok0 + 16 * t;
                     float *min_p = g->run_min + tok0 + 16 * t;
-                    __m512 tm, ts;
-                    __m512i ta;
-                    if (second) {
-                        tile_min2(acc[t], &tm, &ts, &ta);
-                        _mm512_store_ps(rec[n_tiles].sec[t], ts);
-                        _mm512_store_si512(rec[n_tiles].arg[t], ta);
-                    } else {
-                        tm = tile_min(acc[t]);
-                    }
+                    const __m512 tm = tile_min(acc[t]);
                     const __m512 mn = _mm512_min_ps(tm, _mm512_loadu_ps(min_p));
                     _mm512_storeu_ps(min_p, mn);
                     const __m512 nt = _mm512_add_ps(mn, _mm512_loadu_ps(g->twoe + tok0 + 16 * t));
                     const __m512 th = _mm512_min_ps(nt, _mm512_loadu_ps(thr_p));
                     _mm512_storeu_ps(thr_p, th);
-                    _mm512_store_ps(rec[n_tiles].min[t], tm);
+                    _mm512_store_ps(tmin[n_tiles][t], tm);
                 }
                 if (++n_tiles == cap_tiles) {
-                    flush_tiles(g, tok0, a, rec, j_first, n_tiles, second);
+                    flush_tiles(g, tok0, a, tmin, j_first, n_tiles);
                     n_tiles = 0;
                     j_first = j0 + NR;
                 }
             }
-            flush_tiles(g, tok0, a, rec, j_first, n_tiles, second);
+            flush_tiles(g, tok0, a, tmin, j_first, n_tiles);
         }
     }
-}
-
-/* Token blocks [tb0, tb1). The rows of tokens [ahead0, ahead1) (the piece this thread does next, whole token
- * blocks; an empty range: none) and the packed operands they will be written to are asked for during the
- * last pass over the codes, a few lines per tile, so that they are in the core's cache when that piece is
- * packed: the scan is bound by arithmetic, the packing by memory (at K = 1,024, two threads: 245 -> 65-110 us
- * per search, of ~1.7 ms). recbuf: room for the tile records of one pass (rec_tiles tiles; NULL: 16 tiles
- * on the stack, the codes then kept every 16 tiles, against a higher threshold). The tiles record their
- * second smallest value and their smallest value's code only when the codes take a single pass: that
- * leaves 0.4% of the token-tiles to evaluate again at K = 1,024 (1.46 per token: -1 to -3%), and its
- * cost in the scan outweighs what it saves with more passes, where keeping is a smaller part of the work
- * (+4% at K = 65,536). */
-void simvq_bf16_search(const simvq_search_args *g, int64_t tb0, int64_t tb1, int64_t ahead0, int64_t ahead1,
-                       tile_rec *recbuf, int64_t rec_tiles) {
-    bound_tokens(g, tb0 * MR, tb1 * MR);
-    tile_rec stack[16] __attribute__((aligned(64)));
-    tile_rec *rec = recbuf ? recbuf : stack;
-    const int cap_tiles = recbuf ? (int)rec_tiles : 16;
-    if (g->k_pad <= code_block(g))
-        scan_range(g, tb0, tb1, ahead0, ahead1, rec, cap_tiles, 1);
-    else
-        scan_range(g, tb0, tb1, ahead0, ahead1, rec, cap_tiles, 0);
     if (g->out) { /* the range's tokens are scanned: settle them while their lists are in this core's cache */
         int64_t stats[3] = {0, 0, 0};
         const int64_t i1 = tb1 * MR < g->n ? tb1 * MR : g->n;
@@ -587,7 +504,7 @@ void simvq_bf16_search_all(const simvq_search_args *g, int64_t blocks, int32_t t
     {
         /* the tile minima of one pass, per thread and call (a fresh buffer per piece could come back as new pages) */
         const int64_t kb = code_block(g), tiles = (kb < g->k_pad ? kb : g->k_pad) / NR;
-        tile_rec *recbuf = aligned_alloc(64, tiles * sizeof(tile_rec));
+        float(*tminbuf)[MT][16] = aligned_alloc(64, tiles * sizeof(float[MT][16]));
         int64_t cur = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED);
         while (cur < pieces) {
             int64_t next = pieces;
@@ -595,10 +512,10 @@ void simvq_bf16_search_all(const simvq_search_args *g, int64_t blocks, int32_t t
                 next = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED);
             const int64_t a0 = next < pieces ? blocks * next / pieces * MR : 0;
             const int64_t a1 = next < pieces ? blocks * (next + 1) / pieces * MR : 0;
-            simvq_bf16_search(g, blocks * cur / pieces, blocks * (cur + 1) / pieces, a0, a1, recbuf, tiles);
+            simvq_bf16_search(g, blocks * cur / pieces, blocks * (cur + 1) / pieces, a0, a1, tminbuf, tiles);
             cur = next < pieces ? next : __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED);
         }
-        free(recbuf);
+        free(tminbuf);
     }
 }
 
