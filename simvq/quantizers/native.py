@@ -96,7 +96,7 @@ class PackedCodes(NamedTuple):
 
 
 class Finish(NamedTuple):
-    """Where the kernel settles each token after its scan (see ``filter_token`` and ``settle_token``)."""
+    """Where the kernel settles each token after its scan (see ``filter_tokens`` and ``settle_token``)."""
 
     codes: torch.Tensor  # (K, d) float32: the codes, original coordinates
     out: torch.Tensor  # (n,) int64: the nearest code, -2 (near-ties left first in the list) or -1 (exact path)

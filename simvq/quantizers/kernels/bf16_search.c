@@ -208,9 +208,10 @@ static void filter_tokens(const simvq_search_args *g, int64_t i0, int64_t i1, in
     const int32_t most = _mm512_mask_reduce_max_epi32(live, cnt);
     const int64_t st = g->rows;
     __m512i kept = _mm512_setzero_si512(), first = _mm512_set1_epi32(-1);
+    __mmask16 under_at[most > 0 ? most : 1]; /* per slot, the lanes whose code there is a candidate */
     for (int32_t slot = 0; slot < most; slot++) {
         const __mmask16 in = _mm512_mask_cmpgt_epi32_mask(live, cnt, _mm512_set1_epi32(slot));
-        const __mmask16 under = UNDER(in, _mm512_maskz_loadu_ps(in, g->cand_val + slot * st + i0));
+        const __mmask16 under = under_at[slot] = UNDER(in, _mm512_maskz_loadu_ps(in, g->cand_val + slot * st + i0));
         first = _mm512_mask_loadu_epi32(first, under & _mm512_cmpeq_epi32_mask(kept, _mm512_setzero_si512()),
                                         g->cand_idx + slot * st + i0);
         kept = _mm512_mask_add_epi32(kept, under, kept, _mm512_set1_epi32(1));
@@ -226,17 +227,13 @@ static void filter_tokens(const simvq_search_args *g, int64_t i0, int64_t i1, in
     _mm512_mask_storeu_epi32(g->near + i0, valid, _mm512_setzero_si512());
     stats[0] += __builtin_popcount(several);
     stats[2] += __builtin_popcount(valid & ~one & ~several);
-    double lims[16];
-    _mm512_storeu_pd(lims, lim[0]);
-    _mm512_storeu_pd(lims + 8, lim[1]);
     for (unsigned todo = several; todo; todo &= todo - 1) {
         const int l = __builtin_ctz(todo);
         const int64_t i = i0 + l;
         int32_t *idx = g->cand_idx + i;
-        const float *val = g->cand_val + i;
         int32_t n_kept = 0;
         for (int32_t slot = 0; slot < g->count[i]; slot++)
-            if ((double)val[slot * st] <= lims[l]) idx[n_kept++ * st] = idx[slot * st];
+            if (under_at[slot] >> l & 1) idx[n_kept++ * st] = idx[slot * st];
         g->count[i] = n_kept;
         for (int32_t slot = 0; slot < n_kept; slot++) {
             const char *row = (const char *)(g->codes + (int64_t)idx[slot * st] * g->dim);
