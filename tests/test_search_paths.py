@@ -189,7 +189,7 @@ def test_resolve_search_rules(monkeypatch):
         assert resolve_search(path, "cpu", torch.float64, 1, 3) == path
     with pytest.raises(ValueError, match="needs the fused bf16 kernel"):  # asked for where it cannot run
         resolve_search("bf16-fused", "cpu", torch.float32, 1, 3)
-    assert set(SEARCH_PATHS) == {"auto", "exact-fp32", "bf16-candidates", "bf16-fused"}
+    assert set(SEARCH_PATHS) == {"auto", "exact-fp32", "bf16-candidates", "bf16-fused", "bf16-triton"}
     # where the fused kernel builds, "auto" takes it from BF16_FUSED_MIN_DISTANCES up, for any width
     monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(search_mod, "fused_kernel_available", lambda: True)

@@ -36,13 +36,19 @@ Paths (``search=``; every path returns the same indices):
   candidates (or candidates spread over more than ``MAX_CANDIDATE_BLOCKS`` reduction blocks: duplicated
   codes, dense clusters) are searched again by the exact path; when more than ``BF16_GIVE_UP_FRACTION`` of
   the first token chunk does, the other chunks go straight to the exact path. The bound assumes round-to-nearest bf16
-  conversions and fp32 accumulation inside the matmul, as AVX512-BF16, AMX and tensor cores do;
+  conversions and fp32 accumulation inside the matmul, rounded to nearest as AVX512-BF16 and AMX do, or with
+  the larger unit :data:`TENSOR_CORE_ACC_ROUNDOFF` on CUDA, whose tensor cores truncate;
   tests/test_search_paths.py checks it against float64 on the running machine.
 - ``"bf16-fused"``: the bf16-candidates rule in one C kernel (:mod:`simvq.quantizers.native`, CPUs with
   AVX512-BF16): the products are accumulated in fp32 registers, each token's running minimum is kept as
   they are computed and the codes within the bound of it at the end of each pass over a block of codes, so
   no distance is written to memory, and the values are not rounded to bf16 (a smaller bound, fewer
   candidates). See :func:`_bf16_fused`.
+- ``"bf16-triton"``: the same rule as one Triton kernel on CUDA GPUs (:mod:`simvq.quantizers.triton_search`):
+  bf16 products on the tensor cores with fp32 accumulation, each token's running minimum in registers and the
+  tiles of codes within the bound of it recorded, no distance written to memory; the codes of the recorded
+  tiles are evaluated again in fp32 and settled as the bf16-candidates path settles its candidates. See
+  :func:`_bf16_triton`. Not timed on a GPU yet, so ``"auto"`` does not choose it.
 - ``"auto"`` (default): on CPUs with hardware bf16, for fp32 searches, ``"bf16-fused"`` from
   ``BF16_FUSED_MIN_DISTANCES`` distances where the kernel builds, else ``"bf16-candidates"`` from
   ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide; ``"exact-fp32"`` otherwise
@@ -79,7 +85,7 @@ REDUCE_BLOCK = 64
 # explicit mantissa bits), "medium" bf16 (7); "highest" keeps fp32 inputs (no extra rounding).
 _INPUT_ROUNDOFF = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}
 # The search paths (see nearest_code). "auto" resolves to one of the others per call (resolve_search).
-SEARCH_PATHS = ("auto", "exact-fp32", "bf16-candidates", "bf16-fused")
+SEARCH_PATHS = ("auto", "exact-fp32", "bf16-candidates", "bf16-fused", "bf16-triton")
 # "auto" uses the bf16 path on CPUs from this many distances (tokens x codes) per call up: below it the fixed
 # cost of the candidate bookkeeping outweighs the faster matmul (1,024 x 512: 0.9x the exact path's speed,
 # 1,024 x 1,024: 1.2x, 4,096 x 256: 1.1x; one thread, SimVQ codebooks; docs/benchmarks.md)
@@ -111,6 +117,20 @@ FUSED_FIRST_CHUNK_DISTANCES = 2**25
 # Codes per cache block of the fused kernel, in bytes of bf16 codes: a block stays in the per-core L2 cache
 # while every token block of a thread passes over it
 FUSED_CODE_BLOCK_BYTES = 2**19
+# The Triton kernel ("bf16-triton"): the unit roundoff its error bound gives the fp32 accumulation inside the
+# tensor cores' bf16 products. They align the terms of each multiply-add block and truncate rather than round
+# each addition to nearest, so the round-to-nearest unit (2^-24) is taken 8x; the bf16 rounding of the inputs
+# (2^-8 relative) dominates the bound either way (it grows by 1% at d = 32, 4% at d = 128, 14% at d = 512).
+# The bf16-candidates path uses it on CUDA too. tests/test_search_triton.py checks the bound against float64
+# on the GPU that runs it.
+TENSOR_CORE_ACC_ROUNDOFF = 2.0**-21
+# Tokens that keep tiles of more codes than this (as many as MAX_CANDIDATE_BLOCKS reduction blocks hold) go to the
+# exact path: it bounds the fp32 re-evaluation per token; the re-evaluation runs in groups of whole tokens of
+# at most max(this, max_chunk_elements / 8) codes
+MAX_TRITON_CODES = MAX_CANDIDATE_BLOCKS * REDUCE_BLOCK
+# Tokens in the Triton path's first chunk when a search has at least FUSED_FIRST_CHUNK_DISTANCES distances: a
+# crowded codebook is found there, before the kernel scans the other tokens for nothing
+TRITON_FIRST_CHUNK = 4096
 
 
 def check_chunk_elements(value: int | None, name: str = "max_chunk_elements") -> int | None:
@@ -283,7 +303,7 @@ def _exact_search(z, codebook, zc, cc, c_sq, max_chunk_elements):
     return out
 
 
-def _bf16_product_error(dim: int, z_norm: torch.Tensor, c_max, dz_norm: torch.Tensor, dc_max):
+def _bf16_product_error(dim: int, z_norm: torch.Tensor, c_max, dz_norm: torch.Tensor, dc_max, acc_u: float = 2.0**-24):
     """Per-token bound (fp64) on ``|x - T|`` for ``x = ||c'||^2 - 2 z~.c~`` accumulated in fp32 from bf16 inputs.
 
     ``z~ = z' - dz`` and ``c~ = c' - dc`` are the bf16 roundings (round to nearest) of the centred fp32
@@ -296,16 +316,18 @@ def _bf16_product_error(dim: int, z_norm: torch.Tensor, c_max, dz_norm: torch.Te
     :func:`_rounding_bound`), and bf16 hardware that flushes subnormal inputs and outputs to zero (AVX512-BF16
     does) at most ``2^-126`` per flushed value. Codes enter at the largest norms; every norm is inflated for
     its own fp32 rounding and the sum by 10%. ``c_max`` and ``dc_max``: 0-d tensors or Python floats.
+    ``acc_u``: the unit roundoff of the matmul's fp32 accumulation (2^-24: round to nearest, as AVX512-BF16
+    does; tensor cores truncate, see :data:`TENSOR_CORE_ACC_ROUNDOFF`).
 
     Returns ``(bound, z_norm, c_max)``, the norms as inflated (fp64).
     """
-    per_dz, per_z, per_zz, const, grow, c_max = _bf16_error_coefficients(dim, c_max, dc_max)
+    per_dz, per_z, per_zz, const, grow, c_max = _bf16_error_coefficients(dim, c_max, dc_max, acc_u)
     z_norm, dz_norm = z_norm.double() * grow, dz_norm.double() * grow
     bound = 1.1 * (per_dz * dz_norm + z_norm * (per_z + per_zz * z_norm) + const)
     return bound, z_norm, c_max
 
 
-def _bf16_error_coefficients(dim: int, c_max, dc_max) -> tuple:
+def _bf16_error_coefficients(dim: int, c_max, dc_max, acc_u: float = 2.0**-24) -> tuple:
     """:func:`_bf16_product_error` as a polynomial in a token's norms: ``E = 1.1 (per_dz |dz| + per_z |z'| +
     per_zz |z'|^2 + const)``, ``|dz|`` and ``|z'|`` the norms as computed in fp32 times ``grow``.
 
@@ -314,8 +336,8 @@ def _bf16_error_coefficients(dim: int, c_max, dc_max) -> tuple:
     """
     u, u32 = 2.0**-8, 2.0**-24
 
-    def gamma(n):
-        return n * u32 / (1 - n * u32)
+    def gamma(n, unit=u32):
+        return n * unit / (1 - n * unit)
 
     grow = 1 + gamma(dim + 1) + 2 * u32  # a norm computed in fp32: sum of squares, then the square root
     c_max, dc_max = (x.double() * grow if torch.is_tensor(x) else float(x) * grow for x in (c_max, dc_max))
@@ -323,12 +345,14 @@ def _bf16_error_coefficients(dim: int, c_max, dc_max) -> tuple:
     # + w (|z'| + c)^2 + flush (1 + |z'| + 2 c), collected by powers of |dz| and |z'|
     w, flush = 2 * u32 * (1 + u32), (dim + 4) * 2.0**-125
     per_dz = 2 * (c_max + dc_max)
-    per_z = 2 * dc_max + 2.1 * gamma(dim + 4) * c_max + 2 * w * c_max + flush
-    const = (gamma(dim) + 2 * u * u + 1.01 * gamma(dim + 4) + w) * c_max**2 + flush * (1 + 2 * c_max)
+    per_z = 2 * dc_max + 2.1 * gamma(dim + 4, acc_u) * c_max + 2 * w * c_max + flush
+    const = (gamma(dim) + 2 * u * u + 1.01 * gamma(dim + 4, acc_u) + w) * c_max**2 + flush * (1 + 2 * c_max)
     return per_dz, per_z, w, const, grow, c_max
 
 
-def _bf16_error_terms(dim: int, z_norm: torch.Tensor, c_max: torch.Tensor, dz_norm: torch.Tensor, dc_max: torch.Tensor):
+def _bf16_error_terms(
+    dim: int, z_norm: torch.Tensor, c_max: torch.Tensor, dz_norm: torch.Tensor, dc_max: torch.Tensor, acc_u: float = 2.0**-24
+):
     """Per-token bound ``E`` (fp64) on the bf16 matmul error, and the row shift ``S`` that keeps outputs positive.
 
     The matmul evaluates ``x = S + ||c'||^2 - 2 z~.c~`` with ``||c'||^2`` and ``S`` passed as bf16 hi + lo
@@ -340,11 +364,11 @@ def _bf16_error_terms(dim: int, z_norm: torch.Tensor, c_max: torch.Tensor, dz_no
     ``S0 = 2 |z'| r* - r*^2`` at ``r* = min(|z'|, max|c'|)``. ``S = S0 + margin``, with the margin above the
     error, keeps every output >= +0 (bf16 values then order as their int16 bit patterns) and as small as a
     per-token constant can: the bf16 rounding of the outputs, relative to their size, enters the threshold.
-    ``S`` is the same for every code of a token and cannot change its argmin.
+    ``S`` is the same for every code of a token and cannot change its argmin. ``acc_u``: the unit roundoff of
+    the matmul's fp32 accumulation (see :func:`_bf16_product_error`).
     """
-    u32 = 2.0**-24
-    g = (dim + 4) * u32 / (1 - (dim + 4) * u32)
-    base, z_norm, c_max = _bf16_product_error(dim, z_norm, c_max, dz_norm, dc_max)
+    g = (dim + 4) * acc_u / (1 - (dim + 4) * acc_u)
+    base, z_norm, c_max = _bf16_product_error(dim, z_norm, c_max, dz_norm, dc_max, acc_u)
     zc_prod = z_norm * c_max
     r = torch.minimum(z_norm, c_max)
     reach = 2 * z_norm * r - r * r  # S0, from norms inflated above the true ones: >= the true S0
@@ -393,7 +417,9 @@ def _bf16_operands(zc, cc, c_sq, z_norm):
     # own precision (fp32 or fp64), whatever path the conversion took
     dz_norm = (zc - a[:, :dim].to(zc.dtype)).norm(dim=1)
     dc_max = (cc - b[:, :dim].to(cc.dtype)).norm(dim=1).max()
-    err, shift = _bf16_error_terms(dim, z_norm, c_sq.max().sqrt(), dz_norm, dc_max)
+    # tensor cores truncate in their accumulation (TENSOR_CORE_ACC_ROUNDOFF); CPUs round to nearest
+    acc_u = TENSOR_CORE_ACC_ROUNDOFF if zc.device.type == "cuda" else 2.0**-24
+    err, shift = _bf16_error_terms(dim, z_norm, c_sq.max().sqrt(), dz_norm, dc_max, acc_u)
     s_hi, s_lo = _hi_lo(shift.float())
     c_hi, c_lo = _hi_lo(c_sq.float())
     a[:, dim : dim + 2] = 1
@@ -572,6 +598,132 @@ def _bf16_fused(z, codebook, max_chunk_elements):
     return out, fallback, reranked
 
 
+def _fp32_round_up(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (fp64) as fp32 numbers no smaller than them (+inf past the fp32 range)."""
+    low = values.float()
+    return torch.where(low.double() < values, torch.nextafter(low, torch.full_like(low, float("inf"))), low)
+
+
+def _bf16_triton(z, codebook, max_chunk_elements):
+    """The Triton kernel (:mod:`simvq.quantizers.triton_search`, GPUs): bf16 products accumulated in fp32 on the
+    tensor cores, each token's running minimum kept in registers and the tiles of ``BLOCK_K`` codes within its
+    margin recorded, no distance written to memory; then the codes of the recorded tiles still within the
+    margin of the final minimum are evaluated again in fp32 and settled as the bf16-candidates path settles
+    its candidates (:func:`_settle_pairs`: fp32 with its certificate, fp64 for near-ties, lowest index on
+    exact ties). Same contract as :func:`_bf16_candidates`.
+
+    The kernel's values ``v = ||c'||^2 - 2 z~.c~`` err by at most ``E`` (:func:`_bf16_product_error`, with the
+    accumulation unit of :data:`TENSOR_CORE_ACC_ROUNDOFF`), so a code can be the nearest only if
+    ``v <= min v + 2 E``. The margin passed to the kernel is ``2 E`` plus the fp32 rounding of the sum
+    ``minimum + margin`` (``|v| <= max|c'|^2 + 2 |z'| max|c'|``), rounded up to fp32, so that its fp32
+    threshold never falls below ``min v + 2 E``. Tokens whose lists overflow (more than ``LIST_CAP`` tiles
+    in a code range) or keep tiles of more than :data:`MAX_TRITON_CODES` codes, non-finite tokens and values that
+    could leave the fp32 range go to the exact path (``fallback``), and so does every token after a first
+    chunk of which more than ``BF16_GIVE_UP_FRACTION`` did.
+    """
+    from simvq.quantizers import triton_search as ts  # optional dependency: imported where the path runs
+
+    device = z.device
+    num_tokens, dim = z.shape
+    num_codes = codebook.shape[0]
+    block_k = ts.BLOCK_K
+    out = torch.empty(num_tokens, dtype=torch.long, device=device)
+    operand = torch.float32 if ts.interpreting() else torch.bfloat16  # NumPy (the interpreter) has no bf16
+    with torch.autocast(device_type=device.type, enabled=False):
+        codes32 = codebook.float()
+        if not bool(torch.isfinite(codes32).all()):
+            return out, torch.ones(num_tokens, dtype=torch.bool, device=device), 0  # the exact path decides
+        mean = codes32.mean(dim=0)
+        cc = codes32 - mean
+        c_sq = cc.pow(2).sum(dim=1)
+        c16 = cc.bfloat16()
+        dc_max = (cc - c16.float()).norm(dim=1).max()
+        width = ts.padded_width(dim)  # zero columns: aligned rows, whole-vector loads
+        cb = torch.zeros(num_codes, width, dtype=operand, device=device)
+        cb[:, :dim] = c16 * -2  # -2 c~: exact, a power of two
+        c_max = c_sq.max().sqrt()
+        # token chunks: the lists (8 bytes per entry, LIST_CAP per token and code range; code ranges only where
+        # the token blocks alone would not fill the GPU) within the budget's bytes; a first chunk tells early
+        # whether the codebook is too crowded for the kernel (see the give-up below)
+        chunk = max(ts.token_block(dim), max_chunk_elements // (2 * ts.LIST_CAP))
+        first = chunk if num_tokens * num_codes < FUSED_FIRST_CHUNK_DISTANCES else min(TRITON_FIRST_CHUNK, chunk)
+        bounds = [0, min(num_tokens, first)]
+        bounds += list(range(bounds[-1] + chunk, num_tokens, chunk)) + [num_tokens]
+        fallback = None
+        reranked = 0
+        for t0, t1 in zip(bounds[:-1], bounds[1:]):
+            if t1 <= t0:
+                continue
+            nt = t1 - t0
+            z_chunk = z[t0:t1]
+            zc = z_chunk.float() - mean
+            finite = torch.isfinite(zc).all(dim=1)
+            zc = torch.where(finite[:, None], zc, 0.0)
+            z_norm = zc.norm(dim=1)
+            z16 = zc.bfloat16()
+            dz_norm = (zc - z16.float()).norm(dim=1)
+            err, z_norm_g, c_max_g = _bf16_product_error(dim, z_norm, c_max, dz_norm, dc_max, TENSOR_CORE_ACC_ROUNDOFF)
+            reach = c_max_g * c_max_g + 2 * z_norm_g * c_max_g  # bound on |v|
+            margin64 = 2 * err + 2.0**-22 * (reach + 2 * err)
+            margin = _fp32_round_up(margin64)
+            ok = finite & torch.isfinite(margin) & (reach + margin64 < 2.0**126)
+            if not bool(ok.any()):  # values past the fp32 range (huge codes): every token to the exact path
+                over = ok.logical_not()
+            else:
+                zb = torch.zeros(nt, width, dtype=operand, device=device)
+                zb[:, :dim] = torch.where(ok[:, None], z16, 0.0)  # the tokens not searched here run as zeros
+                splits = ts.default_splits(nt, num_codes, dim, device)
+                run_min, count, tiles, tile_min = ts.scan(zb, cb, c_sq, torch.where(ok, margin, 0.0), splits)
+                final = run_min.amin(dim=0)
+                thr = final + margin  # fp32, as in the kernel
+                over = ~ok | ~torch.isfinite(final) | (count > ts.LIST_CAP).any(dim=0)
+                slot = torch.arange(ts.LIST_CAP, device=device)
+                kept = (slot < count[..., None]) & (tile_min <= thr[None, :, None])
+                per_row = kept.sum(dim=(0, 2))
+                over |= per_row * block_k > MAX_TRITON_CODES
+                # every token that did not overflow kept the tile of its own minimum; one without would be a bug
+                over |= per_row == 0
+                kept &= ~over[None, :, None]
+                _, rows, _ = kept.nonzero(as_tuple=True)
+                tile_idx = tiles[kept].long()
+                order = torch.argsort(rows * (num_codes // block_k + 1) + tile_idx)  # row-major, as CSR needs
+                rows, tile_idx = rows[order], tile_idx[order]
+                per_row = torch.where(over, 0, per_row)
+                for p0, p1 in _row_groups(per_row, max(MAX_TRITON_CODES, max_chunk_elements // 8) // block_k):
+                    cols = tile_idx[p0:p1, None] * block_k + torch.arange(block_k, device=device)
+                    inside = cols < num_codes
+                    g_rows, g_cols = rows[p0:p1, None].expand_as(cols)[inside], cols[inside]
+                    reranked += _settle_pairs(
+                        z_chunk, codebook, zc, cc, c_sq, z_norm, g_rows, g_cols, out[t0:t1], max_chunk_elements
+                    )
+            if bool(over.any()):
+                if fallback is None:
+                    fallback = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+                fallback[t0:t1] = over
+                if t0 == 0 and t1 < num_tokens and float(over.float().mean()) > BF16_GIVE_UP_FRACTION:
+                    fallback[t1:] = True
+                    break  # a crowded codebook: the other tokens are left to the exact path
+    return out, fallback, reranked
+
+
+def _row_groups(per_row: torch.Tensor, budget: int) -> list[tuple[int, int]]:
+    """Ranges ``[p0, p1)`` of a row-major list of entries, ``per_row[r]`` of them for row ``r``, each range whole
+    rows and at most ``budget`` entries (or one row, where a row has more)."""
+    total = int(per_row.sum())
+    if total <= budget:
+        return [(0, total)] if total else []
+    ends = per_row.cumsum(0)
+    groups, start = [], 0
+    while start < total:
+        rows_in = int(torch.searchsorted(ends, start + budget, right=True))
+        stop = int(ends[rows_in - 1]) if rows_in else 0
+        if stop <= start:  # a row larger than the budget: alone
+            stop = int(ends[int(torch.searchsorted(ends, start, right=True))])
+        groups.append((start, stop))
+        start = stop
+    return groups
+
+
 def _pair_dots(zc: torch.Tensor, cc: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``zc[rows] . cc[cols]`` for row-major sorted pairs, without materialising the gathered rows.
 
@@ -622,8 +774,9 @@ class SearchInfo(NamedTuple):
     """How one :func:`nearest_code_info` call found its answer.
 
     Attributes:
-        path: the path that ran, ``"exact-fp32"`` or ``"bf16-candidates"`` (``"auto"`` resolved).
-        reranked: tokens whose bf16 candidates were re-ranked in fp64 (0 on the exact path).
+        path: the path that ran (``"auto"`` resolved).
+        reranked: tokens whose bf16 candidates were re-ranked (0 on the exact path; on ``"bf16-triton"``
+            every token: the codes of its recorded tiles are evaluated again in fp32).
         fallback: tokens the bf16 bound could not settle within ``MAX_CANDIDATE_BLOCKS`` blocks, searched
             again by the exact path (0 on the exact path).
     """
@@ -642,7 +795,18 @@ def check_search(value, name: str = "search") -> str:
             f"{name}='bf16-fused' needs the fused bf16 kernel, which is unavailable here ({native_status()}); "
             "use 'auto', which takes it where it runs and the other paths elsewhere"
         )
+    if value == "bf16-triton" and (reason := triton_unavailable()) is not None:
+        raise ValueError(f"{name}='bf16-triton' needs Triton: {reason}; or use search='auto'")
     return value
+
+
+def triton_unavailable(device_type: str | None = None) -> str | None:
+    """Why ``search="bf16-triton"`` cannot run (on ``device_type`` tensors, if given), or None where it can."""
+    try:
+        from simvq.quantizers import triton_search
+    except ImportError as err:  # pragma: no cover - the module itself imports nothing that can fail
+        return str(err)
+    return triton_search.triton_status(device_type)
 
 
 @functools.lru_cache(maxsize=None)
@@ -674,7 +838,7 @@ def resolve_search(
     (:func:`fused_kernel_available`; the first such call builds it), else ``"bf16-candidates"`` from
     ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide (``dim``; None: not checked);
     and ``"exact-fp32"`` otherwise: fp64 inputs, small searches, CPUs without bf16, and accelerators (where
-    the bf16 paths have not been measured yet; pass ``search="bf16-candidates"`` to use it there).
+    the bf16 paths have not been timed yet; pass ``search="bf16-triton"`` or ``"bf16-candidates"`` there).
     """
     search = check_search(search)
     if search != "auto":
@@ -719,6 +883,16 @@ def nearest_code_info(
         raise ValueError(
             f"search='bf16-fused' runs fp32 searches on the CPU, got {dtype} on {device_type}; use search='auto'"
         )
+    if path == "bf16-triton":
+        reason = triton_unavailable(device_type)
+        if reason is not None or dtype != torch.float32:
+            raise ValueError(
+                f"search='bf16-triton' runs fp32 searches on CUDA tensors: "
+                f"{reason or f'got {dtype}'}; use search='auto'"
+            )
+        out, fallback, reranked = _bf16_triton(z, codebook, max_chunk_elements)
+        if fallback is None:
+            return out, SearchInfo(path, reranked, 0)
     if path == "bf16-fused":
         # no torch pass before the kernel (it centres, packs and bounds the codes itself): at K = 1,024 the
         # search takes about a millisecond, and each torch call after other work costs ~10-20 us
@@ -727,7 +901,7 @@ def nearest_code_info(
             return out, SearchInfo(path, reranked, 0)
     with torch.autocast(device_type=device_type, enabled=False):
         mean = codebook.to(dtype).mean(dim=0)
-        if path == "bf16-fused":
+        if path in ("bf16-fused", "bf16-triton"):
             zc = cc = c_sq = None  # centred tokens and codes: only if some tokens fall back
         else:
             zc = z.to(dtype) - mean
@@ -761,8 +935,9 @@ def nearest_code(
         max_chunk_elements: bound on the number of distances held at once (``None``: 2**25 on CPU, 2**23
             for the bf16 path on CPU up to K = 32,768, 2**27 on accelerators).
         search: ``"auto"`` (default; see :func:`resolve_search`), ``"exact-fp32"`` (fp32 matmul, or fp64
-            for fp64 inputs), ``"bf16-candidates"`` (bf16 matmul, exact re-rank) or ``"bf16-fused"`` (the
-            fused CPU kernel, exact re-rank). Every path returns the same indices.
+            for fp64 inputs), ``"bf16-candidates"`` (bf16 matmul, exact re-rank), ``"bf16-fused"`` (the
+            fused CPU kernel, exact re-rank) or ``"bf16-triton"`` (the fused GPU kernel, exact re-rank).
+            Every path returns the same indices.
 
     Returns:
         ``(N,)`` int64 indices in ``[0, K)``.
