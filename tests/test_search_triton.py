@@ -238,8 +238,11 @@ def test_where_it_cannot_run_one_clear_error(device, monkeypatch):
         nearest_code(z.double(), codebook, search="bf16-triton")
     interpreting = ts.interpreting()
     monkeypatch.setattr(ts, "interpreting", lambda: not interpreting)
-    with pytest.raises(ValueError, match="CUDA tensors|CPU tensors"):
+    with pytest.raises(ValueError, match="CUDA|CPU tensors"):
         nearest_code(z, codebook, search="bf16-triton")  # CPU tensors without the interpreter, or the reverse
+    if device.type == "cpu":  # no GPU and no interpreter: the quantizer is refused when it is built
+        with pytest.raises(ValueError, match="CUDA is not available here"):
+            build_quantizer("simvq", dim=8, codebook_size=16, search="bf16-triton")
     monkeypatch.setattr(ts, "_IMPORT_ERROR", "triton is not importable (ImportError: x); pip install triton")
     with pytest.raises(ValueError, match="pip install triton"):
         build_quantizer("simvq", dim=8, codebook_size=16, search="bf16-triton")

@@ -796,7 +796,7 @@ def check_search(value, name: str = "search") -> str:
             "use 'auto', which takes it where it runs and the other paths elsewhere"
         )
     if value == "bf16-triton" and (reason := triton_unavailable()) is not None:
-        raise ValueError(f"{name}='bf16-triton' needs Triton: {reason}; or use search='auto'")
+        raise ValueError(f"{name}='bf16-triton' cannot run here: {reason}; use search='auto'")
     return value
 
 

@@ -53,11 +53,13 @@ def interpreting() -> bool:
 
 
 def triton_status(device_type: str | None = None) -> str | None:
-    """None where the kernel can run on ``device_type`` tensors (None: Triton is importable), else why not."""
+    """None where the kernel can run on ``device_type`` tensors (None: on this machine at all), else why not."""
     if _IMPORT_ERROR is not None:
         return _IMPORT_ERROR
     if device_type is None:
-        return None
+        if interpreting() or torch.cuda.is_available():
+            return None
+        return "it runs on CUDA GPUs, and CUDA is not available here (TRITON_INTERPRET=1 runs it on the CPU, slowly)"
     if interpreting():
         return None if device_type == "cpu" else f"TRITON_INTERPRET is set: the kernel runs on CPU tensors, got {device_type}"
     if device_type != "cuda":
