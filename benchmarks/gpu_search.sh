@@ -2,10 +2,9 @@
 # The search's GPU checks as one short run on a CUDA machine (a few minutes on an H200), from the repository root:
 #   1. the Triton kernel's tests compiled on the GPU (tests/test_search_triton.py: every answer against the
 #      float64 argmin, the error bound against the tensor cores' own products) and the shared path tests;
-#   2. the tensor-core bf16 matmul rate (8,192^3, the reference for "fraction of the tensor-core rate");
-#   3. benchmarks/quantizer.py at N = 16,384 tokens, d = 128, K = 1,024 / 65,536 / 262,144: SimVQ forward +
-#      backward against vector-quantize-pytorch and the search alone, with search="bf16-triton", then the
-#      exact fp32 path for comparison.
+#   2. benchmarks/quantizer.py at N = 16,384 tokens, d = 128, K = 1,024 / 65,536 / 262,144: SimVQ forward +
+#      backward against vector-quantize-pytorch and the search alone, with search="bf16-triton" (and the
+#      search's fraction of the tensor cores' bf16 rate, from an 8,192^3 matmul), then the exact fp32 path.
 # Needs torch with CUDA and triton; the peer (vector-quantize-pytorch) too for the speed ratios. On a machine
 # without network, give its wheels in WHEELS (a folder), fetched elsewhere with, e.g.:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
@@ -21,24 +20,8 @@ if [ -n "${WHEELS:-}" ]; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
-python3 - <<'EOF' 2>&1 | tee -a "$out/gpu.txt"
-import time
-
-import torch
-import triton
-
-print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}")
-a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-for _ in range(3):
-    a @ b
-torch.cuda.synchronize()
-start = time.perf_counter()
-for _ in range(10):
-    a @ b
-torch.cuda.synchronize()
-print(f"bf16 matmul 8192^3: {2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12:.0f} TFLOP/s")
-EOF
+python3 -c "import torch, triton; print(f'torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}')" \
+  2>&1 | tee -a "$out/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_search_triton.py tests/test_search_paths.py 2>&1 | tee "$out/tests.log"
 tests_rc=$?
 python3 benchmarks/quantizer.py --device cuda --tokens 16384 --dim 128 --sizes 1024,65536,262144 --repeats 5 \

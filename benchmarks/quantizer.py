@@ -192,6 +192,26 @@ def measure(
     return result
 
 
+PEAK_SIDE = 8192
+
+
+def _square_matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a square ``PEAK_SIDE``^3 matmul in ``dtype``: the rate the hardware reaches on a large
+    product (mean of ten after three warm-ups)."""
+    gen = torch.Generator().manual_seed(1)
+    a = torch.randn(PEAK_SIDE, PEAK_SIDE, generator=gen).to(device, dtype)
+    b = torch.randn(PEAK_SIDE, PEAK_SIDE, generator=gen).to(device, dtype)
+    out = torch.empty(PEAK_SIDE, PEAK_SIDE, dtype=dtype, device=device)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        torch.mm(a, b, out=out)
+    _sync(device)
+    return 2 * PEAK_SIDE**3 * 10 / (time.perf_counter() - start)
+
+
 def _alternated(reference_step, step, device, rounds: int) -> dict:
     """``step`` against ``reference_step``, alternated call by call in one process for ``rounds`` rounds.
 
@@ -372,6 +392,13 @@ def main(argv: list[str] | None = None) -> int:
         f"best plain matmul rate in this run: fp32 {_fmt(best_fp32, '{:.1f}', 1e-9)} GFLOP/s, "
         f"bf16 {_fmt(best_bf16, '{:.1f}', 1e-9)} GFLOP/s"
     )
+    if device.type == "cuda" and "search" in cases:
+        # the tensor cores' rate: the same-shape matmuls above have an inner dimension of only d
+        peak = _square_matmul_rate(device, torch.bfloat16)
+        print(f"tensor-core rate: bf16 torch.mm {PEAK_SIDE}^3 {peak / 1e12:.0f} TFLOP/s; the search's fraction of it:")
+        for k in sizes:
+            t_s = get("search", k, "time_s")
+            print(f"  K = {k}: {_fmt(100 * flops[k] / t_s / peak if t_s else None, '{:.1f}%')}")
     print(
         "| K | path | nearest_code ms | GFLOP/s | fp32 mm GFLOP/s | bf16 mm GFLOP/s | % of best mm rate in its precision "
         "| same-shape mm, alternated: min / median of pairs | re-ranked | fallback | agreement with exact "
