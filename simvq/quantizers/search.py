@@ -884,12 +884,11 @@ def nearest_code_info(
             f"search='bf16-fused' runs fp32 searches on the CPU, got {dtype} on {device_type}; use search='auto'"
         )
     if path == "bf16-triton":
+        if dtype != torch.float32:
+            raise ValueError(f"search='bf16-triton' runs fp32 searches, got {dtype} inputs; use search='auto'")
         reason = triton_unavailable(device_type)
-        if reason is not None or dtype != torch.float32:
-            raise ValueError(
-                f"search='bf16-triton' runs fp32 searches on CUDA tensors: "
-                f"{reason or f'got {dtype}'}; use search='auto'"
-            )
+        if reason is not None:
+            raise ValueError(f"search='bf16-triton' cannot search these tensors: {reason}; use search='auto'")
         out, fallback, reranked = _bf16_triton(z, codebook, max_chunk_elements)
         if fallback is None:
             return out, SearchInfo(path, reranked, 0)
