@@ -135,8 +135,9 @@ def test_the_kernel_keeps_every_tile_within_the_margin_and_its_minima_are_the_pr
 
 
 def test_the_error_bound_covers_the_kernel_against_the_true_distance(device):
-    # large offset and mixed scales: the kernel's per-token minimum against the float64 distance (less
-    # ||z'||^2), within the bound the path uses (with the tensor cores' accumulation unit on a GPU)
+    # large offset and mixed scales: the smallest value of every tile of 128 codes, per token (an infinite
+    # margin records them all), against the float64 distance less ||z'||^2, within the bound the path uses
+    # (with the tensor cores' accumulation unit on a GPU)
     g = torch.Generator().manual_seed(7)
     n, k, d = 200, 640, 48
     z = 50 + torch.randn(n, d, generator=g) * torch.logspace(-2, 1, d)
@@ -148,10 +149,12 @@ def test_the_error_bound_covers_the_kernel_against_the_true_distance(device):
     err, _, _ = search_mod._bf16_product_error(
         d, zc.norm(dim=1), csq.max().sqrt(), dz_norm, dc_max, search_mod.TENSOR_CORE_ACC_ROUNDOFF
     )
-    run_min, _, _, _ = ts.scan(zb, cb, csq, torch.zeros(n, device=device), 1)
+    _, count, tiles, tile_min = ts.scan(zb, cb, csq, torch.full((n,), float("inf"), device=device), 1)
     true = (z.double()[:, None] - codebook.double()[None]).pow(2).sum(-1) - zc.cpu().double().pow(2).sum(1)[:, None]
-    gap = (run_min[0].cpu().double() - true.amin(dim=1)).abs()
-    assert bool((gap <= err.cpu()).all()), float((gap - err.cpu()).max())
+    per_tile = k // ts.BLOCK_K
+    assert count.cpu().eq(per_tile).all() and tiles[0, :, :per_tile].cpu().eq(torch.arange(per_tile)).all()
+    gap = (tile_min[0, :, :per_tile].cpu().double() - true.unflatten(1, (per_tile, ts.BLOCK_K)).amin(dim=2)).abs()
+    assert bool((gap <= err.cpu()[:, None]).all()), float((gap - err.cpu()[:, None]).max())
     assert float(gap.max()) > 0.01 * float(err.min())  # the data does exercise the rounding
 
 
