@@ -251,6 +251,15 @@ def test_where_it_cannot_run_one_clear_error(device, monkeypatch):
         build_quantizer("simvq", dim=8, codebook_size=16, search="bf16-triton")
 
 
+def test_a_gpu_without_bf16_tensor_cores_is_named(monkeypatch):
+    monkeypatch.setattr(ts, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (7, 5))
+    assert "(compute capability 8.0 or newer), this GPU has 7.5" in ts.triton_status("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (9, 0))
+    assert ts.triton_status("cuda") is None
+
+
 def test_auto_never_picks_the_triton_path(monkeypatch):
     # not measured on a GPU yet: "auto" keeps the exact path on accelerators
     for device in ("cuda", "cpu"):

@@ -66,6 +66,9 @@ def triton_status(device_type: str | None = None) -> str | None:
         return f"the Triton kernel runs on CUDA tensors, got {device_type} (TRITON_INTERPRET=1 runs it on the CPU, slowly)"
     if not torch.cuda.is_available():
         return "CUDA is not available"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"it needs bf16 tensor cores (compute capability 8.0 or newer), this GPU has {major}.{minor}"
     return None
 
 
