@@ -20,7 +20,6 @@ from simvq.quantizers import search as search_mod  # noqa: E402
 from simvq.quantizers import triton_search as ts  # noqa: E402
 from simvq.quantizers.registry import build_quantizer  # noqa: E402
 from simvq.quantizers.search import (  # noqa: E402
-    BF16_GIVE_UP_FRACTION,
     MAX_TRITON_CODES,
     nearest_code,
     nearest_code_info,
@@ -28,7 +27,6 @@ from simvq.quantizers.search import (  # noqa: E402
 )
 
 from test_search_paths import _data, crowded_codebook, reference_argmin  # noqa: E402
-
 
 
 @pytest.fixture
@@ -189,7 +187,8 @@ def test_gives_up_after_a_crowded_first_chunk(device, monkeypatch):
     z, codebook = crowded_codebook(5000, 3 * block, seed=4)
     budget = 2 * ts.LIST_CAP * block  # one token block per chunk
     got, info = nearest_code_info(*_on(device, z, codebook), search="bf16-triton", max_chunk_elements=budget)
-    assert calls == [block] and info.fallback == 3 * block > BF16_GIVE_UP_FRACTION
+    # the first chunk fell back whole (over BF16_GIVE_UP_FRACTION of it): the kernel scanned nothing more
+    assert calls == [block] and info.fallback == 3 * block
     assert got.cpu().tolist() == [3] * (3 * block)
     calls.clear()
     z, codebook = _data("random", n=3 * block, k=500, d=16, seed=6)
