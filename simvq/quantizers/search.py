@@ -559,16 +559,9 @@ def _bf16_fused(z, codebook, max_chunk_elements):
     bound = _bf16_error_coefficients(dim, math.sqrt(packed.c_sq_max), packed.dc_max)
     cap = MAX_CANDIDATES
     chunk = max(mr, min(FUSED_TOKEN_CHUNK, max_chunk_elements // (2 * cap)) // mr * mr)
-    # a first chunk tells early whether the codebook is too crowded for the kernel (see below); below
-    # FUSED_FIRST_CHUNK_DISTANCES the most that can waste is a few ms, less than a second call's fixed cost
-    first = chunk if num_tokens * codebook.shape[0] < FUSED_FIRST_CHUNK_DISTANCES else min(FUSED_FIRST_CHUNK, chunk)
-    bounds = [0, min(num_tokens, first)]
-    bounds += list(range(bounds[-1] + chunk, num_tokens, chunk)) + [num_tokens]
     fallback = None
     reranked = 0
-    for t0, t1 in zip(bounds[:-1], bounds[1:]):
-        if t1 <= t0:
-            continue
+    for t0, t1 in _token_chunks(num_tokens, codebook.shape[0], chunk, FUSED_FIRST_CHUNK):
         nt = t1 - t0
         whole = nt == num_tokens  # one chunk: no views to make (a few us each, against ~1 ms at K = 1,024)
         idx, z_chunk = (out, z32) if whole else (out[t0:t1], z32[t0:t1])
@@ -589,13 +582,34 @@ def _bf16_fused(z, codebook, max_chunk_elements):
                 _settle_ties(z, codebook, t0 + multi[rows], cols, out, max_chunk_elements)
         if over:
             # overflowed lists, values that could leave the fp32 range, non-finite tokens: the exact path
-            if fallback is None:
-                fallback = torch.zeros(num_tokens, dtype=torch.bool)
-            fallback[t0:t1] = idx == -1
-            if t0 == 0 and t1 < num_tokens and over > BF16_GIVE_UP_FRACTION * nt:
-                fallback[t1:] = True
-                break  # a crowded codebook: the other tokens are left to the exact path
+            fallback, give_up = _fall_back(fallback, idx == -1, t0, t1, num_tokens)
+            if give_up:
+                break
     return out, fallback, reranked
+
+
+def _token_chunks(num_tokens: int, num_codes: int, chunk: int, first_chunk: int) -> list[tuple[int, int]]:
+    """Token ranges ``[t0, t1)`` of ``chunk`` tokens for the fused kernels. From ``FUSED_FIRST_CHUNK_DISTANCES``
+    distances up the first holds ``first_chunk`` tokens at most: it tells early whether the codebook is too
+    crowded for the kernel (:func:`_fall_back`); below, the most that can waste is a few ms, less than a
+    second call's fixed cost."""
+    first = chunk if num_tokens * num_codes < FUSED_FIRST_CHUNK_DISTANCES else min(first_chunk, chunk)
+    bounds = [0, min(num_tokens, first)]
+    bounds += list(range(bounds[-1] + chunk, num_tokens, chunk)) + [num_tokens]
+    return [(t0, t1) for t0, t1 in zip(bounds[:-1], bounds[1:]) if t1 > t0]
+
+
+def _fall_back(fallback, over: torch.Tensor, t0: int, t1: int, num_tokens: int) -> tuple[torch.Tensor, bool]:
+    """Mark the tokens ``over`` of the chunk ``[t0, t1)`` for the exact path (``fallback``: None until some
+    token is). Returns the marks and whether to give up: when more than ``BF16_GIVE_UP_FRACTION`` of a first
+    chunk falls back (a crowded codebook), every later token is marked too and the fused pass stops."""
+    if fallback is None:
+        fallback = torch.zeros(num_tokens, dtype=torch.bool, device=over.device)
+    fallback[t0:t1] = over
+    if t0 == 0 and t1 < num_tokens and int(over.sum()) > BF16_GIVE_UP_FRACTION * (t1 - t0):
+        fallback[t1:] = True
+        return fallback, True
+    return fallback, False
 
 
 def _fp32_round_up(values: torch.Tensor) -> torch.Tensor:
@@ -643,17 +657,11 @@ def _bf16_triton(z, codebook, max_chunk_elements):
         cb[:, :dim] = c16 * -2  # -2 c~: exact, a power of two
         c_max = c_sq.max().sqrt()
         # token chunks: the lists (8 bytes per entry, LIST_CAP per token and code range; code ranges only where
-        # the token blocks alone would not fill the GPU) within the budget's bytes; a first chunk tells early
-        # whether the codebook is too crowded for the kernel (see the give-up below)
+        # the token blocks alone would not fill the GPU) within the budget's bytes
         chunk = max(ts.token_block(dim), max_chunk_elements // (2 * ts.LIST_CAP))
-        first = chunk if num_tokens * num_codes < FUSED_FIRST_CHUNK_DISTANCES else min(TRITON_FIRST_CHUNK, chunk)
-        bounds = [0, min(num_tokens, first)]
-        bounds += list(range(bounds[-1] + chunk, num_tokens, chunk)) + [num_tokens]
         fallback = None
         reranked = 0
-        for t0, t1 in zip(bounds[:-1], bounds[1:]):
-            if t1 <= t0:
-                continue
+        for t0, t1 in _token_chunks(num_tokens, num_codes, chunk, TRITON_FIRST_CHUNK):
             nt = t1 - t0
             z_chunk = z[t0:t1]
             zc = z_chunk.float() - mean
@@ -697,12 +705,9 @@ def _bf16_triton(z, codebook, max_chunk_elements):
                         z_chunk, codebook, zc, cc, c_sq, z_norm, g_rows, g_cols, out[t0:t1], max_chunk_elements
                     )
             if bool(over.any()):
-                if fallback is None:
-                    fallback = torch.zeros(num_tokens, dtype=torch.bool, device=device)
-                fallback[t0:t1] = over
-                if t0 == 0 and t1 < num_tokens and float(over.float().mean()) > BF16_GIVE_UP_FRACTION:
-                    fallback[t1:] = True
-                    break  # a crowded codebook: the other tokens are left to the exact path
+                fallback, give_up = _fall_back(fallback, over, t0, t1, num_tokens)
+                if give_up:
+                    break
     return out, fallback, reranked
 
 
@@ -802,10 +807,8 @@ def check_search(value, name: str = "search") -> str:
 
 def triton_unavailable(device_type: str | None = None) -> str | None:
     """Why ``search="bf16-triton"`` cannot run (on ``device_type`` tensors, if given), or None where it can."""
-    try:
-        from simvq.quantizers import triton_search
-    except ImportError as err:  # pragma: no cover - the module itself imports nothing that can fail
-        return str(err)
+    from simvq.quantizers import triton_search  # imports Triton only if it is installed
+
     return triton_search.triton_status(device_type)
 
 
