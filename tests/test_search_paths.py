@@ -1,5 +1,5 @@
-"""The nearest-code search paths ("exact-fp32", "bf16-candidates", "bf16-fused", "auto") against a float64
-reference (the fused kernel's own checks: tests/test_search_fused.py).
+"""The nearest-code search paths ("exact-fp32", "fp32-fused", "bf16-candidates", "bf16-fused", "auto") against a
+float64 reference (the fused kernels' own checks: tests/test_search_fused.py, tests/test_search_fp32.py).
 
 The reference is an explicit ``sum((z - c)^2)`` in float64 over every (token, code) pair, argmin with the
 lowest index on exact ties; it shares no code with the search.
@@ -22,7 +22,8 @@ from simvq.quantizers.search import (
 )
 
 FUSED = search_mod.fused_kernel_available()
-PATHS = ("exact-fp32", "bf16-candidates", "auto") + (("bf16-fused",) if FUSED else ())
+FP32_FUSED = search_mod.fp32_kernel_available()
+PATHS = ("exact-fp32", "bf16-candidates", "auto") + (("bf16-fused",) if FUSED else ()) + (("fp32-fused",) if FP32_FUSED else ())
 
 
 def reference_argmin(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,7 @@ def test_every_path_equals_the_float64_argmin(kind, path):
     got, info = nearest_code_info(z, codebook, search=path)
     ref = reference_argmin(z, codebook)
     assert torch.equal(got, ref), f"{int((got != ref).sum())} of {len(ref)} tokens differ ({kind}, {info})"
-    assert info.path in ("exact-fp32", "bf16-candidates", "bf16-fused")
+    assert info.path in ("exact-fp32", "fp32-fused", "bf16-candidates", "bf16-fused")
     if path != "auto":
         assert info.path == path
 
@@ -184,12 +185,13 @@ def test_resolve_search_rules(monkeypatch):
     assert resolve_search("auto", "cpu", torch.float32, n, 10**6, BF16_MIN_DIM) == "bf16-candidates"
     assert resolve_search("auto", "meta", torch.float32, n, 10**6) == "exact-fp32"
     monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(search_mod, "fp32_kernel_available", lambda: False)
     assert resolve_search("auto", "cpu", torch.float32, n, 10**6) == "exact-fp32"
     for path in ("exact-fp32", "bf16-candidates"):
         assert resolve_search(path, "cpu", torch.float64, 1, 3) == path
     with pytest.raises(ValueError, match="needs the fused bf16 kernel"):  # asked for where it cannot run
         resolve_search("bf16-fused", "cpu", torch.float32, 1, 3)
-    assert set(SEARCH_PATHS) == {"auto", "exact-fp32", "bf16-candidates", "bf16-fused", "bf16-triton"}
+    assert set(SEARCH_PATHS) == {"auto", "exact-fp32", "fp32-fused", "bf16-candidates", "bf16-fused", "bf16-triton"}
     # where the fused kernel builds, "auto" takes it from BF16_FUSED_MIN_DISTANCES up, for any width
     monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: True)
     monkeypatch.setattr(search_mod, "fused_kernel_available", lambda: True)
@@ -207,7 +209,7 @@ def test_resolve_search_rules(monkeypatch):
 
 @pytest.mark.parametrize("bad", ["fast", "bf16", "", None, 1, "AUTO"])
 def test_bad_search_value_is_a_clear_value_error(bad):
-    with pytest.raises(ValueError, match="search must be one of 'auto', 'exact-fp32', 'bf16-candidates', 'bf16-fused'"):
+    with pytest.raises(ValueError, match="search must be one of 'auto', 'exact-fp32', 'fp32-fused', 'bf16-candidates', 'bf16-fused'"):
         nearest_code(torch.zeros(3, 4), torch.zeros(5, 4), search=bad)
     for name in ("simvq", "vq", "ema_vq", "factorized_vq", "lc_vq"):
         with pytest.raises(ValueError, match="search must be one of"):

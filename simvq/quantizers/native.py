@@ -1,17 +1,18 @@
-"""The fused bf16 search kernel (kernels/bf16_search.c): built on first use, loaded with ctypes.
+"""The fused search kernels, built on first use and loaded with ctypes: kernels/bf16_search.c (bf16 products,
+CPUs with AVX512-BF16) and kernels/fp32_search.c (fp32 FMAs, CPUs with AVX2 and FMA, for those without bf16).
 
-The kernel is plain C with AVX512-BF16 intrinsics and OpenMP, and no dependency on torch's headers, so it
+Each kernel is plain C with intrinsics and OpenMP, and no dependency on torch's headers, so it
 compiles in about a second with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``). Loaded
 after torch, it binds to the OpenMP runtime torch already uses (libgomp, same soname): its threads are
 torch's, sized by ``torch.set_num_threads``. (A thread pool of its own lost up to half its speed on two
 cores: torch's OpenMP workers spin-wait on a core for a while after each parallel region.) The library
 is cached per source, flags and compiler under ``$SIMVQ_KERNEL_DIR``, else ``$XDG_CACHE_HOME/simvq/kernels``
 (``~/.cache/simvq/kernels``), written to a temporary name and renamed into place, so concurrent processes
-never load a half-written file. ``SIMVQ_NATIVE=0`` turns the kernel off.
+never load a half-written file. ``SIMVQ_NATIVE=0`` turns both kernels off.
 
-Where it cannot be used (not Linux on x86-64, a CPU without AVX512-BF16, no C compiler, a failed build),
-:func:`bf16_search_kernel` returns None and :func:`native_status` says why; the search then uses its
-PyTorch paths, which return the same indices.
+Where one cannot be used (not Linux on x86-64, a CPU without its instructions, no C compiler, a failed
+build), :func:`bf16_search_kernel` / :func:`fp32_search_kernel` return None and :func:`native_status` says
+why; the search then uses its other paths, which return the same indices.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels") / "bf16_search.c"
 ABI_VERSION = 15
+_COMMON_FLAGS = ("-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing")
 # explicit ISA flags rather than -march: the library runs on any CPU with these features, whoever built it
-CFLAGS = (
-    "-O3", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing",
-    "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma",
-)  # fmt: skip
+CFLAGS = _COMMON_FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512bf16", "-mfma")
 # tried in order: with OpenMP, then (a compiler without it) serial
 FLAG_SETS = (CFLAGS + ("-fopenmp",), CFLAGS)
+FP32_SOURCE = Path(__file__).with_name("kernels") / "fp32_search.c"
+FP32_ABI_VERSION = 1
+FP32_CFLAGS = _COMMON_FLAGS + ("-mavx2", "-mfma")
+FP32_FLAG_SETS = (FP32_CFLAGS + ("-fopenmp",), FP32_CFLAGS)
+FP32_REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma"})
 # token-block pieces per thread, taken dynamically: a core held for a while by another process delays one
 # piece, not a fixed share of the work. Each piece streams every cache block of codes through its core's L2
 # once; a codebook of one block stays there from piece to piece, and finer pieces then cost nothing and end
@@ -110,13 +114,56 @@ def _bind(lib: ctypes.CDLL, name: str, *argtypes):
     return function
 
 
-def _check_cpu_contiguous(tensors) -> None:
+def _check_cpu_contiguous(tensors, what: str = "bf16 search kernel") -> None:
     if not all(t.is_cpu and t.is_contiguous() for t in tensors):
-        raise ValueError("bf16 search kernel: every tensor must be a contiguous CPU tensor")
+        raise ValueError(f"{what}: every tensor must be a contiguous CPU tensor")
 
 
-class Bf16SearchKernel:
-    """The loaded kernel: its tile sizes and a threaded call over token blocks (see the C source)."""
+class _Kernel:
+    """What both kernels share: the loaded library, whether it runs threaded, and per-thread kept buffers."""
+
+    def __init__(self, lib: ctypes.CDLL, openmp: bool):
+        self._lib = lib
+        self.openmp = openmp
+        self._local = threading.local()
+
+    def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``shape`` from this thread's grow-only buffer ``name`` (uninitialised).
+
+        The per-call buffers (the packed codes, half the size of an fp32 codebook; token operands, state and
+        kept codes, ~1 KiB per token) are kept between calls: fresh pages cost a page fault each on first
+        touch, which made up a third of the kernel's time at K = 1,024, and 25-35 ms of a 64 MiB operand
+        at K = 262,144 (more than packing it). They stay allocated, per thread, until the thread ends or
+        :meth:`release_workspace`.
+        """
+        views = self._local.__dict__.setdefault("views", {})
+        key = (name, shape, dtype)
+        view = views.get(key)
+        if view is not None:
+            return view
+        buffers = self._local.__dict__.setdefault("buffers", {})
+        numel = 1
+        for n in shape:
+            numel *= n
+        buf = buffers.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = buffers[name] = torch.empty(numel, dtype=dtype)
+            for old in [k for k in views if k[0] == name]:  # views of the buffer this one replaces
+                del views[old]
+            self._local.__dict__.pop("state", None)  # its views may be among them
+        if len(views) >= 64:  # searches of many different sizes: the views are cheap to make again
+            views.clear()
+        view = views[key] = buf[:numel].view(shape)
+        return view
+
+    def release_workspace(self) -> None:
+        """Free this thread's kept buffers (see :meth:`workspace`); the next search allocates them again."""
+        for name in ("buffers", "views", "state"):
+            self._local.__dict__.pop(name, None)
+
+
+class Bf16SearchKernel(_Kernel):
+    """The loaded bf16 kernel: its tile sizes and a threaded call over token blocks (see the C source)."""
 
     def __init__(self, lib: ctypes.CDLL):
         mr, nr = ctypes.c_int32(), ctypes.c_int32()
@@ -130,9 +177,7 @@ class Bf16SearchKernel:
         # (codes, k, k_pad, dim, pairs, mean, partial, b, resid, csq, maxima, threads)
         self._codes = _bind(lib, "simvq_bf16_codes", ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32)
         self._search_all = _bind(lib, "simvq_bf16_search_all", ctypes.POINTER(_Args), i64, i32, i64)
-        self._lib = lib
-        self.openmp = bool(lib.simvq_openmp())
-        self._local = threading.local()
+        super().__init__(lib, bool(lib.simvq_openmp()))
 
     def run(
         self, z, mean, b, csq, bound, state: KernelState, *, kb_codes: int, threads: int, finish: Finish | None = None
@@ -239,40 +284,6 @@ class Bf16SearchKernel:
         self._local.state = (key, state, [t.data_ptr() for t in state])
         return state
 
-    def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A tensor of ``shape`` from this thread's grow-only buffer ``name`` (uninitialised).
-
-        The per-call buffers (the bf16 codes, half the size of an fp32 codebook; token operands, state and
-        kept codes, ~1 KiB per token) are kept between calls: fresh pages cost a page fault each on first
-        touch, which made up a third of the kernel's time at K = 1,024, and 25-35 ms of a 64 MiB operand
-        at K = 262,144 (more than packing it). They stay allocated, per thread, until the thread ends or
-        :meth:`release_workspace`.
-        """
-        views = self._local.__dict__.setdefault("views", {})
-        key = (name, shape, dtype)
-        view = views.get(key)
-        if view is not None:
-            return view
-        buffers = self._local.__dict__.setdefault("buffers", {})
-        numel = 1
-        for n in shape:
-            numel *= n
-        buf = buffers.get(name)
-        if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            buf = buffers[name] = torch.empty(numel, dtype=dtype)
-            for old in [k for k in views if k[0] == name]:  # views of the buffer this one replaces
-                del views[old]
-            self._local.__dict__.pop("state", None)  # its views may be among them
-        if len(views) >= 64:  # searches of many different sizes: the views are cheap to make again
-            views.clear()
-        view = views[key] = buf[:numel].view(shape)
-        return view
-
-    def release_workspace(self) -> None:
-        """Free this thread's kept buffers (see :meth:`workspace`); the next search allocates them again."""
-        for name in ("buffers", "views", "state"):
-            self._local.__dict__.pop(name, None)
-
     def pack(
         self,
         x: torch.Tensor,
@@ -318,6 +329,82 @@ class Bf16SearchKernel:
         return out, resid, sq
 
 
+class _Fp32Args(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in ("z", "mean", "b", "csq", "apack", "znorm", "m1", "m2", "idx")] + [
+        (name, ctypes.c_int64) for name in ("n", "dim", "k_pad", "kb_codes")
+    ]
+
+
+class Fp32Result(NamedTuple):
+    """What :meth:`Fp32SearchKernel.run` leaves per token (views of the calling thread's kept buffers)."""
+
+    m1: torch.Tensor  # (n,) float32: the smallest value ||c'||^2 - 2 z'.c'
+    m2: torch.Tensor  # (n,) float32: the smallest value of every other code (+inf with one code)
+    idx: torch.Tensor  # (n,) int32: the code that first reached m1, in code order
+    znorm: torch.Tensor  # (n,) float32: ||z - mean||
+
+
+class Fp32SearchKernel(_Kernel):
+    """The loaded fp32 kernel (kernels/fp32_search.c): per token the smallest value, its code and the
+    runner-up value, from fp32 FMAs in registers, with no distance written to memory."""
+
+    what = "fp32 search kernel"
+
+    def __init__(self, lib: ctypes.CDLL):
+        mr, nr = ctypes.c_int32(), ctypes.c_int32()
+        abi = lib.simvq_fp32_abi(ctypes.byref(mr), ctypes.byref(nr))
+        if abi != FP32_ABI_VERSION:
+            raise RuntimeError(f"kernel ABI {abi}, expected {FP32_ABI_VERSION}")
+        self.tokens_per_block, self.codes_per_tile = mr.value, nr.value
+        self._search_all = _bind(lib, "simvq_fp32_search_all", ctypes.POINTER(_Fp32Args), ctypes.c_int64, ctypes.c_int32, ctypes.c_int64)
+        super().__init__(lib, bool(lib.simvq_fp32_openmp()))
+
+    def codes(self, cc: torch.Tensor, c_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The centred codes ``cc`` (K, d) float32 in the kernel's tiles ``(k_pad / NR, d, NR)`` (zero codes past
+        K) and their squared norms ``c_sq`` (K,) padded with +inf: this thread's kept buffers, valid until the
+        next call."""
+        _check_cpu_contiguous((cc, c_sq), self.what)
+        if cc.dtype != torch.float32 or c_sq.dtype != torch.float32 or cc.dim() != 2 or c_sq.shape != cc.shape[:1] or not len(cc):
+            raise ValueError(f"{self.what}: codes must be a non-empty float32 (K, d) tensor with (K,) squared norms")
+        k, dim = cc.shape
+        nr = self.codes_per_tile
+        full, k_pad = k // nr, -(-k // nr) * nr
+        b = self.workspace("codes", (k_pad // nr, dim, nr), torch.float32)
+        csq = self.workspace("csq", (k_pad,), torch.float32)
+        b[:full].copy_(cc[: full * nr].view(full, nr, dim).transpose(1, 2))
+        if k_pad > k:
+            tail = cc.new_zeros(nr, dim)
+            tail[: k - full * nr] = cc[full * nr :]
+            b[full].copy_(tail.t())
+        csq[:k] = c_sq
+        csq[k:] = float("inf")
+        return b, csq
+
+    def run(self, z: torch.Tensor, mean: torch.Tensor, b: torch.Tensor, csq: torch.Tensor, *, kb_codes: int, threads: int) -> Fp32Result:
+        """Centre the tokens ``z`` (n, d) on ``mean``, pack them and scan every code (``b``, ``csq`` from
+        :meth:`codes`) for every token block, on ``threads`` OpenMP threads (token blocks in pieces taken
+        dynamically), the codes in cache blocks of ``kb_codes``. Releases the GIL."""
+        _check_cpu_contiguous((z, mean, b, csq), self.what)
+        n, dim = z.shape
+        nr, mr = self.codes_per_tile, self.tokens_per_block
+        if z.dtype != torch.float32 or mean.dtype != torch.float32 or mean.shape != (dim,):
+            raise ValueError(f"{self.what}: run needs float32 z (n, d) and mean (d,)")
+        if b.dtype != torch.float32 or b.dim() != 3 or b.shape[1:] != (dim, nr) or csq.shape != (b.shape[0] * nr,):
+            raise ValueError(f"{self.what}: the packed codes must match the tokens' width")
+        blocks = -(-n // mr)
+        rows = blocks * mr
+        ws = self.workspace
+        apack = ws("apack", (blocks, dim, mr), torch.float32)
+        state = [ws(name, (rows,), torch.int32 if name == "idx" else torch.float32) for name in ("znorm", "m1", "m2", "idx")]
+        args = _Fp32Args(
+            *(t.data_ptr() for t in (z, mean, b, csq, apack, *state)), n, dim, csq.shape[0], max(1, kb_codes)
+        )
+        threads = max(1, min(threads, blocks))
+        self._search_all(ctypes.byref(args), blocks, threads, min(blocks, threads * PIECES_PER_THREAD))
+        znorm, m1, m2, idx = (t[:n] for t in state)
+        return Fp32Result(m1, m2, idx, znorm)
+
+
 def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -358,16 +445,31 @@ def _private_temp_dir() -> Path | None:
     return path
 
 
-def _build(compiler: str) -> Path:
-    """Compile the kernel into the cache (once per source, flags and compiler); returns the library's path.
+class _Spec(NamedTuple):
+    name: str  # the library's file name stem
+    source: Path
+    flag_sets: tuple[tuple[str, ...], ...]
+    required: frozenset[str]  # /proc/cpuinfo flags
+    cls: type
+
+
+_SPECS = {
+    "bf16": _Spec("bf16_search", SOURCE, FLAG_SETS, REQUIRED_CPU_FLAGS, Bf16SearchKernel),
+    "fp32": _Spec("fp32_search", FP32_SOURCE, FP32_FLAG_SETS, FP32_REQUIRED_CPU_FLAGS, Fp32SearchKernel),
+}
+
+
+def _build(compiler: str, kind: str = "bf16") -> Path:
+    """Compile kernel ``kind`` into the cache (once per source, flags and compiler); returns the library's path.
 
     The cache folder is :func:`kernel_dir`, or a private folder under the temporary directory when that
     one cannot be created (a read-only home)."""
+    spec = _SPECS[kind]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    flags = "|".join(" ".join(f) for f in FLAG_SETS)
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), flags, version]).encode()).hexdigest()[:16]
+    flags = "|".join(" ".join(f) for f in spec.flag_sets)
+    key = hashlib.sha256("\0".join([spec.source.read_text(), flags, version]).encode()).hexdigest()[:16]
     out_dir = kernel_dir()
-    target = out_dir / f"bf16_search-{key}.so"
+    target = out_dir / f"{spec.name}-{key}.so"
     if target.exists():
         return target
     try:
@@ -379,11 +481,11 @@ def _build(compiler: str) -> Path:
         out_dir, target = fallback, fallback / target.name
         if target.exists():
             return target
-    fd, tmp = tempfile.mkstemp(prefix=".bf16_search-", suffix=".so", dir=out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        for flag_set in FLAG_SETS:
-            cmd = [compiler, *flag_set, "-o", tmp, str(SOURCE)]
+        for flag_set in spec.flag_sets:
+            cmd = [compiler, *flag_set, "-o", tmp, str(spec.source)]
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if proc.returncode == 0:
                 break
@@ -397,34 +499,40 @@ def _build(compiler: str) -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _load() -> tuple[Bf16SearchKernel | None, str]:
+def _load(kind: str = "bf16") -> tuple[Bf16SearchKernel | Fp32SearchKernel | None, str]:
+    spec = _SPECS[kind]
     if os.environ.get("SIMVQ_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "turned off by SIMVQ_NATIVE=0"
     if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return None, f"needs Linux on x86-64, this is {platform.system()} on {platform.machine()}"
-    missing = sorted(REQUIRED_CPU_FLAGS - _cpu_flags())
+    missing = sorted(spec.required - _cpu_flags())
     if missing:
         return None, f"this CPU lacks {', '.join(missing)}"
     compiler = _compiler()
     if compiler is None:
         return None, "no C compiler found (set CC, or install gcc)"
     try:
-        kernel = Bf16SearchKernel(ctypes.CDLL(str(_build(compiler))))
+        kernel = spec.cls(ctypes.CDLL(str(_build(compiler, kind))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        warnings.warn(f"simvq: the fused bf16 search kernel is unavailable ({err}); using the PyTorch paths", stacklevel=3)
+        warnings.warn(f"simvq: the fused {kind} search kernel is unavailable ({err}); using the PyTorch paths", stacklevel=3)
         return None, f"build or load failed: {err}"
     return kernel, "available" if kernel.openmp else "available, on one thread (the compiler has no OpenMP)"
 
 
 def bf16_search_kernel() -> Bf16SearchKernel | None:
     """The fused bf16 search kernel, built and loaded on first call; None where it cannot be used."""
-    return _load()[0]
+    return _load("bf16")[0]
 
 
-def native_status() -> str:
-    """``"available"`` (with a note when the kernel runs on one thread), or why :func:`bf16_search_kernel`
-    returns None."""
-    return _load()[1]
+def fp32_search_kernel() -> Fp32SearchKernel | None:
+    """The fused fp32 search kernel, built and loaded on first call; None where it cannot be used."""
+    return _load("fp32")[0]
+
+
+def native_status(kind: str = "bf16") -> str:
+    """``"available"`` (with a note when the kernel runs on one thread), or why kernel ``kind`` (``"bf16"``
+    or ``"fp32"``) cannot be used."""
+    return _load(kind)[1]
 
 
 def default_threads() -> int:

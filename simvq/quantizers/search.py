@@ -64,7 +64,7 @@ from typing import NamedTuple
 
 import torch
 
-from simvq.quantizers.native import Finish, bf16_search_kernel, default_threads, native_status
+from simvq.quantizers.native import Finish, bf16_search_kernel, default_threads, fp32_search_kernel, native_status
 
 DEFAULT_CHUNK_ELEMENTS = None  # device default, below
 # Bound on the distances held at once when the caller gives none. CPU: 128 MiB of fp32. GPU: 512 MiB, where
@@ -85,7 +85,7 @@ REDUCE_BLOCK = 64
 # explicit mantissa bits), "medium" bf16 (7); "highest" keeps fp32 inputs (no extra rounding).
 _INPUT_ROUNDOFF = {"highest": 0.0, "high": 2.0**-11, "medium": 2.0**-8}
 # The search paths (see nearest_code). "auto" resolves to one of the others per call (resolve_search).
-SEARCH_PATHS = ("auto", "exact-fp32", "bf16-candidates", "bf16-fused", "bf16-triton")
+SEARCH_PATHS = ("auto", "exact-fp32", "fp32-fused", "bf16-candidates", "bf16-fused", "bf16-triton")
 # "auto" uses the bf16 path on CPUs from this many distances (tokens x codes) per call up: below it the fixed
 # cost of the candidate bookkeeping outweighs the faster matmul (1,024 x 512: 0.9x the exact path's speed,
 # 1,024 x 1,024: 1.2x, 4,096 x 256: 1.1x; one thread, SimVQ codebooks; docs/benchmarks.md)
@@ -131,6 +131,13 @@ MAX_TRITON_CODES = MAX_CANDIDATE_BLOCKS * REDUCE_BLOCK
 # Tokens in the Triton path's first chunk when a search has at least FUSED_FIRST_CHUNK_DISTANCES distances: a
 # crowded codebook is found there, before the kernel scans the other tokens for nothing
 TRITON_FIRST_CHUNK = 4096
+# The fp32 kernel ("fp32-fused", CPUs without hardware bf16): "auto" takes it from this many distances up
+# (docs/benchmarks.md), and gives it codes in cache blocks of this many bytes (fp32), half the L2 of a core
+FP32_FUSED_MIN_DISTANCES = 2**14
+FP32_CODE_BLOCK_BYTES = 2**18
+# Tokens the fp32 kernel leaves to the exact path because their values could come near the fp32 range: below this
+# bound the values of every code, ||c'||^2 - 2 z'.c' <= (||z'|| + max ||c'||)^2, stay far inside it
+FP32_FUSED_MAX_BOUND = 1e30
 
 
 def check_chunk_elements(value: int | None, name: str = "max_chunk_elements") -> int | None:
@@ -301,6 +308,44 @@ def _exact_search(z, codebook, zc, cc, c_sq, max_chunk_elements):
     if ties.numel():
         out[ties] = _rerank(z[ties], codebook, zc[ties], cc_t, c_sq, thr[ties], max_chunk_elements)
     return out
+
+
+def _fp32_fused(z, codebook, mean, cc, c_sq, max_chunk_elements):
+    """The fp32 kernel (kernels/fp32_search.c) for CPUs without hardware bf16: the exact path's rule without
+    its distance matrix. Returns ``(out, fallback, reranked)`` as :func:`_bf16_candidates` does.
+
+    The kernel evaluates ``||c'||^2 - 2 z'.c'`` in fp32 (FMAs from zero, the squared norm added last: the
+    matmul form, within :func:`_rounding_bound` ``B`` in any summation order) and keeps per token its
+    smallest value ``m1``, the code that reached it and the smallest value ``m2`` of every other code. Where
+    ``m2 - m1 > 2 B`` no other code can be nearer, and that code is the exact path's answer. Tokens with a
+    rival within ``2 B`` (near-ties, duplicate codes) are re-ranked as the exact path re-ranks its own
+    (:func:`_rerank`: the codes within ``m1 + 2 B`` by the fp32 matmul, which holds the nearest since both
+    evaluations are within ``B`` of the truth, compared in fp64, lowest index on exact ties). Tokens whose
+    values cannot be trusted (non-finite, or a bound past :data:`FP32_FUSED_MAX_BOUND`) are left to the
+    exact path (``fallback``).
+    """
+    kernel = fp32_search_kernel()
+    if kernel is None:
+        raise RuntimeError(f"the fused fp32 search kernel is unavailable: {native_status('fp32')}")
+    num_tokens, dim = z.shape
+    c_max = c_sq.max()
+    if not torch.isfinite(c_max):  # NaN or inf codes: the exact path decides
+        return torch.empty(num_tokens, dtype=torch.long), torch.ones(num_tokens, dtype=torch.bool), 0
+    b, csq = kernel.codes(cc.contiguous(), c_sq.contiguous())
+    z32 = z if z.dtype == torch.float32 and z.is_contiguous() else z.float().contiguous()
+    kb_codes = max(1, FP32_CODE_BLOCK_BYTES // (4 * dim))
+    res = kernel.run(z32, mean.contiguous(), b, csq, kb_codes=kb_codes, threads=default_threads())
+    tol = 2 * _rounding_bound(dim, torch.float32, c_max.sqrt(), res.znorm)
+    trusted = torch.isfinite(res.m1) & (tol <= FP32_FUSED_MAX_BOUND)
+    # the gap in double: its own rounding cannot matter
+    rival = trusted & ~(res.m2.double() - res.m1.double() > tol.double())
+    out = res.idx.long()
+    rows = rival.nonzero().squeeze(1)
+    if rows.numel():
+        zr = z[rows].float()
+        thr = res.m1[rows] + tol[rows]
+        out[rows] = _rerank(zr, codebook, zr - mean, cc.t(), c_sq, thr, max_chunk_elements)
+    return out, ~trusted, int(rows.numel())
 
 
 def _bf16_product_error(dim: int, z_norm: torch.Tensor, c_max, dz_norm: torch.Tensor, dc_max, acc_u: float = 2.0**-24):
@@ -781,9 +826,11 @@ class SearchInfo(NamedTuple):
     Attributes:
         path: the path that ran (``"auto"`` resolved).
         reranked: tokens whose bf16 candidates were re-ranked (0 on the exact path; on ``"bf16-triton"``
-            every token: the codes of its recorded tiles are evaluated again in fp32).
+            every token: the codes of its recorded tiles are evaluated again in fp32; on ``"fp32-fused"``
+            the tokens with a rival within the rounding bound, re-ranked in fp64).
         fallback: tokens the bf16 bound could not settle within ``MAX_CANDIDATE_BLOCKS`` blocks, searched
-            again by the exact path (0 on the exact path).
+            again by the exact path (0 on the exact path; on ``"fp32-fused"`` the tokens with non-finite
+            values).
     """
 
     path: str
@@ -798,6 +845,11 @@ def check_search(value, name: str = "search") -> str:
     if value == "bf16-fused" and not fused_kernel_available():
         raise ValueError(
             f"{name}='bf16-fused' needs the fused bf16 kernel, which is unavailable here ({native_status()}); "
+            "use 'auto', which takes it where it runs and the other paths elsewhere"
+        )
+    if value == "fp32-fused" and not fp32_kernel_available():
+        raise ValueError(
+            f"{name}='fp32-fused' needs the fused fp32 kernel, which is unavailable here ({native_status('fp32')}); "
             "use 'auto', which takes it where it runs and the other paths elsewhere"
         )
     if value == "bf16-triton" and (reason := triton_unavailable()) is not None:
@@ -831,6 +883,11 @@ def fused_kernel_available() -> bool:
     return bf16_search_kernel() is not None
 
 
+def fp32_kernel_available() -> bool:
+    """Whether the fused fp32 kernel can run here (see :mod:`simvq.quantizers.native`); built on first call."""
+    return fp32_search_kernel() is not None
+
+
 def resolve_search(
     search: str, device: torch.device | str, dtype: torch.dtype, num_tokens: int, num_codes: int, dim: int | None = None
 ) -> str:
@@ -840,15 +897,19 @@ def resolve_search(
     ``"bf16-fused"`` from ``BF16_FUSED_MIN_DISTANCES`` distances (tokens x codes) up where its kernel builds
     (:func:`fused_kernel_available`; the first such call builds it), else ``"bf16-candidates"`` from
     ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide (``dim``; None: not checked);
-    and ``"exact-fp32"`` otherwise: fp64 inputs, small searches, CPUs without bf16, and accelerators (where
-    the bf16 paths have not been timed yet; pass ``search="bf16-triton"`` or ``"bf16-candidates"`` there).
+    On CPUs without hardware bf16 it picks ``"fp32-fused"`` from ``FP32_FUSED_MIN_DISTANCES`` distances up
+    where its kernel builds (AVX2 and FMA). ``"exact-fp32"`` otherwise: fp64 inputs, small searches, CPUs
+    with neither kernel, and accelerators (where the bf16 paths have not been timed yet; pass
+    ``search="bf16-triton"`` or ``"bf16-candidates"`` there).
     """
     search = check_search(search)
     if search != "auto":
         return search
-    if dtype != torch.float32 or torch.device(device).type != "cpu" or not cpu_has_fast_bf16():
+    if dtype != torch.float32 or torch.device(device).type != "cpu":
         return "exact-fp32"
     distances = num_tokens * num_codes
+    if not cpu_has_fast_bf16():
+        return "fp32-fused" if distances >= FP32_FUSED_MIN_DISTANCES and fp32_kernel_available() else "exact-fp32"
     if distances >= BF16_FUSED_MIN_DISTANCES and fused_kernel_available():
         return "bf16-fused"
     if distances >= BF16_MIN_DISTANCES and (dim is None or dim >= BF16_MIN_DIM):
@@ -882,10 +943,8 @@ def nearest_code_info(
         max_chunk_elements = CPU_CHUNK_ELEMENTS if device_type == "cpu" else ACCELERATOR_CHUNK_ELEMENTS
         if path == "bf16-candidates" and device_type == "cpu" and num_codes * 256 <= CPU_BF16_CHUNK_ELEMENTS:
             max_chunk_elements = CPU_BF16_CHUNK_ELEMENTS
-    if path == "bf16-fused" and (device_type != "cpu" or dtype != torch.float32):
-        raise ValueError(
-            f"search='bf16-fused' runs fp32 searches on the CPU, got {dtype} on {device_type}; use search='auto'"
-        )
+    if path in ("bf16-fused", "fp32-fused") and (device_type != "cpu" or dtype != torch.float32):
+        raise ValueError(f"search={path!r} runs fp32 searches on the CPU, got {dtype} on {device_type}; use search='auto'")
     if path == "bf16-triton":
         if dtype != torch.float32:
             raise ValueError(f"search='bf16-triton' runs fp32 searches, got {dtype} inputs; use search='auto'")
@@ -906,12 +965,15 @@ def nearest_code_info(
         if path in ("bf16-fused", "bf16-triton"):
             zc = cc = c_sq = None  # centred tokens and codes: only if some tokens fall back
         else:
-            zc = z.to(dtype) - mean
             cc = codebook.to(dtype) - mean
             c_sq = cc.pow(2).sum(dim=1)
+            zc = None if path == "fp32-fused" else z.to(dtype) - mean  # the fp32 kernel centres the tokens itself
             if path == "exact-fp32":
                 return _exact_search(z, codebook, zc, cc, c_sq, max_chunk_elements), SearchInfo(path, 0, 0)
-            out, fallback, reranked = _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements)
+            if path == "fp32-fused":
+                out, fallback, reranked = _fp32_fused(z, codebook, mean, cc, c_sq, max_chunk_elements)
+            else:
+                out, fallback, reranked = _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements)
         rows = fallback.nonzero().squeeze(1)
         if rows.numel():
             if cc is None:

@@ -1,0 +1,230 @@
+"""The fused fp32 search kernel (search="fp32-fused", simvq/quantizers/kernels/fp32_search.c).
+
+Answers are checked against an explicit float64 ``sum((z - c)^2)`` argmin (lowest index on exact ties) and
+against the exact path; the kernel's per-token values (smallest, runner-up) against float64 evaluations of the
+same fp32 operands through the rounding bound; its packed tokens and codes against torch. Where the kernel
+cannot be built (no AVX2/FMA, no compiler), the tests that run it are skipped and the fallback rules are still
+checked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+
+import pytest
+import torch
+
+from simvq.quantizers import native
+from simvq.quantizers import search as search_mod
+from simvq.quantizers.registry import build_quantizer
+from simvq.quantizers.search import nearest_code, nearest_code_info, resolve_search
+from test_search_paths import _data, crowded_codebook, reference_argmin  # float64 reference, data kinds
+
+KERNEL = native.fp32_search_kernel()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"fp32 kernel unavailable: {native.native_status('fp32')}")
+
+
+def _random(n, k, d, seed=0, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return offset + torch.randn(n, d, generator=g), offset + scale * torch.randn(k, d, generator=g)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "n, k, d",
+    [
+        (1, 1, 1),  # one token, one code: a tile and a block of padding
+        (17, 7, 9),  # one token past a block, one code past a tile, one coordinate past a vector
+        (8, 6, 8),  # exactly half a block, one tile, one vector
+        (100, 137, 33),
+        (70, 500, 3),  # narrow codes: every coordinate in the scalar tail
+        (257, 1000, 128),  # the benchmark's width
+    ],
+)
+def test_fp32_path_equals_float64_on_ragged_shapes(n, k, d):
+    z, codebook = _random(n, k, d, seed=n + k + d)
+    got, info = nearest_code_info(z, codebook, search="fp32-fused")
+    assert info.path == "fp32-fused" and info.fallback == 0
+    assert torch.equal(got, reference_argmin(z, codebook))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["random", "clustered", "offset", "duplicates", "ties"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_fp32_path_on_every_kind_of_data_and_across_code_blocks(kind, threads, monkeypatch):
+    # cache blocks of 12 codes (two tiles) at d = 32: every block boundary is crossed; three threads on two
+    # cores take the pieces dynamically
+    monkeypatch.setattr(search_mod, "FP32_CODE_BLOCK_BYTES", 12 * 4 * 32)
+    monkeypatch.setattr(search_mod, "default_threads", lambda: threads)
+    z, codebook = _data(kind)
+    got, info = nearest_code_info(z, codebook, search="fp32-fused")
+    assert torch.equal(got, reference_argmin(z, codebook)), info
+    if kind in ("duplicates", "ties"):  # rivals within the bound are found and re-ranked, not guessed
+        assert info.reranked > 0
+
+
+@needs_kernel
+def test_the_kernels_values_hold_within_the_rounding_bound():
+    # m1 (smallest value), idx (its code) and m2 (smallest of every other code) against float64 evaluations of
+    # ||c'||^2 - 2 z'.c' from the same fp32 operands: each within the bound the search uses
+    z, codebook = _random(300, 250, 40, seed=3, scale=0.7, offset=5.0)
+    mean = codebook.mean(dim=0)
+    cc = codebook - mean
+    c_sq = cc.pow(2).sum(dim=1)
+    b, csq = KERNEL.codes(cc, c_sq)
+    res = KERNEL.run(z, mean, b, csq, kb_codes=60, threads=2)
+    zc = z - mean
+    exact = c_sq.double()[None, :] - 2 * zc.double() @ cc.double().t()
+    bound = search_mod._rounding_bound(40, torch.float32, c_sq.max().sqrt(), zc.norm(dim=1)).double()
+    idx = res.idx.long()
+    assert float(((res.m1.double() - exact.min(dim=1).values).abs() - bound).max()) <= 0
+    assert float(((res.m1.double() - exact.gather(1, idx[:, None])[:, 0]).abs() - bound).max()) <= 0
+    others = exact.scatter(1, idx[:, None], float("inf"))
+    assert float(((res.m2.double() - others.min(dim=1).values).abs() - bound).max()) <= 0
+    assert torch.allclose(res.znorm.double(), zc.double().norm(dim=1), rtol=1e-6)
+    assert float((res.m1.double() - exact.min(dim=1).values).abs().max()) > 0  # the data do exercise the rounding
+
+
+@needs_kernel
+def test_packed_operands_match_torch():
+    z, codebook = _random(37, 13, 11, seed=4)
+    mean = codebook.mean(dim=0)
+    cc = codebook - mean
+    c_sq = cc.pow(2).sum(dim=1)
+    b, csq = KERNEL.codes(cc, c_sq)
+    nr, mr = KERNEL.codes_per_tile, KERNEL.tokens_per_block
+    k_pad = -(-13 // nr) * nr
+    padded = torch.zeros(k_pad, 11)
+    padded[:13] = cc
+    assert torch.equal(b, padded.view(k_pad // nr, nr, 11).transpose(1, 2))
+    assert torch.equal(csq[:13], c_sq) and bool(torch.isinf(csq[13:]).all())
+    KERNEL.run(z, mean, b, csq, kb_codes=6, threads=1)
+    blocks = -(-37 // mr)
+    apack = KERNEL.workspace("apack", (blocks, 11, mr), torch.float32)
+    tokens = torch.zeros(blocks * mr, 11)
+    tokens[:37] = z - mean  # torch's own centring, then -2 (exact)
+    assert torch.equal(apack, (-2 * tokens).view(blocks, mr, 11).transpose(1, 2))
+
+
+@needs_kernel
+def test_non_finite_and_huge_values_go_to_the_exact_path():
+    z, codebook = _random(50, 40, 8, seed=5)
+    z[3, 2], z[7, 0] = float("nan"), float("inf")
+    got, info = nearest_code_info(z, codebook, search="fp32-fused")
+    assert info.fallback == 2
+    assert torch.equal(got, nearest_code(z, codebook, search="exact-fp32"))
+    bad = codebook.clone()
+    bad[5, 5] = float("nan")  # a NaN code: every token to the exact path
+    got, info = nearest_code_info(z, bad, search="fp32-fused")
+    assert info.fallback == 50 and torch.equal(got, nearest_code(z, bad, search="exact-fp32"))
+    # values that could leave the fp32 range: tokens far out fall back, the others are answered, all exact
+    z, codebook = _random(40, 30, 8, seed=6)
+    z[:10] *= 1e19  # bounds past FP32_FUSED_MAX_BOUND
+    got, info = nearest_code_info(z, codebook, search="fp32-fused")
+    assert info.fallback == 10
+    assert torch.equal(got, reference_argmin(z, codebook))
+
+
+@needs_kernel
+def test_a_crowded_codebook_is_reranked_exactly():
+    z, codebook = crowded_codebook(copies=300, tokens=200, seed=7)
+    got, info = nearest_code_info(z, codebook, search="fp32-fused")
+    assert info.reranked == 200 and info.fallback == 0
+    assert torch.equal(got, reference_argmin(z, codebook))
+    assert bool((got == 3).all())  # the lowest index of the copies
+    # the kernel's own answer is the first code in code order that reached the smallest value
+    mean = codebook.mean(dim=0)
+    cc = codebook - mean
+    res = KERNEL.run(z, mean, *KERNEL.codes(cc, cc.pow(2).sum(dim=1)), kb_codes=60, threads=2)
+    assert bool((res.idx == 3).all()) and torch.equal(res.m1, res.m2)
+
+
+@needs_kernel
+def test_simvq_with_the_fp32_kernel_equals_the_exact_path():
+    torch.manual_seed(0)
+    z = torch.randn(2, 64, 16)
+    outs = {}
+    for path in ("exact-fp32", "fp32-fused"):
+        torch.manual_seed(1)
+        quantizer = build_quantizer("simvq", dim=16, codebook_size=512, channel_first=False, search=path)
+        outs[path] = quantizer(z).indices
+    assert torch.equal(outs["exact-fp32"], outs["fp32-fused"])
+
+
+@needs_kernel
+def test_a_build_without_openmp_runs_serially_and_gives_the_same_answer(tmp_path, monkeypatch):
+    compiler = native._compiler()
+    target = tmp_path / "serial.so"
+    proc = subprocess.run([compiler, *native.FP32_FLAG_SETS[1], "-o", str(target), str(native.FP32_SOURCE)], capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-500:]
+    serial = native.Fp32SearchKernel(ctypes.CDLL(str(target)))
+    assert not serial.openmp and KERNEL.openmp == (native.native_status("fp32") == "available")
+    monkeypatch.setattr(search_mod, "fp32_search_kernel", lambda: serial)
+    monkeypatch.setattr(search_mod, "default_threads", lambda: 3)  # asked for three, runs on one
+    z, codebook = _random(300, 500, 24, seed=8, scale=0.5)
+    got, info = nearest_code_info(z, codebook, search="fp32-fused")
+    assert info.path == "fp32-fused" and torch.equal(got, reference_argmin(z, codebook))
+
+
+@needs_kernel
+def test_build_is_cached_per_kernel_and_written_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv("SIMVQ_KERNEL_DIR", str(tmp_path))
+    compiler = native._compiler()
+    first = native._build(compiler, "fp32")
+    stamp = first.stat().st_mtime_ns
+    assert first.name.startswith("fp32_search-")
+    assert native._build(compiler, "fp32") == first and first.stat().st_mtime_ns == stamp  # reused
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
+
+
+def test_the_kernel_is_built_wherever_it_can_run():
+    if os.environ.get("SIMVQ_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        pytest.skip("switched off by SIMVQ_NATIVE")
+    if not native.FP32_REQUIRED_CPU_FLAGS <= native._cpu_flags() or native._compiler() is None:
+        pytest.skip("this machine cannot build or run the kernel")
+    assert KERNEL is not None, native.native_status("fp32")
+
+
+def test_auto_takes_the_fp32_kernel_on_cpus_without_bf16(monkeypatch):
+    monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(search_mod, "fp32_kernel_available", lambda: True)
+    least = search_mod.FP32_FUSED_MIN_DISTANCES
+    assert resolve_search("auto", "cpu", torch.float32, 16, least // 16) == "fp32-fused"
+    assert resolve_search("auto", "cpu", torch.float32, 16, least // 16 - 1) == "exact-fp32"
+    assert resolve_search("auto", "cpu", torch.float64, 4096, 4096) == "exact-fp32"
+    assert resolve_search("auto", "cuda", torch.float32, 4096, 4096) == "exact-fp32"
+    monkeypatch.setattr(search_mod, "fp32_kernel_available", lambda: False)
+    assert resolve_search("auto", "cpu", torch.float32, 4096, 4096) == "exact-fp32"
+    # where hardware bf16 is present the bf16 rules stand
+    monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(search_mod, "fused_kernel_available", lambda: True)
+    monkeypatch.setattr(search_mod, "fp32_kernel_available", lambda: pytest.fail("fp32 kernel asked for"))
+    assert resolve_search("auto", "cpu", torch.float32, 4096, 4096) == "bf16-fused"
+
+
+def test_an_unavailable_fp32_kernel_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(search_mod, "fp32_search_kernel", lambda: None)
+    with pytest.raises(ValueError, match=r"search='fp32-fused' needs the fused fp32 kernel, which is unavailable"):
+        nearest_code(torch.randn(4, 16), torch.randn(5, 16), search="fp32-fused")
+    with pytest.raises(ValueError, match="needs the fused fp32 kernel"):  # at construction, before any data
+        build_quantizer("simvq", dim=16, codebook_size=64, search="fp32-fused")
+    monkeypatch.undo()
+    if KERNEL is not None:
+        with pytest.raises(ValueError, match="runs fp32 searches on the CPU"):
+            nearest_code(torch.randn(4, 16).double(), torch.randn(5, 16).double(), search="fp32-fused")
+
+
+@needs_kernel
+def test_kernel_refuses_mismatched_operands():
+    z, codebook = _random(20, 12, 8, seed=9)
+    mean = codebook.mean(dim=0)
+    cc = codebook - mean
+    b, csq = KERNEL.codes(cc, cc.pow(2).sum(dim=1))
+    with pytest.raises(ValueError, match="must match the tokens' width"):
+        KERNEL.run(torch.randn(20, 9), torch.zeros(9), b, csq, kb_codes=12, threads=1)
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        KERNEL.run(z.t().contiguous().t(), mean, b, csq, kb_codes=12, threads=1)
+    with pytest.raises(ValueError, match="non-empty float32"):
+        KERNEL.codes(cc.double(), cc.pow(2).sum(dim=1).double())
