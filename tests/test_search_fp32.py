@@ -190,9 +190,10 @@ def test_the_kernel_is_built_wherever_it_can_run():
 def test_auto_takes_the_fp32_kernel_on_cpus_without_bf16(monkeypatch):
     monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: False)
     monkeypatch.setattr(search_mod, "fp32_kernel_available", lambda: True)
-    least = search_mod.FP32_FUSED_MIN_DISTANCES
-    assert resolve_search("auto", "cpu", torch.float32, 16, least // 16) == "fp32-fused"
-    assert resolve_search("auto", "cpu", torch.float32, 16, least // 16 - 1) == "exact-fp32"
+    least, tokens = search_mod.FP32_FUSED_MIN_DISTANCES, search_mod.FP32_FUSED_MIN_TOKENS
+    assert resolve_search("auto", "cpu", torch.float32, tokens, least // tokens) == "fp32-fused"
+    assert resolve_search("auto", "cpu", torch.float32, tokens, least // tokens - 1) == "exact-fp32"
+    assert resolve_search("auto", "cpu", torch.float32, tokens - 1, 10**6) == "exact-fp32"  # a few tokens
     assert resolve_search("auto", "cpu", torch.float64, 4096, 4096) == "exact-fp32"
     assert resolve_search("auto", "cuda", torch.float32, 4096, 4096) == "exact-fp32"
     monkeypatch.setattr(search_mod, "fp32_kernel_available", lambda: False)

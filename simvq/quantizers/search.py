@@ -27,6 +27,10 @@ The result is therefore the argmin of the fp64 distance ``sum((z - c)^2)``, not 
 Paths (``search=``; every path returns the same indices):
 
 - ``"exact-fp32"``: the steps above (fp64 throughout for fp64 inputs).
+- ``"fp32-fused"``: the same steps in one C kernel for CPUs without hardware bf16 (AVX2 + FMA;
+  :mod:`simvq.quantizers.native`): each token's smallest value, its code and the runner-up value are kept in
+  registers as the fp32 values are computed, so no distance is written to memory; tokens whose runner-up is
+  within the certificate are re-ranked as in step 4. See :func:`_fp32_fused`.
 - ``"bf16-candidates"``: the distance matmul runs in bf16 (5-7x the fp32 rate on CPUs with AVX512-BF16, and
   tensor cores on GPUs), with fp32 accumulation. A per-token bound on its error (bf16 rounding of both
   inputs, fp32 accumulation, the bf16 rounding of the output; :func:`_bf16_error_terms`) gives a
@@ -51,8 +55,9 @@ Paths (``search=``; every path returns the same indices):
   :func:`_bf16_triton`. Not timed on a GPU yet, so ``"auto"`` does not choose it.
 - ``"auto"`` (default): on CPUs with hardware bf16, for fp32 searches, ``"bf16-fused"`` from
   ``BF16_FUSED_MIN_DISTANCES`` distances where the kernel builds, else ``"bf16-candidates"`` from
-  ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide; ``"exact-fp32"`` otherwise
-  (:func:`resolve_search`).
+  ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide; on other CPUs ``"fp32-fused"``
+  from ``FP32_FUSED_MIN_DISTANCES`` distances and ``FP32_FUSED_MIN_TOKENS`` tokens where its kernel builds;
+  ``"exact-fp32"`` otherwise (:func:`resolve_search`).
 """
 
 from __future__ import annotations
@@ -131,9 +136,13 @@ MAX_TRITON_CODES = MAX_CANDIDATE_BLOCKS * REDUCE_BLOCK
 # Tokens in the Triton path's first chunk when a search has at least FUSED_FIRST_CHUNK_DISTANCES distances: a
 # crowded codebook is found there, before the kernel scans the other tokens for nothing
 TRITON_FIRST_CHUNK = 4096
-# The fp32 kernel ("fp32-fused", CPUs without hardware bf16): "auto" takes it from this many distances up
-# (docs/benchmarks.md), and gives it codes in cache blocks of this many bytes (fp32), half the L2 of a core
+# The fp32 kernel ("fp32-fused", CPUs without hardware bf16): "auto" takes it from this many distances and
+# tokens up. Its tiles hold 16 tokens and a thread takes whole tiles, so a search of a few tokens runs on one
+# thread with most lanes empty: 16 x 65,536 x 128 (tokens x codes x width) took 1.06x the exact path's time,
+# 64 x 65,536 x 128 0.95x, 128 x 128 x 16 0.87x, 2,048 x 8,192 x 4 0.10x, 1 x 1 x 4 1.28x (two threads of a
+# 2-core AVX2 CPU; docs/benchmarks.md). Codes go in cache blocks of this many bytes (fp32), half a core's L2
 FP32_FUSED_MIN_DISTANCES = 2**14
+FP32_FUSED_MIN_TOKENS = 64
 FP32_CODE_BLOCK_BYTES = 2**18
 # Tokens the fp32 kernel leaves to the exact path because their values could come near the fp32 range: below this
 # bound the values of every code, ||c'||^2 - 2 z'.c' <= (||z'|| + max ||c'||)^2, stay far inside it
@@ -896,11 +905,11 @@ def resolve_search(
     ``"auto"`` picks a bf16 path for fp32 searches on CPUs with hardware bf16 (AVX512-BF16 or AMX):
     ``"bf16-fused"`` from ``BF16_FUSED_MIN_DISTANCES`` distances (tokens x codes) up where its kernel builds
     (:func:`fused_kernel_available`; the first such call builds it), else ``"bf16-candidates"`` from
-    ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide (``dim``; None: not checked);
-    On CPUs without hardware bf16 it picks ``"fp32-fused"`` from ``FP32_FUSED_MIN_DISTANCES`` distances up
-    where its kernel builds (AVX2 and FMA). ``"exact-fp32"`` otherwise: fp64 inputs, small searches, CPUs
-    with neither kernel, and accelerators (where the bf16 paths have not been timed yet; pass
-    ``search="bf16-triton"`` or ``"bf16-candidates"`` there).
+    ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide (``dim``; None: not checked).
+    On CPUs without hardware bf16 it picks ``"fp32-fused"`` from ``FP32_FUSED_MIN_DISTANCES`` distances and
+    ``FP32_FUSED_MIN_TOKENS`` tokens up where its kernel builds (AVX2 and FMA). ``"exact-fp32"`` otherwise:
+    fp64 inputs, small searches, CPUs with neither kernel, and accelerators (where the bf16 paths have not
+    been timed yet; pass ``search="bf16-triton"`` or ``"bf16-candidates"`` there).
     """
     search = check_search(search)
     if search != "auto":
@@ -909,7 +918,8 @@ def resolve_search(
         return "exact-fp32"
     distances = num_tokens * num_codes
     if not cpu_has_fast_bf16():
-        return "fp32-fused" if distances >= FP32_FUSED_MIN_DISTANCES and fp32_kernel_available() else "exact-fp32"
+        big = distances >= FP32_FUSED_MIN_DISTANCES and num_tokens >= FP32_FUSED_MIN_TOKENS
+        return "fp32-fused" if big and fp32_kernel_available() else "exact-fp32"
     if distances >= BF16_FUSED_MIN_DISTANCES and fused_kernel_available():
         return "bf16-fused"
     if distances >= BF16_MIN_DISTANCES and (dim is None or dim >= BF16_MIN_DIM):
@@ -999,9 +1009,9 @@ def nearest_code(
         max_chunk_elements: bound on the number of distances held at once (``None``: 2**25 on CPU, 2**23
             for the bf16 path on CPU up to K = 32,768, 2**27 on accelerators).
         search: ``"auto"`` (default; see :func:`resolve_search`), ``"exact-fp32"`` (fp32 matmul, or fp64
-            for fp64 inputs), ``"bf16-candidates"`` (bf16 matmul, exact re-rank), ``"bf16-fused"`` (the
-            fused CPU kernel, exact re-rank) or ``"bf16-triton"`` (the fused GPU kernel, exact re-rank).
-            Every path returns the same indices.
+            for fp64 inputs), ``"fp32-fused"`` (the fused fp32 CPU kernel, AVX2), ``"bf16-candidates"``
+            (bf16 matmul, exact re-rank), ``"bf16-fused"`` (the fused bf16 CPU kernel, exact re-rank) or
+            ``"bf16-triton"`` (the fused GPU kernel, exact re-rank). Every path returns the same indices.
 
     Returns:
         ``(N,)`` int64 indices in ``[0, K)``.

@@ -74,8 +74,9 @@ class SimVQ(Quantizer):
         codebook_weight: weight of ``mean((sg(z) - q)^2)`` (official 1.0).
         channel_first, check_finite: see :class:`~simvq.quantizers.base.Quantizer`.
         search_chunk_elements: memory bound of the nearest-code search, in fp32 distances.
-        search: nearest-code search path, ``"auto"``, ``"exact-fp32"``, ``"bf16-candidates"``, ``"bf16-fused"``
-            or ``"bf16-triton"`` (same indices on every path; see :func:`~simvq.quantizers.search.nearest_code`).
+        search: nearest-code search path, ``"auto"``, ``"exact-fp32"``, ``"fp32-fused"``, ``"bf16-candidates"``,
+            ``"bf16-fused"`` or ``"bf16-triton"`` (same indices on every path; see
+            :func:`~simvq.quantizers.search.nearest_code`).
     """
 
     def __init__(
