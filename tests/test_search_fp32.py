@@ -20,15 +20,10 @@ from simvq.quantizers import native
 from simvq.quantizers import search as search_mod
 from simvq.quantizers.registry import build_quantizer
 from simvq.quantizers.search import nearest_code, nearest_code_info, resolve_search
-from test_search_paths import _data, crowded_codebook, reference_argmin  # float64 reference, data kinds
+from test_search_paths import _data, _random, crowded_codebook, reference_argmin  # float64 reference, data
 
 KERNEL = native.fp32_search_kernel()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"fp32 kernel unavailable: {native.native_status('fp32')}")
-
-
-def _random(n, k, d, seed=0, scale=1.0, offset=0.0):
-    g = torch.Generator().manual_seed(seed)
-    return offset + torch.randn(n, d, generator=g), offset + scale * torch.randn(k, d, generator=g)
 
 
 @needs_kernel

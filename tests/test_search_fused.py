@@ -21,15 +21,10 @@ from simvq.quantizers import native
 from simvq.quantizers import search as search_mod
 from simvq.quantizers.registry import build_quantizer
 from simvq.quantizers.search import nearest_code, nearest_code_info
-from test_search_paths import crowded_codebook, reference_argmin  # the float64 reference, the tie-heavy codebook
+from test_search_paths import _random, crowded_codebook, reference_argmin  # the float64 reference, data
 
 KERNEL = native.bf16_search_kernel()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"fused kernel unavailable: {native.native_status()}")
-
-
-def _random(n, k, d, seed=0, scale=1.0, offset=0.0):
-    g = torch.Generator().manual_seed(seed)
-    return offset + torch.randn(n, d, generator=g), offset + scale * torch.randn(k, d, generator=g)
 
 
 @needs_kernel

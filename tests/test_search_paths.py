@@ -55,6 +55,11 @@ def _data(kind: str, n: int = 600, k: int = 700, d: int = 32, seed: int = 0):
     raise AssertionError(kind)
 
 
+def _random(n, k, d, seed=0, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return offset + torch.randn(n, d, generator=g), offset + scale * torch.randn(k, d, generator=g)
+
+
 def crowded_codebook(copies: int, tokens: int, seed: int):
     """Tokens and a codebook of 3 far codes followed by ``copies`` copies of one code: every token is equally
     near all copies (more candidates than any list holds once ``copies`` > MAX_CANDIDATES)."""

@@ -122,9 +122,16 @@ def _check_cpu_contiguous(tensors, what: str = "bf16 search kernel") -> None:
 class _Kernel:
     """What both kernels share: the loaded library, whether it runs threaded, and per-thread kept buffers."""
 
-    def __init__(self, lib: ctypes.CDLL, openmp: bool):
+    def __init__(self, lib: ctypes.CDLL, prefix: str, abi_version: int):
+        """Check the library's ABI (``<prefix>_abi``, which also gives the tile sizes) and whether it was built
+        with OpenMP (``<prefix>_openmp``)."""
+        mr, nr = ctypes.c_int32(), ctypes.c_int32()
+        abi = getattr(lib, f"{prefix}_abi")(ctypes.byref(mr), ctypes.byref(nr))
+        if abi != abi_version:
+            raise RuntimeError(f"kernel ABI {abi}, expected {abi_version}")
+        self.tokens_per_block, self.codes_per_tile = mr.value, nr.value
         self._lib = lib
-        self.openmp = openmp
+        self.openmp = bool(getattr(lib, f"{prefix}_openmp")())
         self._local = threading.local()
 
     def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -166,18 +173,13 @@ class Bf16SearchKernel(_Kernel):
     """The loaded bf16 kernel: its tile sizes and a threaded call over token blocks (see the C source)."""
 
     def __init__(self, lib: ctypes.CDLL):
-        mr, nr = ctypes.c_int32(), ctypes.c_int32()
-        abi = lib.simvq_bf16_abi(ctypes.byref(mr), ctypes.byref(nr))
-        if abi != ABI_VERSION:
-            raise RuntimeError(f"kernel ABI {abi}, expected {ABI_VERSION}")
-        self.tokens_per_block, self.codes_per_tile = mr.value, nr.value
+        super().__init__(lib, "simvq_bf16", ABI_VERSION)
         ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
         # (x, mean, n, rows, dim, pairs, scale, layout, out, resid, sq, threads)
         self._pack = _bind(lib, "simvq_bf16_pack_all", ptr, ptr, i64, i64, i64, i64, ctypes.c_float, i32, ptr, ptr, ptr, i32)
         # (codes, k, k_pad, dim, pairs, mean, partial, b, resid, csq, maxima, threads)
         self._codes = _bind(lib, "simvq_bf16_codes", ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32)
         self._search_all = _bind(lib, "simvq_bf16_search_all", ctypes.POINTER(_Args), i64, i32, i64)
-        super().__init__(lib, bool(lib.simvq_openmp()))
 
     def run(
         self, z, mean, b, csq, bound, state: KernelState, *, kb_codes: int, threads: int, finish: Finish | None = None
@@ -351,13 +353,8 @@ class Fp32SearchKernel(_Kernel):
     what = "fp32 search kernel"
 
     def __init__(self, lib: ctypes.CDLL):
-        mr, nr = ctypes.c_int32(), ctypes.c_int32()
-        abi = lib.simvq_fp32_abi(ctypes.byref(mr), ctypes.byref(nr))
-        if abi != FP32_ABI_VERSION:
-            raise RuntimeError(f"kernel ABI {abi}, expected {FP32_ABI_VERSION}")
-        self.tokens_per_block, self.codes_per_tile = mr.value, nr.value
+        super().__init__(lib, "simvq_fp32", FP32_ABI_VERSION)
         self._search_all = _bind(lib, "simvq_fp32_search_all", ctypes.POINTER(_Fp32Args), ctypes.c_int64, ctypes.c_int32, ctypes.c_int64)
-        super().__init__(lib, bool(lib.simvq_fp32_openmp()))
 
     def codes(self, cc: torch.Tensor, c_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The centred codes ``cc`` (K, d) float32 in the kernel's tiles ``(k_pad / NR, d, NR)`` (zero codes past

@@ -516,7 +516,7 @@ void simvq_bf16_search_all(const simvq_search_args *g, int64_t blocks, int32_t t
     }
 }
 
-int32_t simvq_openmp(void) {
+int32_t simvq_bf16_openmp(void) {
 #ifdef _OPENMP
     return 1;
 #else
