@@ -224,3 +224,17 @@ def test_kernel_refuses_mismatched_operands():
         KERNEL.run(z.t().contiguous().t(), mean, b, csq, kb_codes=12, threads=1)
     with pytest.raises(ValueError, match="non-empty float32"):
         KERNEL.codes(cc.double(), cc.pow(2).sum(dim=1).double())
+
+
+def test_a_search_the_model_refuses_leaves_no_run_folder(tmp_path, capsys):
+    # the quantizer refuses the setting when the model is built; the run folder is claimed only after that,
+    # so the corrected command can use the same folder
+    from simvq.cli import main as cli_main
+
+    args = ["train", "--config", "image/digits-tiny", "--out", str(tmp_path / "run"), "--max-steps", "1", "--quiet"]
+    assert cli_main([*args, "quantizer.search=fp32-fast"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "search must be one of" in err
+    assert not (tmp_path / "run").exists()
+    assert cli_main(args) == 0
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()

@@ -228,10 +228,6 @@ def train(
     # data errors (missing folder, no images) surface before the slow Lightning import
     task = modality_of(config).task(config)
     train_set, eval_set = task.build_datasets()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if _is_global_rank_zero():
-        mark_run_folder(out_dir, this_hash)
-        _remove_stale_temp_files(ckpt_path.parent)
 
     import lightning as L
 
@@ -249,6 +245,12 @@ def train(
         config, task=task, train_set=train_set, eval_set=eval_set, max_minutes=tcfg["max_minutes"],
         init_state=init_state if resume_from is None else None, init_strict=init_strict,
     )
+    # the folder is made and claimed once the model is built: a config the model refuses (a search path this
+    # machine cannot run, say) leaves nothing behind that would block the corrected run
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if _is_global_rank_zero():
+        mark_run_folder(out_dir, this_hash)
+        _remove_stale_temp_files(ckpt_path.parent)
 
     loggers = []
     if "csv" in tcfg["loggers"]:
