@@ -238,3 +238,16 @@ def test_a_search_the_model_refuses_leaves_no_run_folder(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     assert cli_main(args) == 0
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+@needs_kernel
+def test_buffers_made_under_inference_mode_serve_later_searches():
+    # Lightning validates under torch.inference_mode: the kept buffers made there must still be writable after
+    KERNEL.release_workspace()
+    z, codebook = _random(100, 90, 12, seed=10)
+    with torch.inference_mode():
+        first = nearest_code(z, codebook, search="fp32-fused")
+    assert torch.equal(first, reference_argmin(z, codebook))
+    assert torch.equal(nearest_code(z, codebook, search="fp32-fused"), first)
+    with torch.inference_mode():
+        assert torch.equal(nearest_code(z, codebook, search="fp32-fused"), first)

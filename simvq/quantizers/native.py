@@ -154,13 +154,17 @@ class _Kernel:
             numel *= n
         buf = buffers.get(name)
         if buf is None or buf.dtype != dtype or buf.numel() < numel:
-            buf = buffers[name] = torch.empty(numel, dtype=dtype)
+            # never an inference tensor, even when a search first runs under torch.inference_mode (Lightning's
+            # validation): torch refuses in-place updates of those once outside it, and the buffers are kept
+            with torch.inference_mode(False):
+                buf = buffers[name] = torch.empty(numel, dtype=dtype)
             for old in [k for k in views if k[0] == name]:  # views of the buffer this one replaces
                 del views[old]
             self._local.__dict__.pop("state", None)  # its views may be among them
         if len(views) >= 64:  # searches of many different sizes: the views are cheap to make again
             views.clear()
-        view = views[key] = buf[:numel].view(shape)
+        with torch.inference_mode(False):
+            view = views[key] = buf[:numel].view(shape)
         return view
 
     def release_workspace(self) -> None:
