@@ -68,10 +68,10 @@ def test_the_kernels_values_hold_within_the_rounding_bound():
     mean = codebook.mean(dim=0)
     cc = codebook - mean
     c_sq = cc.pow(2).sum(dim=1)
-    b, csq = KERNEL.codes(cc, c_sq)
+    b, csq = KERNEL.codes(codebook, mean, threads=2)
     res = KERNEL.run(z, mean, b, csq, kb_codes=60, threads=2)
     zc = z - mean
-    exact = c_sq.double()[None, :] - 2 * zc.double() @ cc.double().t()
+    exact = cc.double().pow(2).sum(dim=1)[None, :] - 2 * zc.double() @ cc.double().t()
     bound = search_mod._rounding_bound(40, torch.float32, c_sq.max().sqrt(), zc.norm(dim=1)).double()
     idx = res.idx.long()
     assert float(((res.m1.double() - exact.min(dim=1).values).abs() - bound).max()) <= 0
@@ -83,18 +83,71 @@ def test_the_kernels_values_hold_within_the_rounding_bound():
 
 
 @needs_kernel
-def test_packed_operands_match_torch():
-    z, codebook = _random(37, 13, 11, seed=4)
+@pytest.mark.parametrize("kind", ["random", "duplicates", "ties"])
+def test_codes_split_into_ranges_give_the_single_pass_result_bit_for_bit(kind):
+    # a few tokens (three blocks): the codes are also split into ranges, one state per range, merged in code
+    # order. Every range count and thread count must leave what one pass over all codes on one thread leaves;
+    # with duplicated codes (copies a third of the codebook apart) and exact ties the copies and rivals sit in
+    # different ranges, so the merge's tie rule (the first code in code order, runner-up equal) is exercised.
+    z, codebook = _data(kind, n=40, k=699, d=24, seed=5)
     mean = codebook.mean(dim=0)
-    cc = codebook - mean
-    c_sq = cc.pow(2).sum(dim=1)
-    b, csq = KERNEL.codes(cc, c_sq)
+    b, csq = KERNEL.codes(codebook, mean)
+    one = [t.clone() for t in KERNEL.run(z, mean, b, csq, kb_codes=30, threads=1, parts=1)]
+    for parts in (2, 3, 7, b.shape[0]):
+        for threads in (1, 2, 3):
+            got = KERNEL.run(z, mean, b, csq, kb_codes=30, threads=threads, parts=parts)
+            for name, want, have in zip(native.Fp32Result._fields, one, got):
+                assert torch.equal(want, have), (name, parts, threads)
+    if kind != "random":  # near-ties that only the merge brings together: runner-up equal to the best
+        assert bool((one[1] == one[0]).any())
+    with pytest.raises(ValueError, match="parts must be between 1 and the number of code tiles"):
+        KERNEL.run(z, mean, b, csq, kb_codes=30, threads=1, parts=b.shape[0] + 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["random", "clustered", "offset", "duplicates", "ties"])
+def test_a_few_tokens_split_the_codes_and_still_equal_float64(kind, monkeypatch):
+    # 20 tokens (two blocks) on three threads: the default split into code ranges of one tile or more
+    monkeypatch.setattr(native, "FP32_MIN_PART_TILES", 1)
+    monkeypatch.setattr(search_mod, "default_threads", lambda: 3)
+    calls = []
+    real = KERNEL._search_all
+    monkeypatch.setattr(KERNEL, "_search_all", lambda *a: calls.append(a[1:]) or real(*a))
+    z, codebook = _data(kind, n=20, k=700, d=32, seed=2)
+    got, info = nearest_code_info(z, codebook, search="fp32-fused")
+    assert torch.equal(got, reference_argmin(z, codebook)), info
+    blocks, threads, _, parts = calls[0]
+    assert (blocks, threads) == (2, 3) and parts == -(-3 * native.PIECES_PER_THREAD // 2)
+
+
+@needs_kernel
+def test_the_code_split_is_chosen_only_when_tokens_are_few(monkeypatch):
+    calls = []
+    real = KERNEL._search_all
+    monkeypatch.setattr(KERNEL, "_search_all", lambda *a: calls.append(a[1:]) or real(*a))
+    z, codebook = _random(4096, 64 * 6 * 4, 8, seed=1)
+    mean = codebook.mean(dim=0)
+    b, csq = KERNEL.codes(codebook, mean)
+    for n, threads, parts in [(4096, 2, 1), (16, 1, 1), (16, 2, 4), (64, 2, 4), (16 * 16, 2, 1), (16 * 15, 2, 2)]:
+        KERNEL.run(z[:n], mean, b, csq, kb_codes=60, threads=threads)
+        assert calls[-1][3] == parts, (n, threads)  # four ranges of 64 tiles at most
+
+
+@needs_kernel
+def test_packed_operands_match_torch():
+    z, codebook = _random(37, 13, 11, seed=4, offset=3.0)
+    mean = codebook.mean(dim=0)
+    cc = codebook - mean  # torch's centring: the kernel's coordinates must equal it bit for bit
+    b, csq = KERNEL.codes(codebook, mean, threads=2)
     nr, mr = KERNEL.codes_per_tile, KERNEL.tokens_per_block
     k_pad = -(-13 // nr) * nr
     padded = torch.zeros(k_pad, 11)
     padded[:13] = cc
     assert torch.equal(b, padded.view(k_pad // nr, nr, 11).transpose(1, 2))
-    assert torch.equal(csq[:13], c_sq) and bool(torch.isinf(csq[13:]).all())
+    # the squared norms: the float64 sum of the centred coordinates' squares, rounded once
+    want = cc.double().pow(2).sum(dim=1)
+    assert float(((csq[:13].double() - want).abs() / want).max()) <= 1.001 * 2.0**-24
+    assert bool(torch.isinf(csq[13:]).all())
     KERNEL.run(z, mean, b, csq, kb_codes=6, threads=1)
     blocks = -(-37 // mr)
     apack = KERNEL.workspace("apack", (blocks, 11, mr), torch.float32)
@@ -131,8 +184,7 @@ def test_a_crowded_codebook_is_reranked_exactly():
     assert bool((got == 3).all())  # the lowest index of the copies
     # the kernel's own answer is the first code in code order that reached the smallest value
     mean = codebook.mean(dim=0)
-    cc = codebook - mean
-    res = KERNEL.run(z, mean, *KERNEL.codes(cc, cc.pow(2).sum(dim=1)), kb_codes=60, threads=2)
+    res = KERNEL.run(z, mean, *KERNEL.codes(codebook, mean), kb_codes=60, threads=2)
     assert bool((res.idx == 3).all()) and torch.equal(res.m1, res.m2)
 
 
@@ -149,7 +201,8 @@ def test_simvq_with_the_fp32_kernel_equals_the_exact_path():
 
 
 @needs_kernel
-def test_a_build_without_openmp_runs_serially_and_gives_the_same_answer(tmp_path, monkeypatch):
+@pytest.mark.parametrize("tokens", [300, 20])  # token blocks in pieces; a few tokens: the codes split too
+def test_a_build_without_openmp_runs_serially_and_gives_the_same_answer(tokens, tmp_path, monkeypatch):
     compiler = native._compiler()
     target = tmp_path / "serial.so"
     proc = subprocess.run([compiler, *native.FP32_FLAG_SETS[1], "-o", str(target), str(native.FP32_SOURCE)], capture_output=True)
@@ -158,7 +211,8 @@ def test_a_build_without_openmp_runs_serially_and_gives_the_same_answer(tmp_path
     assert not serial.openmp and KERNEL.openmp == (native.native_status("fp32") == "available")
     monkeypatch.setattr(search_mod, "fp32_search_kernel", lambda: serial)
     monkeypatch.setattr(search_mod, "default_threads", lambda: 3)  # asked for three, runs on one
-    z, codebook = _random(300, 500, 24, seed=8, scale=0.5)
+    monkeypatch.setattr(native, "FP32_MIN_PART_TILES", 1)
+    z, codebook = _random(tokens, 500, 24, seed=8, scale=0.5)
     got, info = nearest_code_info(z, codebook, search="fp32-fused")
     assert info.path == "fp32-fused" and torch.equal(got, reference_argmin(z, codebook))
 
@@ -216,14 +270,15 @@ def test_an_unavailable_fp32_kernel_is_a_clear_error(monkeypatch):
 def test_kernel_refuses_mismatched_operands():
     z, codebook = _random(20, 12, 8, seed=9)
     mean = codebook.mean(dim=0)
-    cc = codebook - mean
-    b, csq = KERNEL.codes(cc, cc.pow(2).sum(dim=1))
+    b, csq = KERNEL.codes(codebook, mean)
     with pytest.raises(ValueError, match="must match the tokens' width"):
         KERNEL.run(torch.randn(20, 9), torch.zeros(9), b, csq, kb_codes=12, threads=1)
     with pytest.raises(ValueError, match="contiguous CPU tensor"):
         KERNEL.run(z.t().contiguous().t(), mean, b, csq, kb_codes=12, threads=1)
     with pytest.raises(ValueError, match="non-empty float32"):
-        KERNEL.codes(cc.double(), cc.pow(2).sum(dim=1).double())
+        KERNEL.codes(codebook.double(), mean)
+    with pytest.raises(ValueError, match=r"mean must be a float32 tensor of shape \(8,\)"):
+        KERNEL.codes(codebook, mean[:7])
 
 
 def test_a_search_the_model_refuses_leaves_no_run_folder(tmp_path, capsys):

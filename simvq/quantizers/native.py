@@ -40,7 +40,7 @@ CFLAGS = _COMMON_FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl",
 # tried in order: with OpenMP, then (a compiler without it) serial
 FLAG_SETS = (CFLAGS + ("-fopenmp",), CFLAGS)
 FP32_SOURCE = Path(__file__).with_name("kernels") / "fp32_search.c"
-FP32_ABI_VERSION = 1
+FP32_ABI_VERSION = 3
 FP32_CFLAGS = _COMMON_FLAGS + ("-mavx2", "-mfma")
 FP32_FLAG_SETS = (FP32_CFLAGS + ("-fopenmp",), FP32_CFLAGS)
 FP32_REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma"})
@@ -51,6 +51,9 @@ FP32_REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma"})
 # where each piece re-reads 16 MiB of codes: +4%).
 PIECES_PER_THREAD = 8
 PIECES_PER_THREAD_ONE_BLOCK = 16
+# The fp32 kernel with fewer token blocks than PIECES_PER_THREAD per thread (a few hundred tokens or fewer)
+# also splits the codes into ranges of at least this many tiles, so that every thread has work (docs/benchmarks.md)
+FP32_MIN_PART_TILES = 64
 # and at most this many token blocks per piece: a piece settles its tokens right after scanning them, while
 # their rows and lists are still in the core's cache (16 blocks of 32 tokens: 256 KiB of fp32 rows at d = 128)
 PIECE_BLOCKS = 16
@@ -358,33 +361,42 @@ class Fp32SearchKernel(_Kernel):
 
     def __init__(self, lib: ctypes.CDLL):
         super().__init__(lib, "simvq_fp32", FP32_ABI_VERSION)
-        self._search_all = _bind(lib, "simvq_fp32_search_all", ctypes.POINTER(_Fp32Args), ctypes.c_int64, ctypes.c_int32, ctypes.c_int64)
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        # (codes, mean, k, k_pad, dim, b, csq, threads)
+        self._codes = _bind(lib, "simvq_fp32_codes", ptr, ptr, i64, i64, i64, ptr, ptr, ctypes.c_int32)
+        # (args, blocks, threads, pieces, parts)
+        self._search_all = _bind(
+            lib, "simvq_fp32_search_all", ctypes.POINTER(_Fp32Args), ctypes.c_int64, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64
+        )
 
-    def codes(self, cc: torch.Tensor, c_sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The centred codes ``cc`` (K, d) float32 in the kernel's tiles ``(k_pad / NR, d, NR)`` (zero codes past
-        K) and their squared norms ``c_sq`` (K,) padded with +inf: this thread's kept buffers, valid until the
-        next call."""
-        _check_cpu_contiguous((cc, c_sq), self.what)
-        if cc.dtype != torch.float32 or c_sq.dtype != torch.float32 or cc.dim() != 2 or c_sq.shape != cc.shape[:1] or not len(cc):
-            raise ValueError(f"{self.what}: codes must be a non-empty float32 (K, d) tensor with (K,) squared norms")
-        k, dim = cc.shape
+    def codes(self, codes: torch.Tensor, mean: torch.Tensor, *, threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes ``codes`` (K, d) float32 centred on ``mean`` (d,) in the kernel's tiles ``(k_pad / NR, d,
+        NR)`` (zero codes past K) and their squared norms ``(k_pad,)`` (+inf past K), in one threaded pass:
+        this thread's kept buffers, valid until the next call. The centred coordinates equal torch's
+        ``codes - mean``; the squared norms are summed in double and rounded once."""
+        _check_cpu_contiguous((codes, mean), self.what)
+        if codes.dtype != torch.float32 or codes.dim() != 2 or not len(codes):
+            raise ValueError(f"{self.what}: codes must be a non-empty float32 (K, d) tensor")
+        k, dim = codes.shape
+        if mean.dtype != torch.float32 or mean.shape != (dim,):
+            raise ValueError(f"{self.what}: mean must be a float32 tensor of shape ({dim},)")
         nr = self.codes_per_tile
-        full, k_pad = k // nr, -(-k // nr) * nr
+        k_pad = -(-k // nr) * nr
         b = self.workspace("codes", (k_pad // nr, dim, nr), torch.float32)
         csq = self.workspace("csq", (k_pad,), torch.float32)
-        b[:full].copy_(cc[: full * nr].view(full, nr, dim).transpose(1, 2))
-        if k_pad > k:
-            tail = cc.new_zeros(nr, dim)
-            tail[: k - full * nr] = cc[full * nr :]
-            b[full].copy_(tail.t())
-        csq[:k] = c_sq
-        csq[k:] = float("inf")
+        self._codes(codes.data_ptr(), mean.data_ptr(), k, k_pad, dim, b.data_ptr(), csq.data_ptr(), max(1, threads))
         return b, csq
 
-    def run(self, z: torch.Tensor, mean: torch.Tensor, b: torch.Tensor, csq: torch.Tensor, *, kb_codes: int, threads: int) -> Fp32Result:
+    def run(
+        self, z: torch.Tensor, mean: torch.Tensor, b: torch.Tensor, csq: torch.Tensor, *, kb_codes: int, threads: int,
+        parts: int | None = None,
+    ) -> Fp32Result:  # fmt: skip
         """Centre the tokens ``z`` (n, d) on ``mean``, pack them and scan every code (``b``, ``csq`` from
-        :meth:`codes`) for every token block, on ``threads`` OpenMP threads (token blocks in pieces taken
-        dynamically), the codes in cache blocks of ``kb_codes``. Releases the GIL."""
+        :meth:`codes`) for every token block, on ``threads`` OpenMP threads, the codes in cache blocks of
+        ``kb_codes``. Token blocks are split into pieces taken dynamically; with fewer than
+        :data:`PIECES_PER_THREAD` blocks per thread the codes are split too, into ranges of at least
+        :data:`FP32_MIN_PART_TILES` tiles (``parts``, default: so chosen), merged in code order: the same
+        result. Releases the GIL."""
         _check_cpu_contiguous((z, mean, b, csq), self.what)
         n, dim = z.shape
         nr, mr = self.codes_per_tile, self.tokens_per_block
@@ -394,14 +406,25 @@ class Fp32SearchKernel(_Kernel):
             raise ValueError(f"{self.what}: the packed codes must match the tokens' width")
         blocks = -(-n // mr)
         rows = blocks * mr
+        threads = max(1, threads)
+        if parts is None:
+            wanted = threads * PIECES_PER_THREAD
+            parts = 1 if threads == 1 or blocks >= wanted else -(-wanted // blocks)
+            parts = max(1, min(parts, b.shape[0] // FP32_MIN_PART_TILES))
+        elif not 1 <= parts <= b.shape[0]:
+            raise ValueError(f"{self.what}: parts must be between 1 and the number of code tiles ({b.shape[0]})")
         ws = self.workspace
         apack = ws("apack", (blocks, dim, mr), torch.float32)
-        state = [ws(name, (rows,), torch.int32 if name == "idx" else torch.float32) for name in ("znorm", "m1", "m2", "idx")]
+        state = [
+            ws(name, (rows if name == "znorm" else parts * rows,), torch.int32 if name == "idx" else torch.float32)
+            for name in ("znorm", "m1", "m2", "idx")
+        ]
         args = _Fp32Args(
             *(t.data_ptr() for t in (z, mean, b, csq, apack, *state)), n, dim, csq.shape[0], max(1, kb_codes)
         )
-        threads = max(1, min(threads, blocks))
-        self._search_all(ctypes.byref(args), blocks, threads, min(blocks, threads * PIECES_PER_THREAD))
+        if parts == 1:
+            threads = min(threads, blocks)
+        self._search_all(ctypes.byref(args), blocks, threads, min(blocks, threads * PIECES_PER_THREAD), parts)
         znorm, m1, m2, idx = (t[:n] for t in state)
         return Fp32Result(m1, m2, idx, znorm)
 

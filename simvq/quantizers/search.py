@@ -319,31 +319,36 @@ def _exact_search(z, codebook, zc, cc, c_sq, max_chunk_elements):
     return out
 
 
-def _fp32_fused(z, codebook, mean, cc, c_sq, max_chunk_elements):
+def _fp32_fused(z, codebook, mean, max_chunk_elements):
     """The fp32 kernel (kernels/fp32_search.c) for CPUs without hardware bf16: the exact path's rule without
     its distance matrix. Returns ``(out, fallback, reranked)`` as :func:`_bf16_candidates` does.
 
-    The kernel evaluates ``||c'||^2 - 2 z'.c'`` in fp32 (FMAs from zero, the squared norm added last: the
-    matmul form, within :func:`_rounding_bound` ``B`` in any summation order) and keeps per token its
-    smallest value ``m1``, the code that reached it and the smallest value ``m2`` of every other code. Where
-    ``m2 - m1 > 2 B`` no other code can be nearer, and that code is the exact path's answer. Tokens with a
-    rival within ``2 B`` (near-ties, duplicate codes) are re-ranked as the exact path re-ranks its own
-    (:func:`_rerank`: the codes within ``m1 + 2 B`` by the fp32 matmul, which holds the nearest since both
-    evaluations are within ``B`` of the truth, compared in fp64, lowest index on exact ties). Tokens whose
-    values cannot be trusted (non-finite, or a bound past :data:`FP32_FUSED_MAX_BOUND`) are left to the
-    exact path (``fallback``).
+    The kernel centres the codes on ``mean`` and packs them in one pass (no centred copy is made unless some
+    token needs a re-rank), evaluates ``||c'||^2 - 2 z'.c'`` in fp32 (FMAs from zero, the squared norm added
+    last: the matmul form, within :func:`_rounding_bound` ``B`` in any summation order) and keeps per token
+    its smallest value ``m1``, the code that reached it and the smallest value ``m2`` of every other code.
+    Where ``m2 - m1 > 2 B`` no other code can be nearer, and that code is the exact path's answer. Tokens
+    with a rival within ``2 B`` (near-ties, duplicate codes) are re-ranked as the exact path re-ranks its
+    own (:func:`_rerank`: the codes within ``m1 + 2 B`` by the fp32 matmul, which holds the nearest since
+    both evaluations are within ``B`` of the truth, compared in fp64, lowest index on exact ties). Tokens
+    whose values cannot be trusted (non-finite, or a bound past :data:`FP32_FUSED_MAX_BOUND`) are left to
+    the exact path (``fallback``).
     """
     kernel = fp32_search_kernel()
     if kernel is None:
         raise RuntimeError(f"the fused fp32 search kernel is unavailable: {native_status('fp32')}")
     num_tokens, dim = z.shape
+    num_codes = codebook.shape[0]
+    threads = default_threads()
+    codes32 = codebook.to(torch.float32).contiguous()
+    b, csq = kernel.codes(codes32, mean.contiguous(), threads=threads)
+    c_sq = csq[:num_codes]
     c_max = c_sq.max()
     if not torch.isfinite(c_max):  # NaN or inf codes: the exact path decides
         return torch.empty(num_tokens, dtype=torch.long), torch.ones(num_tokens, dtype=torch.bool), 0
-    b, csq = kernel.codes(cc.contiguous(), c_sq.contiguous())
     z32 = z if z.dtype == torch.float32 and z.is_contiguous() else z.float().contiguous()
     kb_codes = max(1, FP32_CODE_BLOCK_BYTES // (4 * dim))
-    res = kernel.run(z32, mean.contiguous(), b, csq, kb_codes=kb_codes, threads=default_threads())
+    res = kernel.run(z32, mean.contiguous(), b, csq, kb_codes=kb_codes, threads=threads)
     tol = 2 * _rounding_bound(dim, torch.float32, c_max.sqrt(), res.znorm)
     trusted = torch.isfinite(res.m1) & (tol <= FP32_FUSED_MAX_BOUND)
     # the gap in double: its own rounding cannot matter
@@ -353,7 +358,8 @@ def _fp32_fused(z, codebook, mean, cc, c_sq, max_chunk_elements):
     if rows.numel():
         zr = z[rows].float()
         thr = res.m1[rows] + tol[rows]
-        out[rows] = _rerank(zr, codebook, zr - mean, cc.t(), c_sq, thr, max_chunk_elements)
+        # the kernel's squared norms (a sum of squares like any other, within the bound) spare a second pass
+        out[rows] = _rerank(zr, codebook, zr - mean, (codes32 - mean).t(), c_sq, thr, max_chunk_elements)
     return out, ~trusted, int(rows.numel())
 
 
@@ -972,18 +978,18 @@ def nearest_code_info(
             return out, SearchInfo(path, reranked, 0)
     with torch.autocast(device_type=device_type, enabled=False):
         mean = codebook.to(dtype).mean(dim=0)
-        if path in ("bf16-fused", "bf16-triton"):
-            zc = cc = c_sq = None  # centred tokens and codes: only if some tokens fall back
+        if path in ("bf16-fused", "bf16-triton", "fp32-fused"):
+            # centred tokens and codes: only if some tokens fall back (the fused kernels centre their own)
+            zc = cc = c_sq = None
+            if path == "fp32-fused":
+                out, fallback, reranked = _fp32_fused(z, codebook, mean, max_chunk_elements)
         else:
             cc = codebook.to(dtype) - mean
             c_sq = cc.pow(2).sum(dim=1)
-            zc = None if path == "fp32-fused" else z.to(dtype) - mean  # the fp32 kernel centres the tokens itself
+            zc = z.to(dtype) - mean
             if path == "exact-fp32":
                 return _exact_search(z, codebook, zc, cc, c_sq, max_chunk_elements), SearchInfo(path, 0, 0)
-            if path == "fp32-fused":
-                out, fallback, reranked = _fp32_fused(z, codebook, mean, cc, c_sq, max_chunk_elements)
-            else:
-                out, fallback, reranked = _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements)
+            out, fallback, reranked = _bf16_candidates(z, codebook, zc, cc, c_sq, max_chunk_elements)
         rows = fallback.nonzero().squeeze(1)
         if rows.numel():
             if cc is None:

@@ -19,10 +19,14 @@
  *          zero on padding tokens)
  *   znorm  [n_pad] float: ||z - mean|| (rounded from double; written by the kernel)
  *   m1, m2 [n_pad] float, idx [n_pad] int32: the result (written by the kernel)
- * Threads: simvq_fp32_search_all splits the token blocks into pieces taken dynamically by an OpenMP team;
- * loaded after torch, the library binds to the libgomp torch already uses, so the team is torch's own
- * (torch.set_num_threads governs it). Without OpenMP it runs serially. Each piece packs its tokens, then
- * passes over the codes one cache block (kb_codes codes, sized for L2) at a time.
+ * Threads: simvq_fp32_search_all runs on an OpenMP team; loaded after torch, the library binds to the libgomp
+ * torch already uses, so the team is torch's own (torch.set_num_threads governs it). Without OpenMP it runs
+ * serially. With parts = 1 it splits the token blocks into pieces taken dynamically; each piece packs its
+ * tokens, then passes over the codes one cache block (kb_codes codes, sized for L2) at a time. With fewer
+ * token blocks than the team can share (a few tokens), parts > 1 also splits the codes into `parts` ranges of
+ * whole tiles: every (token block, range) pair is one piece with its own state (m1, m2, idx hold `parts`
+ * arrays of n_pad), and the ranges are merged in code order at the end, so the result is the one a single
+ * pass gives, bit for bit.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -34,7 +38,7 @@
 #define MR 16 /* tokens per block: two 8-lane vectors */
 #define NR 6  /* codes per tile: 2 x 6 = 12 accumulators, 2 token vectors and a broadcast code in 16 registers */
 #define MT (MR / 8)
-#define ABI_VERSION 1
+#define ABI_VERSION 3
 
 typedef struct {
     const float *z;
@@ -61,6 +65,33 @@ int32_t simvq_fp32_openmp(void) {
 #else
     return 0;
 #endif
+}
+
+/* The code tiles of a codebook `codes` [k][dim] in one threaded pass: b = codes - mean (one fp32 subtraction
+ * per coordinate, as torch's codes - mean) and csq = ||b||^2 (summed in double, rounded once: within the
+ * bound's allowance for any fp32 summation), with zero codes and csq = +inf past k up to k_pad */
+void simvq_fp32_codes(const float *codes, const float *mean, int64_t k, int64_t k_pad, int64_t dim, float *b,
+                      float *csq, int32_t threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < k_pad / NR; t++) {
+        float *bt = b + t * dim * NR;
+        for (int j = 0; j < NR; j++) {
+            const int64_t c = t * NR + j;
+            if (c >= k) {
+                for (int64_t p = 0; p < dim; p++) bt[p * NR + j] = 0.0f;
+                csq[c] = INFINITY;
+                continue;
+            }
+            const float *row = codes + c * dim;
+            double sq = 0.0;
+            for (int64_t p = 0; p < dim; p++) {
+                const float y = row[p] - mean[p];
+                bt[p * NR + j] = y;
+                sq += (double)y * (double)y;
+            }
+            csq[c] = (float)sq;
+        }
+    }
 }
 
 /* r[j] = element j of each of r[0..7]: an 8 x 8 transpose in registers */
@@ -199,14 +230,60 @@ static void search_blocks(const simvq_fp32_args *g, int64_t tb0, int64_t tb1) {
     }
 }
 
-/* All `blocks` token blocks in `pieces` pieces, taken dynamically by `threads` OpenMP threads */
-void simvq_fp32_search_all(const simvq_fp32_args *g, int64_t blocks, int32_t threads, int64_t pieces) {
+/* Token blocks in pieces (parts = 1), or every (token block, code range) pair (parts > 1); see the header */
+void simvq_fp32_search_all(const simvq_fp32_args *g, int64_t blocks, int32_t threads, int64_t pieces, int64_t parts) {
     if (pieces < 1) pieces = 1;
     int64_t taken = 0;
+    if (parts <= 1) {
+#pragma omp parallel num_threads(threads)
+        {
+            int64_t cur;
+            while ((cur = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED)) < pieces)
+                search_blocks(g, blocks * cur / pieces, blocks * (cur + 1) / pieces);
+        }
+        return;
+    }
+    const int64_t rows = blocks * MR, tiles = g->k_pad / NR;
 #pragma omp parallel num_threads(threads)
     {
+#pragma omp for schedule(static)
+        for (int64_t tb = 0; tb < blocks; tb++) {
+            pack_block(g, tb); /* and part 0's state */
+            for (int64_t q = 1; q < parts; q++)
+                for (int64_t i = tb * MR; i < (tb + 1) * MR; i++) {
+                    g->m1[q * rows + i] = INFINITY;
+                    g->m2[q * rows + i] = INFINITY;
+                    g->idx[q * rows + i] = 0;
+                }
+        }
         int64_t cur;
-        while ((cur = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED)) < pieces)
-            search_blocks(g, blocks * cur / pieces, blocks * (cur + 1) / pieces);
+        while ((cur = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED)) < blocks * parts) {
+            const int64_t q = cur / blocks, tb = cur % blocks;
+            simvq_fp32_args h = *g;
+            h.m1 += q * rows;
+            h.m2 += q * rows;
+            h.idx += q * rows;
+            scan_block(&h, tb, tiles * q / parts * NR, tiles * (q + 1) / parts * NR);
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            /* the ranges in code order: a later range takes the token only with a strictly smaller value */
+            float s1 = g->m1[i], s2 = g->m2[i];
+            int32_t si = g->idx[i];
+            for (int64_t q = 1; q < parts; q++) {
+                const float v1 = g->m1[q * rows + i], v2 = g->m2[q * rows + i];
+                if (v1 < s1) {
+                    s2 = s1 < v2 ? s1 : v2;
+                    s1 = v1;
+                    si = g->idx[q * rows + i];
+                } else if (v1 < s2) {
+                    s2 = v1;
+                }
+            }
+            g->m1[i] = s1;
+            g->m2[i] = s2;
+            g->idx[i] = si;
+        }
     }
 }
