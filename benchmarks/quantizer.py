@@ -188,7 +188,7 @@ def measure(
     if case == "ours":
         from simvq.quantizers.search import resolve_search
 
-        result["path"] = resolve_search(search, device, torch.float32, tokens, num_codes)
+        result["path"] = resolve_search(search, device, torch.float32, tokens, num_codes, dim)
     return result
 
 

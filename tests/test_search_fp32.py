@@ -134,6 +134,61 @@ def test_the_code_split_is_chosen_only_when_tokens_are_few(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_kernel_lists_every_code_within_a_threshold(threads):
+    # 21 tokens (a block and a ragged one), thresholds from the smallest value up to well past it: the pairs
+    # listed must hold every code whose float64 value is under thr - B and none over thr + B (B the bound
+    # of an fp32 evaluation), with no pair for a padding token and none twice
+    z, codebook = _random(21, 500, 24, seed=11, scale=0.8, offset=2.0)
+    mean = codebook.mean(dim=0)
+    b, csq = KERNEL.codes(codebook, mean)
+    res = KERNEL.run(z, mean, b, csq, kb_codes=60, threads=1)
+    cc, zc = codebook - mean, z - mean
+    exact = cc.double().pow(2).sum(dim=1)[None, :] - 2 * zc.double() @ cc.double().t()
+    bound = search_mod._rounding_bound(24, torch.float32, cc.norm(dim=1).max(), zc.norm(dim=1)).double()
+    thr = res.m1 + torch.linspace(0, 6, 21)  # a few codes for the first tokens, dozens for the last
+    pairs = KERNEL.collect(z, mean, b, csq, thr, threads=threads, cap=21 * 500)
+    assert pairs is not None
+    rows, cols = pairs
+    listed = torch.zeros(21, 500, dtype=torch.long)
+    listed.index_put_((rows, cols), torch.ones_like(rows), accumulate=True)
+    assert int(listed.max()) == 1 and int(rows.max()) < 21
+    must = exact <= thr.double()[:, None] - bound[:, None]
+    may = exact <= thr.double()[:, None] + bound[:, None]
+    assert bool((listed.bool() >= must).all()) and bool((listed.bool() <= may).all())
+    assert int(must.sum()) > 21 * 2  # the thresholds do reach several codes
+    assert KERNEL.collect(z, mean, b, csq, thr, threads=threads, cap=int(must.sum()) - 1) is None  # too many
+    with pytest.raises(ValueError, match="a float32 threshold per token"):
+        KERNEL.collect(z, mean, b, csq, thr[:5], threads=1, cap=10)
+
+
+@needs_kernel
+def test_near_ties_are_settled_from_the_kernels_list_and_dense_copies_by_the_matmul(monkeypatch):
+    calls = {"listed": 0, "matmul": 0}
+    real_rerank, real_collect = search_mod._rerank, KERNEL.collect
+
+    def rerank(*args):
+        calls["matmul"] += 1
+        return real_rerank(*args)
+
+    def collect(*args, **kwargs):
+        pairs = real_collect(*args, **kwargs)
+        calls["listed"] += pairs is not None
+        return pairs
+
+    monkeypatch.setattr(search_mod, "_rerank", rerank)
+    monkeypatch.setattr(KERNEL, "collect", collect)
+    z, codebook = _data("duplicates")  # three copies of every code: every token has two rivals
+    got, info = nearest_code_info(z, codebook, search="fp32-fused")
+    assert torch.equal(got, reference_argmin(z, codebook)) and info.reranked == len(z)
+    assert calls == {"listed": 1, "matmul": 0}
+    z, codebook = crowded_codebook(copies=search_mod.FP32_RERANK_PAIRS_PER_TOKEN + 1, tokens=50, seed=3)
+    got, info = nearest_code_info(z, codebook, search="fp32-fused")
+    assert torch.equal(got, reference_argmin(z, codebook)) and info.reranked == 50
+    assert calls == {"listed": 1, "matmul": 1}
+
+
+@needs_kernel
 def test_packed_operands_match_torch():
     z, codebook = _random(37, 13, 11, seed=4, offset=3.0)
     mean = codebook.mean(dim=0)
@@ -239,10 +294,12 @@ def test_the_kernel_is_built_wherever_it_can_run():
 def test_auto_takes_the_fp32_kernel_on_cpus_without_bf16(monkeypatch):
     monkeypatch.setattr(search_mod, "cpu_has_fast_bf16", lambda: False)
     monkeypatch.setattr(search_mod, "fp32_kernel_available", lambda: True)
-    least, tokens = search_mod.FP32_FUSED_MIN_DISTANCES, search_mod.FP32_FUSED_MIN_TOKENS
-    assert resolve_search("auto", "cpu", torch.float32, tokens, least // tokens) == "fp32-fused"
-    assert resolve_search("auto", "cpu", torch.float32, tokens, least // tokens - 1) == "exact-fp32"
-    assert resolve_search("auto", "cpu", torch.float32, tokens - 1, 10**6) == "exact-fp32"  # a few tokens
+    least = search_mod.FP32_FUSED_MIN_PRODUCTS
+    assert resolve_search("auto", "cpu", torch.float32, 2, least // 32, 16) == "fp32-fused"
+    assert resolve_search("auto", "cpu", torch.float32, 2, least // 32 - 1, 16) == "exact-fp32"  # a tiny search
+    assert resolve_search("auto", "cpu", torch.float32, 1, 65536, 128) == "fp32-fused"  # one token
+    assert resolve_search("auto", "cpu", torch.float32, 1, least) == "fp32-fused"  # no width: counted as 1
+    assert resolve_search("auto", "cpu", torch.float32, 1, least - 1) == "exact-fp32"
     assert resolve_search("auto", "cpu", torch.float64, 4096, 4096) == "exact-fp32"
     assert resolve_search("auto", "cuda", torch.float32, 4096, 4096) == "exact-fp32"
     monkeypatch.setattr(search_mod, "fp32_kernel_available", lambda: False)

@@ -40,7 +40,7 @@ CFLAGS = _COMMON_FLAGS + ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl",
 # tried in order: with OpenMP, then (a compiler without it) serial
 FLAG_SETS = (CFLAGS + ("-fopenmp",), CFLAGS)
 FP32_SOURCE = Path(__file__).with_name("kernels") / "fp32_search.c"
-FP32_ABI_VERSION = 3
+FP32_ABI_VERSION = 4
 FP32_CFLAGS = _COMMON_FLAGS + ("-mavx2", "-mfma")
 FP32_FLAG_SETS = (FP32_CFLAGS + ("-fopenmp",), FP32_CFLAGS)
 FP32_REQUIRED_CPU_FLAGS = frozenset({"avx2", "fma"})
@@ -365,9 +365,10 @@ class Fp32SearchKernel(_Kernel):
         # (codes, mean, k, k_pad, dim, b, csq, threads)
         self._codes = _bind(lib, "simvq_fp32_codes", ptr, ptr, i64, i64, i64, ptr, ptr, ctypes.c_int32)
         # (args, blocks, threads, pieces, parts)
-        self._search_all = _bind(
-            lib, "simvq_fp32_search_all", ctypes.POINTER(_Fp32Args), ctypes.c_int64, ctypes.c_int32, ctypes.c_int64, ctypes.c_int64
-        )
+        self._search_all = _bind(lib, "simvq_fp32_search_all", ctypes.POINTER(_Fp32Args), i64, ctypes.c_int32, i64, i64)
+        # (args, thr, blocks, threads, parts, cap, rows, cols) -> pairs found
+        self._collect = _bind(lib, "simvq_fp32_collect", ctypes.POINTER(_Fp32Args), ptr, i64, ctypes.c_int32, i64, i64, ptr, ptr)
+        self._collect.restype = i64
 
     def codes(self, codes: torch.Tensor, mean: torch.Tensor, *, threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """The codes ``codes`` (K, d) float32 centred on ``mean`` (d,) in the kernel's tiles ``(k_pad / NR, d,
@@ -398,35 +399,74 @@ class Fp32SearchKernel(_Kernel):
         :data:`FP32_MIN_PART_TILES` tiles (``parts``, default: so chosen), merged in code order: the same
         result. Releases the GIL."""
         _check_cpu_contiguous((z, mean, b, csq), self.what)
-        n, dim = z.shape
-        nr, mr = self.codes_per_tile, self.tokens_per_block
-        if z.dtype != torch.float32 or mean.dtype != torch.float32 or mean.shape != (dim,):
-            raise ValueError(f"{self.what}: run needs float32 z (n, d) and mean (d,)")
-        if b.dtype != torch.float32 or b.dim() != 3 or b.shape[1:] != (dim, nr) or csq.shape != (b.shape[0] * nr,):
-            raise ValueError(f"{self.what}: the packed codes must match the tokens' width")
-        blocks = -(-n // mr)
-        rows = blocks * mr
+        self._check_operands(z, mean, b, csq)
+        n = z.shape[0]
+        blocks = -(-n // self.tokens_per_block)
         threads = max(1, threads)
-        if parts is None:
-            wanted = threads * PIECES_PER_THREAD
-            parts = 1 if threads == 1 or blocks >= wanted else -(-wanted // blocks)
-            parts = max(1, min(parts, b.shape[0] // FP32_MIN_PART_TILES))
-        elif not 1 <= parts <= b.shape[0]:
-            raise ValueError(f"{self.what}: parts must be between 1 and the number of code tiles ({b.shape[0]})")
-        ws = self.workspace
-        apack = ws("apack", (blocks, dim, mr), torch.float32)
-        state = [
-            ws(name, (rows if name == "znorm" else parts * rows,), torch.int32 if name == "idx" else torch.float32)
-            for name in ("znorm", "m1", "m2", "idx")
-        ]
-        args = _Fp32Args(
-            *(t.data_ptr() for t in (z, mean, b, csq, apack, *state)), n, dim, csq.shape[0], max(1, kb_codes)
-        )
+        parts = self._parts(blocks, b.shape[0], threads, parts)
+        args, state = self._args(z, mean, b, csq, kb_codes, parts, prefix="")
         if parts == 1:
             threads = min(threads, blocks)
         self._search_all(ctypes.byref(args), blocks, threads, min(blocks, threads * PIECES_PER_THREAD), parts)
         znorm, m1, m2, idx = (t[:n] for t in state)
         return Fp32Result(m1, m2, idx, znorm)
+
+    def collect(
+        self, z: torch.Tensor, mean: torch.Tensor, b: torch.Tensor, csq: torch.Tensor, thr: torch.Tensor, *, threads: int,
+        cap: int,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """Every pair (token ``i`` of ``z``, code ``k``) whose value ``||c'||^2 - 2 z'.c'`` (the one
+        :meth:`run` evaluates, bit for bit) is at most ``thr[i]``: ``(rows, cols)`` int64, in no particular
+        order; None where there are more than ``cap`` pairs. Its buffers are not :meth:`run`'s, so a
+        :class:`Fp32Result` stays valid."""
+        _check_cpu_contiguous((z, mean, b, csq, thr), self.what)
+        n, dim = z.shape
+        self._check_operands(z, mean, b, csq)
+        if thr.dtype != torch.float32 or thr.shape != (n,):
+            raise ValueError(f"{self.what}: collect needs a float32 threshold per token")
+        blocks, threads = -(-n // self.tokens_per_block), max(1, threads)
+        parts = self._parts(blocks, b.shape[0], threads, None)
+        args, _ = self._args(z, mean, b, csq, 1, 1, prefix="collect_")
+        pairs = self.workspace("collect_pairs", (2, max(1, cap)), torch.int32)
+        found = self._collect(
+            ctypes.byref(args), thr.data_ptr(), blocks, threads, parts, max(1, cap), pairs[0].data_ptr(), pairs[1].data_ptr()
+        )  # fmt: skip
+        if found > cap:
+            return None
+        return pairs[0, :found].long(), pairs[1, :found].long()
+
+    def _check_operands(self, z, mean, b, csq) -> None:
+        dim = z.shape[1]
+        if z.dtype != torch.float32 or mean.dtype != torch.float32 or mean.shape != (dim,):
+            raise ValueError(f"{self.what}: run needs float32 z (n, d) and mean (d,)")
+        if b.dtype != torch.float32 or b.dim() != 3 or b.shape[1:] != (dim, self.codes_per_tile) or csq.shape != (b.shape[0] * self.codes_per_tile,):
+            raise ValueError(f"{self.what}: the packed codes must match the tokens' width")
+
+    def _parts(self, blocks: int, tiles: int, threads: int, parts: int | None) -> int:
+        """Code ranges per token block: 1 with enough token blocks for every thread, else enough ranges (of at
+        least FP32_MIN_PART_TILES tiles) for PIECES_PER_THREAD pieces per thread; or ``parts`` as asked."""
+        if parts is not None:
+            if not 1 <= parts <= tiles:
+                raise ValueError(f"{self.what}: parts must be between 1 and the number of code tiles ({tiles})")
+            return parts
+        wanted = threads * PIECES_PER_THREAD
+        parts = 1 if threads == 1 or blocks >= wanted else -(-wanted // blocks)
+        return max(1, min(parts, tiles // FP32_MIN_PART_TILES))
+
+    def _args(self, z, mean, b, csq, kb_codes: int, parts: int, prefix: str):
+        """The kernel's arguments for the tokens ``z``, with the token operands and state (``parts`` states)
+        from this thread's kept buffers named with ``prefix``."""
+        n, dim = z.shape
+        mr = self.tokens_per_block
+        blocks = -(-n // mr)
+        rows = blocks * mr
+        apack = self.workspace(prefix + "apack", (blocks, dim, mr), torch.float32)
+        state = [
+            self.workspace(prefix + name, (rows if name == "znorm" else parts * rows,), torch.int32 if name == "idx" else torch.float32)
+            for name in ("znorm", "m1", "m2", "idx")
+        ]  # fmt: skip
+        args = _Fp32Args(*(t.data_ptr() for t in (z, mean, b, csq, apack, *state)), n, dim, csq.shape[0], max(1, kb_codes))
+        return args, state
 
 
 def _cpu_flags() -> frozenset[str]:

@@ -56,7 +56,7 @@ Paths (``search=``; every path returns the same indices):
 - ``"auto"`` (default): on CPUs with hardware bf16, for fp32 searches, ``"bf16-fused"`` from
   ``BF16_FUSED_MIN_DISTANCES`` distances where the kernel builds, else ``"bf16-candidates"`` from
   ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide; on other CPUs ``"fp32-fused"``
-  from ``FP32_FUSED_MIN_DISTANCES`` distances and ``FP32_FUSED_MIN_TOKENS`` tokens where its kernel builds;
+  from ``FP32_FUSED_MIN_PRODUCTS`` multiply-adds (tokens x codes x width) where its kernel builds;
   ``"exact-fp32"`` otherwise (:func:`resolve_search`).
 """
 
@@ -136,14 +136,16 @@ MAX_TRITON_CODES = MAX_CANDIDATE_BLOCKS * REDUCE_BLOCK
 # Tokens in the Triton path's first chunk when a search has at least FUSED_FIRST_CHUNK_DISTANCES distances: a
 # crowded codebook is found there, before the kernel scans the other tokens for nothing
 TRITON_FIRST_CHUNK = 4096
-# The fp32 kernel ("fp32-fused", CPUs without hardware bf16): "auto" takes it from this many distances and
-# tokens up. Its tiles hold 16 tokens and a thread takes whole tiles, so a search of a few tokens runs on one
-# thread with most lanes empty: 16 x 65,536 x 128 (tokens x codes x width) took 1.06x the exact path's time,
-# 64 x 65,536 x 128 0.95x, 128 x 128 x 16 0.87x, 2,048 x 8,192 x 4 0.10x, 1 x 1 x 4 1.28x (two threads of a
-# 2-core AVX2 CPU; docs/benchmarks.md). Codes go in cache blocks of this many bytes (fp32), half a core's L2
-FP32_FUSED_MIN_DISTANCES = 2**14
-FP32_FUSED_MIN_TOKENS = 64
+# The fp32 kernel ("fp32-fused", CPUs without hardware bf16): "auto" takes it from this many multiply-adds
+# (tokens x codes x width) up. Below, a fixed cost of ~0.05 ms more than the exact path's shows: 1 x 16 x 16
+# (tokens x codes x width) took 1.08x the exact path's time, 1 x 1 x 4 1.11x; from there up it took 0.78-1.02x
+# at 1-256 tokens of small codebooks and 0.36-0.52x with 1-256 tokens at K = 4,096-65,536, d = 128 (two threads
+# of a 2-core AVX2 CPU; benchmarks/search_paths.py, docs/benchmarks.md). Codes go in cache blocks of this many
+# bytes (fp32), half a core's L2
+FP32_FUSED_MIN_PRODUCTS = 2**12
 FP32_CODE_BLOCK_BYTES = 2**18
+# Codes per re-ranked token the fp32 kernel lists itself (its near-ties: usually two); more go to the matmul
+FP32_RERANK_PAIRS_PER_TOKEN = 64
 # Tokens the fp32 kernel leaves to the exact path because their values could come near the fp32 range: below this
 # bound the values of every code, ||c'||^2 - 2 z'.c' <= (||z'|| + max ||c'||)^2, stay far inside it
 FP32_FUSED_MAX_BOUND = 1e30
@@ -356,10 +358,20 @@ def _fp32_fused(z, codebook, mean, max_chunk_elements):
     out = res.idx.long()
     rows = rival.nonzero().squeeze(1)
     if rows.numel():
-        zr = z[rows].float()
+        zr = z32[rows]
         thr = res.m1[rows] + tol[rows]
-        # the kernel's squared norms (a sum of squares like any other, within the bound) spare a second pass
-        out[rows] = _rerank(zr, codebook, zr - mean, (codes32 - mean).t(), c_sq, thr, max_chunk_elements)
+        # the kernel lists the codes within thr by the values it ranked them with, which hold the nearest
+        # (both are within B of the truth); too many (dense duplicates): the matmul lists them
+        cap = FP32_RERANK_PAIRS_PER_TOKEN * len(rows)
+        pairs = kernel.collect(zr, mean.contiguous(), b, csq, thr, threads=threads, cap=cap)
+        if pairs is None:
+            # the kernel's squared norms (a sum of squares like any other, within the bound) spare a pass
+            out[rows] = _rerank(zr, codebook, zr - mean, (codes32 - mean).t(), c_sq, thr, max_chunk_elements)
+        else:
+            best = torch.full((len(rows),), float("inf"), dtype=torch.float64)
+            best_idx = torch.full((len(rows),), num_codes, dtype=torch.long)
+            pair_chunk = max(1, max_chunk_elements // 8 // dim)
+            out[rows] = _best_of_pairs(zr, codebook, *pairs, best, best_idx, pair_chunk)[1]
     return out, ~trusted, int(rows.numel())
 
 
@@ -912,8 +924,8 @@ def resolve_search(
     ``"bf16-fused"`` from ``BF16_FUSED_MIN_DISTANCES`` distances (tokens x codes) up where its kernel builds
     (:func:`fused_kernel_available`; the first such call builds it), else ``"bf16-candidates"`` from
     ``BF16_MIN_DISTANCES`` distances of codes at least ``BF16_MIN_DIM`` wide (``dim``; None: not checked).
-    On CPUs without hardware bf16 it picks ``"fp32-fused"`` from ``FP32_FUSED_MIN_DISTANCES`` distances and
-    ``FP32_FUSED_MIN_TOKENS`` tokens up where its kernel builds (AVX2 and FMA). ``"exact-fp32"`` otherwise:
+    On CPUs without hardware bf16 it picks ``"fp32-fused"`` from ``FP32_FUSED_MIN_PRODUCTS`` multiply-adds
+    (tokens x codes x ``dim``; None: counted as 1) up where its kernel builds (AVX2 and FMA). ``"exact-fp32"`` otherwise:
     fp64 inputs, small searches, CPUs with neither kernel, and accelerators (where the bf16 paths have not
     been timed yet; pass ``search="bf16-triton"`` or ``"bf16-candidates"`` there).
     """
@@ -924,7 +936,7 @@ def resolve_search(
         return "exact-fp32"
     distances = num_tokens * num_codes
     if not cpu_has_fast_bf16():
-        big = distances >= FP32_FUSED_MIN_DISTANCES and num_tokens >= FP32_FUSED_MIN_TOKENS
+        big = distances * (1 if dim is None else dim) >= FP32_FUSED_MIN_PRODUCTS
         return "fp32-fused" if big and fp32_kernel_available() else "exact-fp32"
     if distances >= BF16_FUSED_MIN_DISTANCES and fused_kernel_available():
         return "bf16-fused"

@@ -38,7 +38,7 @@
 #define MR 16 /* tokens per block: two 8-lane vectors */
 #define NR 6  /* codes per tile: 2 x 6 = 12 accumulators, 2 token vectors and a broadcast code in 16 registers */
 #define MT (MR / 8)
-#define ABI_VERSION 3
+#define ABI_VERSION 4
 
 typedef struct {
     const float *z;
@@ -164,6 +164,30 @@ static void pack_block(const simvq_fp32_args *g, int64_t tb) {
     }
 }
 
+/* The values of one tile: token block a (packed) against the NR codes of tile bt, csq added last */
+static inline __attribute__((always_inline)) void tile_values(const float *a, const float *bt, const float *csq,
+                                                              int64_t dim, __m256 acc[MT][NR]) {
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; j++)
+#pragma GCC unroll 2
+        for (int t = 0; t < MT; t++) acc[t][j] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < dim; p++) {
+        __m256 av[MT];
+#pragma GCC unroll 2
+        for (int t = 0; t < MT; t++) av[t] = _mm256_loadu_ps(a + p * MR + 8 * t);
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; j++) {
+            const __m256 bv = _mm256_broadcast_ss(bt + p * NR + j);
+#pragma GCC unroll 2
+            for (int t = 0; t < MT; t++) acc[t][j] = _mm256_fmadd_ps(av[t], bv, acc[t][j]);
+        }
+    }
+#pragma GCC unroll 2
+    for (int t = 0; t < MT; t++)
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; j++) acc[t][j] = _mm256_add_ps(acc[t][j], _mm256_broadcast_ss(csq + j));
+}
+
 /* One token block against the tiles of codes [k0, k1): the values of an MR x NR tile in registers, then the
  * block's running state, touched only when some token's value falls below its m2 (after the first tiles,
  * rarely: the records of a running second minimum). */
@@ -173,27 +197,10 @@ static void scan_block(const simvq_fp32_args *g, int64_t tb, int64_t k0, int64_t
     float *m1 = g->m1 + tb * MR, *m2 = g->m2 + tb * MR;
     int32_t *idx = g->idx + tb * MR;
     for (int64_t k = k0; k < k1; k += NR) {
-        const float *bt = g->b + k * dim; /* tile k / NR starts at (k / NR) * dim * NR */
         __m256 acc[MT][NR];
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; j++)
-#pragma GCC unroll 2
-            for (int t = 0; t < MT; t++) acc[t][j] = _mm256_setzero_ps();
-        for (int64_t p = 0; p < dim; p++) {
-            __m256 av[MT];
-#pragma GCC unroll 2
-            for (int t = 0; t < MT; t++) av[t] = _mm256_loadu_ps(a + p * MR + 8 * t);
-#pragma GCC unroll 8
-            for (int j = 0; j < NR; j++) {
-                const __m256 bv = _mm256_broadcast_ss(bt + p * NR + j);
-#pragma GCC unroll 2
-                for (int t = 0; t < MT; t++) acc[t][j] = _mm256_fmadd_ps(av[t], bv, acc[t][j]);
-            }
-        }
+        tile_values(a, g->b + k * dim, g->csq + k, dim, acc); /* tile k / NR starts at (k / NR) * dim * NR */
 #pragma GCC unroll 2
         for (int t = 0; t < MT; t++) {
-#pragma GCC unroll 8
-            for (int j = 0; j < NR; j++) acc[t][j] = _mm256_add_ps(acc[t][j], _mm256_broadcast_ss(g->csq + k + j));
             __m256 tmin = acc[t][0];
 #pragma GCC unroll 8
             for (int j = 1; j < NR; j++) tmin = _mm256_min_ps(tmin, acc[t][j]);
@@ -286,4 +293,51 @@ void simvq_fp32_search_all(const simvq_fp32_args *g, int64_t blocks, int32_t thr
             g->idx[i] = si;
         }
     }
+}
+
+/* Every pair (token i, code k) of the n tokens (packed into apack, state initialised) whose value is at most
+ * thr[i]: its token in rows, its code in cols, in no particular order, at most cap pairs written. Returns the
+ * number of such pairs (more than cap: the caller settles these tokens another way). The values are the ones
+ * simvq_fp32_search_all evaluates, bit for bit (the same tiles, the same operations). Pieces: every (token
+ * block, code range) pair, as in the search with parts. */
+int64_t simvq_fp32_collect(const simvq_fp32_args *g, const float *thr, int64_t blocks, int32_t threads,
+                           int64_t parts, int64_t cap, int32_t *rows, int32_t *cols) {
+    const int64_t tiles = g->k_pad / NR;
+    if (parts < 1) parts = 1;
+    int64_t taken = 0, found = 0;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t tb = 0; tb < blocks; tb++) pack_block(g, tb);
+        int64_t cur;
+        while ((cur = __atomic_fetch_add(&taken, 1, __ATOMIC_RELAXED)) < blocks * parts) {
+            const int64_t q = cur / blocks, tb = cur % blocks, dim = g->dim;
+            const float *a = g->apack + tb * dim * MR;
+            __m256 limit[MT];
+            float lanes[MR];
+            for (int r = 0; r < MR; r++) lanes[r] = tb * MR + r < g->n ? thr[tb * MR + r] : -INFINITY;
+#pragma GCC unroll 2
+            for (int t = 0; t < MT; t++) limit[t] = _mm256_loadu_ps(lanes + 8 * t);
+            for (int64_t k = tiles * q / parts * NR; k < tiles * (q + 1) / parts * NR; k += NR) {
+                __m256 acc[MT][NR];
+                tile_values(a, g->b + k * dim, g->csq + k, dim, acc);
+#pragma GCC unroll 2
+                for (int t = 0; t < MT; t++)
+#pragma GCC unroll 8
+                    for (int j = 0; j < NR; j++) {
+                        int mask = _mm256_movemask_ps(_mm256_cmp_ps(acc[t][j], limit[t], _CMP_LE_OQ));
+                        while (mask) {
+                            const int r = __builtin_ctz(mask);
+                            mask &= mask - 1;
+                            const int64_t at = __atomic_fetch_add(&found, 1, __ATOMIC_RELAXED);
+                            if (at < cap) {
+                                rows[at] = (int32_t)(tb * MR + 8 * t + r);
+                                cols[at] = (int32_t)(k + j);
+                            }
+                        }
+                    }
+            }
+        }
+    }
+    return found;
 }
