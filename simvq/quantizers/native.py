@@ -420,8 +420,8 @@ class Fp32SearchKernel(_Kernel):
         order; None where there are more than ``cap`` pairs. Its buffers are not :meth:`run`'s, so a
         :class:`Fp32Result` stays valid."""
         _check_cpu_contiguous((z, mean, b, csq, thr), self.what)
-        n, dim = z.shape
         self._check_operands(z, mean, b, csq)
+        n = z.shape[0]
         if thr.dtype != torch.float32 or thr.shape != (n,):
             raise ValueError(f"{self.what}: collect needs a float32 threshold per token")
         blocks, threads = -(-n // self.tokens_per_block), max(1, threads)
@@ -438,7 +438,7 @@ class Fp32SearchKernel(_Kernel):
     def _check_operands(self, z, mean, b, csq) -> None:
         dim = z.shape[1]
         if z.dtype != torch.float32 or mean.dtype != torch.float32 or mean.shape != (dim,):
-            raise ValueError(f"{self.what}: run needs float32 z (n, d) and mean (d,)")
+            raise ValueError(f"{self.what}: the tokens must be float32 (n, d) and the mean float32 (d,)")
         if b.dtype != torch.float32 or b.dim() != 3 or b.shape[1:] != (dim, self.codes_per_tile) or csq.shape != (b.shape[0] * self.codes_per_tile,):
             raise ValueError(f"{self.what}: the packed codes must match the tokens' width")
 

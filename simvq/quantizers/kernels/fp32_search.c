@@ -19,6 +19,9 @@
  *          zero on padding tokens)
  *   znorm  [n_pad] float: ||z - mean|| (rounded from double; written by the kernel)
  *   m1, m2 [n_pad] float, idx [n_pad] int32: the result (written by the kernel)
+ * simvq_fp32_codes writes b and csq from the codes in one pass. Tokens whose runner-up is too near are listed
+ * again by simvq_fp32_collect: every code whose value (the same, bit for bit) is under a given threshold.
+ *
  * Threads: simvq_fp32_search_all runs on an OpenMP team; loaded after torch, the library binds to the libgomp
  * torch already uses, so the team is torch's own (torch.set_num_threads governs it). Without OpenMP it runs
  * serially. With parts = 1 it splits the token blocks into pieces taken dynamically; each piece packs its
