@@ -43,14 +43,18 @@ def _available_paths() -> list[str]:
     return paths
 
 
-def _shape(text: str) -> tuple[int, int, int]:
-    try:
-        n, k, d = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a shape is TOKENSxCODESxWIDTH, e.g. 16x65536x128, got {text!r}") from None
-    if min(n, k, d) < 1:
-        raise argparse.ArgumentTypeError(f"every size of a shape must be at least 1, got {text!r}")
-    return n, k, d
+def _shapes(text: str) -> list[tuple[int, int, int]]:
+    """``"1x65536x128,16x1024x8"`` -> ``[(1, 65536, 128), (16, 1024, 8)]``."""
+    shapes = []
+    for item in (s.strip() for s in text.split(",")):
+        try:
+            n, k, d = (int(v) for v in item.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a shape is TOKENSxCODESxWIDTH, e.g. 16x65536x128, got {item!r}") from None
+        if min(n, k, d) < 1:
+            raise argparse.ArgumentTypeError(f"every size of a shape must be at least 1, got {item!r}")
+        shapes.append((n, k, d))
+    return shapes
 
 
 def _call(z, codebook, path):
@@ -91,13 +95,12 @@ def measure(shape, paths, rounds, min_seconds):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated TOKENSxCODESxWIDTH")
+    parser.add_argument("--shapes", type=_shapes, default=_shapes(DEFAULT_SHAPES), help="comma-separated TOKENSxCODESxWIDTH")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--rounds", type=int, default=7, help="alternated rounds per shape (the median is reported)")
     parser.add_argument("--min-seconds", type=float, default=0.02, help="shortest timed sample (repeats tiny calls)")
     parser.add_argument("--split", action="store_true", help="also time the fp32 kernel without code ranges")
     args = parser.parse_args(argv)
-    shapes = [_shape(s) for s in args.shapes.split(",") if s.strip()]
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     paths = _available_paths()
@@ -109,7 +112,7 @@ def main(argv=None) -> None:
     print("| tokens x codes x width | auto takes | " + " | ".join(paths) + " |")
     print("|---|---|" + "---|" * len(paths))
     with torch.inference_mode():
-        for shape in shapes:
+        for shape in args.shapes:
             got = measure(shape, paths, args.rounds, args.min_seconds)
             auto = resolve_search("auto", "cpu", torch.float32, *shape)
             cells = [f"{ms:.3g} ({ratio:.2f}x){'' if ok else ' *'}" for ms, ratio, ok in got.values()]
