@@ -330,11 +330,13 @@ def _fp32_fused(z, codebook, mean, max_chunk_elements):
     last: the matmul form, within :func:`_rounding_bound` ``B`` in any summation order) and keeps per token
     its smallest value ``m1``, the code that reached it and the smallest value ``m2`` of every other code.
     Where ``m2 - m1 > 2 B`` no other code can be nearer, and that code is the exact path's answer. Tokens
-    with a rival within ``2 B`` (near-ties, duplicate codes) are re-ranked as the exact path re-ranks its
-    own (:func:`_rerank`: the codes within ``m1 + 2 B`` by the fp32 matmul, which holds the nearest since
-    both evaluations are within ``B`` of the truth, compared in fp64, lowest index on exact ties). Tokens
-    whose values cannot be trusted (non-finite, or a bound past :data:`FP32_FUSED_MAX_BOUND`) are left to
-    the exact path (``fallback``).
+    with a rival within ``2 B`` (near-ties, duplicate codes) are re-ranked: a second kernel pass over them
+    lists the codes whose value is within ``m1 + 2 B`` (the nearest code's value is at most its true value
+    plus ``B``, which is at most ``m1 + 2 B``), and the listed codes are compared in fp64 on the original
+    coordinates, lowest index on exact ties (:func:`_best_of_pairs`). Past
+    :data:`FP32_RERANK_PAIRS_PER_TOKEN` codes per token the exact path's :func:`_rerank` lists them by the
+    fp32 matmul instead. Tokens whose values cannot be trusted (non-finite, or a bound past
+    :data:`FP32_FUSED_MAX_BOUND`) are left to the exact path (``fallback``).
     """
     kernel = fp32_search_kernel()
     if kernel is None:
