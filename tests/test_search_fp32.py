@@ -363,3 +363,27 @@ def test_buffers_made_under_inference_mode_serve_later_searches():
     assert torch.equal(nearest_code(z, codebook, search="fp32-fused"), first)
     with torch.inference_mode():
         assert torch.equal(nearest_code(z, codebook, search="fp32-fused"), first)
+
+
+@needs_kernel
+def test_searches_from_several_threads_at_once_keep_their_own_buffers():
+    # each calling thread has its own kept buffers (codes, tokens, state, lists) and the kernel releases the
+    # GIL: four threads searching different codebooks at once, near-ties and a few tokens among them, must each
+    # get the float64 argmin of their own data
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [
+        _data("duplicates", n=300, k=600, d=16, seed=s) if s % 2 else _random(5 + 40 * s, 300 + 97 * s, 8 + 4 * s, seed=s)
+        for s in range(8)
+    ]
+    want = [reference_argmin(z, c) for z, c in cases]
+
+    def search(i):
+        z, c = cases[i]
+        return [nearest_code(z, c, search="fp32-fused") for _ in range(3)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(search, range(len(cases))))
+    for i, runs in enumerate(got):
+        for run in runs:
+            assert torch.equal(run, want[i]), i
