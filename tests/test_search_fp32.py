@@ -186,6 +186,11 @@ def test_near_ties_are_settled_from_the_kernels_list_and_dense_copies_by_the_mat
     got, info = nearest_code_info(z, codebook, search="fp32-fused")
     assert torch.equal(got, reference_argmin(z, codebook)) and info.reranked == 50
     assert calls == {"listed": 1, "matmul": 1}
+    # the list also stays within the memory bound: 600 tokens x 3 copies is more than 2**10 / 8 pairs
+    z, codebook = _data("duplicates")
+    got, info = nearest_code_info(z, codebook, search="fp32-fused", max_chunk_elements=2**10)
+    assert torch.equal(got, reference_argmin(z, codebook)) and info.reranked == len(z)
+    assert calls == {"listed": 1, "matmul": 2}
 
 
 @needs_kernel

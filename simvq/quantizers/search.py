@@ -363,8 +363,9 @@ def _fp32_fused(z, codebook, mean, max_chunk_elements):
         zr = z32[rows]
         thr = res.m1[rows] + tol[rows]
         # the kernel lists the codes within thr by the values it ranked them with, which hold the nearest
-        # (both are within B of the truth); too many (dense duplicates): the matmul lists them
-        cap = FP32_RERANK_PAIRS_PER_TOKEN * len(rows)
+        # (both are within B of the truth); too many (dense duplicates, or more pairs than an eighth of the
+        # memory bound, as _rerank allows itself): the matmul lists them, chunk by chunk
+        cap = min(FP32_RERANK_PAIRS_PER_TOKEN * len(rows), max(FP32_RERANK_PAIRS_PER_TOKEN, max_chunk_elements // 8))
         pairs = kernel.collect(zr, mean.contiguous(), b, csq, thr, threads=threads, cap=cap)
         if pairs is None:
             # the kernel's squared norms (a sum of squares like any other, within the bound) spare a pass
