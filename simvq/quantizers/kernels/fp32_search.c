@@ -77,23 +77,24 @@ void simvq_fp32_codes(const float *codes, const float *mean, int64_t k, int64_t 
                       float *csq, int32_t threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t t = 0; t < k_pad / NR; t++) {
+        /* a tile's NR codes side by side: its rows read in step, b written in order, NR independent sums */
         float *bt = b + t * dim * NR;
+        const float *row[NR];
+        double sq[NR];
         for (int j = 0; j < NR; j++) {
-            const int64_t c = t * NR + j;
-            if (c >= k) {
-                for (int64_t p = 0; p < dim; p++) bt[p * NR + j] = 0.0f;
-                csq[c] = INFINITY;
-                continue;
-            }
-            const float *row = codes + c * dim;
-            double sq = 0.0;
-            for (int64_t p = 0; p < dim; p++) {
-                const float y = row[p] - mean[p];
-                bt[p * NR + j] = y;
-                sq += (double)y * (double)y;
-            }
-            csq[c] = (float)sq;
+            row[j] = t * NR + j < k ? codes + (t * NR + j) * dim : mean; /* past k: mean - mean = 0 */
+            sq[j] = 0.0;
         }
+        for (int64_t p = 0; p < dim; p++) {
+            const float m = mean[p];
+#pragma GCC unroll 8
+            for (int j = 0; j < NR; j++) {
+                const float y = row[j][p] - m;
+                bt[p * NR + j] = y;
+                sq[j] += (double)y * (double)y;
+            }
+        }
+        for (int j = 0; j < NR; j++) csq[t * NR + j] = t * NR + j < k ? (float)sq[j] : INFINITY;
     }
 }
 
