@@ -398,7 +398,6 @@ class Fp32SearchKernel(_Kernel):
         :data:`PIECES_PER_THREAD` blocks per thread the codes are split too, into ranges of at least
         :data:`FP32_MIN_PART_TILES` tiles (``parts``, default: so chosen), merged in code order: the same
         result. Releases the GIL."""
-        _check_cpu_contiguous((z, mean, b, csq), self.what)
         self._check_operands(z, mean, b, csq)
         n = z.shape[0]
         blocks = -(-n // self.tokens_per_block)
@@ -419,8 +418,7 @@ class Fp32SearchKernel(_Kernel):
         :meth:`run` evaluates, bit for bit) is at most ``thr[i]``: ``(rows, cols)`` int64, in no particular
         order; None where there are more than ``cap`` pairs. Its buffers are not :meth:`run`'s, so a
         :class:`Fp32Result` stays valid."""
-        _check_cpu_contiguous((z, mean, b, csq, thr), self.what)
-        self._check_operands(z, mean, b, csq)
+        self._check_operands(z, mean, b, csq, thr)
         n = z.shape[0]
         if thr.dtype != torch.float32 or thr.shape != (n,):
             raise ValueError(f"{self.what}: collect needs a float32 threshold per token")
@@ -435,7 +433,9 @@ class Fp32SearchKernel(_Kernel):
             return None
         return pairs[0, :found].long(), pairs[1, :found].long()
 
-    def _check_operands(self, z, mean, b, csq) -> None:
+    def _check_operands(self, z, mean, b, csq, *others) -> None:
+        """Contiguous CPU operands (``others`` too) of matching dtypes and widths, or a ValueError."""
+        _check_cpu_contiguous((z, mean, b, csq, *others), self.what)
         dim = z.shape[1]
         if z.dtype != torch.float32 or mean.dtype != torch.float32 or mean.shape != (dim,):
             raise ValueError(f"{self.what}: the tokens must be float32 (n, d) and the mean float32 (d,)")

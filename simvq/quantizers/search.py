@@ -240,6 +240,14 @@ def _rounding_bound(dim: int, dtype: torch.dtype, code_norm: torch.Tensor, token
     return 1.1 * (gamma * (c * c + 2 * c * token_norm) + 2 * u * (1 + u) * (token_norm + c).pow(2))
 
 
+def _no_best_yet(num_tokens, num_codes, dim, max_elements, device):
+    """The start of a re-rank for :func:`_best_of_pairs`: fp64 best distances (+inf), their codes (``num_codes``:
+    none yet) and how many pairs to compare at once (an eighth of ``max_elements`` values)."""
+    best = torch.full((num_tokens,), float("inf"), dtype=torch.float64, device=device)
+    best_idx = torch.full((num_tokens,), num_codes, dtype=torch.long, device=device)
+    return best, best_idx, max(1, max(1, max_elements // 8) // dim)
+
+
 def _best_of_pairs(z, codebook, rows, cols, best, best_idx, pair_chunk):
     """Fold the fp64 distances ``sum((z[r] - c[k])^2)`` of the pairs ``(rows, cols)`` into the running
     ``best`` / ``best_idx`` (in place semantics, returned); exact ties keep the lowest code index."""
@@ -271,12 +279,9 @@ def _rerank(z, codebook, zc, cc_t, c_sq, thr, max_elements):
     """Exact argmin for a few tokens: codes whose evaluated distance is within ``thr`` are compared by
     ``sum((z - c)^2)`` in fp64 on the original coordinates; exact ties go to the lowest index."""
     num_tokens, num_codes = zc.shape[0], cc_t.shape[1]
-    best = torch.full((num_tokens,), float("inf"), dtype=torch.float64, device=z.device)
-    best_idx = torch.full((num_tokens,), num_codes, dtype=torch.long, device=z.device)
+    best, best_idx, pair_chunk = _no_best_yet(num_tokens, num_codes, z.shape[1], max_elements, z.device)
     # nonzero() returns two int64 per hit: a smaller budget keeps the worst case (all codes equal) bounded
-    max_elements = max(1, max_elements // 8)
-    token_chunk, code_chunk = _chunk_sizes(num_tokens, num_codes, max_elements)
-    pair_chunk = max(1, max_elements // z.shape[1])
+    token_chunk, code_chunk = _chunk_sizes(num_tokens, num_codes, max(1, max_elements // 8))
     for t0 in range(0, num_tokens, token_chunk):
         zt = zc[t0 : t0 + token_chunk]
         for k0 in range(0, num_codes, code_chunk):
@@ -344,15 +349,15 @@ def _fp32_fused(z, codebook, mean, max_chunk_elements):
     num_tokens, dim = z.shape
     num_codes = codebook.shape[0]
     threads = default_threads()
-    codes32 = codebook.to(torch.float32).contiguous()
-    b, csq = kernel.codes(codes32, mean.contiguous(), threads=threads)
+    codes32, mean = codebook.to(torch.float32).contiguous(), mean.contiguous()
+    b, csq = kernel.codes(codes32, mean, threads=threads)
     c_sq = csq[:num_codes]
     c_max = c_sq.max()
     if not torch.isfinite(c_max):  # NaN or inf codes: the exact path decides
         return torch.empty(num_tokens, dtype=torch.long), torch.ones(num_tokens, dtype=torch.bool), 0
     z32 = z if z.dtype == torch.float32 and z.is_contiguous() else z.float().contiguous()
     kb_codes = max(1, FP32_CODE_BLOCK_BYTES // (4 * dim))
-    res = kernel.run(z32, mean.contiguous(), b, csq, kb_codes=kb_codes, threads=threads)
+    res = kernel.run(z32, mean, b, csq, kb_codes=kb_codes, threads=threads)
     tol = 2 * _rounding_bound(dim, torch.float32, c_max.sqrt(), res.znorm)
     trusted = torch.isfinite(res.m1) & (tol <= FP32_FUSED_MAX_BOUND)
     # the gap in double: its own rounding cannot matter
@@ -366,15 +371,13 @@ def _fp32_fused(z, codebook, mean, max_chunk_elements):
         # (both are within B of the truth); too many (dense duplicates, or more pairs than an eighth of the
         # memory bound, as _rerank allows itself): the matmul lists them, chunk by chunk
         cap = min(FP32_RERANK_PAIRS_PER_TOKEN * len(rows), max(FP32_RERANK_PAIRS_PER_TOKEN, max_chunk_elements // 8))
-        pairs = kernel.collect(zr, mean.contiguous(), b, csq, thr, threads=threads, cap=cap)
+        pairs = kernel.collect(zr, mean, b, csq, thr, threads=threads, cap=cap)
         if pairs is None:
             # the kernel's squared norms (a sum of squares like any other, within the bound) spare a pass
             out[rows] = _rerank(zr, codebook, zr - mean, (codes32 - mean).t(), c_sq, thr, max_chunk_elements)
         else:
-            best = torch.full((len(rows),), float("inf"), dtype=torch.float64)
-            best_idx = torch.full((len(rows),), num_codes, dtype=torch.long)
-            pair_chunk = max(1, max_chunk_elements // 8 // dim)
-            out[rows] = _best_of_pairs(zr, codebook, *pairs, best, best_idx, pair_chunk)[1]
+            start = _no_best_yet(len(rows), num_codes, dim, max_chunk_elements, z.device)
+            out[rows] = _best_of_pairs(zr, codebook, *pairs, *start)[1]
     return out, ~trusted, int(rows.numel())
 
 

@@ -241,6 +241,9 @@ static void search_blocks(const simvq_fp32_args *g, int64_t tb0, int64_t tb1) {
     }
 }
 
+/* The first code of range q of `parts` over `tiles` tiles (range q ends where range q + 1 starts) */
+static inline int64_t range_start(int64_t tiles, int64_t q, int64_t parts) { return tiles * q / parts * NR; }
+
 /* Token blocks in pieces (parts = 1), or every (token block, code range) pair (parts > 1); see the header */
 void simvq_fp32_search_all(const simvq_fp32_args *g, int64_t blocks, int32_t threads, int64_t pieces, int64_t parts) {
     if (pieces < 1) pieces = 1;
@@ -274,7 +277,7 @@ void simvq_fp32_search_all(const simvq_fp32_args *g, int64_t blocks, int32_t thr
             h.m1 += q * rows;
             h.m2 += q * rows;
             h.idx += q * rows;
-            scan_block(&h, tb, tiles * q / parts * NR, tiles * (q + 1) / parts * NR);
+            scan_block(&h, tb, range_start(tiles, q, parts), range_start(tiles, q + 1, parts));
         }
 #pragma omp barrier
 #pragma omp for schedule(static)
@@ -322,7 +325,7 @@ int64_t simvq_fp32_collect(const simvq_fp32_args *g, const float *thr, int64_t b
             for (int r = 0; r < MR; r++) lanes[r] = tb * MR + r < g->n ? thr[tb * MR + r] : -INFINITY;
 #pragma GCC unroll 2
             for (int t = 0; t < MT; t++) limit[t] = _mm256_loadu_ps(lanes + 8 * t);
-            for (int64_t k = tiles * q / parts * NR; k < tiles * (q + 1) / parts * NR; k += NR) {
+            for (int64_t k = range_start(tiles, q, parts); k < range_start(tiles, q + 1, parts); k += NR) {
                 __m256 acc[MT][NR];
                 tile_values(a, g->b + k * dim, g->csq + k, dim, acc);
 #pragma GCC unroll 2
