@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -194,6 +196,33 @@ def test_a_trial_that_raises_or_is_killed_is_rerun_and_finished_ones_kept(tmp_pa
     _states(out)[1].ask()
     study, settings = tune(CONFIG, quantizer="simvq", out=out, space=SPACE, trials=2, **TINY)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE"]
+
+
+
+@pytest.mark.slow
+def test_two_jobs_share_one_study_and_stop_at_the_trial_count(tmp_path):
+    out = tmp_path / "study"
+    study, settings = tune(CONFIG, quantizer="simvq", out=out, space=SPACE, trials=3, jobs=2, **TINY)
+    states = [t.state.name for t in study.trials]
+    # two processes stop once 3 trials have finished; the one still running then finishes too (docs/tune.md);
+    # a trial past the median pruner's two start-up trials may be pruned at its first evaluation
+    assert len(states) in (3, 4) and set(states) <= {"COMPLETE", "PRUNED"} and states[:2] == ["COMPLETE"] * 2
+    assert settings.threads == max(1, (os.cpu_count() or 1) // 2)
+    params = [tuple(sorted(t.params.items())) for t in study.trials]
+    assert len(set(params)) == len(params)  # the workers' samplers are seeded apart: no point is trained twice
+    dirs = [t.user_attrs["dir"] for t in study.trials]
+    assert len(set(dirs)) == len(dirs) and all(Path(d).is_dir() for d in dirs)
+    assert all(t.user_attrs["steps"] == 2 and math.isfinite(t.value) for t in study.trials
+               if t.state.name == "COMPLETE")
+    outputs = write_outputs(study, settings)
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert len(rows) == len(states) and outputs["best"] is not None and (out / "best.yaml").is_file()
+    # a rerun with a larger count adds what is missing, in parallel again, and keeps the finished trials
+    first = {t.number: t.datetime_complete for t in study.trials}
+    study2, _ = tune(CONFIG, quantizer="simvq", out=out, space=SPACE, trials=len(states) + 1, jobs=2, **TINY)
+    states2 = [t.state.name for t in study2.trials]
+    assert len(states2) in (len(states) + 1, len(states) + 2) and set(states2) <= {"COMPLETE", "PRUNED"}
+    assert all(first[t.number] == t.datetime_complete for t in study2.trials[:len(states)])
 
 
 @pytest.mark.slow
