@@ -52,7 +52,7 @@ from simvq.modalities import build_datasets
 from simvq.modalities.image.metrics import psnr_batch, psnr_per_image
 from simvq.modalities.image.model import Decoder, Encoder
 from simvq.quantizers import SimVQ
-from simvq.retrofit import TamingSimVQ, UnitCodesSimVQ, VectorQuantizeSimVQ, retrofit
+from simvq.retrofit import TamingSimVQ, VectorQuantizeSimVQ, retrofit
 
 KINDS = ("taming_vq2", "vqpytorch_euclidean", "vqpytorch_cosine")
 STRATEGIES = ("keep", "respread", "fresh")
@@ -91,10 +91,10 @@ def make_simvq(kind: str, size: int, dim: int) -> nn.Module:
     """A SimVQ from scratch in the class's interface, with its loss weights."""
     if kind == "taming_vq2":
         return TamingSimVQ(quantizer=SimVQ(dim=dim, codebook_size=size, commitment_weight=0.25))
-    layer = (UnitCodesSimVQ if kind == "vqpytorch_cosine" else SimVQ)(
-        dim=dim, codebook_size=size, commitment_weight=1.0, channel_first=False)
+    layer = SimVQ(dim=dim, codebook_size=size, commitment_weight=1.0, channel_first=False,
+                  l2_normalize=kind == "vqpytorch_cosine")
     return VectorQuantizeSimVQ(quantizer=layer, project_in=nn.Identity(), project_out=nn.Identity(),
-                               accept_image_fmap=True, cosine=kind == "vqpytorch_cosine")
+                               accept_image_fmap=True)
 
 
 def train(model: nn.Module, loader_seed: int, train_set, steps: int, batch_size: int, lr: float) -> None:

@@ -351,7 +351,7 @@ def _retrofit_run(args: argparse.Namespace) -> int:
     from simvq.io import prepare_output_dir
     from simvq.modalities import build_tokenizer
     from simvq.quantizers.simvq import SimVQ
-    from simvq.retrofit import retrofit
+    from simvq.retrofit import layer_config, retrofit
 
     state, config = load_model_dir(args.model)  # checks the folder before anything is written
     model = load_tokenizer(args.model)
@@ -371,8 +371,7 @@ def _retrofit_run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.model}: simvq retrofit writes model folders with one quantizer; use simvq.retrofit() in Python")
     old_q = dict(config["quantizer"])
     new_config = copy.deepcopy(config)
-    new_config["quantizer"] = {"name": "simvq", "codebook_size": layers[0].codebook_size,
-                               **{k: old_q[k] for k in ("commitment_weight", "codebook_weight") if k in old_q}}
+    new_config["quantizer"] = layer_config(layers[0])  # the settings carried over (loss weights, cosine codes, search)
     check = build_tokenizer(new_config)
     try:  # the new folder must load as the model it describes
         check.load_state_dict(model.state_dict(), strict=True)

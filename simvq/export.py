@@ -62,7 +62,7 @@ INLINE_LIMIT_BYTES = 1_800_000_000
 class CodebookSearch(nn.Module):
     """Nearest code in a constant ``(K, dim)`` codebook: ``argmin ||c'||^2 - 2 z'.c'`` around the code mean.
 
-    ``normalize``: l2-normalise the tokens first (cosine VQ; its codebook is stored normalised).
+    ``normalize``: l2-normalise the tokens first (cosine codes of VQ or SimVQ; the codebook is stored normalised).
     """
 
     def __init__(self, codebook: torch.Tensor, *, normalize: bool = False) -> None:
@@ -98,11 +98,8 @@ class GraphQuantizer(nn.Module):
         if isinstance(q, ResidualQuantizer):
             self.levels = nn.ModuleList([GraphQuantizer(level) for level in q.levels])
             return
-        if isinstance(q, SimVQ):  # LC-VQ is a SimVQ: its codebook is transform(C) too
-            table = q.fold().codebook
-            self.search = CodebookSearch(table)
-        elif isinstance(q, VectorQuantizer):
-            table = q.codebook
+        if isinstance(q, (SimVQ, VectorQuantizer)):  # LC-VQ is a SimVQ: its codebook is transform(C) too
+            table = (q.fold() if isinstance(q, SimVQ) else q).codebook
             self.search = CodebookSearch(table, normalize=q.l2_normalize)
         elif isinstance(q, EMAVectorQuantizer):
             table = q.codebook

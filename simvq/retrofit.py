@@ -12,7 +12,9 @@ Recognised kinds:
 
 - this library's :class:`~simvq.quantizers.vq.VectorQuantizer` (and the EMA variant, whose forward is the
   same nearest-code lookup): replaced by a :class:`~simvq.quantizers.simvq.SimVQ` with the same layout,
-  loss weights and gradient estimator. Same interface, nothing to adapt.
+  loss weights, gradient estimator and search settings. Same interface, nothing to adapt. Cosine codes
+  (``l2_normalize=True``) give a SimVQ with ``l2_normalize=True`` whose ``C`` is the unnormalised codebook,
+  so its codes ``normalize(C W^T + b)`` equal the old ``normalize(C)`` bit for bit.
 - taming-transformers style quantizers: any module with an ``embedding`` ``nn.Embedding`` table and
   ``n_e`` / ``e_dim`` attributes, called as ``quantizer(z)`` on ``(B, e_dim, H, W)`` features and returning
   ``(z_q, loss, (perplexity, min_encodings, indices))``. Replaced by :class:`TamingSimVQ`, which keeps that
@@ -24,8 +26,8 @@ Recognised kinds:
   ``entropy_loss_ratio`` or ``show_usage`` attribute: another return convention, normalised codes).
 - vector-quantize-pytorch's ``VectorQuantize`` (one codebook shared by all heads, nearest-code search):
   the codebook is read from ``_codebook.embed`` ``(1, K, codebook_dim)``. A cosine-similarity codebook
-  (``use_cosine_sim=True``) becomes a :class:`UnitCodesSimVQ` (codes ``normalize(C W^T + b)``, inputs
-  normalised as before). Refused: separate codebooks per head, affine codebook parameters, stochastic or
+  (``use_cosine_sim=True``) becomes a SimVQ with ``l2_normalize=True`` (codes ``normalize(C W^T + b)``,
+  inputs normalised as before). Refused: separate codebooks per head, affine codebook parameters, stochastic or
   Gumbel sampling, ``vq_bridge``, in-place codebook optimizers, other gradient estimators. Replaced by
   :class:`VectorQuantizeSimVQ`, which keeps the call signature ``vq(x, mask=None, lens=None, ...)``, the
   layouts (``channel_last``, ``accept_image_fmap``, ``accept_3d_fmap``), ``project_in`` / ``project_out``
@@ -50,6 +52,7 @@ option SimVQ cannot reproduce exactly, such as stochastic code sampling) is left
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 
@@ -90,49 +93,42 @@ class RetrofitResult(list):
 # ----- building the SimVQ layer ------------------------------------------------------------------------
 
 
-class UnitCodesSimVQ(SimVQ):
-    """SimVQ whose effective codes are unit vectors, ``normalize(C W^T + b)``: the replacement of a
-    cosine-similarity codebook. The caller normalises the inputs too (as the replaced layer did), so the
-    squared-L2 search among unit vectors picks the code of highest cosine similarity."""
-
-    def _transform(self, rows: torch.Tensor) -> torch.Tensor:
-        return F.normalize(super()._transform(rows), dim=-1)
-
-
-def _simvq_from_codebook(
-    codebook: torch.Tensor,
-    *,
-    transform: str,
-    learnable_codebook: bool,
-    commitment_weight: float,
-    codebook_weight: float,
-    channel_first: bool,
-    rotation_trick: bool = False,
-    check_finite: bool = True,
-    unit_codes: bool = False,
-) -> SimVQ:
-    """A SimVQ whose frozen ``C`` is ``codebook`` ``(K, d)`` and whose transform is the identity map
-    (:class:`UnitCodesSimVQ` with ``unit_codes``)."""
+def _simvq_from_codebook(codebook: torch.Tensor, *, transform: str, learnable_codebook: bool, **settings) -> SimVQ:
+    """A SimVQ whose frozen ``C`` is ``codebook`` ``(K, d)`` and whose transform is the identity map;
+    ``settings`` are its other constructor keywords (loss weights, layout, gradient estimator, cosine codes,
+    search), taken from the layer it replaces."""
     codebook = codebook.detach()
     size, dim = codebook.shape
     if transform not in ("linear", "mlp"):
         raise ValueError(f"transform must be 'linear' or 'mlp' for a retrofit, got {transform!r}")
-    layer = (UnitCodesSimVQ if unit_codes else SimVQ)(
-        dim=dim,
-        codebook_size=size,
-        transform=transform,
-        learnable_codebook=learnable_codebook,
-        rotation_trick=rotation_trick,
-        commitment_weight=commitment_weight,
-        codebook_weight=codebook_weight,
-        channel_first=channel_first,
-        check_finite=check_finite,
-    )
+    layer = SimVQ(dim=dim, codebook_size=size, transform=transform, learnable_codebook=learnable_codebook, **settings)
     layer = layer.to(device=codebook.device)
     with torch.no_grad():
         layer.embedding.weight.copy_(codebook.float())
         _init_identity(layer.embedding_proj, dim)
     return layer
+
+
+def layer_config(layer: SimVQ) -> dict:
+    """The ``quantizer`` config section that builds a layer like ``layer`` (``(K, d)`` shapes and settings;
+    weights come from its state dict): its name, size and each setting that differs from SimVQ's default.
+    ``simvq retrofit`` writes it, so the model folder rebuilds the layer that :func:`retrofit` made."""
+    if not isinstance(layer.embedding_proj, (nn.Linear, nn.Sequential)) or type(layer) is not SimVQ:
+        raise ValueError(f"{type(layer).__name__} with a {type(layer.embedding_proj).__name__} transform has no config form")
+    linear = isinstance(layer.embedding_proj, nn.Linear)
+    first = layer.embedding_proj if linear else layer.embedding_proj[0]
+    values = {
+        "frozen_codebook_dim": layer.frozen_codebook_dim, "bias": first.bias is not None,
+        "transform": "linear" if linear else "mlp", "hidden_dim": None if linear else first.out_features,
+        "learnable_codebook": layer.learnable_codebook, "rotation_trick": layer.use_rotation_trick,
+        "commitment_weight": layer.commitment_weight, "codebook_weight": layer.codebook_weight,
+        "l2_normalize": layer.l2_normalize, "check_finite": layer.check_finite,
+        "search_chunk_elements": layer.search_chunk_elements, "search": layer.search,
+    }
+    defaults = {k: p.default for k, p in inspect.signature(SimVQ.__init__).parameters.items()}
+    defaults["frozen_codebook_dim"] = layer.dim
+    return {"name": "simvq", "codebook_size": layer.codebook_size,
+            **{k: v for k, v in values.items() if v != defaults[k]}}
 
 
 def _init_identity(proj: nn.Module, dim: int) -> None:
@@ -213,7 +209,8 @@ class VectorQuantizeSimVQ(nn.Module):
     ``(quantized, indices, loss)`` in the layout the replaced module used (``(B, N, dim)`` by default,
     ``(B, dim, N)`` with ``channel_last=False``, ``(B, dim, H, W)`` with ``accept_image_fmap``), indices
     ``(B, N)`` / ``(B, H, W)`` (``(..., heads)`` with several heads), ``-1`` at masked positions.
-    ``project_in`` / ``project_out`` of the replaced module are kept as they were.
+    ``project_in`` / ``project_out`` of the replaced module are kept as they were. A cosine-similarity
+    codebook's inputs are normalised by ``quantizer`` (a SimVQ with ``l2_normalize=True``).
     Options of ``VectorQuantize.forward`` that only make sense for its own codebook (``topk``,
     ``sample_codebook_temp``, EMA controls, ``codebook_transform_fn``) are accepted and ignored except that
     ``indices=`` (cross-entropy to given codes) and ``topk=`` raise, since SimVQ has no equivalent.
@@ -230,11 +227,9 @@ class VectorQuantizeSimVQ(nn.Module):
         accept_image_fmap: bool = False,
         accept_3d_fmap: bool = False,
         return_zeros_for_masked_padding: bool = True,
-        cosine: bool = False,
     ) -> None:
         super().__init__()
-        self.quantizer = quantizer
-        self.cosine = bool(cosine)
+        self.quantizer = quantizer  # a cosine-similarity codebook's: SimVQ(l2_normalize=True), which normalises
         self.project_in = project_in
         self.project_out = project_out
         self.heads = int(heads)
@@ -297,8 +292,6 @@ class VectorQuantizeSimVQ(nn.Module):
         b, n = tokens.shape[:2]
         h = self.project_in(tokens)  # (B, N, heads * codebook_dim)
         h = h.reshape(b, n, self.heads, -1)
-        if self.cosine:  # a cosine-similarity codebook's inputs are unit vectors, as its codes are
-            h = F.normalize(h, dim=-1)
         chosen = h[mask] if mask is not None else h.reshape(b * n, self.heads, -1)  # (M, heads, codebook_dim)
         out = self.quantizer(chosen)  # channel_first=False: last axis is the code dimension
         q_rows = out.quantized.reshape(chosen.shape[0], -1)
@@ -441,17 +434,21 @@ def _convert(module: nn.Module, *, transform: str, learnable_codebook: bool):
         problem = _library_kind(module)
         if problem:
             return problem
+        cosine = bool(getattr(module, "l2_normalize", False))
         new = _simvq_from_codebook(
-            module.codebook,
+            # cosine codes: the unnormalised weight, which SimVQ normalises as the old layer did
+            module.embedding.weight if cosine else module.codebook,
             commitment_weight=module.commitment_weight,
             # an EMA codebook has no codebook term; SimVQ needs one, since it is what trains W
             codebook_weight=getattr(module, "codebook_weight", 1.0),
             channel_first=module.channel_first,
             rotation_trick=getattr(module, "use_rotation_trick", False),
             check_finite=module.check_finite,
+            l2_normalize=cosine,
+            search_chunk_elements=module.search_chunk_elements,
+            search=module.search,
             **common,
         )
-        new.search_chunk_elements = getattr(module, "search_chunk_elements", new.search_chunk_elements)
         new.usage.counts.copy_(module.usage.counts)  # keep the tally: "before" usage stays comparable
         return new.train(module.training)
     vq_class = _vector_quantize_class()
@@ -465,7 +462,7 @@ def _convert(module: nn.Module, *, transform: str, learnable_codebook: bool):
             codebook_weight=1.0,
             channel_first=False,
             rotation_trick=bool(module.rotation_trick),
-            unit_codes=bool(getattr(module, "use_cosine_sim", False)),
+            l2_normalize=bool(getattr(module, "use_cosine_sim", False)),
             **common,
         )
         new = VectorQuantizeSimVQ(
@@ -477,7 +474,6 @@ def _convert(module: nn.Module, *, transform: str, learnable_codebook: bool):
             accept_image_fmap=module.accept_image_fmap,
             accept_3d_fmap=getattr(module, "accept_3d_fmap", False),
             return_zeros_for_masked_padding=getattr(module, "return_zeros_for_masked_padding", True),
-            cosine=bool(getattr(module, "use_cosine_sim", False)),
         )
         return new.train(module.training)
     if _is_taming_style(module):
@@ -548,7 +544,8 @@ def _flat_features(old: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """The ``(N, d)`` rows that ``old`` quantizes, from the first argument of its forward."""
     if isinstance(old, Quantizer):
         rows = z.movedim(1, -1) if old.channel_first else z
-        return rows.reshape(-1, rows.shape[-1])
+        rows = rows.reshape(-1, rows.shape[-1])
+        return F.normalize(rows.float(), dim=-1) if getattr(old, "l2_normalize", False) else rows  # searched as unit vectors
     return z.movedim(1, -1).reshape(-1, z.shape[1])  # taming style: (B, e_dim, *spatial)
 
 
@@ -839,5 +836,5 @@ def retrofit(
     return RetrofitResult([name for _, _, name, _, _ in swaps], skipped, reports, live)
 
 
-__all__ = ["DEAD_CODE_STRATEGIES", "RetrofitResult", "TamingSimVQ", "UnitCodesSimVQ", "VectorQuantizeSimVQ", "convert_quantizer",
+__all__ = ["DEAD_CODE_STRATEGIES", "RetrofitResult", "TamingSimVQ", "VectorQuantizeSimVQ", "convert_quantizer", "layer_config",
            "retrofit"]

@@ -20,7 +20,9 @@ from simvq.modalities import build_tokenizer  # noqa: E402
 
 FAMILIES = {
     "simvq": [],
+    "simvq_cosine": ["quantizer.l2_normalize=true"],
     "vq": ["quantizer.name=vq"],
+    "vq_cosine": ["quantizer.name=vq", "quantizer.l2_normalize=true"],
     "ema_vq": ["quantizer.name=ema_vq"],
     "fsq": ["quantizer.name=fsq", "quantizer.codebook_size=256"],
     "lfq": ["quantizer.name=lfq"],

@@ -92,6 +92,34 @@ def test_library_vq_identical_at_swap_and_trainable_after():
     assert model.quantize.embedding_proj.weight.grad.abs().sum() > 0
 
 
+def test_cosine_vq_identical_with_its_losses_gradients_and_settings():
+    torch.manual_seed(1)
+    vq = VectorQuantizer(dim=8, codebook_size=32, l2_normalize=True, rotation_trick=True, commitment_weight=0.5,
+                         search="exact-fp32", search_chunk_elements=4096)
+    _spread_codebook(vq.embedding.weight)
+    model = ConvTokenizer(vq)
+    x = torch.randn(4, 3, 8, 8)
+
+    def step(m):
+        xx = x.clone().requires_grad_(True)
+        rec, out = m(xx)
+        ((rec * torch.linspace(-1, 1, rec.numel()).reshape(rec.shape)).sum() + out.loss).backward()
+        return rec.detach(), out, xx.grad
+
+    before_rec, before, before_grad = step(model)
+    assert retrofit(model) == ["quantize"]
+    new = model.quantize
+    assert isinstance(new, SimVQ) and new.l2_normalize and new.use_rotation_trick
+    assert (new.search, new.search_chunk_elements, new.commitment_weight) == ("exact-fp32", 4096, 0.5)
+    assert torch.equal(new.codebook, vq.codebook)  # normalize(C W^T + b) with C the unnormalised weight
+    model.zero_grad(set_to_none=True)
+    after_rec, after, after_grad = step(model)
+    assert torch.equal(before.indices, after.indices) and torch.equal(before_rec, after_rec)
+    # the loss terms compare unit tokens with unit codes, as before: same values, same input gradient
+    assert torch.equal(before.commitment_loss, after.commitment_loss) and torch.equal(before.loss, after.loss)
+    assert torch.equal(before_grad, after_grad)
+
+
 def test_taming_style_identical_and_keeps_return_convention():
     torch.manual_seed(1)
     old = TamingQuantizer(n_e=48, e_dim=8, beta=0.3)
@@ -451,6 +479,52 @@ def test_cli_retrofit_writes_a_new_model_folder(tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (model_dir / "inside").exists()
     assert main(["retrofit", "--model", str(tmp_path / "keep"), "--out", str(tmp_path / "y")]) == 2
     assert "already a SimVQ layer" in capsys.readouterr().err
+
+
+def test_cli_retrofit_keeps_the_layer_settings_in_the_new_config(tmp_path):
+    import yaml
+
+    from simvq.checkpoints import load_tokenizer, save_model_dir
+    from simvq.cli import main
+    from simvq.config import load_config
+    from simvq.modalities import build_tokenizer
+
+    torch.manual_seed(0)
+    settings = ["quantizer.name=vq", "quantizer.l2_normalize=true", "quantizer.rotation_trick=true",
+                "quantizer.commitment_weight=0.5", "quantizer.search=exact-fp32", "quantizer.search_chunk_elements=4096"]
+    cfg = load_config("image/digits-tiny", settings)
+    save_model_dir(tmp_path / "vq", build_tokenizer(cfg), cfg)
+    assert main(["retrofit", "--model", str(tmp_path / "vq"), "--out", str(tmp_path / "keep")]) == 0
+    written = yaml.safe_load((tmp_path / "keep" / "config.yaml").read_text())["quantizer"]
+    assert written == {"name": "simvq", "codebook_size": 64, "l2_normalize": True, "rotation_trick": True,
+                       "commitment_weight": 0.5, "search": "exact-fp32", "search_chunk_elements": 4096}
+    old, new = load_tokenizer(tmp_path / "vq"), load_tokenizer(tmp_path / "keep")
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    with torch.no_grad():
+        (a, out_a), (b, out_b) = old(x), new(x)
+    assert torch.equal(a, b) and torch.equal(out_a.loss, out_b.loss)  # the folder rebuilds the same layer
+    # respread on a cosine codebook draws the dead codes from unit features
+    assert main(["retrofit", "--model", str(tmp_path / "vq"), "--out", str(tmp_path / "re"), "--dead-codes", "respread",
+                 "--limit", "64"]) == 0
+    q_old, q_new = old.quantize, load_tokenizer(tmp_path / "re").quantize
+    moved = (q_new.embedding.weight != q_old.embedding.weight).any(1)
+    assert moved.any() and q_new.l2_normalize
+    torch.testing.assert_close(q_new.embedding.weight[moved].norm(dim=1), torch.ones(int(moved.sum())))
+
+
+def test_layer_config_rebuilds_mlp_and_default_layers():
+    from simvq.quantizers import build_quantizer
+    from simvq.retrofit import layer_config
+
+    assert layer_config(SimVQ(dim=8, codebook_size=16)) == {"name": "simvq", "codebook_size": 16}
+    for layer in (SimVQ(dim=8, codebook_size=16, transform="mlp", hidden_dim=20, bias=False, frozen_codebook_dim=6),
+                  SimVQ(dim=8, codebook_size=16, learnable_codebook=True, codebook_weight=2.0, check_finite=False)):
+        config = layer_config(layer)
+        rebuilt = build_quantizer(config.pop("name"), dim=8, **config)
+        rebuilt.load_state_dict(layer.state_dict(), strict=True)
+        assert repr(rebuilt) == repr(layer)
+    with pytest.raises(ValueError, match="no config form"):
+        layer_config(SimVQ(dim=4, codebook_size=8, transform=nn.Identity()))
 
 
 @pytest.mark.slow

@@ -211,6 +211,49 @@ def test_fold_gives_same_indices_and_codes():
     torch.testing.assert_close(folded.decode_indices(out.indices), q.decode_indices(out.indices))
 
 
+def test_cosine_codes_hand_computed():
+    # hand-set codes (2, 1), (0, 2), (2, 2) at 26.6, 90 and 45 degrees; a fourth token z3 = (4, 2.2) at 28.8
+    # degrees is nearest to c2 in plain L2 (4.04 against 5.44) but to c0 in angle (2.2 against 16.2 degrees)
+    z = torch.cat([HAND_Z, torch.tensor([[[4.0, 2.2]]])], dim=1)
+    assert hand_set_quantizer()(z).indices.tolist() == [[0, 1, 2, 2]]
+    q = hand_set_quantizer(l2_normalize=True)
+    z.requires_grad_(True)
+    out = q(z)
+    assert out.indices.tolist() == [[0, 1, 2, 0]]
+    # float64 reference written out: unit tokens, unit codes, both loss terms on the unit vectors
+    z64 = z.detach().double().requires_grad_(True)
+    codes = HAND_CODES[0].double()
+    codes = codes / codes.norm(dim=-1, keepdim=True)
+    zn = z64 / z64.norm(dim=-1, keepdim=True)
+    ref_q = codes[[0, 1, 2, 0]][None]
+    ref_mse = ((zn - ref_q) ** 2).mean()
+    torch.testing.assert_close(out.quantized.double(), ref_q, rtol=0, atol=1e-7)
+    torch.testing.assert_close(out.commitment_loss.double(), ref_mse, rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.codebook_loss.double(), ref_mse, rtol=1e-6, atol=0)
+    torch.testing.assert_close(q.codebook.double(), codes, rtol=0, atol=1e-7)
+    torch.testing.assert_close(q.decode_indices(out.indices).double(), ref_q, rtol=0, atol=1e-7)
+    # the input's gradient: straight-through onto the unit token, then back through the normalisation
+    weights = torch.arange(8, dtype=torch.float32).reshape(1, 4, 2)
+    ((out.quantized * weights).sum() + out.loss).backward()
+    ref_out = zn + (ref_q - zn).detach()
+    ((ref_out * weights.double()).sum() + 0.25 * ((zn - ref_q.detach()) ** 2).mean()).backward()
+    torch.testing.assert_close(z.grad.double(), z64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_codes_fold_bit_for_bit():
+    q, z = _random_case(seed=4, l2_normalize=True)
+    with torch.no_grad():
+        q.embedding_proj.weight.mul_(3.0)  # codes far from unit length before the normalisation
+    out = q(z)
+    assert torch.allclose(q.codebook.norm(dim=-1), torch.ones(64))
+    folded = q.fold()
+    assert folded.l2_normalize
+    f_out = folded(z)
+    assert torch.equal(f_out.indices, out.indices) and torch.equal(f_out.quantized, out.quantized)
+    assert torch.equal(folded.codebook, q.codebook)
+    assert "l2_normalize=True" in repr(q) and "l2_normalize" not in repr(SimVQ(dim=4, codebook_size=8))
+
+
 def test_state_dict_round_trip():
     q, z = _random_case(seed=4)
     q(z)

@@ -18,11 +18,17 @@ the search used is transformed once with gradients and its rows are gathered (O(
 4,096 tokens of width 128 a training step takes ~1.5 ms less on two cores). The gradients equal the
 official formulation's either way, since only the selected rows of ``C W^T + b`` receive gradient there
 too.
+
+``l2_normalize=True`` (off by default; not in the paper): cosine codes as :class:`VectorQuantizer` offers them
+(ViT-VQGAN, LlamaGen). The codes are ``normalize(C W^T + b)`` and the tokens are normalised before the search
+and in both loss terms, so the nearest code is the most cosine-similar one. It is what a cosine-codebook VQ
+layer is retrofitted to (:mod:`simvq.retrofit`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from simvq.quantizers.base import (
@@ -72,6 +78,8 @@ class SimVQ(Quantizer):
         rotation_trick: pass gradients to the input with the rotation trick instead of straight-through.
         commitment_weight: weight of ``mean((z - sg(q))^2)`` (official 0.25).
         codebook_weight: weight of ``mean((sg(z) - q)^2)`` (official 1.0).
+        l2_normalize: cosine codes: tokens and codes l2-normalised before the search and in both loss terms
+            (see the module docstring).
         channel_first, check_finite: see :class:`~simvq.quantizers.base.Quantizer`.
         search_chunk_elements: memory bound of the nearest-code search, in fp32 distances.
         search: nearest-code search path, ``"auto"``, ``"exact-fp32"``, ``"fp32-fused"``, ``"bf16-candidates"``,
@@ -92,6 +100,7 @@ class SimVQ(Quantizer):
         rotation_trick: bool = False,
         commitment_weight: float = 0.25,
         codebook_weight: float = 1.0,
+        l2_normalize: bool = False,
         channel_first: bool = True,
         check_finite: bool = True,
         search_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
@@ -106,6 +115,7 @@ class SimVQ(Quantizer):
         self.codebook_weight = _check_weight("codebook_weight", codebook_weight)
         self.use_rotation_trick = bool(rotation_trick)
         self.learnable_codebook = bool(learnable_codebook)
+        self.l2_normalize = bool(l2_normalize)
         self.search_chunk_elements = check_chunk_elements(search_chunk_elements, "search_chunk_elements")
         self.search = check_search(search)
         self.embedding = nn.Embedding(codebook_size, cdim)
@@ -119,12 +129,17 @@ class SimVQ(Quantizer):
         """The random matrix ``C``, ``(K, frozen_codebook_dim)``."""
         return self.embedding.weight
 
-    def _transform(self, rows: torch.Tensor) -> torch.Tensor:
+    def _transform_unnormalized(self, rows: torch.Tensor) -> torch.Tensor:
         """``transform(rows)`` in fp32 (fp64 for a 64-bit module), autocast off, whatever the weights' dtype."""
         out = call_in_dtype(self.embedding_proj, rows.to(self.compute_dtype()))
         if out.dim() != 2 or out.shape[1] != self.dim:
             raise ValueError(f"transform must map (N, {self.frozen_codebook_dim}) to (N, {self.dim}), got {tuple(out.shape)}")
         return out
+
+    def _transform(self, rows: torch.Tensor) -> torch.Tensor:
+        """The codes of ``rows`` of ``C``: ``transform(rows)``, as unit vectors with ``l2_normalize``."""
+        out = self._transform_unnormalized(rows)
+        return F.normalize(out, dim=-1) if self.l2_normalize else out
 
     @property
     def codebook(self) -> torch.Tensor:
@@ -143,6 +158,8 @@ class SimVQ(Quantizer):
 
     def quantize_tokens(self, z: torch.Tensor) -> TokenResult:
         z = z.to(self.compute_dtype(z))  # bf16 / fp16 features are upcast; fp64 stays fp64
+        if self.l2_normalize:
+            z = F.normalize(z, dim=-1)
         every_code = self.codebook if self._transforms_every_code(z.shape[0], z.device) else None
         with torch.no_grad():
             search_codes = self.codebook if every_code is None else every_code.detach()
@@ -167,12 +184,14 @@ class SimVQ(Quantizer):
             learnable_codebook=False,
             commitment_weight=self.commitment_weight,
             codebook_weight=self.codebook_weight,
+            l2_normalize=self.l2_normalize,
             channel_first=self.channel_first,
             check_finite=self.check_finite,
             search_chunk_elements=self.search_chunk_elements,
             search=self.search,
         ).to(self.embedding.weight.device)
-        folded.embedding.weight.copy_(self.codebook)
+        # the folded VQ normalises its weight itself: given the unnormalised codes its codes are ours bit for bit
+        folded.embedding.weight.copy_(self._transform_unnormalized(self.embedding.weight))
         return folded
 
     def extra_repr(self) -> str:
@@ -180,4 +199,5 @@ class SimVQ(Quantizer):
             f"{super().extra_repr()}, frozen_codebook_dim={self.frozen_codebook_dim}, transform={self.transform_name}, "
             f"learnable_codebook={self.learnable_codebook}, rotation_trick={self.use_rotation_trick}, "
             f"commitment_weight={self.commitment_weight}, codebook_weight={self.codebook_weight}"
+            + (", l2_normalize=True" if self.l2_normalize else "")
         )
