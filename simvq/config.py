@@ -44,7 +44,8 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 class OptimConfig:
     """Optimiser settings shared by every modality (the official recipe's values are the defaults).
 
-    ``lr`` and ``betas`` drive Adam for the generator (encoder, quantizer, decoder); ``disc_lr`` the
+    ``lr`` and ``betas`` drive Adam for the generator (encoder, quantizer, decoder); ``quantizer_lr`` the
+    quantizer's own parameters (SimVQ's ``W, b``; ``None``: same as ``lr``); ``disc_lr`` the
     discriminator (``None``: same as ``lr``). The learning rate is constant after an optional linear
     warm-up of ``warmup_steps``. ``grad_clip`` clips the global gradient norm of each optimiser.
     ``ema_decay`` keeps an exponential moving average of all trainable weights (``None`` disables it);
@@ -55,6 +56,7 @@ class OptimConfig:
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     weight_decay: float = 0.0
+    quantizer_lr: Optional[float] = None
     disc_lr: Optional[float] = None
     warmup_steps: int = 0
     grad_clip: Optional[float] = None
@@ -288,6 +290,7 @@ def resolve_config(config: dict) -> dict:
 def _check_values(cfg: dict) -> None:
     o, t = cfg["optim"], cfg["trainer"]
     check_positive(cfg, "lr", "optim", allow_none=False)
+    check_positive(cfg, "quantizer_lr", "optim")
     check_positive(cfg, "disc_lr", "optim")
     check_positive(cfg, "weight_decay", "optim", allow_none=False, allow_zero=True)
     check_positive(cfg, "warmup_steps", "optim", allow_none=False, allow_zero=True)

@@ -58,6 +58,7 @@ def test_unknown_quantizer_keyword_and_name():
         ({"optim": {"betas": [0.5]}}, "optim.betas"),
         ({"trainer": {"precision": "8-bit"}}, "trainer.precision"),
         ({"optim": {"ema_decay": 1.5}}, "optim.ema_decay"),
+        ({"optim": {"quantizer_lr": 0}}, "optim.quantizer_lr must be > 0"),
         ({"data": {"dataset": "cifar"}}, "data.dataset"),
         ({"data": {"channels": 1}}, "model.in_channels"),
         ({"data": {"image_size": 36}}, "divisible"),

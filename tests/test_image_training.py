@@ -80,6 +80,27 @@ def test_overfits_one_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_quantizer_lr_moves_the_quantizer_at_its_own_rate(tmp_path):
+    from simvq.config import load_config
+    from simvq.modalities import build_tokenizer
+
+    overrides = TINY + ["optim.lr=0.001", "optim.quantizer_lr=0.05", "optim.ema_decay=null", "optim.warmup_steps=0",
+                        "optim.weight_decay=0", "trainer.checkpoint_every=0"]
+    torch.manual_seed(0)
+    start = build_tokenizer(load_config("image/digits-tiny", overrides)).state_dict()
+    result = train("image/digits-tiny", out_dir=tmp_path / "run", max_steps=1, progress=False, overrides=overrides,
+                   init_state={k: v.clone() for k, v in start.items()})
+    end = load_file(result.model_dir / "model.safetensors")
+    # Adam's first step moves every parameter with a gradient by lr * g / (|g| + eps), i.e. by its group's lr
+    for key, lr in (("quantize.embedding_proj.weight", 0.05), ("quantize.embedding_proj.bias", 0.05),
+                    ("encoder.conv_in.weight", 0.001), ("decoder.conv_out.weight", 0.001)):
+        step = (end[key] - start[key]).abs().flatten()
+        moved = step[step > 0]
+        assert moved.numel() > step.numel() // 2, key
+        torch.testing.assert_close(moved.median(), torch.tensor(lr), rtol=1e-3, atol=0), key
+    assert torch.equal(end["quantize.embedding.weight"], start["quantize.embedding.weight"])  # C stays frozen
+
+
 def test_interrupted_run_resumes_to_identical_weights(tmp_path):
     # GAN on from step 0, EMA, warm-up: every piece of state must survive the interruption
     overrides = TINY + ["trainer.log_every=3", "trainer.checkpoint_every=0", "optim.warmup_steps=4"]

@@ -138,8 +138,7 @@ class TokenizerModule(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.config["optim"]
-        gen = [p for p in self.model.parameters() if p.requires_grad]
-        opt_g = torch.optim.Adam(gen, lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
+        opt_g = torch.optim.Adam(self._generator_groups(), lr=o["lr"], betas=tuple(o["betas"]), weight_decay=o["weight_decay"])
         if self.discriminator is None:
             return opt_g
         disc_lr = o["disc_lr"] if o["disc_lr"] is not None else o["lr"]
@@ -147,6 +146,19 @@ class TokenizerModule(L.LightningModule):
             self.discriminator.parameters(), lr=disc_lr, betas=tuple(o["betas"]), weight_decay=o["weight_decay"]
         )
         return [opt_g, opt_d]
+
+    def _generator_groups(self) -> list[dict]:
+        """The generator's trainable parameters as Adam groups: one, or with ``optim.quantizer_lr`` the
+        quantizer's parameters in a second group named ``"quantizer"`` (its rate set by :meth:`_set_lr`)."""
+        o = self.config["optim"]
+        quantize = getattr(self.model, "quantize", None)
+        separate = o["quantizer_lr"] is not None and quantize is not None
+        own = [p for p in quantize.parameters() if p.requires_grad] if separate else []
+        ids = {id(p) for p in own}
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad and id(p) not in ids]}]
+        if own:
+            groups.append({"params": own, "lr": o["quantizer_lr"], "name": "quantizer"})
+        return groups
 
     def train_dataloader(self):
         d = self.config["data"]
@@ -249,7 +261,8 @@ class TokenizerModule(L.LightningModule):
         base = [o["lr"], o["disc_lr"] if o["disc_lr"] is not None else o["lr"]]
         for opt, lr in zip(optimizers, base):
             for group in opt.param_groups:
-                group["lr"] = lr * factor
+                own = o["quantizer_lr"] if group.get("name") == "quantizer" else None
+                group["lr"] = (own if own is not None else lr) * factor
 
     def _any_rank(self, *flags: bool) -> list[bool]:
         """Element-wise OR of boolean flags over all ranks (so every rank takes the same branch)."""
