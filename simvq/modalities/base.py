@@ -190,6 +190,22 @@ class Modality:
         """``(tokenizer state dict, config sections)`` from an official state dict."""
         raise NotImplementedError(f"no converter for official {self.name} checkpoints")
 
+    # ----- token priors over 1-D token sequences (simvq.prior; grids need none of these) ----------------
+    #: whether :meth:`prior_datasets` and the two methods after it are implemented
+    prior_windows: bool = False
+
+    def prior_datasets(self, config: dict, *, frames: int, crops: int = 1):
+        """``(training windows, held-out windows)`` of ``frames`` tokens each for a token prior."""
+        raise NotImplementedError
+
+    def prior_sample_metrics(self, samples: torch.Tensor, references: torch.Tensor, config: dict) -> dict:
+        """A labelled sample-quality proxy of decoded prior samples next to reconstructed held-out windows."""
+        raise NotImplementedError
+
+    def save_prior_samples(self, samples: torch.Tensor, out: Path, config: dict) -> list[Path]:
+        """Write decoded prior samples as files in ``out``; returns them."""
+        raise NotImplementedError
+
     # ----- simvq compare -----------------------------------------------------------------------------
     def compare(self):
         """The module with this modality's ``simvq compare`` defaults, data handling and report sections."""

@@ -2,7 +2,9 @@
 
 ``train_prior`` trains a GPT-style prior on a tokenizer's token grids, ``sample`` draws grids from it (KV
 cache, temperature / top-k / top-p, classifier-free guidance), ``evaluate_prior`` measures held-out bits per
-token and image, gFID (or its labelled proxy), precision / recall and class accuracy.
+token and image, gFID (or its labelled proxy), precision / recall and class accuracy. On an audio tokenizer
+an item is a window of ``data.frames`` tokens (grid ``(1, frames)``), measured in bits per token and per
+second with a labelled DNSMOS proxy of sample quality.
 """
 
 from simvq.prior.config import load_prior_config

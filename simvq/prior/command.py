@@ -34,7 +34,8 @@ def _overrides(values) -> list[str]:
 # ----- simvq prior train --------------------------------------------------------------------------------------
 def add_prior_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True, help="the tokenizer's model folder (or its training run folder)")
-    parser.add_argument("--config", default="prior/fashion-cpu", help="prior preset (prior/fashion-cpu, prior/llamagen-b) or YAML file")
+    parser.add_argument("--config", default="prior/fashion-cpu",
+                        help="prior preset (prior/fashion-cpu, prior/llamagen-b; audio tokenizers: prior/speech-cpu) or YAML file")
     parser.add_argument("--out", required=True, help="the prior's run folder (resumed when it holds an unfinished run)")
     parser.add_argument("--max-steps", type=int, default=None, help="override trainer.max_steps")
     parser.add_argument("--force", action="store_true", help="start this command's earlier run in --out again instead of resuming it")
@@ -54,8 +55,13 @@ def run_prior_train(args) -> int:
     result = train_prior(tok_folder, out, args.config, overrides=overrides, max_steps=args.max_steps)
     m, p = result.metrics, result.parameters
     print(f"prior written to {out}: {p['total']:,} parameters (token embedding {p['token_embedding']:,}, output layer {p['output_layer']:,})")
-    print(f"held-out: {m['bits_per_token']:.4f} bits/token, {m['bits_per_image']:.1f} bits/image on {m['images']} images; "
-          f"wall time {result.wall_time_s:.0f}s")
+    if "bits_per_second" in m:  # audio windows
+        print(f"held-out: {m['bits_per_token']:.4f} bits/token, {m['bits_per_second']:.1f} bits/s ({m['tokens_per_second']:g} tokens/s), "
+              f"{m['bits_per_window']:.1f} bits/window on {m['windows']} windows of {m['window_tokens']} tokens; "
+              f"wall time {result.wall_time_s:.0f}s")
+    else:
+        print(f"held-out: {m['bits_per_token']:.4f} bits/token, {m['bits_per_image']:.1f} bits/image on {m['images']} images; "
+              f"wall time {result.wall_time_s:.0f}s")
     return 0
 
 
@@ -71,7 +77,8 @@ def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--grid-scale", type=int, default=2, help="enlarge grid.png by this factor (nearest)")
-    parser.add_argument("--out", required=True, help="output folder: sample_000.png ..., grid.png, indices.safetensors, sample.json")
+    parser.add_argument("--out", required=True, help="output folder: sample_000.png ..., grid.png (audio: sample_000.wav ...), "
+                        "indices.safetensors, sample.json")
     parser.add_argument("--force", action="store_true", help="replace this command's earlier outputs in --out")
 
 
@@ -79,6 +86,7 @@ def run_sample(args) -> int:
     from safetensors.torch import save_file
 
     from simvq.io import save_file_atomic
+    from simvq.modalities import modality_of
     from simvq.prior.sample import check_sampling_args, decode, sample, save_image_grid, save_png, image_grid
     from simvq.prior.train import load_prior_with_tokenizer
 
@@ -86,22 +94,28 @@ def run_sample(args) -> int:
         raise ValueError("--cfg-scale needs --class (guidance mixes the class with 'no class'); add --class or drop --cfg-scale")
     if args.grid_scale < 1:
         raise ValueError(f"--grid-scale must be >= 1, got {args.grid_scale}")
-    prior, config, tokenizer, _ = load_prior_with_tokenizer(args.prior)
+    prior, config, tokenizer, tok_config = load_prior_with_tokenizer(args.prior)
     check_sampling_args(prior, args.n, args.class_id, args.temperature, args.top_k, args.top_p, args.cfg_scale)
     out, _ = prepare_output_dir(args.out, "sample", inputs=[args.prior, config["tokenizer"]["path"]], force=args.force)
     indices = sample(prior, args.n, classes=args.class_id, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                      cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size)
-    images = decode(tokenizer, indices)
-    for old in out.glob("sample_*.png"):  # a smaller --n must not leave earlier samples behind
-        old.unlink()
-    for i, image in enumerate(images):
-        save_png(image_grid(image[None], nrow=1, pad=0), out / f"sample_{i:03d}.png")
-    save_image_grid(images, out / "grid.png", nrow=8, scale=args.grid_scale)
+    modality = modality_of(tok_config)
+    decoded = decode(tokenizer, indices, token_grid=modality.token_grid)
+    if modality.token_grid:
+        for old in out.glob("sample_*.png"):  # a smaller --n must not leave earlier samples behind
+            old.unlink()
+        for i, image in enumerate(decoded):
+            save_png(image_grid(image[None], nrow=1, pad=0), out / f"sample_{i:03d}.png")
+        save_image_grid(decoded, out / "grid.png", nrow=8, scale=args.grid_scale)
+        written = "grid.png, sample_000.png ..."
+    else:  # audio windows: one wav file each, written by the modality
+        modality.save_prior_samples(decoded, out, tok_config)
+        written = "sample_000.wav ..."
     save_file_atomic(out / "indices.safetensors", lambda tmp: save_file({"indices": indices.contiguous()}, str(tmp)))
     settings = {"prior": str(Path(args.prior).resolve()), "n": args.n, "class": args.class_id, "cfg_scale": args.cfg_scale,
                 "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     save_file_atomic(out / "sample.json", json.dumps(settings, indent=2) + "\n")
-    print(f"{args.n} samples written to {out} (grid.png, sample_000.png ..., indices.safetensors)")
+    print(f"{args.n} samples written to {out} ({written}, indices.safetensors)")
     return 0
 
 
@@ -111,7 +125,7 @@ def add_eval_prior_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=None, help="number of generated samples (default: the prior config's eval.samples)")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--cfg-scale", type=float, default=None)
-    parser.add_argument("--held-out", type=int, default=None, help="bits/token on the first N held-out grids only (default: all)")
+    parser.add_argument("--held-out", type=int, default=None, help="bits/token on the first N held-out grids (audio: windows) only (default: all)")
     parser.add_argument("--classifier-dir", default=None, help="cache folder of the proxy classifier (default ~/.cache/simvq/prior-classifiers)")
     parser.add_argument("--out", default=None, help="write the metrics as JSON to this file")
     parser.add_argument("--force", action="store_true", help="replace an earlier eval-prior --out file")

@@ -6,7 +6,9 @@ Sections (every key has a default, so a preset only states its differences)::
     model:   width, depth, heads, positions (rope | learned), rope_base, dropout, label_dropout,
              ffn_multiple_of, conditional (use the data set's labels when it has them)
     data:    batch_size, eval_batch_size, encode_batch_size, train_limit, eval_limit
-             (limits: "tokenizer" = the tokenizer config's own value; null = all; an integer = the first N)
+             (limits: "tokenizer" = the tokenizer config's own value; null = all; an integer = the first N),
+             frames, crops (audio tokenizers only: a prior item is a window of ``frames`` tokens, grid
+             ``(1, frames)``; ``crops`` random training crops per training clip)
     optim:   lr, betas, weight_decay, warmup_steps, schedule (cosine | constant), min_lr_ratio, grad_clip
     trainer: max_steps, log_every, checkpoint_every, accelerator, num_threads
     eval:    samples, seed, batch_size, temperature, top_k, top_p, cfg_scale, classifier_steps
@@ -41,6 +43,8 @@ DEFAULTS: dict = {
         "encode_batch_size": 256,
         "train_limit": "tokenizer",
         "eval_limit": "tokenizer",
+        "frames": None,   # audio: tokens per window (required for an audio tokenizer, unset for images)
+        "crops": 1,       # audio: random training crops per training clip
     },
     "optim": {
         "lr": 1.0e-3,
@@ -148,6 +152,8 @@ def validate_prior_config(cfg: dict) -> dict:
         raise ValueError(f"prior config model.conditional must be true or false, got {m['conditional']!r}")
     for key in ("batch_size", "eval_batch_size", "encode_batch_size"):
         _num(cfg, f"data.{key}", kind=int, low=1)
+    _num(cfg, "data.frames", kind=int, low=1, allow_none=True)
+    _num(cfg, "data.crops", kind=int, low=1)
     for key in ("train_limit", "eval_limit"):
         if cfg["data"][key] != "tokenizer":
             _num(cfg, f"data.{key}", kind=int, low=1, allow_none=True)

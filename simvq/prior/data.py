@@ -1,6 +1,10 @@
 """Token data for a prior: the tokenizer's splits encoded once into a cached token file, with class labels.
 
-``encode_split`` runs the tokenizer's encoder over a data set and returns ``(N, h, w)`` int32 indices.
+``prior_datasets`` gives the data sets a prior is trained and scored on: an image tokenizer's splits as they
+are; for an audio tokenizer, windows of ``data.frames`` tokens (the modality's ``prior_datasets`` hook,
+:mod:`simvq.modalities.audio.prior`: random training crops, consecutive held-out windows).
+``encode_split`` runs the tokenizer's encoder over a data set and returns ``(N, h, w)`` int32 indices
+(audio windows: ``(N, 1, frames)``).
 ``load_or_encode`` keeps them in ``<prior run>/tokens/<split>.safetensors`` together with the labels (when
 the data set has them) and the tokenizer's config hash; a later run reuses the file when the hash, the
 split size and the limits agree, and re-encodes otherwise.
@@ -13,8 +17,6 @@ and give unconditional priors.
 
 from __future__ import annotations
 
-from simvq.modalities import modality_of
-
 import copy
 import json
 import logging
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from simvq.io import save_file_atomic
+from simvq.modalities import build_datasets, modality_of
 from simvq.modalities.image.data import read_idx
 
 log = logging.getLogger("simvq.prior")
@@ -92,27 +95,55 @@ def dataset_labels(config: dict, split: str, length: int) -> tuple[np.ndarray | 
     return labels, names
 
 
+def prior_datasets(tokenizer_config: dict, prior_data: dict):
+    """``(train, eval)`` data sets of a prior: the tokenizer's own for token grids (images); windows of
+    ``prior_data["frames"]`` tokens from the modality's ``prior_datasets`` hook for token sequences (audio)."""
+    frames = prior_data.get("frames")
+    if frames is None:
+        return build_datasets(tokenizer_config)
+    return modality_of(tokenizer_config).prior_datasets(tokenizer_config, frames=int(frames), crops=int(prior_data.get("crops", 1)))
+
+
+def as_grid(indices: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+    """A batch of encoder indices as the prior's grids: ``(B, h, w)`` as is (``frames`` None), or audio
+    windows ``(B, frames)`` as ``(B, 1, frames)``; any other shape is a ValueError naming it."""
+    if frames is None:
+        if indices.dim() != 3:
+            raise ValueError(f"the prior needs a 2-D token grid (B, h, w) per image; this tokenizer gives {tuple(indices.shape)}")
+        return indices
+    if indices.dim() != 2 or indices.shape[1] != frames:
+        raise ValueError(
+            f"a window of data.frames={frames} tokens encoded to indices of shape {tuple(indices.shape)}, not (B, {frames}); "
+            "the prior needs one token per step (a single-level quantizer) and windows of a whole number of tokens"
+        )
+    return indices[:, None, :]
+
+
 @torch.no_grad()
-def encode_split(tokenizer, dataset, *, train: bool, batch_size: int = 256, progress=None) -> torch.Tensor:
-    """Token grids ``(N, h, w)`` int32 of every item; training items are fetched as ``(index, 0)``."""
+def encode_split(tokenizer, dataset, *, train: bool, batch_size: int = 256, progress=None, frames: int | None = None) -> torch.Tensor:
+    """Token grids ``(N, h, w)`` int32 of every item; training items are fetched as ``(index, 0)``.
+
+    With ``frames`` (audio windows) every item must encode to exactly ``frames`` tokens: ``(N, 1, frames)``.
+    """
     device = next(tokenizer.parameters()).device
     out = []
     n = len(dataset)
     for lo in range(0, n, batch_size):
         items = [dataset[(i, 0)] if train else dataset[i] for i in range(lo, min(n, lo + batch_size))]
         x = torch.stack([item[0] if isinstance(item, (tuple, list)) else item for item in items]).to(device)
-        indices = tokenizer.encode(x).indices
-        if indices.dim() != 3:
-            raise ValueError(f"the prior needs a 2-D token grid (B, h, w) per image; this tokenizer gives {tuple(indices.shape)}")
+        indices = as_grid(tokenizer.encode(x).indices, frames)
         out.append(indices.to(torch.int32).cpu())
         if progress is not None:
             progress(min(n, lo + batch_size), n)
     return torch.cat(out)
 
 
-def _cache_key(tokenizer_hash: str, config: dict, split: str, n: int) -> dict:
+def _cache_key(tokenizer_hash: str, config: dict, split: str, n: int, frames: int | None = None, crops: int = 1) -> dict:
     data = config.get("data", {})
+    window = {} if frames is None else {  # audio windows: their length in tokens and how they are cut
+        "frames": str(frames), "crops": str(crops), "eval_max_seconds": str(data.get("eval_max_seconds"))}
     return {
+        **window,
         "tokenizer_hash": tokenizer_hash,
         "split": split,
         "items": str(n),
@@ -133,13 +164,18 @@ def load_or_encode(
     *,
     batch_size: int = 256,
     progress=None,
+    frames: int | None = None,
+    crops: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """``(tokens (N, h, w) int64, labels (N,) int64 or None, reused)`` for one split, cached in ``run_dir/tokens``."""
+    """``(tokens (N, h, w) int64, labels (N,) int64 or None, reused)`` for one split, cached in ``run_dir/tokens``.
+
+    ``frames`` / ``crops``: the audio window length in tokens and the training crops per clip (part of the
+    cache key; ``frames`` None for images)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     path = Path(run_dir) / TOKENS_DIR / f"{split}.safetensors"
-    key = _cache_key(tokenizer_hash, config, split, len(dataset))
+    key = _cache_key(tokenizer_hash, config, split, len(dataset), frames, crops)
     if path.is_file():
         try:
             with safe_open(str(path), framework="pt") as fh:
@@ -152,7 +188,7 @@ def load_or_encode(
         except Exception as err:  # a truncated cache file is rebuilt, never trusted
             log.warning("token cache %s unreadable (%s); encoding again", path, err)
     labels, names = dataset_labels(config, split, len(dataset))
-    tokens = encode_split(tokenizer, dataset, train=split == "train", batch_size=batch_size, progress=progress)
+    tokens = encode_split(tokenizer, dataset, train=split == "train", batch_size=batch_size, progress=progress, frames=frames)
     tensors = {"tokens": tokens.contiguous()}
     if labels is not None:
         tensors["labels"] = torch.from_numpy(labels).contiguous()
@@ -172,4 +208,7 @@ def class_names(run_dir: str | Path) -> list[str] | None:
         return json.loads((fh.metadata() or {}).get("class_names", "null"))
 
 
-__all__ = ["FASHION_MNIST_CLASSES", "class_names", "data_config", "dataset_labels", "encode_split", "load_or_encode"]
+__all__ = [
+    "FASHION_MNIST_CLASSES", "as_grid", "class_names", "data_config", "dataset_labels", "encode_split", "load_or_encode",
+    "prior_datasets",
+]

@@ -11,6 +11,9 @@
   (k = 3, radius = distance to the 3rd nearest other point) of at least one real feature; recall swaps roles.
 * Class accuracy: for class-conditional priors, the share of samples the classifier assigns to the class
   they were asked for.
+* Audio priors: bits per second (bits/token x the tokenizer's tokens/s) and per window instead of per image,
+  and the audio modality's labelled sample-quality proxy (mean DNSMOS); the image metrics are named in
+  ``not_computed``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simvq.prior.likelihood import held_out_nll
+from simvq.prior.likelihood import held_out_items, held_out_nll
 from simvq.io import save_file_atomic
 from simvq.metrics.inception import FIDInceptionV3, RandomConvFeatures
 from simvq.modalities import build_datasets
@@ -268,6 +271,10 @@ def evaluate_prior(
 ) -> dict:
     """Held-out bits/token and bits/image, gFID (or its labelled proxy), precision/recall, class accuracy.
 
+    An audio prior (windows of ``data.frames`` tokens) reports bits/token, bits per second and per window, and
+    the modality's sample-quality proxy (mean DNSMOS of ``samples`` decoded samples next to as many held-out
+    windows reconstructed through the tokenizer); ``not_computed`` names the image metrics left out.
+
     Settings default to the prior config's ``eval`` section. ``held_out_limit`` evaluates bits/token on the
     first N held-out grids only (default: all of the prior's eval split); ``held_out``, the
     :func:`held_out_nll` result that training already computed for this prior on its whole eval split (the
@@ -276,9 +283,10 @@ def evaluate_prior(
     """
     import time
 
-    from simvq.prior.data import data_config, load_or_encode
+    from simvq.modalities import modality_of
+    from simvq.prior.data import data_config, load_or_encode, prior_datasets
     from simvq.prior.sample import check_sampling_args, decode, sample
-    from simvq.prior.train import load_prior_with_tokenizer, tokenizer_hash
+    from simvq.prior.train import load_prior_with_tokenizer, token_rate, tokenizer_hash
 
     t0 = time.perf_counter()
     prior, config, tokenizer, tok_config = load_prior_with_tokenizer(prior_dir, device=device)
@@ -294,26 +302,48 @@ def evaluate_prior(
         ev["cfg_scale"] = 1.0
     check_sampling_args(prior, n, classes, ev["temperature"], ev["top_k"], ev["top_p"], ev["cfg_scale"])
 
-    dcfg = data_config(tok_config, config["data"])
-    _, eval_set = build_datasets(dcfg)
+    pdata = config["data"]
+    dcfg = data_config(tok_config, pdata)
+    _, eval_set = prior_datasets(dcfg, pdata)
     eval_tokens, eval_labels, _ = load_or_encode(
-        prior_dir, tokenizer, tokenizer_hash(tok_config), dcfg, eval_set, "eval", batch_size=config["data"]["encode_batch_size"]
+        prior_dir, tokenizer, tokenizer_hash(tok_config), dcfg, eval_set, "eval", batch_size=pdata["encode_batch_size"],
+        frames=pdata.get("frames"), crops=pdata.get("crops", 1),
     )
+    modality = modality_of(tok_config)
+    rate = token_rate(tokenizer, tok_config)
     result: dict = {"prior": str(Path(prior_dir)), "tokenizer": config["tokenizer"]["path"], "codebook_size": prior.codebook_size,
                     "grid": list(prior.grid), "num_classes": prior.num_classes}
-    if held_out is not None and held_out_limit is None and held_out.get("images") == len(eval_tokens):
+    if held_out is not None and held_out_limit is None and held_out_items(held_out) == len(eval_tokens):
         nll = held_out
     else:
         nll = held_out_nll(prior, eval_tokens, eval_labels if prior.conditional else None,
-                           batch_size=config["data"]["eval_batch_size"], limit=held_out_limit)
-    result.update(bits_per_token=nll["bits_per_token"], bits_per_image=nll["bits_per_image"], nll_images=nll["images"])
+                           batch_size=pdata["eval_batch_size"], limit=held_out_limit, tokens_per_second=rate)
+    if rate is None:
+        result.update(bits_per_token=nll["bits_per_token"], bits_per_image=nll["bits_per_image"], nll_images=nll["images"])
+    else:
+        result.update(bits_per_token=nll["bits_per_token"], bits_per_second=nll["bits_per_second"], bits_per_window=nll["bits_per_window"],
+                      tokens_per_second=nll["tokens_per_second"], window_tokens=nll["window_tokens"], nll_windows=nll["windows"])
 
     gen_indices = sample(prior, n, classes=classes, temperature=ev["temperature"], top_k=ev["top_k"], top_p=ev["top_p"],
                          cfg_scale=ev["cfg_scale"], seed=ev["seed"], batch_size=ev["batch_size"])
-    fake = decode(tokenizer, gen_indices)
+    fake = decode(tokenizer, gen_indices, token_grid=modality.token_grid)
+    settings = dict(seed=ev["seed"], cfg_scale=ev["cfg_scale"], temperature=ev["temperature"], top_k=ev["top_k"], top_p=ev["top_p"])
+    if not modality.token_grid:  # audio windows: DNSMOS of samples next to reconstructed held-out windows
+        references = decode(tokenizer, eval_tokens[:n], token_grid=False)
+        result.update(samples=n, held_out_windows=len(eval_tokens), **settings)
+        result.update(modality.prior_sample_metrics(fake, references, tok_config))
+        result["not_computed"] = {
+            "metrics": ["gfid", "proxy_gfid_classifier", "precision", "recall", "class_accuracy"],
+            "reason": f"image metrics (a Frechet distance and k-NN precision/recall in an image feature space, a classifier's "
+                      f"class accuracy); this prior models {modality.name} token windows",
+        }
+        result["wall_time_s"] = time.perf_counter() - t0
+        if return_images:
+            result["_audio"] = fake
+            result["_indices"] = gen_indices
+        return result
     real = _images_tensor(eval_set, train=False)
-    result.update(samples=n, held_out_images=len(real), seed=ev["seed"], cfg_scale=ev["cfg_scale"],
-                  temperature=ev["temperature"], top_k=ev["top_k"], top_p=ev["top_p"])
+    result.update(samples=n, held_out_images=len(real), **settings)
 
     weights = inception_weights()
     steps = classifier_steps or ev["classifier_steps"]

@@ -1,4 +1,4 @@
-"""Sampling token grids from a :class:`~simvq.prior.model.TokenPrior`, decoding them, writing image grids.
+"""Sampling token grids from a :class:`~simvq.prior.model.TokenPrior`, decoding them (images or audio windows), writing image grids.
 
 Each step draws one uniform number per row from a CPU ``torch.Generator`` and inverts the cumulative
 distribution of the filtered probabilities, so the same seed gives the same tokens whether the KV cache is
@@ -158,8 +158,13 @@ def _sample_batch(prior, n, labels, temperature, top_k, top_p, cfg_scale, genera
 
 
 @torch.no_grad()
-def decode(tokenizer, indices: torch.Tensor, *, batch_size: int = 64) -> torch.Tensor:
-    """Images ``(n, C, H, W)`` in ``[-1, 1]`` from token grids ``(n, h, w)``."""
+def decode(tokenizer, indices: torch.Tensor, *, batch_size: int = 64, token_grid: bool = True) -> torch.Tensor:
+    """Images ``(n, C, H, W)`` in ``[-1, 1]`` from token grids ``(n, h, w)``; with ``token_grid=False`` (audio)
+    waveforms ``(n, 1, frames * hop)`` in ``[-1, 1]`` from windows ``(n, 1, frames)``."""
+    if not token_grid:
+        if indices.dim() != 3 or indices.shape[1] != 1:
+            raise ValueError(f"audio windows must have the shape (n, 1, frames), got {tuple(indices.shape)}")
+        indices = indices[:, 0]
     device = next(tokenizer.parameters()).device
     out = [tokenizer.decode_indices(indices[i : i + batch_size].to(device)).clamp(-1, 1).cpu() for i in range(0, len(indices), batch_size)]
     return torch.cat(out)

@@ -15,8 +15,6 @@ batches the interrupted one would have seen.
 
 from __future__ import annotations
 
-from simvq.modalities import modality_of
-
 import json
 import logging
 import math
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 
 from simvq.io import atomic_path, save_file_atomic
-from simvq.modalities import build_datasets
+from simvq.modalities import modality_of
 from simvq.tokens import config_hash
 from simvq.prior.config import SIZE_KEYS, load_prior_config, run_key
 from simvq.prior.model import TokenPrior
@@ -73,6 +71,13 @@ def _read_yaml(path: Path):
 
 def tokenizer_hash(config: dict) -> str:
     return config_hash(config)
+
+
+def token_rate(tokenizer, config: dict) -> float | None:
+    """Tokens per second of an audio tokenizer (the modality's rate), None for token grids (images)."""
+    if modality_of(config).token_grid:
+        return None
+    return float(modality_of(config).rate(tokenizer, config)["tokens_per_second"])
 
 
 def load_tokenizer_folder(path: str | Path, *, device="cpu"):
@@ -303,10 +308,32 @@ def prepare_run(tokenizer_dir, config="prior/fashion-cpu", *, overrides=None, ma
     from simvq.checkpoints import load_model_dir
 
     _, tok_config = load_model_dir(folder)
-    if not modality_of(tok_config).token_grid:
-        raise ValueError(f"{folder} is a {tok_config.get('modality')} tokenizer; priors need a tokenizer with 2-D token grids (images)")
+    check_prior_data(cfg, tok_config, folder)
     cfg["tokenizer"] = {"path": str(folder), "config_hash": tokenizer_hash(tok_config)}
     return cfg, folder, tok_config
+
+
+def check_prior_data(cfg: dict, tok_config: dict, folder) -> None:
+    """What the prior models must fit the tokenizer's modality: 2-D token grids (images) take no
+    ``data.frames``; token sequences (audio) need ``data.frames`` and a held-out split with at least one
+    window of that length (its clips are read here, before any output folder is made)."""
+    from simvq.prior.data import data_config, prior_datasets
+
+    modality = modality_of(tok_config)
+    data = cfg["data"]
+    if modality.token_grid:
+        for key, unset in (("frames", None), ("crops", 1)):
+            if data[key] != unset:
+                raise ValueError(f"data.{key} is for audio tokenizers; {folder} is a {modality.name} tokenizer with 2-D token "
+                                 f"grids: drop data.{key}")
+        return
+    if not modality.prior_windows:
+        raise ValueError(f"{folder} is a {modality.name} tokenizer; priors need a tokenizer with 2-D token grids (images) "
+                         "or audio token sequences")
+    if data["frames"] is None:
+        raise ValueError(f"{folder} is a {modality.name} tokenizer: its prior models windows of data.frames tokens; set "
+                         "data.frames (e.g. --config prior/speech-cpu, or data.frames=50 for 1 s at 50 tokens/s)")
+    prior_datasets(data_config(tok_config, data), data)  # raises when the held-out split yields no window
 
 
 def train_prior(
@@ -327,7 +354,7 @@ def train_prior(
         config: a prior preset (``"prior/fashion-cpu"``), a YAML path or a dict; ``overrides`` apply on top.
         resume: with False an existing checkpoint in ``out_dir`` is an error instead of being continued.
     """
-    from simvq.prior.data import data_config, load_or_encode
+    from simvq.prior.data import data_config, load_or_encode, prior_datasets
     from simvq.prior.likelihood import held_out_nll
 
     wall0 = time.perf_counter()
@@ -343,20 +370,24 @@ def train_prior(
 
     tokenizer = load_tokenizer(tok_folder)
     dcfg = data_config(tok_config, cfg["data"])
-    train_set, eval_set = build_datasets(dcfg)
+    train_set, eval_set = prior_datasets(dcfg, cfg["data"])
     out_dir.mkdir(parents=True, exist_ok=True)
+    frames, crops = cfg["data"]["frames"], cfg["data"]["crops"]
+    unit = "images" if frames is None else "windows"
 
     def show(what):
         def report(done, total):
             if progress and (done == total or done % (cfg["data"]["encode_batch_size"] * 40) == 0):
-                print(f"[prior] encoding {what} split: {done}/{total} images", flush=True)
+                print(f"[prior] encoding {what} split: {done}/{total} {unit}", flush=True)
         return report
 
     thash = cfg["tokenizer"]["config_hash"]
     eb = cfg["data"]["encode_batch_size"]
-    tokens, labels, reused = load_or_encode(out_dir, tokenizer, thash, dcfg, train_set, "train", batch_size=eb, progress=show("train"))
-    eval_tokens, eval_labels, _ = load_or_encode(out_dir, tokenizer, thash, dcfg, eval_set, "eval", batch_size=eb, progress=show("eval"))
+    window = dict(frames=frames, crops=crops)
+    tokens, labels, reused = load_or_encode(out_dir, tokenizer, thash, dcfg, train_set, "train", batch_size=eb, progress=show("train"), **window)
+    eval_tokens, eval_labels, _ = load_or_encode(out_dir, tokenizer, thash, dcfg, eval_set, "eval", batch_size=eb, progress=show("eval"), **window)
     codebook_size = int(tokenizer.quantize.codebook_size)
+    rate = token_rate(tokenizer, tok_config)
     del tokenizer
     k = int(tokens.max()) + 1
     if k > codebook_size:
@@ -381,7 +412,8 @@ def train_prior(
     if progress:
         counts = prior.parameter_counts()
         print(f"[prior] {counts['total']:,} parameters (token embedding {counts['token_embedding']:,}, output layer "
-              f"{counts['output_layer']:,}); {len(tokens):,} training grids of {prior.grid[0]}x{prior.grid[1]} tokens, "
+              f"{counts['output_layer']:,}); {len(tokens):,} training {'grids' if frames is None else 'windows'} of "
+              f"{prior.grid[0]}x{prior.grid[1]} tokens, "
               f"K={codebook_size}, {num_classes or 'no'} classes", flush=True)
     import warnings
 
@@ -403,7 +435,7 @@ def train_prior(
             module.prior.load_state_dict({k.removeprefix("prior."): v for k, v in _load_ckpt(ckpt)["state_dict"].items()})
 
     prior = module.prior.cpu().eval()
-    metrics = held_out_nll(prior, eval_tokens, eval_labels, batch_size=cfg["data"]["eval_batch_size"])
+    metrics = held_out_nll(prior, eval_tokens, eval_labels, batch_size=cfg["data"]["eval_batch_size"], tokens_per_second=rate)
     metrics["wall_time_s"] = time.perf_counter() - wall0
     save_file_atomic(out_dir / "history.json", json.dumps({"history": module.history, "held_out": metrics}, indent=2))
     from simvq.checkpoints import save_model_dir
@@ -424,6 +456,6 @@ def _checkpoint_step(path: Path) -> int:
 
 
 __all__ = [
-    "PriorTrainResult", "build_prior", "check_prior_matches", "load_prior", "load_prior_with_tokenizer",
-    "load_tokenizer_folder", "lr_factor", "prepare_run", "resolve_tokenizer_dir", "train_prior",
+    "PriorTrainResult", "build_prior", "check_prior_data", "check_prior_matches", "load_prior", "load_prior_with_tokenizer",
+    "load_tokenizer_folder", "lr_factor", "prepare_run", "resolve_tokenizer_dir", "token_rate", "train_prior",
 ]

@@ -71,6 +71,27 @@ class AudioModality(Modality):
 
         return compare
 
+    # ----- token priors (simvq.prior reaches them through these; see simvq.modalities.audio.prior) ---------
+    prior_windows = True
+
+    def prior_datasets(self, config: dict, *, frames: int, crops: int = 1):
+        """``(training windows, held-out windows)`` of ``frames`` tokens each for a token prior."""
+        from simvq.modalities.audio.prior import prior_datasets
+
+        return prior_datasets(config, frames, crops)
+
+    def prior_sample_metrics(self, samples, references, config: dict) -> dict:
+        """Mean DNSMOS of decoded prior samples next to held-out windows reconstructed by the tokenizer."""
+        from simvq.modalities.audio.prior import prior_sample_metrics
+
+        return prior_sample_metrics(samples, references, int(config["model"]["sample_rate"]))
+
+    def save_prior_samples(self, samples, out: Path, config: dict) -> list[Path]:
+        """Write decoded prior samples as ``sample_000.wav ...`` in ``out``."""
+        from simvq.modalities.audio.prior import save_prior_samples
+
+        return save_prior_samples(samples, out, int(config["model"]["sample_rate"]))
+
 
 MODALITY = AudioModality()
 

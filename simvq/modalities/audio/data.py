@@ -133,14 +133,17 @@ def random_crop(wave: np.ndarray, length: int, seed: int) -> np.ndarray:
 class AudioTrainSet(Dataset):
     """Random crops for training; items are ``(index, seed)`` -> ``(1, segment_samples)`` float32 tensor."""
 
-    def __init__(self, files: list[Path], *, sample_rate: int, segment_seconds: float = 1.0) -> None:
+    def __init__(self, files: list[Path], *, sample_rate: int, segment_seconds: float = 1.0, segment_samples: int | None = None) -> None:
         if not files:
             raise ValueError("the audio training set has no files")
         if not segment_seconds > 0:
             raise ValueError(f"segment_seconds must be > 0, got {segment_seconds}")
+        if segment_samples is not None and (isinstance(segment_samples, bool) or int(segment_samples) < 1):
+            raise ValueError(f"segment_samples must be a positive integer, got {segment_samples!r}")
         self.files = list(files)
         self.sample_rate = int(sample_rate)
-        self.segment = int(round(segment_seconds * sample_rate))
+        # ``segment_samples`` (exact, e.g. a whole number of tokens) replaces ``segment_seconds`` when given
+        self.segment = int(segment_samples) if segment_samples is not None else int(round(segment_seconds * sample_rate))
 
     def __len__(self) -> int:
         return len(self.files)
@@ -299,8 +302,6 @@ def decode_audio_tokens(tok, token_file, out: str | Path, *, device=None, overwr
     ``out`` is a ``.wav`` path when the file holds one item, otherwise a folder (one ``<name>.wav`` per item).
     Existing files are not replaced unless ``overwrite``.
     """
-    import soundfile as sf
-
     out = Path(out)
     n = len(token_file.tokens)
     if out.suffix.lower() == ".wav":
@@ -325,9 +326,20 @@ def decode_audio_tokens(tok, token_file, out: str | Path, *, device=None, overwr
         if indices.dim() != 1 + (tok.index_levels > 1):
             raise ValueError(f"audio tokens must be 1-D sequences, got shape {tuple(indices.shape)}")
         wave = tok.decode(indices[None], length=length)[0, 0].cpu().numpy()
-        rate = int(tok.sample_rate)  # atomic: an interrupted write leaves no half wav file
-        save_file_atomic(target, lambda tmp, w=wave: sf.write(str(tmp), w, rate, subtype="PCM_16", format="WAV"))
+        write_wav(target, wave, int(tok.sample_rate))
     return targets
+
+
+def write_wav(path: str | Path, wave, sample_rate: int) -> Path:
+    """Write a mono waveform ``(T,)`` in [-1, 1] as a 16-bit PCM wav file, atomically (an interrupted write
+    leaves no half file). The one wav writer of ``simvq decode`` and ``simvq sample``."""
+    import soundfile as sf
+
+    wave = np.asarray(wave.detach().cpu().numpy() if isinstance(wave, torch.Tensor) else wave, dtype=np.float32)
+    if wave.ndim != 1:
+        raise ValueError(f"write_wav expects a mono waveform (T,), got shape {wave.shape}")
+    wave = np.clip(wave, -1.0, 1.0)
+    return save_file_atomic(path, lambda tmp: sf.write(str(tmp), wave, int(sample_rate), subtype="PCM_16", format="WAV"))
 
 
 def list_audio_inputs(items: list[str]) -> list[Path]:
@@ -362,4 +374,5 @@ __all__ = [
     "read_audio",
     "resample",
     "scan_audio_folder",
+    "write_wav",
 ]
