@@ -402,3 +402,139 @@ def test_eval_reuses_a_held_out_nll_only_when_it_covers_the_eval_split(trained_p
     other = evaluate_prior(out, held_out=dict(given, images=len(cached["tokens"]) - 1), **kwargs)
     assert other["bits_per_token"] == pytest.approx(reference["bits_per_token"], rel=1e-6)
     assert other["nll_images"] == len(cached["tokens"])
+
+
+# ----- user errors of the commands: one line, exit 2, nothing written --------------------------------------------
+def _snapshot(folder) -> dict:
+    """Every file (bytes) and folder under ``folder``, by relative path."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def _cli_error(capsys, argv, *words):
+    from simvq.cli import main
+
+    assert main(argv) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.strip()]
+    assert len(err) == 1 and "error" in err[0], err
+    for word in words:
+        assert word in err[0], (word, err[0])
+    return err[0]
+
+
+SMALL = [*TINY, "eval.classifier_steps=5"]
+
+
+@pytest.fixture(scope="module")
+def small_prior(tokenizer_dir, tmp_path_factory):
+    """A 2-step prior made by the CLI (so its folder carries the `prior train` output marker)."""
+    from simvq.cli import main
+
+    out = tmp_path_factory.mktemp("small") / "prior"
+    assert main(["prior", "train", "--tokenizer", str(tokenizer_dir), "--out", str(out), "--max-steps", "2", *SMALL]) == 0
+    return out
+
+
+def test_eval_prior_refuses_a_held_out_count_below_one(small_prior, tmp_path, capsys):
+    before = _snapshot(small_prior)
+    for value in ("0", "-1"):
+        _cli_error(capsys, ["eval-prior", "--prior", str(small_prior), "--samples", "4", "--held-out", value,
+                            "--classifier-dir", str(tmp_path / "cls"), "--out", str(tmp_path / "m.json")], "--held-out", ">= 1")
+    assert _snapshot(small_prior) == before and not any(tmp_path.iterdir())
+
+
+def test_sample_refuses_a_batch_size_below_one_before_making_its_folder(small_prior, tmp_path, capsys):
+    before = _snapshot(small_prior)
+    for value in ("0", "-3"):
+        _cli_error(capsys, ["sample", "--prior", str(small_prior), "--n", "2", "--batch-size", value, "--out", str(tmp_path / "o1")],
+                   "--batch-size", ">= 1")
+    assert not (tmp_path / "o1").exists() and _snapshot(small_prior) == before
+    with pytest.raises(ValueError, match="batch_size"):
+        sample(_random_prior(), 2, batch_size=0)
+
+
+def test_sample_and_eval_tell_a_tokenizer_run_from_an_unfinished_prior(small_prior, tokenizer_dir, tmp_path, capsys):
+    import shutil
+
+    run = tokenizer_dir.parent  # the tokenizer's training run folder (model/ inside)
+    before = _snapshot(run)
+    for argv in (["sample", "--prior", str(run), "--n", "2", "--out", str(tmp_path / "o1")],
+                 ["eval-prior", "--prior", str(run), "--samples", "4", "--classifier-dir", str(tmp_path / "cls")]):
+        line = _cli_error(capsys, argv, "tokenizer training run", "--prior", "prior train")
+        assert "unfinished" not in line
+    assert _snapshot(run) == before and not any(tmp_path.iterdir())
+    # a prior run that has not finished yet is still named as one
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(small_prior, unfinished)
+    (unfinished / "model.safetensors").unlink()
+    (unfinished / "config.yaml").unlink()
+    _cli_error(capsys, ["sample", "--prior", str(unfinished), "--n", "2", "--out", str(tmp_path / "o2")], "unfinished prior run")
+    assert not (tmp_path / "o2").exists()
+
+
+def test_eval_prior_checks_the_classifier_dir_before_any_work(small_prior, tmp_path, capsys):
+    before = _snapshot(small_prior)
+    afile = tmp_path / "cls"
+    afile.write_text("not a folder")
+    _cli_error(capsys, ["eval-prior", "--prior", str(small_prior), "--samples", "4", "--classifier-dir", str(afile),
+                        "--out", str(tmp_path / "m.json")], "--classifier-dir", "folder")
+    assert afile.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["cls"]
+    # nor may the classifier's cache land in the prior folder
+    _cli_error(capsys, ["eval-prior", "--prior", str(small_prior), "--samples", "4", "--classifier-dir", str(small_prior / "cls")],
+               "--classifier-dir", "inside")
+    assert _snapshot(small_prior) == before
+
+
+def test_eval_prior_refuses_an_out_file_inside_the_prior_or_its_tokenizer(small_prior, tokenizer_dir, tmp_path, capsys):
+    before, tok_before = _snapshot(small_prior), _snapshot(tokenizer_dir)
+    for out in (small_prior / "m.json", tokenizer_dir / "m.json", small_prior / "sub" / "m.json"):
+        _cli_error(capsys, ["eval-prior", "--prior", str(small_prior), "--samples", "4", "--classifier-dir", str(tmp_path / "cls"),
+                            "--out", str(out)], "--out", "inside")
+    assert _snapshot(small_prior) == before and _snapshot(tokenizer_dir) == tok_before and not any(tmp_path.iterdir())
+
+
+def test_eval_prior_writes_nothing_into_the_prior_but_its_token_cache(small_prior, tmp_path, capsys):
+    import shutil
+
+    from simvq.cli import main
+
+    prior = tmp_path / "prior"
+    shutil.copytree(small_prior, prior)
+    shutil.rmtree(prior / "tokens")
+    before = _snapshot(prior)
+    assert main(["eval-prior", "--prior", str(prior), "--samples", "4", "--classifier-dir", str(tmp_path / "cls"),
+                 "--out", str(tmp_path / "m.json")]) == 0
+    after = _snapshot(prior)
+    assert {k: v for k, v in after.items() if not k.startswith("tokens")} == before
+    assert sorted(k for k in after if k.startswith("tokens")) == ["tokens", "tokens/eval.safetensors"]
+
+
+def test_prior_train_reruns_only_with_the_same_settings(small_prior, tokenizer_dir, tmp_path, capsys):
+    import shutil
+
+    from simvq.cli import main
+
+    prior = tmp_path / "prior"
+    shutil.copytree(small_prior, prior)
+    before = _snapshot(prior)
+    base = ["prior", "train", "--tokenizer", str(tokenizer_dir), "--out", str(prior)]
+    # other settings (what is trained or measured): refused, naming the keys, nothing changed
+    line = _cli_error(capsys, [*base, "--max-steps", "1", *SMALL, "data.train_limit=4", "eval.samples=4"],
+                      "data.train_limit", "eval.samples", "--force", "--out")
+    assert "trainer.max_steps" not in line
+    _cli_error(capsys, [*base, "--max-steps", "2", *SMALL, "optim.lr=0.5"], "optim.lr", "--force")
+    # fewer steps than the finished run has: refused
+    _cli_error(capsys, [*base, "--max-steps", "1", *SMALL], "2 steps", "--force")
+    assert _snapshot(prior) == before
+    # the same settings and steps: nothing to do, nothing rewritten
+    capsys.readouterr()
+    assert main([*base, "--max-steps", "2", *SMALL]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert _snapshot(prior) == before
+    # more steps with the same settings continue the run
+    assert main([*base, "--max-steps", "3", *SMALL]) == 0
+    history = json.loads((prior / "history.json").read_text())["history"]
+    assert history[-1]["step"] == 3
+    assert "max_steps: 3" in (prior / "config.yaml").read_text()

@@ -43,12 +43,18 @@ def add_prior_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_prior_train(args) -> int:
-    from simvq.prior.train import CHECKPOINT, prepare_run, train_prior
+    from simvq.prior.train import CHECKPOINT, check_rerun, prepare_run, train_prior
 
     overrides = _overrides(args.overrides)
     # everything a user can get wrong is checked before the folder is touched or training starts
     cfg, tok_folder, _ = prepare_run(args.tokenizer, args.config, overrides=overrides, max_steps=args.max_steps)
     out, earlier = prepare_output_dir(args.out, "prior train", inputs=[tok_folder], force=args.force, resume=True)
+    # an earlier run here (prepare_output_dir wrote nothing into it) is continued only with the same settings
+    if earlier and not args.force and check_rerun(out, cfg) == "done":
+        steps = cfg["trainer"]["max_steps"]
+        print(f"{out} already holds this prior, trained for {steps} steps with these settings; nothing to do (a larger "
+              "--max-steps continues it, --force trains it again)")
+        return 0
     if earlier and args.force:
         for name in (str(CHECKPOINT), "model.safetensors", "config.yaml", "history.json"):
             (out / name).unlink(missing_ok=True)
@@ -94,6 +100,8 @@ def run_sample(args) -> int:
         raise ValueError("--cfg-scale needs --class (guidance mixes the class with 'no class'); add --class or drop --cfg-scale")
     if args.grid_scale < 1:
         raise ValueError(f"--grid-scale must be >= 1, got {args.grid_scale}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1 (samples drawn at once), got {args.batch_size}")
     prior, config, tokenizer, tok_config = load_prior_with_tokenizer(args.prior)
     check_sampling_args(prior, args.n, args.class_id, args.temperature, args.top_k, args.top_p, args.cfg_scale)
     out, _ = prepare_output_dir(args.out, "sample", inputs=[args.prior, config["tokenizer"]["path"]], force=args.force)
@@ -133,13 +141,23 @@ def add_eval_prior_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_eval_prior(args) -> int:
     from simvq.io import save_file_atomic
-    from simvq.prior.metrics import evaluate_prior
+    from simvq.prior.metrics import default_cache_dir, evaluate_prior
+    from simvq.prior.train import prior_tokenizer_path
 
     if args.samples is not None and args.samples < 4:
         raise ValueError(f"--samples must be >= 4 (precision/recall uses 3 nearest neighbours), got {args.samples}")
-    out = check_output(args.out, inputs=[args.prior], force=args.force) if args.out else None
+    if args.held_out is not None and args.held_out < 1:
+        raise ValueError(f"--held-out must be >= 1 (the number of held-out grids to score; leave it out for all), got {args.held_out}")
+    # the prior and its tokenizer are inputs: nothing of this command's lands in them (the prior's own token cache aside)
+    inputs = [p for p in (args.prior, prior_tokenizer_path(args.prior)) if p is not None]
+    classifier_dir = Path(args.classifier_dir).expanduser() if args.classifier_dir else default_cache_dir()
+    option = "--classifier-dir" if args.classifier_dir else "the classifier cache (SIMVQ_CACHE_DIR or ~/.cache/simvq)"
+    if classifier_dir.exists() and not classifier_dir.is_dir():
+        raise NotADirectoryError(f"{option} {classifier_dir} is a file; give a folder (it is created when missing)")
+    check_output(classifier_dir, inputs=inputs, kind="any", option=option)  # never inside the prior or its tokenizer
+    out = check_output(args.out, inputs=inputs, force=args.force) if args.out else None
     result = evaluate_prior(args.prior, samples=args.samples, seed=args.seed, cfg_scale=args.cfg_scale,
-                            classifier_dir=args.classifier_dir, held_out_limit=args.held_out, progress=True)
+                            classifier_dir=classifier_dir, held_out_limit=args.held_out, progress=True)
     text = json.dumps(result, indent=2)
     if out is not None:
         save_file_atomic(out, text + "\n")

@@ -288,6 +288,8 @@ def evaluate_prior(
     from simvq.prior.sample import check_sampling_args, decode, sample
     from simvq.prior.train import load_prior_with_tokenizer, token_rate, tokenizer_hash
 
+    if held_out_limit is not None and (isinstance(held_out_limit, bool) or not isinstance(held_out_limit, int) or held_out_limit < 1):
+        raise ValueError(f"held_out_limit must be a positive integer (held-out grids to score; None for all), got {held_out_limit!r}")
     t0 = time.perf_counter()
     prior, config, tokenizer, tok_config = load_prior_with_tokenizer(prior_dir, device=device)
     ev = dict(config["eval"])

@@ -109,6 +109,8 @@ def sample(
         batch_size: rows per forward pass (default: all ``n``).
     """
     check_sampling_args(prior, n, classes, temperature, top_k, top_p, cfg_scale)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer (rows per forward pass), got {batch_size!r}")
     labels = resolve_classes(prior, n, classes)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else int(seed))

@@ -111,15 +111,46 @@ def load_prior(prior_dir: str | Path, *, device="cpu") -> tuple[TokenPrior, dict
     if not prior_dir.is_dir():
         raise FileNotFoundError(f"prior folder {prior_dir} does not exist; pass --prior the --out folder of `simvq prior train`")
     if not (prior_dir / "model.safetensors").is_file():
-        if (prior_dir / CHECKPOINT).is_file():
-            raise FileNotFoundError(f"{prior_dir} holds an unfinished prior run (no model.safetensors yet); run `simvq prior train` again to finish it")
-        raise FileNotFoundError(f"{prior_dir} is not a prior folder (no model.safetensors); pass the --out folder of `simvq prior train`")
+        _not_a_prior(prior_dir)
     state, config = load_model_dir(prior_dir, device="cpu")
     if "tokenizer" not in config:
         raise ValueError(f"{prior_dir} holds a tokenizer, not a prior; pass --prior the --out folder of `simvq prior train`")
     prior = build_prior(config)
     prior.load_state_dict(state, strict=True)
     return prior.to(device).eval(), config
+
+
+def _not_a_prior(folder: Path) -> None:
+    """Raise the error that says what ``folder`` (which holds no ``model.safetensors``) is instead of a prior."""
+    from simvq.io import OUTPUT_MARKER, RUN_MARKER
+
+    fix = "pass --prior the --out folder of `simvq prior train`"
+    try:
+        owner = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        owner = None
+    if owner == "prior train" or (owner is None and (folder / CHECKPOINT).is_file() and not (folder / "config.yaml").exists()
+                                  and not (folder / RUN_MARKER).exists()):
+        if (folder / CHECKPOINT).is_file():
+            raise FileNotFoundError(f"{folder} holds an unfinished prior run (no model.safetensors yet); run `simvq prior train` "
+                                    "again to finish it")
+        raise FileNotFoundError(f"{folder} holds a prior run that has not trained yet (no model.safetensors); run `simvq prior "
+                                "train` again")
+    if (folder / RUN_MARKER).is_file() or (folder / "model" / "model.safetensors").is_file():
+        raise ValueError(f"{folder} is a tokenizer training run folder, not a prior; {fix} (the tokenizer is what "
+                         "`simvq prior train --tokenizer` takes)")
+    raise FileNotFoundError(f"{folder} is not a prior folder (no model.safetensors); {fix}")
+
+
+def prior_tokenizer_path(prior_dir: str | Path) -> Path | None:
+    """The tokenizer folder a prior folder's ``config.yaml`` names (None when it names none or cannot be read)."""
+    try:
+        cfg = _read_yaml(Path(prior_dir).expanduser() / "config.yaml")
+    except (OSError, ValueError):
+        return None
+    tok = cfg.get("tokenizer") if isinstance(cfg, dict) else None
+    path = tok.get("path") if isinstance(tok, dict) else None
+    return Path(path) if isinstance(path, str) and path else None
 
 
 def load_prior_with_tokenizer(prior_dir: str | Path, *, tokenizer_dir: str | Path | None = None, device="cpu"):
@@ -311,6 +342,83 @@ def prepare_run(tokenizer_dir, config="prior/fashion-cpu", *, overrides=None, ma
     check_prior_data(cfg, tok_config, folder)
     cfg["tokenizer"] = {"path": str(folder), "config_hash": tokenizer_hash(tok_config)}
     return cfg, folder, tok_config
+
+
+# settings that change neither the trained weights nor what is measured; trainer.max_steps is handled apart
+UNCHECKED_KEYS = ("trainer.max_steps", "trainer.num_threads", "trainer.accelerator", "data.encode_batch_size", "data.eval_batch_size")
+
+
+def _flat(cfg: dict, where: str = "") -> dict:
+    out = {}
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{where}{key}."))
+        else:
+            out[f"{where}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def earlier_run(out_dir: str | Path) -> tuple[dict | None, int | None, bool]:
+    """``(config, steps trained, finished)`` of the prior run in ``out_dir``: the config its checkpoint (or, without
+    one, its ``config.yaml``) records; ``(None, None, False)`` when it holds neither."""
+    out_dir = Path(out_dir)
+    ckpt, finished = out_dir / CHECKPOINT, (out_dir / "model.safetensors").is_file()
+    if ckpt.is_file():
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is the same user-facing problem
+            raise ValueError(f"{ckpt} cannot be read ({type(err).__name__}); pass --force to start the run again or choose "
+                             "another --out") from None
+        prior_state = state.get("simvq_prior") if isinstance(state, dict) else None
+        if not isinstance(prior_state, dict) or not isinstance(prior_state.get("config"), dict):
+            raise ValueError(f"{ckpt} was not written by `simvq prior train`; pass --force to start the run again or choose "
+                             "another --out")
+        return prior_state["config"], int(state.get("global_step", 0)), finished
+    if finished and (out_dir / "config.yaml").is_file():
+        cfg = _read_yaml(out_dir / "config.yaml")
+        if isinstance(cfg, dict):
+            return cfg, int(cfg.get("trainer", {}).get("max_steps", 0)), True
+    return None, None, finished
+
+
+def check_rerun(out_dir: str | Path, cfg: dict) -> str:
+    """What ``prior train`` may do with the earlier run in its own folder ``out_dir`` for the new config ``cfg``
+    (before anything is written): ``"new"`` (nothing trained there yet), ``"continue"`` (same settings, more
+    steps, or an unfinished run to finish) or ``"done"`` (finished with the same settings and steps: nothing to do).
+
+    A run whose recorded settings differ from ``cfg`` in anything that changes what is trained or measured, a
+    finished run asked for fewer steps than it has, or a finished prior whose checkpoint is gone (so it cannot be
+    continued) is a ValueError naming the problem and the fix (--force or another --out).
+    """
+    out_dir = Path(out_dir)
+    recorded, steps, finished = earlier_run(out_dir)
+    fix = "pass --force to train it again from the start or choose another --out (nothing was changed)"
+    if recorded is None:
+        if finished:
+            raise ValueError(f"--out {out_dir} holds a prior without its config.yaml; {fix}")
+        return "new"
+    try:
+        old = _flat(load_prior_config(recorded))
+    except (ValueError, TypeError, KeyError):
+        old = _flat(recorded)
+    new = _flat(cfg)
+    skip = set(UNCHECKED_KEYS) | {f"model.{k}" for k in SIZE_KEYS}
+    differ = sorted(k for k in set(old) | set(new) if k not in skip and old.get(k) != new.get(k))
+    if differ:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in differ[:4]) + (", ..." if len(differ) > 4 else "")
+        raise ValueError(f"--out {out_dir} holds a prior run with other settings: {shown}; {fix}")
+    max_steps = cfg["trainer"]["max_steps"]
+    if max_steps < steps:
+        raise ValueError(f"--out {out_dir} holds a prior run already trained for {steps} steps, more than max_steps {max_steps}; "
+                         f"{fix}")
+    if finished and not (out_dir / CHECKPOINT).is_file():
+        if max_steps == steps:
+            return "done"
+        raise ValueError(f"--out {out_dir} holds a finished prior whose checkpoint ({CHECKPOINT}) is gone, so it cannot be "
+                         f"trained further; {fix}")
+    if finished and max_steps == steps:
+        return "done"
+    return "continue"
 
 
 def check_prior_data(cfg: dict, tok_config: dict, folder) -> None:
