@@ -302,7 +302,7 @@ def _check_values(cfg: dict) -> None:
     for key in ("max_steps", "max_epochs", "max_minutes"):
         check_positive(cfg, key, "trainer")
     check_positive(cfg, "num_threads", "trainer")
-    for key in ("log_every",):
+    for key in ("log_every", "num_nodes"):
         check_positive(cfg, key, "trainer", allow_none=False)
     for key in ("checkpoint_every", "sample_every", "eval_every", "num_samples"):
         check_positive(cfg, key, "trainer", allow_none=False, allow_zero=True)
@@ -360,6 +360,9 @@ def load_yaml(path: str | Path) -> dict:
     except IsADirectoryError:
         raise ValueError(f"{path} is a folder; give a YAML config file or a preset name") from None
     if data is None:
+        if not Path(path).read_text(encoding="utf-8").strip():
+            raise ValueError(f"{path} is empty; give a YAML config file (a preset with `base: image/photos-small` and "
+                             "the keys that differ, for example)")
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must hold a mapping of sections, got {type(data).__name__}")

@@ -113,3 +113,13 @@ def test_saved_config_round_trips_and_hash_tracks_the_model(tmp_path):
     other = load_config("image/photos-small", ["trainer.max_steps=5", "optim.lr=1e-2"])
     assert config_hash(other) == config_hash(cfg)  # training settings do not change what tokens mean
     assert config_hash(load_config("image/photos-small", ["quantizer.codebook_size=1024"])) != config_hash(cfg)
+
+
+def test_an_empty_config_file_is_named_as_empty(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty.yaml is empty"):
+        load_config(empty)
+    commented = tmp_path / "commented.yaml"
+    commented.write_text("# only a comment\nbase: image/digits-tiny\n")
+    assert load_config(commented)["modality"] == "image"

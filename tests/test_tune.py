@@ -328,3 +328,21 @@ def test_validation_slice_of_random_crops_is_refused():
 
     with pytest.raises(ValueError, match="not cut to a prefix by data.train_limit"):
         carve_validation(_base_config("image/photos-small", [], "simvq", 2), 16)
+
+
+def test_bad_storage_or_trainer_setting_is_refused_before_the_folder_is_made(tmp_path, capsys):
+    out = tmp_path / "study"
+    base = ["--quantizer", "simvq", "--trials", "1", "--steps", "1", "--eval-limit", "8", "--out", str(out)]
+    cases = [
+        (["--storage", "bogus://x"], ["--storage", "bogus://x"]),
+        (["--storage", f"sqlite:///{tmp_path / 'nope' / 'x.db'}"], ["--storage", "does not exist"]),
+        (["--storage", "not a url"], ["--storage"]),
+        (["--set", "trainer.devices=abc"], ["trainer.devices", "'abc'"]),
+        (["--set", "trainer.strategy=bogus"], ["trainer.strategy"]),
+    ]
+    for args, words in cases:
+        assert _tune_cli(*base, *args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "error" in err and all(w in err for w in words), err
+        assert not out.exists(), args
+    assert not (tmp_path / "nope").exists()

@@ -34,6 +34,7 @@ from simvq.compare.tuned import check_tunable, run_tuned, tuned_section
 from simvq.compare.variants import DEFAULT_QUANTIZERS, VARIANTS, Variant, size_for
 from simvq.io import OUTPUT_MARKER, prepare_output_dir, save_file_atomic
 from simvq.modalities import build_datasets
+from simvq.training import check_trainer_settings
 
 DEFAULT_CODEBOOK_SIZES = MODALITY_DEFAULTS["image"]["codebook_sizes"]
 DEFAULT_SEEDS = MODALITY_DEFAULTS["image"]["seeds"]
@@ -51,6 +52,18 @@ def prepare_compare_dir(spec: CompareSpec) -> Path:
         save_file_atomic(out / OUTPUT_MARKER, json.dumps({"command": "compare"}) + "\n")
     inputs = [p for p in (spec.data, spec.config) if isinstance(p, (str, Path)) and Path(p).expanduser().exists()]
     return prepare_output_dir(out, "compare", inputs=inputs, resume=True)[0]
+
+
+def check_run_settings(base: dict, runs: list[PlannedRun]) -> None:
+    """The trainer settings of every run (``--set trainer.devices=...``) must be usable on this machine: refused
+    (a one-line ValueError naming the key) before the report folder is touched."""
+    seen = set()
+    for trainer in [base["trainer"], *(r.config.get("trainer", base["trainer"]) for r in runs)]:
+        key = json.dumps({k: trainer.get(k) for k in ("accelerator", "devices", "num_nodes", "strategy", "precision")},
+                         sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            check_trainer_settings(trainer)
 
 
 def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs: int | None = None, **kwargs) -> dict:
@@ -76,6 +89,7 @@ def run_compare(spec: CompareSpec | None = None, *, progress: bool = True, jobs:
     runs, notes = plan_runs(spec, base)
     if spec.tune:
         check_tunable(spec)
+    check_run_settings(base, runs)
     out = prepare_compare_dir(spec)
     check_usage_coverage(spec, base, runs)  # reads the held-out split: after the output folder's own checks
     finished: dict[tuple, dict] = {}

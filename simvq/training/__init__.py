@@ -5,6 +5,6 @@ samples); everything here is shared.
 """
 
 from simvq.training.ema import EMA
-from simvq.training.run import TrainResult, train
+from simvq.training.run import TrainResult, check_trainer_settings, train
 
-__all__ = ["EMA", "TrainResult", "train"]
+__all__ = ["EMA", "TrainResult", "check_trainer_settings", "train"]

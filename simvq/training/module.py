@@ -408,12 +408,39 @@ def _weight_dtype(model) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
+def _shape(t) -> str:
+    return "x".join(map(str, tuple(t.shape))) or "scalar"
+
+
+def init_mismatch(model, state_dict: dict, *, strict: bool) -> str:
+    """What keeps ``state_dict`` from loading into ``model`` ("" when it fits): the first few keys whose shapes
+    differ, that the model lacks, or (``strict``) that the weights lack (usage counters excepted)."""
+    own = model.state_dict()
+    differ = [k for k, v in state_dict.items() if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    differ.sort(key=lambda k: k.endswith("usage.counts"))  # the counters follow the codebook: named last
+    shapes = [f"{k} {_shape(state_dict[k])} vs {_shape(own[k])}" for k in differ]
+    unexpected = [k for k in state_dict if k not in own]
+    missing = [k for k in own if k not in state_dict and not k.endswith("usage.counts")] if strict else []
+    parts = []
+    for what, keys in (("shape differs for", shapes), ("the model has no", unexpected), ("the weights lack", missing)):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            parts.append(f"{what} {', '.join(keys[:3])}{more}")
+    return "; ".join(parts)
+
+
 def load_initial_weights(model, state_dict: dict, *, strict: bool) -> None:
-    """Load starting weights into a freshly built tokenizer (only the given keys unless ``strict``)."""
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.endswith("usage.counts")]
-    if unexpected or (strict and missing):
-        raise ValueError(f"initial weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    """Load starting weights into a freshly built tokenizer (only the given keys unless ``strict``).
+
+    Weights that do not fit the model the config builds are a ValueError naming the first keys at fault (the
+    usual cause: ``--init`` of a model trained with another model/quantizer config)."""
+    problem = init_mismatch(model, state_dict, strict=strict)
+    if problem:
+        raise ValueError(
+            f"the initial weights (--init) do not fit the model this config builds: {problem}; train with the "
+            "config the --init model was trained with (--config INIT/config.yaml) or start without --init"
+        )
+    model.load_state_dict(state_dict, strict=False)
 
 
 def finite_state(state: dict[str, torch.Tensor]) -> bool:

@@ -68,6 +68,68 @@ def _strategy(name: str):
     return name
 
 
+def _available_accelerators() -> list[str]:
+    """Lightning's accelerator names that this machine can run (``auto`` always can)."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    names = []
+    for name in AcceleratorRegistry.available_accelerators():
+        try:
+            if AcceleratorRegistry[name]["accelerator"].is_available():
+                names.append(name)
+        except Exception:  # noqa: BLE001 - e.g. a missing optional package: not available here
+            pass
+    return ["auto", *names]
+
+
+def _lightning_message(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def check_trainer_settings(trainer: dict) -> None:
+    """Refuse, as a one-line ValueError, ``trainer.accelerator`` / ``devices`` / ``num_nodes`` / ``strategy`` /
+    ``precision`` settings that Lightning cannot use on this machine (an accelerator it lacks, ``devices=0``, an
+    unknown strategy...). Lightning itself judges them: a throwaway Trainer is built from the settings, one key
+    at a time, so the error names the key at fault; nothing is written. Called when training starts (not when a
+    config is loaded: a config written on a GPU machine still loads on a CPU one)."""
+    import lightning as L
+
+    settings = {"accelerator": "auto", "devices": "auto", "num_nodes": 1, "strategy": "auto", "precision": "32-true"}
+    available = ", ".join(_available_accelerators())
+    fixes = {
+        "accelerator": f"set it to one this machine has: {available}",
+        "devices": "give a positive number of devices, a list of device indices, -1 (all) or auto; on a CPU, a "
+                   "positive number of processes",
+        "num_nodes": "give a positive number of machines (1 unless training on a cluster)",
+        "strategy": "use auto, or a Lightning strategy this machine supports (ddp, ddp_spawn, ddp_fork, "
+                    "ddp_notebook, fsdp, deepspeed... with their packages and accelerators)",
+        "precision": f"use a precision this accelerator supports (e.g. 32-true); accelerators available: {available}",
+    }
+    # one stage per key (devices and num_nodes together), each adding its key to those already accepted
+    for keys in (("accelerator",), ("devices", "num_nodes"), ("strategy",), ("precision",)):
+        for key in keys:
+            settings[key] = trainer.get(key, settings[key])
+        try:
+            with warnings.catch_warnings(), _QuietLightning(enabled=True):
+                warnings.simplefilter("ignore")
+                strategy = settings["strategy"]
+                L.Trainer(
+                    accelerator=settings["accelerator"], devices=settings["devices"], num_nodes=settings["num_nodes"],
+                    strategy=_strategy(strategy) if isinstance(strategy, str) else strategy,
+                    precision=settings["precision"], logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                )
+        except Exception as err:  # noqa: BLE001 - whatever Lightning refuses the settings with
+            key = keys[0]
+            if len(keys) > 1 and "num_nodes" in str(err):
+                key = "num_nodes"
+            raise ValueError(
+                f"trainer.{key}={settings[key]!r} cannot be used on this machine ({_lightning_message(err)}); "
+                f"{fixes[key]} (nothing was written)"
+            ) from None
+
+
 def _peek_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -206,8 +268,8 @@ def train(
     if ckpt_path.exists():
         if not resume:
             raise FileExistsError(
-                f"{out_dir} already holds a training run ({ckpt_path}); pass resume=True to continue it or "
-                "choose another out_dir (nothing was overwritten)"
+                f"{out_dir} already holds a training run ({ckpt_path}); continue it (drop --no-resume; resume=True "
+                "in Python) or choose another --out (nothing was overwritten)"
             )
         resume_from = ckpt_path
         previous = _peek_checkpoint(ckpt_path)
@@ -228,6 +290,8 @@ def train(
     # data errors (missing folder, no images) surface before the slow Lightning import
     task = modality_of(config).task(config)
     train_set, eval_set = task.build_datasets()
+    # an accelerator, device count or strategy this machine cannot use: refused before the folder is made
+    check_trainer_settings(tcfg)
 
     import lightning as L
 
@@ -372,5 +436,5 @@ def _restore_weights_only(module, ckpt_path: Path) -> None:
     module.on_load_checkpoint(ckpt)
 
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "check_trainer_settings", "train"]
 

@@ -381,6 +381,11 @@ def tune(
 
     # ----- everything is checked before the folder is touched -----------------------------------------------
     user = load_config(apply_overrides(load_raw_config(config), overrides))
+    from simvq.training import check_trainer_settings
+
+    check_trainer_settings(user["trainer"])
+    if storage is not None:
+        check_storage(storage, out)
     steps = int(steps if steps is not None else user["trainer"]["max_steps"] or 0)
     if steps < 1:
         raise ValueError("give the training steps per trial (--steps): the config sets no trainer.max_steps")
@@ -459,6 +464,48 @@ def tune(
     return optuna.load_study(study_name=study_name, storage=storage_url), s
 
 
+def check_storage(storage: str, out) -> None:
+    """A ValueError naming ``--storage`` when Optuna could not use the URL: not a URL, a database kind
+    SQLAlchemy has no driver for, an SQLite file in a folder that does not exist (unless it is the study folder
+    ``out``, made later), or a server that refuses the connection. Nothing is created: an SQLite file is not
+    opened (that would create it), other databases are only connected to."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    fix = "give an Optuna RDB URL such as sqlite:///path/to/study.db or postgresql://user:pw@host/db, or leave " \
+          "--storage out to keep the study in OUT/study.db"
+    try:
+        url = make_url(storage)
+        url.get_dialect()
+    except Exception as err:  # noqa: BLE001 - sqlalchemy's ArgumentError, NoSuchModuleError, a missing driver...
+        detail = " ".join(str(err).split())[:200]
+        raise ValueError(f"--storage {storage!r} is not a database URL SQLAlchemy can use ({detail}); {fix}") from None
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        if database in ("", ":memory:") or database.startswith("file:"):
+            return
+        path = Path(database).expanduser()
+        folder = path.parent.resolve()
+        if path.is_dir():
+            raise ValueError(f"--storage {storage!r}: {path} is a folder, not a database file; {fix}")
+        if not folder.is_dir() and folder != Path(out).expanduser().resolve():
+            raise ValueError(f"--storage {storage!r}: the folder {path.parent} does not exist; create it first, or {fix}")
+        if folder.is_dir() and not os.access(folder if not path.exists() else path, os.W_OK):
+            raise ValueError(f"--storage {storage!r}: {path if path.exists() else folder} is not writable; {fix}")
+        return
+    try:
+        engine = sqlalchemy.create_engine(url)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except Exception as err:  # noqa: BLE001 - wrong host, credentials, database name...
+        detail = " ".join(str(err).split())[:200]
+        raise ValueError(f"--storage {storage!r}: cannot open the database ({detail}); check the URL, or "
+                         f"{fix}") from None
+
+
 def _probe_objective(base: dict, params: list[Param], objective: str, weights: dict, min_utilization) -> None:
     """Evaluate an untrained model on one held-out item: the objective's metrics must be in the result."""
     names = needed_metrics(objective, weights, min_utilization)
@@ -473,5 +520,5 @@ def _probe_objective(base: dict, params: list[Param], objective: str, weights: d
     check_available(result, names, config.get("modality", "image"))
 
 
-__all__ = ["PRUNERS", "STUDY_NAME", "TuneSettings", "carve_validation", "make_pruner", "parse_budget", "run_trial",
+__all__ = ["PRUNERS", "STUDY_NAME", "TuneSettings", "carve_validation", "check_storage", "make_pruner", "parse_budget", "run_trial",
            "sample", "segment_ends", "trial_config", "tune", "validate_space", "validation_data"]
