@@ -39,4 +39,24 @@ def fraction(text: str) -> float:
     return value
 
 
-__all__ = ["fraction", "positive_float", "positive_int"]
+def device(text: str) -> str:
+    """argparse type: a torch device string this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...)."""
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return text
+    backend = getattr(torch, dev.type, None) if dev.type != "mps" else torch.backends.mps
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no {dev.type} device (torch {torch.__version__}); use cpu")
+    count = getattr(backend, "device_count", None)
+    if dev.index is not None and count is not None and dev.index >= count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {count()} {dev.type} device(s), numbered from 0")
+    return text
+
+
+__all__ = ["device", "fraction", "positive_float", "positive_int"]

@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 
 from simvq.config import resolve_config
-from simvq.io import check_output, save_file_atomic
+from simvq.io import check_output, prepare_output_dir, save_file_atomic
 from simvq.modalities import build_tokenizer, official_modality
 from simvq.pretrained import model_path
 
@@ -240,12 +240,15 @@ def _torch_load_restricted(path: Path):
 def read_official_state_dict(ckpt_path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The ``state_dict`` of an official Lightning ``.ckpt`` (a flat tensor dict is also accepted)."""
     path = Path(ckpt_path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the official checkpoint file (.ckpt)")
     if not path.is_file():
         raise FileNotFoundError(f"official checkpoint {path} not found")
     try:
         obj = _torch_load_restricted(path)
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}") from err
+    except (RuntimeError, EOFError, OSError, IndexError, pickle.UnpicklingError) as err:  # IndexError: a text file
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated, corrupt or another kind of file?): "
+                         f"{_last_line(err)}") from err
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not obj:
@@ -268,19 +271,20 @@ def convert_official(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, *
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} exists and is not a folder; choose a folder for the model")
-    for name in (WEIGHTS_FILE, CONFIG_FILE):  # never over the checkpoint read; an existing model only when forced
-        try:
-            check_output(out_dir / name, inputs=[ckpt_path], force=overwrite, option="OUT_DIR file")
-        except FileExistsError:
-            raise FileExistsError(
-                f"{out_dir} already holds a model; choose another output directory or pass --force (overwrite=True)"
-            ) from None
-    state_dict = read_official_state_dict(ckpt_path)
+    try:  # the cheap checks first: a folder holding files needs --force, and never holds the checkpoint
+        check_output(out_dir, inputs=[ckpt_path], force=overwrite, kind="dir", option="OUT_DIR")
+    except FileExistsError:
+        raise FileExistsError(f"{out_dir} already holds a model or other files; choose another output directory, or pass "
+                              "--force to replace an earlier `simvq convert` output") from None
+    state_dict = read_official_state_dict(ckpt_path)  # everything is read and converted before anything is written
     modality = official_modality(state_dict)
     weights, sections = modality.convert_official(state_dict, use_ema)
     config = resolve_config({**sections, "modality": modality.name})  # the model dir stores a full config
     meta = {"source": "official", "source_file": ckpt_path.name, "weights": "ema" if use_ema else "raw", "modality": modality.name}
-    return save_model_dir(out_dir, weights, config, metadata=meta, overwrite=overwrite)
+    # a new or empty folder, or this command's earlier output (replaced only with overwrite): never the
+    # checkpoint's own folder or one somebody else made
+    prepare_output_dir(out_dir, "convert", inputs=[ckpt_path], force=overwrite, option="OUT_DIR")
+    return save_model_dir(out_dir, weights, config, metadata=meta, overwrite=True)
 
 
 __all__ = [

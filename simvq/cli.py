@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from simvq import __version__
-from simvq.argtypes import positive_float, positive_int
+from simvq.argtypes import device, positive_float, positive_int
 from simvq.io import check_output
 
 
@@ -136,7 +136,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="data.KEY=VALUE", help="changes to the data section, e.g. data.eval_limit=500")
     p.add_argument("--batch-size", type=positive_int, help="evaluation batch size (default data.eval_batch_size)")
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N items")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--device", type=device, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--out", help="write the metrics as JSON to this file (never over the model or the data)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--usage-only", action="store_true", help="only codebook usage (skip the reconstruction metrics)")
@@ -173,7 +173,7 @@ def _encode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", help="image (or, for an audio model, wav/flac) files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="token file to write (.npz)")
     p.add_argument("--size", type=positive_int, help="resize the short side to SIZE and centre-crop (default: keep each image's size)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
 
 
@@ -190,6 +190,8 @@ def _encode_run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     check_output(out, inputs=[args.model, *args.images], force=args.force)  # never over an input (simvq.io)
+    if out.suffix != ".npz":
+        raise ValueError(f"--out {out}: token files end in .npz; name it e.g. {out.with_suffix('.npz').name}")
     if out.exists() and not args.force:
         raise ValueError(f"{out} exists; pass --force to replace it")
     tok = Tokenizer.from_pretrained(args.model, device=_device(args.device))
@@ -200,18 +202,24 @@ def _encode_run(args: argparse.Namespace) -> int:
 def _decode_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (the one that encoded the tokens)")
     p.add_argument("tokens", help="token file written by simvq encode")
-    p.add_argument("--out", required=True, help="folder for the decoded PNG images (audio: a .wav file for one item, else a folder)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--force", action="store_true", help="replace existing PNG files in --out")
+    p.add_argument("--out", required=True, help="folder for the decoded PNG images, new or empty (audio: a .wav file for one item, else a folder)")
+    p.add_argument("--device", type=device, help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--force", action="store_true", help="replace the files of an earlier `simvq decode` in --out")
 
 
 def _decode_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from simvq.io import prepare_output_dir
     from simvq.tokenizer import Tokenizer
     from simvq.tokens import load_tokens
 
     check_output(args.out, inputs=[args.model, args.tokens], kind="any")  # never over an input (simvq.io)
     tokens = load_tokens(args.tokens)
     tok = Tokenizer.from_pretrained(args.model, device=_device(args.device))
+    tokens = tok.check_tokens(tokens)  # every item, before anything is written
+    if not (tok.is_audio and Path(args.out).suffix.lower() == ".wav"):  # a folder: new, empty or this command's own
+        prepare_output_dir(args.out, "decode", inputs=[args.model, args.tokens], force=args.force)
     print(tok.decode_files(tokens, args.out, overwrite=args.force))
     return 0
 

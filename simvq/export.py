@@ -38,6 +38,7 @@ import copy
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -488,12 +489,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace the files of an earlier `simvq export` in --out")
 
 
+def _opset_range() -> tuple[int, int]:
+    """The ONNX opsets this torch's exporter writes (its own constants; 7 to 20 where it does not say)."""
+    try:
+        from torch.onnx import _constants as c
+
+        return int(c.ONNX_MIN_OPSET), int(c.ONNX_MAX_OPSET)
+    except (ImportError, AttributeError):
+        return 7, 20
+
+
 def run(args: argparse.Namespace) -> int:
     if args.format not in FORMATS:
         raise ValueError(f"unknown export format {args.format!r}; choose one of: {', '.join(FORMATS)}")
+    low, high = _opset_range()
+    if args.format == "onnx" and not low <= args.opset <= high:
+        raise ValueError(f"--opset {args.opset}: this torch exports ONNX opsets {low} to {high}; the default is {DEFAULT_OPSET}")
     tok = Tokenizer.from_pretrained(args.model, device="cpu")
-    prepare_output_dir(args.out, "export", inputs=[args.model], force=args.force)
-    info = export(tok, args.out, format=args.format, opset=args.opset)
+    fresh = not Path(args.out).expanduser().exists()
+    out, _ = prepare_output_dir(args.out, "export", inputs=[args.model], force=args.force)
+    try:
+        info = export(tok, args.out, format=args.format, opset=args.opset)
+    except torch.onnx.errors.UnsupportedOperatorError as err:  # the model needs a newer opset than was asked for
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise ValueError(f"--opset {args.opset} cannot express this model ({str(err).splitlines()[0]}); use a higher --opset "
+                         f"(default {DEFAULT_OPSET})") from None
     sizes = ", ".join(f"{info[k]['file']} {(Path(args.out) / info[k]['file']).stat().st_size / 2**20:.1f} MiB" for k in ("encoder", "decoder"))
     print(f"exported the {info['modality']} tokenizer (K={info['codebook_size']}) to {args.out} as {args.format}: {sizes}, {MANIFEST_FILE}")
     return 0

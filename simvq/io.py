@@ -137,8 +137,8 @@ def check_output(
 
     Args:
         path: the file (``kind="file"``) or folder (``kind="dir"``) the command will write.
-        inputs: every file and folder the command reads. An output never replaces an input, nor an existing
-            file inside an input folder (a model directory's ``config.yaml``), even with ``force``.
+        inputs: every file and folder the command reads. An output never replaces an input, nor lies inside an
+            input folder (a model directory), even with ``force``.
         force: the user asked to replace an existing output file (``--force``). A folder output with
             ``force`` may hold files already; without it, it must be new or empty.
         kind: ``"file"``, ``"dir"``, or ``"any"`` (only the input rules; the writer checks existence).
@@ -160,12 +160,11 @@ def check_output(
             raise ValueError(
                 f"{option} {given} is also an input of this command ({item}); write to another path (inputs are never replaced, even with --force)"
             )
-        if src.is_dir() and _within(target, src):
-            if kind == "dir" or target.exists():
-                raise ValueError(
-                    f"{option} {given} lies inside the input folder {item} and would change it; write outside that folder "
-                    "(inputs are never replaced, even with --force)"
-                )
+        if src.is_dir() and _within(target, src):  # a new file there would change the input folder too
+            raise ValueError(
+                f"{option} {given} lies inside the input folder {item} and would change it; write outside that folder "
+                "(inputs are never changed, even with --force)"
+            )
         if kind == "dir" and src.is_file() and _within(src, target) and force:
             # a forced folder output may replace the files in it; one of them is an input
             raise ValueError(

@@ -369,13 +369,26 @@ class Tokenizer:
         """Encode image or audio files (folders expanded) into a token file; returns a summary line."""
         return self.modality.encode_files(self, self.config, list(inputs), Path(out), size=size, device=self.device)
 
-    def decode_files(self, tokens, out: str | os.PathLike, *, overwrite: bool = False) -> str:
-        """Decode a token file (path or :class:`~simvq.tokens.TokenFile`) into files under ``out``."""
+    def check_tokens(self, tokens):
+        """A token file (path or :class:`~simvq.tokens.TokenFile`) this tokenizer can decode, every item checked
+        (ValueError naming the first problem); returns the loaded file."""
         from simvq.tokens import check_compatible, load_tokens
 
         if not hasattr(tokens, "tokens"):
             tokens = load_tokens(tokens)
         check_compatible(tokens, self.config, self.codebook_size)
+        for i, item in enumerate(tokens.tokens):
+            try:
+                self._check_indices(item)
+            except (TypeError, ValueError) as err:
+                name = tokens.names[i] if i < len(tokens.names) else i
+                raise ValueError(f"token file item {i} ({name}): {err}") from None
+        return tokens
+
+    def decode_files(self, tokens, out: str | os.PathLike, *, overwrite: bool = False) -> str:
+        """Decode a token file (path or :class:`~simvq.tokens.TokenFile`) into files under ``out``; every item is
+        checked before anything is written."""
+        tokens = self.check_tokens(tokens)
         return self.modality.decode_files(self, self.config, tokens, Path(out), overwrite=overwrite, device=self.device)
 
     def __repr__(self) -> str:

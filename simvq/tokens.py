@@ -99,8 +99,13 @@ def save_tokens(
 def load_tokens(path: str | Path) -> TokenFile:
     """Read a token file written by :func:`save_tokens` (no pickles are loaded)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give the .npz token file that `simvq encode` wrote")
     if not path.is_file():
         raise FileNotFoundError(f"token file {path} does not exist")
+    if path.stat().st_size and not zipfile.is_zipfile(path):  # an .npz is a zip archive (an empty file: "truncated")
+        raise ValueError(f"{path} is not a readable .npz token file (truncated or corrupt, or another kind of file); give the "
+                         "file that `simvq encode` wrote, or encode the inputs again")
     try:
         with np.load(path, allow_pickle=False) as npz:
             if "meta" not in npz.files:

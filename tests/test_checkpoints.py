@@ -229,6 +229,25 @@ def test_convert_cli_and_refuses_to_overwrite(official_ckpt, tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_convert_refuses_other_files_and_folders_it_did_not_make(official_ckpt, tmp_path, capsys):
+    path, _, _ = official_ckpt
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("mine")
+    for args, words in (([str(text), str(tmp_path / "x")], "not a readable PyTorch checkpoint"),
+                        ([str(path), str(theirs)], "already holds a model or other files"),
+                        ([str(path), str(theirs), "--force"], "was made by another program or a person"),
+                        ([str(path), str(path.parent)], "already holds a model or other files"),
+                        ([str(path), str(path.parent), "--force"], "holds the input")):
+        assert cli_main(["convert", "--from", "official", *args]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and words in lines[0], lines
+    assert not (tmp_path / "x").exists() and [p.name for p in theirs.iterdir()] == ["keep.txt"]
+    assert not (path.parent / "model.safetensors").exists()
+
+
 def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
     marker = tmp_path / "pwned"
 

@@ -47,6 +47,7 @@ def test_parse_budget():
         (dict(seeds="0,zero"), "whole numbers"),
         (dict(seeds=[0, 0]), "twice"),
         (dict(budget="soon"), "budget"),
+        (dict(overrides=["quantizer.commitment_weight=0.5"]), "quantizer settings come from --quantizers"),
         (dict(config={"model": {"ch": 8}, "quantizer": {"name": "simvq"}, "optim": {"lr": 1e-3, "momentum": 0.9}}),
          "optim.momentum"),
     ],
@@ -58,6 +59,19 @@ def test_bad_arguments_fail_before_training(tmp_path, forbid_training, kwargs, m
     with pytest.raises(ValueError, match=match):
         run_compare(progress=False, jobs=1, **args)
     assert not (out / "runs").exists()  # nothing was started
+
+
+def test_bad_trainer_setting_is_refused_before_anything_is_written(tmp_path, capsys, forbid_training):
+    from simvq.cli import main
+
+    out = tmp_path / "report"
+    args = ["compare", "--data", "digits", "--quantizers", "simvq", "--codebook-sizes", "64", "--seeds", "0",
+            "--budget", "2", "--no-retrofit", "--quiet", "--jobs", "1", "--out", str(out)]
+    for setting, key in (("trainer.devices=abc", "trainer.devices"), ("trainer.strategy=bogus", "trainer.strategy")):
+        assert main([*args, "--set", setting]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error" in err[0] and key in err[0], err
+        assert not out.exists()
 
 
 def test_missing_data_folder_fails_before_training(tmp_path, forbid_training):

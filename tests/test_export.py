@@ -145,6 +145,20 @@ def test_cli_export_and_errors(tmp_path, capsys):
     assert sorted(p.name for p in model.iterdir()) == ["config.yaml", "model.safetensors"]
 
 
+def test_opsets_outside_the_exporter_or_below_the_model_are_refused(tmp_path, capsys):
+    from torch.onnx import _constants
+
+    model = _model_dir(tmp_path, "audio/speech-tiny")
+    cases = [(str(_constants.ONNX_MIN_OPSET - 1), "this torch exports ONNX opsets"),
+             (str(_constants.ONNX_MAX_OPSET + 1), "this torch exports ONNX opsets"),
+             ("9", "cannot express this model")]  # the audio backbone's attention needs opset 14
+    for opset, words in cases:
+        assert main(["export", "--model", str(model), "--out", str(tmp_path / "x"), "--opset", opset]) == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+        assert len(lines) == 1 and words in lines[0], lines
+        assert not (tmp_path / "x").exists()
+
+
 def test_large_codebook_constant_fits(tmp_path):
     """K = 262,144 codes of dimension 128 fold into a 128 MiB constant: the ONNX file holds it inline."""
     pytest.importorskip("onnx")

@@ -8,6 +8,7 @@ file is byte-identical afterwards. Training-based cases are marked slow.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -112,10 +113,12 @@ def test_check_output_rules(tmp_path):
     for path in (src, link, os.path.relpath(src)):
         with pytest.raises(ValueError, match="also an input"):
             check_output(path, inputs=[link if path == src else src], force=True)
-    # an existing file inside an input folder, even with force; a new file there is fine
+    # a file inside an input folder, existing (even with force) or new: either would change the input
     with pytest.raises(ValueError, match="inside the input folder"):
         check_output(model / "config.yaml", inputs=[model], force=True)
-    assert check_output(model / "new.json", inputs=[model]) == model / "new.json"
+    with pytest.raises(ValueError, match="inside the input folder"):
+        check_output(model / "sub" / "new.json", inputs=[model])
+    assert not (model / "sub").exists()
     # existing outputs only with force; the wrong kind of thing is an error either way
     with pytest.raises(FileExistsError, match="--force"):
         check_output(src)
@@ -183,6 +186,9 @@ def test_eval_bad_inputs(capsys, tmp_path, image_model):
         (["--model", m, "--out", m / "model.safetensors", "--force"], "input folder"),  # colliding output
         (["--model", m, "--out", m / "config.yaml"], "input folder"),
         (["--model", m, "--out", m], "input"),
+        (["--model", m, "--out", m / "new.json"], "input folder"),  # a new file inside the model folder
+        (["--model", m, "--device", "tpu"], "not a device"),  # a device this torch does not know
+        (["--model", m, "--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "device"),  # one this machine lacks
     ]
     for args, expect in cases:
         assert_user_error(capsys, ["eval", *args, "--device", "cpu"], expect, [m])
@@ -239,6 +245,10 @@ def test_encode_bad_inputs(capsys, tmp_path, image_model, images):
     assert_user_error(capsys, ["encode", "--model", m, images, "--out", images / "im0.png", "--force"], "input", [m, images])
     assert_user_error(capsys, ["encode", "--model", m, images, "--out", m / "model.safetensors", "--force"], "input", [m, images])
     assert_user_error(capsys, ["encode", "--model", m, images, "--out", existing], "exists", [m, images, existing])
+    # a new file inside an input folder, and a token file not named .npz: refused before any encoding
+    assert_user_error(capsys, ["encode", "--model", m, images, "--out", images / "t.npz"], "input folder", [m, images])
+    assert_user_error(capsys, ["encode", "--model", m, images, "--out", tmp_path / "t.txt"], "end in .npz", [m, images])
+    assert not (images / "t.npz").exists() and not (tmp_path / "t.txt").exists()
 
 
 # ----- decode ---------------------------------------------------------------------------------------------
@@ -268,7 +278,25 @@ def test_decode_bad_inputs(capsys, tmp_path, image_model, audio_model, tokens):
     dec = tmp_path / "dec2"
     dec.mkdir()
     (dec / "im0.png").write_bytes(b"mine")
-    assert_user_error(capsys, ["decode", "--model", m, tokens, "--out", dec], "--force", [m, tokens, dec])
+    assert_user_error(capsys, ["decode", "--model", m, tokens, "--out", dec], "not empty", [m, tokens, dec])
+    assert_user_error(capsys, ["decode", "--model", m, tokens, "--out", dec, "--force"], "not empty", [m, tokens, dec])
+    # an index out of range in any item: refused before the first image is written
+    with np.load(tokens) as npz:  # the file as written, its last item's indices set past the codebook
+        arrays = {k: npz[k] for k in npz.files}
+        meta = json.loads(arrays["meta"].tobytes())
+    last = f"tokens_{len(meta['names']) - 1}"
+    arrays[last] = np.full(arrays[last].shape, np.iinfo(arrays[last].dtype).max, dtype=arrays[last].dtype)
+    assert meta["codebook_size"] <= np.iinfo(arrays[last].dtype).max
+    bad = tmp_path / "bad_index.npz"
+    np.savez(bad, **arrays)
+    assert_user_error(capsys, ["decode", "--model", m, bad, "--out", tmp_path / "dec3"], "must lie in", [m, bad])
+    assert not (tmp_path / "dec3").exists()
+    # a folder or a text file named as the token file: said for what it is, not "missing"
+    text = tmp_path / "notes.txt"
+    text.write_text("not tokens")
+    assert_user_error(capsys, ["decode", "--model", m, tmp_path / "dec2", "--out", tmp_path / "dec4"], "is a folder", [m])
+    assert_user_error(capsys, ["decode", "--model", m, text, "--out", tmp_path / "dec4"], "not a readable .npz", [m, text])
+    assert not (tmp_path / "dec4").exists()
 
 
 def test_decode_truncated_audio_tokens(capsys, tmp_path, audio_model):
@@ -297,6 +325,8 @@ def test_convert_bad_inputs(capsys, tmp_path, image_model):
     torch.save([1, 2, 3], listed)
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
+    images_dir = tmp_path / "a_folder"
+    images_dir.mkdir()
     cases = [
         (tmp_path / "missing.ckpt", tmp_path / "o1", "not found"),  # missing
         (empty, tmp_path / "o2", "not a readable"),  # empty
@@ -304,6 +334,7 @@ def test_convert_bad_inputs(capsys, tmp_path, image_model):
         (listed, tmp_path / "o4", "no state_dict"),  # wrong type
         (full, a_file, "not a folder"),  # colliding: a file
         (full, image_model, "already holds a model"),  # colliding: an existing model without --force
+        (images_dir, tmp_path / "o5", "is a folder"),  # a folder named as the checkpoint
     ]
     for ckpt, out, expect in cases:
         assert_user_error(capsys, ["convert", "--from", "official", ckpt, out], expect, [ckpt, image_model, a_file])
@@ -452,3 +483,60 @@ def test_tiny_image_preset_trains_two_steps_under_every_accepted_precision(tmp_p
         raise
     assert result.steps == 2 and not result.diverged, result.diverged_reason
     assert result.model_dir is not None
+
+
+# ----- trainer settings and --init weights: refused before the run folder is made ---------------------------
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def test_train_refuses_trainer_settings_this_machine_cannot_use(capsys, tmp_path):
+    out = tmp_path / "run"
+    cases = [
+        ("trainer.devices=abc", "trainer.devices"),
+        ("trainer.devices=0", "trainer.devices"),
+        ("trainer.strategy=bogus", "trainer.strategy"),
+        ("trainer.num_nodes=0", "trainer.num_nodes"),
+        ("trainer.accelerator=bogus", "trainer.accelerator"),
+    ]
+    if not _importable("torch_xla"):
+        cases.append(("trainer.accelerator=tpu", "trainer.accelerator"))
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        cases.append(("trainer.accelerator=gpu", "trainer.accelerator"))
+    for setting, expect in cases:
+        assert_user_error(capsys, ["train", "--config", "image/digits-tiny", "--out", out, "--max-steps", "1", *TINY,
+                                   setting, "--quiet"], expect, [])
+        assert not out.exists(), setting
+    # the accelerator error says what this machine has
+    code, _, err = run(capsys, "train", "--config", "image/digits-tiny", "--out", out, *TINY, "trainer.accelerator=bogus")
+    assert code == 2 and "this machine has:" in err and "cpu" in err.split("this machine has:", 1)[1], err
+    assert not out.exists()
+
+
+def test_trainer_settings_lightning_accepts_pass_the_check():
+    from simvq.training import check_trainer_settings
+
+    for settings in ({"accelerator": "auto", "devices": "auto", "strategy": "auto"},
+                     {"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"},
+                     {"accelerator": "cpu", "devices": 1, "num_nodes": 2, "strategy": "ddp"},
+                     load_config("image/digits-tiny")["trainer"]):
+        check_trainer_settings(settings)
+
+
+def test_train_init_from_a_model_of_another_config_is_one_line(capsys, tmp_path):
+    torch.manual_seed(0)
+    models = []
+    for name, overrides in (("fsq", ["quantizer.name=fsq", "quantizer.codebook_size=256"]),
+                            ("k128", ["quantizer.codebook_size=128"])):
+        cfg = load_config("image/digits-tiny", overrides)
+        models.append(save_model_dir(tmp_path / name, build_tokenizer(cfg), cfg))
+    out = tmp_path / "run"
+    for model in models:
+        assert_user_error(capsys, ["train", "--config", "image/digits-tiny", "--out", out, "--max-steps", "1", *TINY,
+                                   "--init", model, "--quiet"], "--init", [model])
+        assert not out.exists()
+    code, _, err = run(capsys, "train", "--config", "image/digits-tiny", "--out", out, *TINY, "--init", models[1], "--quiet")
+    assert code == 2 and "quantize.embedding.weight 128x16 vs 64x16" in err and "config.yaml" in err, err
+    assert not out.exists()

@@ -46,6 +46,10 @@ def base_config(spec: CompareSpec) -> dict:
     preset_is_default = spec.config is None
     module = compare_module(spec.modality)
     source = MODALITY_DEFAULTS[spec.modality]["config"] if spec.config is None else spec.config
+    ignored = [o for o in spec.overrides if str(o).split("=", 1)[0].strip().split(".")[0] == "quantizer"]
+    if ignored:  # every run's quantizer section is the variant's own: such a setting would be silently dropped
+        raise ValueError(f"--set {ignored[0]}: each run's quantizer settings come from --quantizers and --codebook-sizes "
+                         "(the variants of docs/compare.md), so a quantizer.* override would be ignored; drop it")
     raw = raw_config(source, spec.overrides)
     quantizer = raw.setdefault("quantizer", {"name": "simvq"})
     if isinstance(quantizer, dict) and not {"codebook_size", "levels"} & set(quantizer):
