@@ -382,7 +382,7 @@ def test_train_bad_inputs(capsys, tmp_path, image_model):
     out = tmp_path / "run"
     cases = [
         (["--config", cfg_dir / "missing.yaml"], "no config file"),  # missing
-        (["--config", empty], "quantizer.codebook_size"),  # empty: no codebook size
+        (["--config", empty], "is empty"),  # empty
         (["--config", broken], "not valid YAML"),  # corrupt
         (["--config", listed], "mapping"),  # wrong type
         (["--config", "image/digits-tiny", "optim.betas=[0.5,"], "not valid YAML"),  # corrupt override
