@@ -538,3 +538,13 @@ def test_prior_train_reruns_only_with_the_same_settings(small_prior, tokenizer_d
     history = json.loads((prior / "history.json").read_text())["history"]
     assert history[-1]["step"] == 3
     assert "max_steps: 3" in (prior / "config.yaml").read_text()
+
+
+def test_tokenizer_is_found_by_its_folder_or_a_shipped_name(tmp_path):
+    from simvq.pretrained import list_models, model_path
+    from simvq.prior.train import resolve_tokenizer_dir
+
+    name = next(iter(list_models()))
+    assert resolve_tokenizer_dir(name) == model_path(name).resolve()
+    with pytest.raises(FileNotFoundError, match="shipped tokenizer"):
+        resolve_tokenizer_dir(tmp_path / "no-such-tokenizer")

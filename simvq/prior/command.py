@@ -33,7 +33,8 @@ def _overrides(values) -> list[str]:
 
 # ----- simvq prior train --------------------------------------------------------------------------------------
 def add_prior_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokenizer", required=True, help="the tokenizer's model folder (or its training run folder)")
+    parser.add_argument("--tokenizer", required=True, help="the tokenizer's model folder (or its training run folder, or a "
+                        "shipped tokenizer's name: `simvq models`)")
     parser.add_argument("--config", default="prior/fashion-cpu",
                         help="prior preset (prior/fashion-cpu, prior/llamagen-b; audio tokenizers: prior/speech-cpu) or YAML file")
     parser.add_argument("--out", required=True, help="the prior's run folder (resumed when it holds an unfinished run)")
@@ -145,7 +146,7 @@ def run_eval_prior(args) -> int:
     from simvq.prior.train import prior_tokenizer_path
 
     if args.samples is not None and args.samples < 4:
-        raise ValueError(f"--samples must be >= 4 (precision/recall uses 3 nearest neighbours), got {args.samples}")
+        raise ValueError(f"--samples must be >= 4 (an image prior's precision/recall uses 3 nearest neighbours), got {args.samples}")
     if args.held_out is not None and args.held_out < 1:
         raise ValueError(f"--held-out must be >= 1 (the number of held-out grids to score; leave it out for all), got {args.held_out}")
     # the prior and its tokenizer are inputs: nothing of this command's lands in them (the prior's own token cache aside)

@@ -38,13 +38,18 @@ MODEL_KEYS = ("width", "depth", "heads", "positions", "rope_base", "dropout", "l
 
 # ----- tokenizer and prior folders -----------------------------------------------------------------------
 def resolve_tokenizer_dir(path: str | Path) -> Path:
-    """The tokenizer model folder: ``path`` itself, or ``path/model`` for a training run folder.
+    """The tokenizer model folder: ``path`` itself, ``path/model`` for a training run folder, or the shipped
+    tokenizer called ``path`` (:mod:`simvq.pretrained`) when no such folder exists.
 
     Raises FileNotFoundError / ValueError with one line naming the problem and the fix.
     """
-    path = Path(path).expanduser()
+    from simvq.pretrained import model_path
+
+    shipped = model_path(str(path)) if not Path(path).expanduser().exists() else None
+    path = shipped if shipped is not None else Path(path).expanduser()  # a shipped tokenizer by name (`simvq models`)
     if not path.exists():
-        raise FileNotFoundError(f"tokenizer folder {path} does not exist; pass --tokenizer the model/ folder of a tokenizer training run")
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist; pass --tokenizer the model/ folder of a tokenizer "
+                                "training run, or the name of a shipped tokenizer (`simvq models`)")
     if not path.is_dir():
         raise ValueError(f"{path} is not a folder; pass --tokenizer the model/ folder of a tokenizer training run")
     for candidate in (path, path / "model"):
