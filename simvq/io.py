@@ -214,10 +214,7 @@ def prepare_output_dir(
         raise NotADirectoryError(f"{option} {out} is a file; choose a new folder")
     earlier = False
     if real.is_dir() and any(real.iterdir()):
-        try:
-            owner = json.loads((real / OUTPUT_MARKER).read_text(encoding="utf-8")).get("command")
-        except (OSError, ValueError, AttributeError):
-            owner = None
+        owner = output_owner(real)
         if owner != command:
             who = f"`simvq {owner}`" if owner else "another program or a person (no .simvq-output marker)"
             raise ValueError(
@@ -234,6 +231,15 @@ def prepare_output_dir(
     if not (out / OUTPUT_MARKER).is_file():
         save_file_atomic(out / OUTPUT_MARKER, json.dumps({"command": command}) + "\n")
     return out, earlier
+
+
+def output_owner(folder: str | os.PathLike) -> str | None:
+    """The command whose ``.simvq-output`` marker ``folder`` holds (``"export"``, ``"prior train"``...); None
+    when there is none or it is unreadable."""
+    try:
+        return json.loads((Path(folder) / OUTPUT_MARKER).read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def run_marker(directory: str | os.PathLike) -> dict | None:
@@ -302,6 +308,7 @@ __all__ = [
     "atomic_path",
     "check_output",
     "check_run_folder",
+    "output_owner",
     "local_weights_file",
     "mark_run_folder",
     "run_marker",

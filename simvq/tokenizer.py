@@ -322,6 +322,10 @@ class Tokenizer:
         return torch.cat([self.model.encode(x[i : i + step]).indices for i in range(0, x.shape[0], step)])
 
     def _check_indices(self, indices) -> torch.Tensor:
+        return self._valid_indices(indices).long().to(self.device)
+
+    def _valid_indices(self, indices) -> torch.Tensor:
+        """``indices`` checked (integer dtype, layout, range) and batched, where they are (no copy to the device)."""
         indices = torch.as_tensor(indices)
         if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
             raise TypeError(f"indices must be integers, got dtype {indices.dtype}")
@@ -339,7 +343,7 @@ class Tokenizer:
         lo, hi = int(indices.min()), int(indices.max())
         if lo < 0 or hi >= self.codebook_size:
             raise ValueError(f"indices must lie in [0, {self.codebook_size}), got values in [{lo}, {hi}]; were they made by another model?")
-        return indices.long().to(self.device)
+        return indices
 
     @torch.inference_mode()
     def decode(self, indices, *, batch_size: int | None = None, length: int | None = None, output: str = "float"):
@@ -379,7 +383,7 @@ class Tokenizer:
         check_compatible(tokens, self.config, self.codebook_size)
         for i, item in enumerate(tokens.tokens):
             try:
-                self._check_indices(item)
+                self._valid_indices(item)
             except (TypeError, ValueError) as err:
                 name = tokens.names[i] if i < len(tokens.names) else i
                 raise ValueError(f"token file item {i} ({name}): {err}") from None

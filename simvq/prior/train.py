@@ -127,13 +127,10 @@ def load_prior(prior_dir: str | Path, *, device="cpu") -> tuple[TokenPrior, dict
 
 def _not_a_prior(folder: Path) -> None:
     """Raise the error that says what ``folder`` (which holds no ``model.safetensors``) is instead of a prior."""
-    from simvq.io import OUTPUT_MARKER, RUN_MARKER
+    from simvq.io import RUN_MARKER, output_owner
 
     fix = "pass --prior the --out folder of `simvq prior train`"
-    try:
-        owner = json.loads((folder / OUTPUT_MARKER).read_text(encoding="utf-8")).get("command")
-    except (OSError, ValueError, AttributeError):
-        owner = None
+    owner = output_owner(folder)
     if owner == "prior train" or (owner is None and (folder / CHECKPOINT).is_file() and not (folder / "config.yaml").exists()
                                   and not (folder / RUN_MARKER).exists()):
         if (folder / CHECKPOINT).is_file():
@@ -370,7 +367,7 @@ def earlier_run(out_dir: str | Path) -> tuple[dict | None, int | None, bool]:
     ckpt, finished = out_dir / CHECKPOINT, (out_dir / "model.safetensors").is_file()
     if ckpt.is_file():
         try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+            state = _load_ckpt(ckpt)
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is the same user-facing problem
             raise ValueError(f"{ckpt} cannot be read ({type(err).__name__}); pass --force to start the run again or choose "
                              "another --out") from None
@@ -540,12 +537,12 @@ def train_prior(
             num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=out_dir, log_every_n_steps=1,
             gradient_clip_val=cfg["optim"]["grad_clip"],
         )
-        done = _checkpoint_step(ckpt) if ckpt.exists() else 0
-        if done < tcfg["max_steps"]:
-            trainer.fit(module, ckpt_path=ckpt if ckpt.exists() else None, weights_only=True)
-        else:
-            module.on_load_checkpoint(_load_ckpt(ckpt))
-            module.prior.load_state_dict({k.removeprefix("prior."): v for k, v in _load_ckpt(ckpt)["state_dict"].items()})
+        state = _load_ckpt(ckpt) if ckpt.exists() else None
+        if state is None or int(state.get("global_step", 0)) < tcfg["max_steps"]:
+            trainer.fit(module, ckpt_path=ckpt if state is not None else None, weights_only=True)
+        else:  # already trained that far: the checkpoint's weights, read once
+            module.on_load_checkpoint(state)
+            module.prior.load_state_dict({k.removeprefix("prior."): v for k, v in state["state_dict"].items()})
 
     prior = module.prior.cpu().eval()
     metrics = held_out_nll(prior, eval_tokens, eval_labels, batch_size=cfg["data"]["eval_batch_size"], tokens_per_second=rate)
@@ -561,11 +558,7 @@ def train_prior(
 
 
 def _load_ckpt(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _checkpoint_step(path: Path) -> int:
-    return int(_load_ckpt(path).get("global_step", 0))
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 __all__ = [

@@ -24,12 +24,11 @@ import torch
 from torch.utils.data import Dataset
 
 from simvq.modalities.audio.data import AudioEvalSet, AudioTrainSet, audio_file_splits, write_wav
-from simvq.modalities.audio.model import resolve_audio_model_config
 
 
 def hop_length_of(config: dict) -> int:
     """Samples per token of the audio tokenizer a config describes (the product of the encoder's strides)."""
-    return int(math.prod(resolve_audio_model_config(config["model"])["ratios"]))
+    return int(math.prod(config["model"]["ratios"]))  # a resolved config holds the preset's ratios
 
 
 class AudioCrops(Dataset):
@@ -40,7 +39,6 @@ class AudioCrops(Dataset):
         if isinstance(crops, bool) or not isinstance(crops, int) or crops < 1:
             raise ValueError(f"crops must be a positive integer, got {crops!r}")
         self.clips, self.crops = clips, crops
-        self.segment = clips.segment
 
     def __len__(self) -> int:
         return len(self.clips) * self.crops
